@@ -1,0 +1,51 @@
+"""embfactor: parameter factorization of Transformer embedding layers.
+
+The public API is loaded lazily so that ``import embfactor`` stays cheap (no torch import until needed).
+
+Example:
+    >>> import embfactor as ef
+    >>> f = ef.decompose(E, rank=64, method="svd", seed=0)       # doctest: +SKIP
+    >>> report = ef.factorize_(model, ratio=6, method="svd")     # doctest: +SKIP
+    >>> ef.save(model, "out/"); model = ef.load("out/")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "decompose": "embfactor.decompose",
+    "Factors": "embfactor.decompose",
+    "available_methods": "embfactor.decompose",
+    "register_method": "embfactor.decompose",
+    "resolve_rank": "embfactor.decompose",
+    "default_method": "embfactor.decompose",
+    "FactorizedEmbedding": "embfactor.layers",
+    "FactorizedLMHead": "embfactor.layers",
+    "SinusoidalPositionalEncoding": "embfactor.layers",
+    "LearnedPositionalEncoding": "embfactor.layers",
+    "TransformerEmbedding": "embfactor.layers",
+    "factorize_": "embfactor.surgery",
+    "FactorizationReport": "embfactor.surgery",
+    "save": "embfactor.surgery",
+    "load": "embfactor.surgery",
+    "save_compressed": "embfactor.surgery",
+    "load_compressed": "embfactor.surgery",
+    "load_model": "embfactor.models",
+    "FactorizationConfig": "embfactor.config",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'embfactor' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,82 @@
+"""Shared pieces of the CLI commands: tables, JSON output, model and rank-target arguments."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from embfactor.fileio import atomic_write_json
+
+
+def fmt(v: Any) -> str:
+    """Human formatting for table cells: thousands separators, 4 significant decimals, bytes in MB."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = None) -> str:
+    """A plain aligned text table (first column left-aligned, others right-aligned)."""
+    cells = [[fmt(c) for c in r] for r in rows]
+    if headers:
+        cells.insert(0, list(headers))
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = []
+    for k, r in enumerate(cells):
+        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(parts).rstrip())
+        if headers and k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.2f} MB"
+
+
+def write_json(path: str | os.PathLike | None, obj: Any) -> None:
+    if path:
+        atomic_write_json(path, obj)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def add_model_arg(p: argparse.ArgumentParser, *, default: str | None = "minilm") -> None:
+    p.add_argument(
+        "model",
+        nargs="?" if default else None,
+        default=default,
+        metavar="MODEL",
+        help="'minilm' (default), 'smollm2', a local Hugging Face folder, or an embfactor output folder",
+    )
+
+
+def add_target_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--rank", type=int, help="rank r of the factors (1 <= r < min(vocab, d))")
+    g.add_argument("--ratio", type=float, help="embedding parameters before/after (> 1)")
+    g.add_argument("--energy", type=float, help="share of the squared singular values to keep, in (0, 1]")
+    g.add_argument("--max-error", type=float, help="relative Frobenius error budget ||E-UV||/||E||, in (0, 1)")
+
+
+def add_method_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default=None, help="decomposition method (default: best for the shape); see 'inspect --methods'")
+    p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default 0)")
+
+
+def file_size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None

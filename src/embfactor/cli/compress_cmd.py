@@ -1,0 +1,100 @@
+"""``embfactor compress``: factorize a model's embedding (and tied head), save it, print before/after."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from embfactor.cli.common import add_method_arg, add_model_arg, add_target_args, mb, table, write_json
+from embfactor.config import FactorizationConfig
+
+
+def compress(
+    model: str,
+    config: FactorizationConfig,
+    output: str | Path,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Load ``model``, factorize it with ``config``, save to ``output``; return the report as a dict.
+
+    Example:
+        >>> compress("minilm", FactorizationConfig(ratio=6), "out/minilm-r6")   # doctest: +SKIP
+    """
+    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
+    from embfactor.fileio import check_output_dir
+    from embfactor.models import load_model
+    from embfactor.surgery import factorize_, save_compressed
+    from embfactor.surgery.io import WEIGHTS_FILE
+
+    t0 = time.perf_counter()
+    stages = tqdm(total=3, desc="compress", unit="stage", disable=not progress, leave=False)
+    stages.set_postfix_str(f"loading {model}")
+    lm = load_model(model)
+    check_output_dir(output, inputs=(lm.source,))  # fail before the (long) decomposition, not after
+    stages.update()
+    bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
+    stages.set_postfix_str("decomposing")
+    rep = factorize_(lm.model, config, progress=progress)
+    stages.update()
+    stages.set_postfix_str("saving")
+    out = save_compressed(
+        lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name}
+    )
+    stages.update()
+    stages.close()
+    d = rep.to_dict()
+    d.update(
+        model=lm.name,
+        output=str(out),
+        kind=lm.kind,
+        bytes_before=bytes_before,
+        bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size,
+        decompose_seconds=rep.seconds,
+        seconds=time.perf_counter() - t0,
+    )
+    return d
+
+
+def render(r: dict[str, Any]) -> str:
+    rows = [
+        ["embedding parameters", r["embedding_params_before"], r["embedding_params_after"]],
+        ["model parameters", r["model_params_before"], r["model_params_after"]],
+        ["embedding compression", "1.00x", f"{r['ratio']:.2f}x"],
+        ["model compression", "1.00x", f"{r['model_params_before'] / r['model_params_after']:.2f}x"],
+        ["bytes on disk", mb(r["bytes_before"]), mb(r["bytes_after"])],
+        ["relative error ||E-UV||/||E||", 0.0, r["relative_error"]],
+        [f"optimum for rank {r['rank']} (truncated SVD)", "-", r["optimal_relative_error"]],
+    ]
+    head = (
+        f"{r['model']}: {r['vocab_size']:,} x {r['hidden_size']} embedding -> rank {r['rank']} "
+        f"({r['method']}), tied head: {'yes' if r['tied_head'] else 'no'}"
+    )
+    tail = f"wall time: {r['seconds']:.1f} s (decomposition {r['decompose_seconds']:.2f} s); saved to {r['output']}"
+    return "\n".join([head, table(rows, ["", "before", "after"]), tail])
+
+
+def run(args: argparse.Namespace) -> int:
+    config = FactorizationConfig(
+        method=args.method, rank=args.rank, ratio=args.ratio, energy=args.energy, max_error=args.max_error,
+        seed=args.seed,
+    )
+    r = compress(args.model, config, args.output, progress=not args.quiet)
+    print(render(r))
+    write_json(args.json, r)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress", help="factorize a model's embedding and save the compressed model")
+    add_model_arg(p)
+    add_target_args(p)
+    add_method_arg(p)
+    p.add_argument("--output", "-o", required=True, help="output folder (a new folder or an earlier embfactor output)")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)

@@ -1,0 +1,129 @@
+"""``embfactor inspect``: the embedding's shape, share of the model, tying and spectrum."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from embfactor.cli.common import add_model_arg, table, write_json
+
+
+def inspect_model(model: str) -> dict[str, Any]:
+    """Facts about a model's input embedding, with the singular-value energy kept at a few ranks."""
+    from embfactor.decompose import optimal_relative_error, spectrum
+    from embfactor.layers import FactorizedEmbedding
+    from embfactor.models import load_model
+    from embfactor.surgery import count_params, find_embedding_and_head
+
+    lm = load_model(model)
+    emb = lm.model.get_input_embeddings()
+    factorized = isinstance(emb, FactorizedEmbedding)
+    if factorized:
+        E = emb.weight.detach()
+        head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
+        tied = head is not None and getattr(head, "embedding", None) is emb
+        emb_params = emb.num_params
+    else:
+        _, emb, _, _, tied = find_embedding_and_head(lm.model)
+        E = emb.weight.detach()
+        emb_params = E.numel()
+    vocab, d = E.shape
+    sv = spectrum(E)
+    e = sv.pow(2)
+    ranks = sorted({max(1, d * k // 16) for k in (1, 2, 4, 8, 12)})
+    total_params = count_params(lm.model)
+    return {
+        "model": lm.name,
+        "kind": lm.kind,
+        "architecture": type(lm.model).__name__,
+        "vocab_size": int(vocab),
+        "hidden_size": int(d),
+        "embedding_params": int(emb_params),
+        "model_params": int(total_params),
+        "embedding_share": emb_params / total_params,
+        "tied_head": bool(tied),
+        "factorized": factorized,
+        "rank": emb.rank if factorized else None,
+        "spectrum": [
+            {
+                "rank": r,
+                "ratio": vocab * d / (r * (vocab + d)),
+                "energy": float(e[:r].sum() / e.sum()),
+                "optimal_relative_error": optimal_relative_error(sv, r),
+            }
+            for r in ranks
+            if r < min(vocab, d)
+        ],
+        "singular_values": sv.tolist(),
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    head = table(
+        [
+            ["model", r["model"]],
+            ["architecture", f"{r['architecture']} ({r['kind']})"],
+            ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}"
+             + (f" (factorized, rank {r['rank']})" if r["factorized"] else "")],
+            ["embedding parameters", r["embedding_params"]],
+            ["model parameters", r["model_params"]],
+            ["embedding share", f"{100 * r['embedding_share']:.1f}%"],
+            ["output head tied", r["tied_head"]],
+        ]
+    )
+    spec = table(
+        [[s["rank"], f"{s['ratio']:.2f}x", s["energy"], s["optimal_relative_error"]] for s in r["spectrum"]],
+        ["rank", "compression", "energy kept", "optimal rel. error"],
+    )
+    return f"{head}\n\nsingular-value energy at a few ranks:\n{spec}"
+
+
+def plot_spectrum(r: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from embfactor.fileio import atomic_write_bytes
+
+    sv = np.asarray(r["singular_values"])
+    energy = np.cumsum(sv**2) / np.sum(sv**2)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].semilogy(np.arange(1, len(sv) + 1), sv)
+    ax[0].set(xlabel="index", ylabel="singular value", title=f"spectrum of {r['model']} embedding")
+    ax[1].plot(np.arange(1, len(sv) + 1), energy)
+    ax[1].set(xlabel="rank r", ylabel="energy kept", title="cumulative energy", ylim=(0, 1.01))
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.methods:
+        from embfactor.decompose import method_infos
+
+        print(table([[m.name, m.description] for m in method_infos()], ["method", "description"]))
+        return 0
+    r = inspect_model(args.model)
+    print(render(r))
+    if args.plot:
+        plot_spectrum(r, args.plot)
+        print(f"wrote {args.plot}")
+    write_json(args.json, r)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="show a model's embedding: size, share, tying, spectrum")
+    add_model_arg(p)
+    p.add_argument("--plot", metavar="FILE.png", help="plot the singular-value spectrum to this PNG")
+    p.add_argument("--json", help="write the facts as JSON")
+    p.add_argument("--methods", action="store_true", help="list the registered decomposition methods and exit")
+    p.set_defaults(func=run)

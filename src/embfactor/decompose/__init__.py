@@ -1,0 +1,107 @@
+"""Decompositions of a trained embedding matrix E ≈ U·V, registered by name.
+
+Example:
+    >>> import torch, embfactor as ef
+    >>> f = ef.decompose(torch.randn(1000, 64), rank=16, method="svd", seed=0)
+    >>> f.U.shape, f.V.shape
+    (torch.Size([1000, 16]), torch.Size([16, 64]))
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from embfactor.decompose import als, gd, rsvd, svd  # noqa: F401 - registers the built-in methods
+from embfactor.decompose._common import as_matrix, optimal_relative_error, spectrum, working_dtype
+from embfactor.decompose.factors import Factors, relative_error
+from embfactor.decompose.rank import max_rank, rank_for_ratio, resolve_rank
+from embfactor.decompose.registry import available_methods, get_method, method_infos, register_method
+
+__all__ = [
+    "Factors",
+    "available_methods",
+    "decompose",
+    "default_method",
+    "get_method",
+    "max_rank",
+    "method_infos",
+    "optimal_relative_error",
+    "rank_for_ratio",
+    "register_method",
+    "relative_error",
+    "resolve_rank",
+    "spectrum",
+]
+
+
+def default_method(shape: tuple[int, int], rank: int | None = None) -> str:
+    """The best method for a matrix shape, as measured by ``benchmarks/decompose.py``.
+
+    When vocab ≫ d the Gram route (``eig``: one d×d product in float64, one eigh, one product for U) is
+    the fastest exact method; for near-square matrices the direct ``svd`` is.
+    """
+    vocab, d = shape
+    return "eig" if max(vocab, d) >= 4 * min(vocab, d) else "svd"
+
+
+def decompose(
+    E: torch.Tensor,
+    rank: int | None = None,
+    *,
+    ratio: float | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    method: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **options: Any,
+) -> Factors:
+    """Factorize E (vocab × d) as U (vocab × r) · V (r × d).
+
+    Args:
+        E: the embedding matrix; float16/bfloat16 are decomposed in float32 and the factors cast back.
+        rank, ratio, energy, max_error: exactly one rank target (see :func:`resolve_rank`).
+        method: a registered name (``available_methods()``); None picks :func:`default_method` for the shape.
+        seed: seed of randomized methods; results are deterministic given it.
+        progress: show a progress bar for iterative methods.
+        **options: method-specific options, e.g. ``power_iters=6`` for ``rsvd``, ``split="left"``.
+
+    Returns:
+        Factors with ``meta["seconds"]`` and ``meta["relative_error"]`` filled in.
+
+    Raises:
+        ConfigError: bad rank target; UnknownMethodError: unknown method; InvalidInputError: NaN/Inf or bad shape.
+
+    Example:
+        >>> f = decompose(torch.randn(300, 32), ratio=4)
+        >>> f.rank, f.method
+        (7, 'eig')
+    """
+    E = as_matrix(E)
+    info = get_method(method) if method is not None else None
+    sv = spectrum(E) if (energy is not None or max_error is not None) else None
+    r = resolve_rank(tuple(E.shape), rank=rank, ratio=ratio, energy=energy, max_error=max_error, singular_values=sv)
+    if info is None:
+        info = get_method(default_method(tuple(E.shape), r))
+    work = E.to(working_dtype(E.dtype))
+    t0 = time.perf_counter()
+    f = info.fn(work, r, seed=seed, progress=progress, **options)
+    seconds = time.perf_counter() - t0
+    f.meta.setdefault("seconds", seconds)
+    f.meta["relative_error"] = f.relative_error(work)
+    if f.U.dtype != E.dtype:
+        f = f.to(E.dtype)
+    return f
+
+
+class _CallableModule(type(__import__("sys"))):
+    """Lets ``embfactor.decompose`` be both this package and the function: ``ef.decompose(E, rank=8)``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Factors:
+        return decompose(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,114 @@
+"""Shared helpers of the decomposition methods: input checks, Gram products, canonical factors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from embfactor.errors import InvalidInputError, InvalidTypeError
+
+GRAM_BLOCK_ROWS = 8192
+SPLITS = ("symmetric", "left", "right")
+
+
+def as_matrix(E: Any, *, name: str = "E") -> torch.Tensor:
+    """Validate a user matrix: a 2-D, non-empty, finite floating tensor (NumPy arrays are accepted)."""
+    if isinstance(E, np.ndarray):
+        E = torch.from_numpy(E)
+    if not isinstance(E, torch.Tensor):
+        raise InvalidTypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(E).__name__}")
+    if E.ndim != 2:
+        raise InvalidInputError(f"{name} must be a 2-D (vocab × d) matrix, got shape {tuple(E.shape)}")
+    if E.shape[0] < 1 or E.shape[1] < 1:
+        raise InvalidInputError(f"{name} is empty: shape {tuple(E.shape)}")
+    if not E.is_floating_point():
+        raise InvalidTypeError(f"{name} must be a floating-point tensor, got dtype {E.dtype}")
+    if not bool(torch.isfinite(E).all()):
+        bad = (~torch.isfinite(E)).nonzero()[0].tolist()
+        raise InvalidInputError(
+            f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); clean the weights before factorizing"
+        )
+    return E
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half and bfloat16 inputs are decomposed in float32; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gram(E: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> torch.Tensor:
+    """Eᵀ·E in float64, accumulated over row blocks so no float64 copy of E is ever held."""
+    d = E.shape[1]
+    G = torch.zeros(d, d, dtype=torch.float64)
+    for start in range(0, E.shape[0], block_rows):
+        blk = E[start : start + block_rows].to(torch.float64)
+        G.addmm_(blk.T, blk)
+    return G
+
+
+def spectrum(E: torch.Tensor) -> torch.Tensor:
+    """All min(vocab, d) singular values of E, descending, in float64."""
+    E = as_matrix(E)
+    if E.shape[0] >= E.shape[1]:
+        ev = torch.linalg.eigvalsh(gram(E))
+    else:
+        ev = torch.linalg.eigvalsh(gram(E.T))
+    return ev.clamp_min(0).flip(0).sqrt()
+
+
+def optimal_relative_error(sv: torch.Tensor, rank: int) -> float:
+    """The Eckart–Young optimum ‖E − E_r‖_F/‖E‖_F from the singular values of E."""
+    e = sv.double().pow(2)
+    total = float(e.sum())
+    if total == 0.0:
+        return 0.0
+    return max(float(e[rank:].sum()) / total, 0.0) ** 0.5
+
+
+def fix_signs(Vs: torch.Tensor) -> torch.Tensor:
+    """Sign per column of ``Vs`` (d × r) that makes each column's largest-magnitude entry positive."""
+    idx = Vs.abs().argmax(dim=0)
+    s = torch.sign(Vs.gather(0, idx.unsqueeze(0)).squeeze(0))
+    s[s == 0] = 1
+    return s
+
+
+def from_svd(
+    Us: torch.Tensor,
+    S: torch.Tensor,
+    Vs: torch.Tensor,
+    *,
+    method: str,
+    split: str = "symmetric",
+    meta: dict[str, Any] | None = None,
+) -> "Factors":  # noqa: F821 - imported lazily to keep this module import-light
+    """Build canonical Factors from a thin SVD E ≈ Us·diag(S)·Vsᵀ (Us: vocab×r, Vs: d×r).
+
+    Signs are fixed so that each right singular vector's largest entry is positive: the same input gives the
+    same factors whatever LAPACK or random start produced them.
+    """
+    from embfactor.decompose.factors import Factors
+
+    if split not in SPLITS:
+        raise InvalidInputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    s = fix_signs(Vs)
+    Us = Us * s
+    Vs = Vs * s
+    S = S.to(Us.dtype)
+    if split == "symmetric":
+        root = S.clamp_min(0).sqrt()
+        U, V = Us * root, (Vs * root).T
+    elif split == "left":
+        U, V = Us * S, Vs.T
+    else:
+        U, V = Us, (Vs * S).T
+    return Factors(U.contiguous(), V.contiguous(), method=method, singular_values=S.double(), meta=dict(meta or {}))
+
+
+def canonicalize(U: torch.Tensor, V: torch.Tensor, *, method: str, split: str, meta: dict[str, Any]) -> "Factors":  # noqa: F821
+    """Rewrite any U·V as its canonical SVD form (QR of U, SVD of the small R·V): same product, fixed gauge."""
+    Q, R = torch.linalg.qr(U)
+    Ur, S, Vh = torch.linalg.svd(R @ V, full_matrices=False)
+    return from_svd(Q @ Ur, S, Vh.T, method=method, split=split, meta=meta)

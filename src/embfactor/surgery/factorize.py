@@ -1,0 +1,231 @@
+"""factorize_: replace a model's input embedding (and the output head tied to it) by shared factors."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from embfactor.config import FactorizationConfig
+from embfactor.decompose import decompose, optimal_relative_error, resolve_rank, spectrum
+from embfactor.errors import InvalidTypeError, SurgeryError
+from embfactor.layers import FactorizedEmbedding, FactorizedLMHead
+from embfactor.surgery.replace import fqn_of, replace_modules_
+
+# The metadata a factorized model carries (and save_compressed writes) to be rebuilt without re-decomposing.
+META_ATTR = "embfactor_meta"
+
+
+@dataclass
+class FactorizationReport:
+    """What factorize_ did, with the numbers a user judges it by."""
+
+    model: str
+    method: str
+    rank: int
+    vocab_size: int
+    hidden_size: int
+    embedding_params_before: int
+    embedding_params_after: int
+    model_params_before: int
+    model_params_after: int
+    ratio: float
+    relative_error: float
+    optimal_relative_error: float
+    tied_head: bool
+    seconds: float
+    embedding_module: str = ""
+    head_module: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of a model, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def find_embedding_and_head(
+    model: nn.Module, module_name: str | None = None
+) -> tuple[str, nn.Module, str | None, nn.Module | None, bool]:
+    """Locate the input embedding and the output head; tell whether the head is tied (same weight tensor).
+
+    Returns: (embedding fqn, embedding, head fqn or None, head or None, tied).
+    """
+    if module_name is not None:
+        try:
+            emb = model.get_submodule(module_name)
+        except AttributeError:
+            raise SurgeryError(f"{type(model).__name__} has no submodule {module_name!r}") from None
+    elif hasattr(model, "get_input_embeddings"):
+        try:
+            emb = model.get_input_embeddings()
+        except NotImplementedError:
+            emb = None
+        if emb is None:
+            raise SurgeryError(f"{type(model).__name__}.get_input_embeddings() returned nothing")
+    else:
+        raise SurgeryError(
+            f"{type(model).__name__} has no get_input_embeddings(); pass module_name= (e.g. 'embed') to say which "
+            "nn.Embedding to factorize"
+        )
+    if isinstance(emb, FactorizedEmbedding):
+        raise SurgeryError(f"the input embedding of {type(model).__name__} is already factorized (rank {emb.rank})")
+    if not isinstance(emb, nn.Embedding):
+        raise SurgeryError(f"the input embedding is a {type(emb).__name__}, not an nn.Embedding; cannot factorize it")
+    emb_fqn = fqn_of(model, emb)
+    head = None
+    if hasattr(model, "get_output_embeddings"):
+        try:
+            head = model.get_output_embeddings()
+        except NotImplementedError:
+            head = None
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    head_fqn = fqn_of(model, head) if head is not None else None
+    return emb_fqn, emb, head_fqn, head, tied
+
+
+def _disable_hf_retying(model: nn.Module) -> None:
+    # transformers re-ties `lm_head.weight = embed.weight` in tie_weights(); after surgery neither module has a
+    # `weight` parameter, and the factors are already shared, so the model must not try again.
+    for m in model.modules():
+        if hasattr(m, "all_tied_weights_keys"):
+            m.all_tied_weights_keys = {}
+
+
+def apply_structure_(
+    model: nn.Module,
+    *,
+    embedding_module: str,
+    rank: int,
+    tied_head: bool,
+    head_module: str | None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    zero_padding_row: bool = True,
+) -> FactorizedEmbedding:
+    """Swap in a FactorizedEmbedding (and a tied FactorizedLMHead) at known module names.
+
+    With ``factors=None`` the new parameters are left uninitialized for a state dict to fill (used by load).
+    """
+    emb = model.get_submodule(embedding_module)
+    if not isinstance(emb, nn.Embedding):
+        raise SurgeryError(f"{embedding_module!r} is a {type(emb).__name__}, expected nn.Embedding")
+    if factors is None:
+        new = FactorizedEmbedding(
+            emb.num_embeddings, emb.embedding_dim, rank, emb.padding_idx, sparse=emb.sparse,
+            device=emb.weight.device, dtype=emb.weight.dtype,
+        )
+    else:
+        new = FactorizedEmbedding.from_factors(
+            factors[0].to(emb.weight.device), factors[1].to(emb.weight.device), emb.padding_idx,
+            sparse=emb.sparse, zero_padding_row=zero_padding_row,
+        )
+    replacements: dict[str, nn.Module] = {embedding_module: new}
+    if tied_head:
+        if head_module is None:
+            raise SurgeryError("tied_head=True needs the head's module name")
+        head = model.get_submodule(head_module)
+        bias = getattr(head, "bias", None)
+        replacements[head_module] = FactorizedLMHead(new, bias)
+    replace_modules_(model, replacements)
+    _disable_hf_retying(model)
+    return new
+
+
+def factorize_(
+    model: nn.Module,
+    config: FactorizationConfig | None = None,
+    *,
+    rank: int | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    method: str | None = None,
+    seed: int = 0,
+    module_name: str | None = None,
+    progress: bool = False,
+    **method_options: Any,
+) -> FactorizationReport:
+    """Factorize a model's input embedding in place; a tied output head shares the same factors.
+
+    Everything is validated and the factors computed before the model is touched: on any error the model
+    is unchanged.
+
+    Args:
+        model: a Hugging Face model (or any nn.Module with ``get_input_embeddings()``; else give ``module_name``).
+        config: a FactorizationConfig; or give its fields as keyword arguments.
+        module_name: fully qualified name of the nn.Embedding, for models without get_input_embeddings().
+        progress: progress bars for iterative methods.
+
+    Returns:
+        A FactorizationReport (sizes, errors, the optimum for the rank, time).
+
+    Example:
+        >>> report = factorize_(model, ratio=6, method="svd")     # doctest: +SKIP
+        >>> report.rank, report.relative_error                    # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"factorize_ needs a torch nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = FactorizationConfig(
+            method=method, rank=rank, ratio=ratio, energy=energy, max_error=max_error, seed=seed,
+            method_options=dict(method_options),
+        )
+    elif any(v is not None for v in (rank, ratio, energy, max_error, method)) or method_options:
+        raise SurgeryError("give either config= or keyword settings, not both")
+    emb_fqn, emb, head_fqn, head, tied = find_embedding_and_head(model, module_name)
+    tie = tied and config.factorize_head
+    params_before = count_params(model)
+    E = emb.weight.detach()
+    sv = spectrum(E)
+    r = resolve_rank(
+        tuple(E.shape), rank=config.rank, ratio=config.ratio, energy=config.energy,
+        max_error=config.max_error, singular_values=sv,
+    )
+    f = decompose(E, r, method=config.method, seed=config.seed, progress=progress, **config.method_options)
+    pad = emb.padding_idx
+    pad_is_zero = pad is None or not bool(E[pad].any())
+    # --- the model is mutated only below this line ---
+    new = apply_structure_(
+        model, embedding_module=emb_fqn, rank=r, tied_head=tie, head_module=head_fqn,
+        factors=(f.U, f.V), zero_padding_row=pad_is_zero,
+    )
+    del E
+    report = FactorizationReport(
+        model=type(model).__name__,
+        method=f.method,
+        rank=r,
+        vocab_size=emb.num_embeddings,
+        hidden_size=emb.embedding_dim,
+        embedding_params_before=emb.weight.numel(),
+        embedding_params_after=new.num_params,
+        model_params_before=params_before,
+        model_params_after=count_params(model),
+        ratio=emb.weight.numel() / new.num_params,
+        relative_error=float(f.meta["relative_error"]),
+        optimal_relative_error=optimal_relative_error(sv, r),
+        tied_head=tie,
+        seconds=time.perf_counter() - t0,
+        embedding_module=emb_fqn,
+        head_module=head_fqn if tie else None,
+    )
+    setattr(
+        model,
+        META_ATTR,
+        {
+            "factorization": config.to_dict(),
+            "method": f.method,
+            "rank": r,
+            "embedding_module": emb_fqn,
+            "head_module": head_fqn if tie else None,
+            "tied_head": tie,
+            "zero_padding_row": pad_is_zero,
+            "report": report.to_dict(),
+        },
+    )
+    return report

@@ -1,0 +1,161 @@
+"""Save and load factorized models: safetensors + config JSON, written atomically, rebuilt without re-decomposing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
+from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError
+from embfactor.fileio import MARKER_FILE, atomic_directory
+from embfactor.surgery.factorize import META_ATTR, apply_structure_
+
+WEIGHTS_FILE = "model.safetensors"
+HF_CONFIG_FILE = "config.json"
+_META_KEYS = ("embedding_module", "head_module", "tied_head", "rank", "method", "factorization")
+
+
+def save_compressed(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    extra: dict[str, Any] | None = None,
+    inputs: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
+
+    The folder is written under a temporary name and renamed into place, so an interrupted save leaves any
+    earlier output intact. An existing folder is replaced only if it is an earlier embfactor output.
+
+    Args:
+        model: a model factorized by :func:`factorize_` (or loaded by :func:`load_compressed`).
+        tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model.
+        extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
+        inputs: paths the output must not overwrite (the source model's folder).
+
+    Example:
+        >>> save_compressed(model, "out/minilm-r6", tokenizer=tok)   # doctest: +SKIP
+    """
+    from safetensors.torch import save_model
+
+    from embfactor import __version__
+
+    meta = getattr(model, META_ATTR, None)
+    if meta is None:
+        raise SurgeryError(f"{type(model).__name__} is not factorized; call embfactor.factorize_(model, ...) first")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_file"):
+        raise SurgeryError("save_compressed needs a Hugging Face model (with a .config) to rebuild it on load")
+    architecture = type(model).__name__
+    record = {
+        "format_version": CONFIG_FORMAT_VERSION,
+        "embfactor_version": __version__,
+        "architecture": architecture,
+        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        **{k: meta[k] for k in _META_KEYS},
+        "report": meta.get("report", {}),
+        **(extra or meta.get("extra") or {}),
+    }
+    with atomic_directory(directory, inputs=inputs) as tmp:
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
+        config.architectures = [architecture]
+        config.to_json_file(str(tmp / HF_CONFIG_FILE))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(directory)
+
+
+def read_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate embfactor.json of a compressed model folder."""
+    directory = Path(directory)
+    path = directory / MARKER_FILE
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"no such folder: {directory}")
+    if not path.is_file():
+        raise ModelNotFoundError(f"{directory} is not an embfactor output: {MARKER_FILE} is missing")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object")
+    if record.get("format_version") != CONFIG_FORMAT_VERSION:
+        raise CorruptFileError(
+            f"{path}: format_version {record.get('format_version')!r} is not supported "
+            f"(this embfactor reads {CONFIG_FORMAT_VERSION})"
+        )
+    missing = [k for k in ("architecture", *_META_KEYS) if k not in record]
+    if missing:
+        raise CorruptFileError(f"{path}: missing fields {missing}")
+    if not isinstance(record["rank"], int) or record["rank"] < 1:
+        raise CorruptFileError(f"{path}: rank must be a positive integer, got {record['rank']!r}")
+    FactorizationConfig.from_dict(record["factorization"], source=str(path))
+    return record
+
+
+def model_class(architecture: str) -> type:
+    """The transformers class named in a config's ``architectures`` (no remote code is ever loaded)."""
+    import transformers
+
+    cls = getattr(transformers, architecture, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CorruptFileError(f"architecture {architecture!r} is not a transformers model class")
+    return cls
+
+
+def load_compressed(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_compressed` and load its weights (strict; safetensors only).
+
+    The factorized structure is rebuilt from embfactor.json; nothing is decomposed again.
+
+    Example:
+        >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    record = read_record(directory)
+    for name in (WEIGHTS_FILE, HF_CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise ModelNotFoundError(f"{directory / name} is missing; the folder is not a complete embfactor output")
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptFileError(f"{directory / HF_CONFIG_FILE}: cannot be read as a transformers config ({e})") from None
+    cls = model_class(record["architecture"])
+    dtype = getattr(torch, str(record.get("torch_dtype", "float32")), torch.float32)
+    model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
+    try:
+        apply_structure_(
+            model,
+            embedding_module=record["embedding_module"],
+            rank=record["rank"],
+            tied_head=bool(record["tied_head"]),
+            head_module=record["head_module"],
+        )
+    except (SurgeryError, AttributeError) as e:
+        raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None
+    try:
+        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CorruptFileError(f"{directory / WEIGHTS_FILE}: corrupt or truncated safetensors file ({e})") from None
+    except RuntimeError as e:
+        raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
+    model.to(device)
+    model.eval()
+    setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")} | {"zero_padding_row": True})
+    return model
+
+
+# Short names of the public API.
+save = save_compressed
+load = load_compressed

@@ -1,0 +1,47 @@
+"""The one replacement primitive: swap submodules in place, all or nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from embfactor.errors import SurgeryError
+
+
+def find_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool]) -> dict[str, nn.Module]:
+    """All submodules (by fully qualified name) for which ``filter_fn(module, fqn)`` is true."""
+    return {fqn: m for fqn, m in model.named_modules(remove_duplicate=False) if fqn and filter_fn(m, fqn)}
+
+
+def fqn_of(model: nn.Module, target: nn.Module) -> str:
+    """The first fully qualified name of ``target`` inside ``model``."""
+    for fqn, m in model.named_modules():
+        if m is target and fqn:
+            return fqn
+    raise SurgeryError(f"{type(target).__name__} is not a submodule of {type(model).__name__}")
+
+
+def replace_modules_(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
+    """Replace submodules by fully qualified name. Every name is checked before anything changes.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> replace_modules_(m, {"1": nn.Tanh()}); type(m[1]).__name__
+        'Tanh'
+    """
+    if not replacements:
+        raise SurgeryError("nothing to replace: no module matched")
+    parents = {}
+    for fqn in replacements:
+        parent_name, _, child = fqn.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError as e:
+            raise SurgeryError(f"cannot replace {fqn!r}: {e}") from None
+        if not isinstance(getattr(parent, child, None), nn.Module):
+            raise SurgeryError(f"cannot replace {fqn!r}: {type(parent).__name__} has no submodule {child!r}")
+        parents[fqn] = (parent, child)
+    for fqn, new in replacements.items():
+        parent, child = parents[fqn]
+        setattr(parent, child, new)

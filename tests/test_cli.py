@@ -1,0 +1,91 @@
+"""The CLI as a user runs it: in-process through main(), on a tiny saved model folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from embfactor.cli.main import main
+
+
+def test_compress_writes_model_and_json(tiny_bert_dir, tmp_path, capsys):
+    out, rep = tmp_path / "out", tmp_path / "rep.json"
+    assert main(["compress", str(tiny_bert_dir), "--ratio", "3", "--output", str(out), "--json", str(rep), "-q"]) == 0
+    text = capsys.readouterr().out
+    for row in ("embedding parameters", "model parameters", "bytes on disk", "relative error", "optimum for rank"):
+        assert row in text
+    r = json.loads(rep.read_text())
+    keys = {
+        "model", "method", "rank", "vocab_size", "hidden_size", "embedding_params_before", "embedding_params_after",
+        "model_params_before", "model_params_after", "ratio", "relative_error", "optimal_relative_error",
+        "tied_head", "seconds",
+    }
+    assert keys <= r.keys()
+    assert r["ratio"] >= 3 and r["bytes_after"] < r["bytes_before"]
+    assert r["relative_error"] <= r["optimal_relative_error"] * 1.01 + 1e-9
+
+
+def test_compressed_folder_is_a_model(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["compress", str(tiny_bert_dir), "--rank", "8", "--output", str(out), "-q"])
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "factorized, rank 8" in capsys.readouterr().out
+    # and compressing it again says clearly that it is already factorized
+    assert main(["compress", str(out), "--rank", "4", "--output", str(tmp_path / "again"), "-q"]) == 2
+    assert "already factorized" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("method", ["svd", "rsvd", "als"])
+def test_compress_methods(tiny_bert_dir, tmp_path, method):
+    rep = tmp_path / "r.json"
+    args = ["compress", str(tiny_bert_dir), "--rank", "6", "--method", method, "-o", str(tmp_path / "o")]
+    assert main([*args, "--json", str(rep), "-q"]) == 0
+    assert json.loads(rep.read_text())["method"] == method
+
+
+def test_inspect_plot_and_json(tiny_bert_dir, tmp_path, capsys):
+    png, js = tmp_path / "s.png", tmp_path / "s.json"
+    assert main(["inspect", str(tiny_bert_dir), "--plot", str(png), "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert "embedding share" in text and "energy kept" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    facts = json.loads(js.read_text())
+    assert facts["vocab_size"] == 120 and facts["hidden_size"] == 32 and facts["tied_head"] is False
+    energies = [s["energy"] for s in facts["spectrum"]]
+    assert energies == sorted(energies) and 0 < energies[0] < 1
+
+
+def test_inspect_methods(capsys):
+    assert main(["inspect", "--methods"]) == 0
+    out = capsys.readouterr().out
+    assert "svd" in out and "eig" in out and "als" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compress", "no/such/model", "--rank", "4", "-o", "X"], "not found: not a built-in name"),
+        (["compress", "MODEL", "--rank", "0", "-o", "X"], "rank must be >= 1"),
+        (["compress", "MODEL", "--ratio", "1", "-o", "X"], "ratio must be a finite number > 1"),
+        (["compress", "MODEL", "--energy", "1.5", "-o", "X"], r"energy must be in (0, 1]"),
+        (["compress", "MODEL", "--rank", "40", "-o", "X"], "< min(vocab, d)=32"),
+        (["compress", "MODEL", "--rank", "4", "--method", "magic", "-o", "X"], "valid methods: als"),
+        (["compress", "MODEL", "--rank", "4", "-o", "MODEL"], "is the input model's folder"),
+    ],
+)
+def test_cli_bad_inputs(tiny_bert_dir, tmp_path, capsys, argv, message):
+    argv = [a.replace("MODEL", str(tiny_bert_dir)).replace("X", str(tmp_path / "x")) for a in argv]
+    before = sorted(p.name for p in tiny_bert_dir.iterdir())
+    assert main([*argv, "-q"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tiny_bert_dir.iterdir()) == before
+
+
+def test_missing_target_is_usage_error(tiny_bert_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", str(tiny_bert_dir), "-o", str(tmp_path / "o")])
+    assert e.value.code == 2

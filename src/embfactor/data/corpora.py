@@ -1,0 +1,184 @@
+"""The real text embfactor evaluates and heals on, from gensim's bundled test data, and user files.
+
+- Wikipedia extract (``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``): cleaned to plain
+  text with gensim's own wiki markup filter; the last 10% of articles (by file order) are held apart for evaluation.
+- Lee corpus: 50 news documents (``lee.cor``) with the mean human similarity judgements (``similarities0-1.txt``),
+  and the 300 background documents (``lee_background.cor``).
+- Pang & Lee polarity: 200 sentences labelled ``__label__pos`` / ``__label__neg`` (``pang_lee_polarity.cor``).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from embfactor.errors import InvalidInputError, ModelNotFoundError
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+HELDOUT_SHARE = 0.1
+MIN_ARTICLE_CHARS = 400
+
+
+def gensim_data_dir() -> Path:
+    """gensim's ``test/test_data`` folder (gensim is a dependency of the ``data`` extra)."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise ModelNotFoundError("the bundled data sets need gensim: pip install 'embfactor[data]'") from None
+    return Path(datapath(WIKI_FILE)).parent
+
+
+def _data_file(name: str) -> Path:
+    p = gensim_data_dir() / name
+    if not p.is_file():
+        raise ModelNotFoundError(f"{p} is missing from gensim's test data; reinstall gensim")
+    return p
+
+
+_WS = re.compile(r"[ \t]+")
+
+
+def _clean(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        line = _WS.sub(" ", line.replace("'''", "").replace("''", "")).strip()
+        # leftovers of tables, lists of links and section markers carry no prose
+        if len(line) < 40 or line.startswith(("|", "!", "{", "}", "=", "*", "#", ":")):
+            continue
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _wiki_articles() -> tuple[str, ...]:
+    import bz2
+
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    out = []
+    with bz2.open(_data_file(WIKI_FILE), "rb") as fh:
+        for _title, text, _pageid in extract_pages(fh):
+            if not text or text.lstrip().lower().startswith("#redirect"):
+                continue
+            clean = _clean(filter_wiki(text))
+            if len(clean) >= MIN_ARTICLE_CHARS:
+                out.append(clean)
+    return tuple(out)
+
+
+def wiki_articles() -> list[str]:
+    """All cleaned Wikipedia articles of the bundled extract (plain text, one string per article)."""
+    return list(_wiki_articles())
+
+
+def wiki_split(part: str = "train") -> list[str]:
+    """``"train"``: the first 90% of articles; ``"heldout"``: the last 10%, never used for healing."""
+    arts = _wiki_articles()
+    cut = len(arts) - max(1, int(len(arts) * HELDOUT_SHARE))
+    if part == "train":
+        return list(arts[:cut])
+    if part == "heldout":
+        return list(arts[cut:])
+    raise InvalidInputError(f"part must be 'train' or 'heldout', got {part!r}")
+
+
+def lee_documents() -> list[str]:
+    """The 50 Lee news documents, in the order of the similarity matrix."""
+    docs = [line.strip() for line in _data_file("lee.cor").read_text(encoding="latin-1").splitlines() if line.strip()]
+    return docs
+
+
+def lee_similarity() -> np.ndarray:
+    """The 50×50 symmetric matrix of mean human similarity scores (0..1) for the Lee documents."""
+    rows = [
+        [float(x) for x in line.split()]
+        for line in _data_file("similarities0-1.txt").read_text().splitlines()
+        if line.strip()
+    ]
+    m = np.asarray(rows, dtype=np.float64)
+    upper = np.triu(m)
+    return upper + upper.T - np.diag(np.diag(m))
+
+
+def lee_background() -> list[str]:
+    """The 300 Lee background news documents."""
+    return [line.strip() for line in _data_file("lee_background.cor").read_text(encoding="latin-1").splitlines() if line.strip()]
+
+
+def polarity() -> tuple[list[str], list[int]]:
+    """The 200 Pang & Lee sentences with labels (1 = positive, 0 = negative)."""
+    texts, labels = [], []
+    for line in _data_file("pang_lee_polarity.cor").read_text(encoding="cp1252", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        tag, _, text = line.partition(" ")
+        if tag not in ("__label__pos", "__label__neg"):
+            continue
+        texts.append(text.strip())
+        labels.append(1 if tag == "__label__pos" else 0)
+    return texts, labels
+
+
+def read_texts(paths: list[str | Path]) -> list[str]:
+    """User text files: every non-empty paragraph (blank-line separated) of each file is one text.
+
+    Raises:
+        InvalidInputError: a missing file, or no text at all.
+    """
+    out: list[str] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise InvalidInputError(f"text file {p} does not exist")
+        try:
+            content = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"text file {p} is not UTF-8 text") from None
+        out.extend(par.strip() for par in re.split(r"\n\s*\n", content) if par.strip())
+    if not out:
+        raise InvalidInputError(f"no text found in {', '.join(map(str, paths))}")
+    return out
+
+
+def read_labelled(path: str | Path) -> tuple[list[str], list[str]]:
+    """A user's labelled data: CSV with a header (columns ``text`` and ``label``) or JSONL with those keys.
+
+    Raises:
+        InvalidInputError: missing file, missing column, empty rows, or fewer than two classes.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInputError(f"labels file {p} does not exist")
+    texts, labels = [], []
+    if p.suffix.lower() in (".jsonl", ".json"):
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidInputError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "text" not in row or "label" not in row:
+                raise InvalidInputError(f"{p}:{i}: each line needs the keys 'text' and 'label'")
+            texts.append(str(row["text"]))
+            labels.append(str(row["label"]))
+    else:
+        with p.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            for col in ("text", "label"):
+                if col not in cols:
+                    raise InvalidInputError(f"{p}: no '{col}' column (found columns: {', '.join(cols) or 'none'})")
+            for row in reader:
+                if row["text"] and row["label"] not in (None, ""):
+                    texts.append(row["text"])
+                    labels.append(row["label"])
+    if not texts:
+        raise InvalidInputError(f"{p}: no labelled rows")
+    if len(set(labels)) < 2:
+        raise InvalidInputError(f"{p}: needs at least two different labels, found {sorted(set(labels))}")
+    return texts, labels

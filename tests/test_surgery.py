@@ -185,8 +185,11 @@ def test_load_rejects_mismatched_rank(tiny_bert, tmp_path):
     out = tmp_path / "o"
     ef.save(tiny_bert, out)
     rec = json.loads((out / "embfactor.json").read_text())
-    (out / "embfactor.json").write_text(json.dumps({**rec, "rank": 5}))
+    (out / "embfactor.json").write_text(json.dumps({**rec, "layer_config": {"rank": 5, "sparse": False}}))
     with pytest.raises(CorruptFileError, match="weights do not match"):
+        ef.load(out)
+    (out / "embfactor.json").write_text(json.dumps({**rec, "layer_type": "hologram"}))
+    with pytest.raises(CorruptFileError, match="unknown embedding layer type 'hologram'"):
         ef.load(out)
 
 

@@ -1,6 +1,7 @@
 """PyTorch layers that wrap the decompositions: factorized embeddings, tied heads, positional encodings."""
 
 from embfactor.layers.embedding import FactorizedEmbedding, FactorizedLMHead, check_token_ids
+from embfactor.layers.registry import available_layers, get_layer, is_factorized_layer, register_layer
 from embfactor.layers.positional import LearnedPositionalEncoding, SinusoidalPositionalEncoding, TransformerEmbedding
 
 __all__ = [
@@ -9,5 +10,9 @@ __all__ = [
     "LearnedPositionalEncoding",
     "SinusoidalPositionalEncoding",
     "TransformerEmbedding",
+    "available_layers",
     "check_token_ids",
+    "get_layer",
+    "is_factorized_layer",
+    "register_layer",
 ]

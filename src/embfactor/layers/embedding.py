@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embfactor.errors import ConfigError, InvalidTypeError, TokenIndexError
+from embfactor.layers.registry import is_factorized_layer, register_layer
 
 
 def check_token_ids(ids: torch.Tensor, vocab: int) -> None:
@@ -23,6 +24,7 @@ def check_token_ids(ids: torch.Tensor, vocab: int) -> None:
         raise TokenIndexError(f"token id {bad} is out of range for a vocabulary of {vocab} (valid ids: 0..{vocab - 1})")
 
 
+@register_layer("factorized")
 class FactorizedEmbedding(nn.Module):
     """An embedding table E = U·V (U: vocab × r, V: r × d) that never builds the vocab × d table.
 
@@ -105,6 +107,21 @@ class FactorizedEmbedding(nn.Module):
     @property
     def num_params(self) -> int:
         return self.U.numel() + self.V.numel()
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden · (U·V)ᵀ computed as (hidden·Vᵀ)·Uᵀ: r·(d + vocab) multiply-adds per row instead of d·vocab."""
+        return F.linear(F.linear(hidden, self.V), self.U)
+
+    def layer_config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "sparse": self.sparse}
+
+    @classmethod
+    def empty(
+        cls, num_embeddings: int, embedding_dim: int, padding_idx: int | None, *, rank: int, sparse: bool = False,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> FactorizedEmbedding:
+        """Right shapes, values to be loaded (used when rebuilding a saved model)."""
+        return cls(num_embeddings, embedding_dim, rank, padding_idx, sparse=sparse, device=device, dtype=dtype)
 
     @classmethod
     def from_factors(
@@ -194,11 +211,12 @@ class FactorizedEmbedding(nn.Module):
 
 
 class FactorizedLMHead(nn.Module):
-    """Output projection tied to a FactorizedEmbedding: logits = (h·Vᵀ)·Uᵀ (+ bias).
+    """Output projection tied to a factorized embedding: logits = (h·Vᵀ)·Uᵀ (+ bias).
 
-    The head holds *no parameters of its own* besides the optional bias: it reads ``U`` and ``V`` of the
-    embedding it is tied to, so both always use the same tensors and a state dict lists them once.
-    Costs r·(d + vocab) multiply-adds per token instead of d·vocab.
+    The head holds *no parameters of its own* besides the optional bias: it calls ``project`` of the embedding
+    it is tied to, so both always use the same tensors and a state dict lists them once. With a
+    FactorizedEmbedding this costs r·(d + vocab) multiply-adds per token instead of d·vocab. Any registered
+    embedding layer type (block-wise, quantized, tensor-train) can be tied the same way.
 
     Example:
         >>> emb = FactorizedEmbedding(1000, 64, rank=16)
@@ -209,10 +227,12 @@ class FactorizedLMHead(nn.Module):
         True
     """
 
-    def __init__(self, embedding: FactorizedEmbedding, bias: torch.Tensor | nn.Parameter | None = None) -> None:
+    def __init__(self, embedding: nn.Module, bias: torch.Tensor | nn.Parameter | None = None) -> None:
         super().__init__()
-        if not isinstance(embedding, FactorizedEmbedding):
-            raise InvalidTypeError(f"FactorizedLMHead ties to a FactorizedEmbedding, got {type(embedding).__name__}")
+        if not is_factorized_layer(embedding):
+            raise InvalidTypeError(
+                f"FactorizedLMHead ties to a FactorizedEmbedding (or another embfactor layer), got {type(embedding).__name__}"
+            )
         # Stored outside the module tree (a plain tuple), so the factors are not registered twice.
         self._tied = (embedding,)
         if bias is not None:
@@ -222,7 +242,7 @@ class FactorizedLMHead(nn.Module):
         self.bias = bias
 
     @property
-    def embedding(self) -> FactorizedEmbedding:
+    def embedding(self) -> nn.Module:
         return self._tied[0]
 
     @property
@@ -243,12 +263,13 @@ class FactorizedLMHead(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense (vocab × d) weight U·V, materialized on read."""
+        """The dense (vocab × d) weight, materialized on read."""
         return self.embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(hidden, self.V), self.U, self.bias)
+        logits = self.embedding.project(hidden)
+        return logits + self.bias if self.bias is not None else logits
 
     def extra_repr(self) -> str:
         e = self.embedding
-        return f"in_features={e.embedding_dim}, out_features={e.num_embeddings}, rank={e.rank}, tied, bias={self.bias is not None}"
+        return f"in_features={e.embedding_dim}, out_features={e.num_embeddings}, tied to {type(e).__name__}, bias={self.bias is not None}"

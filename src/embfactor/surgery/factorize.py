@@ -13,6 +13,7 @@ from embfactor.config import FactorizationConfig
 from embfactor.decompose import decompose, optimal_relative_error, resolve_rank, spectrum
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.layers import FactorizedEmbedding, FactorizedLMHead
+from embfactor.layers.registry import is_factorized_layer
 from embfactor.surgery.replace import fqn_of, replace_modules_
 
 # The metadata a factorized model carries (and save_compressed writes) to be rebuilt without re-decomposing.
@@ -73,8 +74,10 @@ def find_embedding_and_head(
             f"{type(model).__name__} has no get_input_embeddings(); pass module_name= (e.g. 'embed') to say which "
             "nn.Embedding to factorize"
         )
-    if isinstance(emb, FactorizedEmbedding):
-        raise SurgeryError(f"the input embedding of {type(model).__name__} is already factorized (rank {emb.rank})")
+    if is_factorized_layer(emb):
+        raise SurgeryError(
+            f"the input embedding of {type(model).__name__} is already factorized ({type(emb).__name__})"
+        )
     if not isinstance(emb, nn.Embedding):
         raise SurgeryError(f"the input embedding is a {type(emb).__name__}, not an nn.Embedding; cannot factorize it")
     emb_fqn = fqn_of(model, emb)
@@ -101,39 +104,28 @@ def apply_structure_(
     model: nn.Module,
     *,
     embedding_module: str,
-    rank: int,
+    new_embedding: nn.Module,
     tied_head: bool,
     head_module: str | None,
-    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
-    zero_padding_row: bool = True,
-) -> FactorizedEmbedding:
-    """Swap in a FactorizedEmbedding (and a tied FactorizedLMHead) at known module names.
-
-    With ``factors=None`` the new parameters are left uninitialized for a state dict to fill (used by load).
-    """
+) -> nn.Module:
+    """Swap in a factorized embedding layer (and a FactorizedLMHead tied to it) at known module names."""
     emb = model.get_submodule(embedding_module)
     if not isinstance(emb, nn.Embedding):
         raise SurgeryError(f"{embedding_module!r} is a {type(emb).__name__}, expected nn.Embedding")
-    if factors is None:
-        new = FactorizedEmbedding(
-            emb.num_embeddings, emb.embedding_dim, rank, emb.padding_idx, sparse=emb.sparse,
-            device=emb.weight.device, dtype=emb.weight.dtype,
+    if (new_embedding.num_embeddings, new_embedding.embedding_dim) != (emb.num_embeddings, emb.embedding_dim):
+        raise SurgeryError(
+            f"the new embedding is {new_embedding.num_embeddings}×{new_embedding.embedding_dim}, "
+            f"but {embedding_module!r} is {emb.num_embeddings}×{emb.embedding_dim}"
         )
-    else:
-        new = FactorizedEmbedding.from_factors(
-            factors[0].to(emb.weight.device), factors[1].to(emb.weight.device), emb.padding_idx,
-            sparse=emb.sparse, zero_padding_row=zero_padding_row,
-        )
-    replacements: dict[str, nn.Module] = {embedding_module: new}
+    replacements: dict[str, nn.Module] = {embedding_module: new_embedding}
     if tied_head:
         if head_module is None:
             raise SurgeryError("tied_head=True needs the head's module name")
         head = model.get_submodule(head_module)
-        bias = getattr(head, "bias", None)
-        replacements[head_module] = FactorizedLMHead(new, bias)
+        replacements[head_module] = FactorizedLMHead(new_embedding, getattr(head, "bias", None))
     replace_modules_(model, replacements)
     _disable_hf_retying(model)
-    return new
+    return new_embedding
 
 
 def factorize_(
@@ -191,10 +183,8 @@ def factorize_(
     pad = emb.padding_idx
     pad_is_zero = pad is None or not bool(E[pad].any())
     # --- the model is mutated only below this line ---
-    new = apply_structure_(
-        model, embedding_module=emb_fqn, rank=r, tied_head=tie, head_module=head_fqn,
-        factors=(f.U, f.V), zero_padding_row=pad_is_zero,
-    )
+    new = f.to_module(pad, sparse=emb.sparse, zero_padding_row=pad_is_zero).to(emb.weight.device)
+    apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tie, head_module=head_fqn)
     del E
     report = FactorizationReport(
         model=type(model).__name__,
@@ -224,7 +214,6 @@ def factorize_(
             "embedding_module": emb_fqn,
             "head_module": head_fqn if tie else None,
             "tied_head": tie,
-            "zero_padding_row": pad_is_zero,
             "report": report.to_dict(),
         },
     )

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
-from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError
+from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
 from embfactor.fileio import MARKER_FILE, atomic_directory
+from embfactor.layers.registry import get_layer
 from embfactor.surgery.factorize import META_ATTR, apply_structure_
 
 WEIGHTS_FILE = "model.safetensors"
@@ -53,7 +54,13 @@ def save_compressed(
     if config is None or not hasattr(config, "to_json_file"):
         raise SurgeryError("save_compressed needs a Hugging Face model (with a .config) to rebuild it on load")
     architecture = type(model).__name__
+    layer = model.get_submodule(meta["embedding_module"])
     record = {
+        "layer_type": layer.layer_type,
+        "layer_config": layer.layer_config(),
+        "vocab_size": layer.num_embeddings,
+        "hidden_size": layer.embedding_dim,
+        "padding_idx": layer.padding_idx,
         "format_version": CONFIG_FORMAT_VERSION,
         "embfactor_version": __version__,
         "architecture": architecture,
@@ -91,7 +98,7 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path}: format_version {record.get('format_version')!r} is not supported "
             f"(this embfactor reads {CONFIG_FORMAT_VERSION})"
         )
-    missing = [k for k in ("architecture", *_META_KEYS) if k not in record]
+    missing = [k for k in ("architecture", "layer_type", "layer_config", *_META_KEYS) if k not in record]
     if missing:
         raise CorruptFileError(f"{path}: missing fields {missing}")
     if not isinstance(record["rank"], int) or record["rank"] < 1:
@@ -135,14 +142,19 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     dtype = getattr(torch, str(record.get("torch_dtype", "float32")), torch.float32)
     model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
     try:
+        layer_cls = get_layer(record["layer_type"])
+        dense = model.get_submodule(record["embedding_module"])
+        new = layer_cls.empty(
+            dense.num_embeddings, dense.embedding_dim, dense.padding_idx, **record["layer_config"], dtype=dtype
+        )
         apply_structure_(
             model,
             embedding_module=record["embedding_module"],
-            rank=record["rank"],
+            new_embedding=new,
             tied_head=bool(record["tied_head"]),
             head_module=record["head_module"],
         )
-    except (SurgeryError, AttributeError) as e:
+    except (SurgeryError, AttributeError, TypeError, UnknownMethodError) as e:
         raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None
     try:
         load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
@@ -152,7 +164,7 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
     model.to(device)
     model.eval()
-    setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")} | {"zero_padding_row": True})
+    setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")})
     return model
 
 

@@ -1,0 +1,316 @@
+"""The REST API: ``create_app(lm, limits)`` serves one (compressed) model with FastAPI.
+
+Every model call runs in a worker thread under one lock, so concurrent clients never run the model (or the
+tokenizer, whose Rust backend is not safe to share across threads) at the same time: memory stays bounded by one
+request's size, which the limits bound. Everything a client can get wrong is answered with a 4xx and a message.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from embfactor.errors import EmbfactorError
+from embfactor.models import LoadedModel
+from embfactor.server.schemas import (
+    EmbedRequest,
+    EmbedResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    InfoResponse,
+    Limits,
+    ScoreRequest,
+    ScoreResponse,
+    TextScore,
+)
+
+T = TypeVar("T")
+
+
+class RequestError(Exception):
+    """A request that cannot be served as asked: answered with ``status`` and ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def model_max_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (None when unbounded, e.g. rotary)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _embedding_params(model: torch.nn.Module) -> int:
+    emb = model.get_input_embeddings()
+    n = getattr(emb, "num_params", None)
+    return int(n) if n is not None else sum(p.numel() for p in emb.parameters())
+
+
+def model_info(lm: LoadedModel, limits: Limits) -> dict[str, Any]:
+    """What /info returns: sizes before/after and the factorization, from the model and its embfactor.json."""
+    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
+    from embfactor.surgery import count_params, find_embedding_and_head
+    from embfactor.surgery.factorize import META_ATTR
+
+    model = lm.model
+    emb = model.get_input_embeddings()
+    report = (lm.record or {}).get("report") or {}
+    meta = getattr(model, META_ATTR, None) or {}
+    params_now = count_params(model)
+    emb_now = _embedding_params(model)
+    if lm.compressed or meta:
+        tied = bool(lm.record.get("tied_head", meta.get("tied_head", False)))
+    else:
+        tied = find_embedding_and_head(model)[4]
+    params_before = int(report.get("model_params_before", params_now))
+    on_disk = weights_bytes_on_disk(lm.source) if lm.source.is_dir() else None
+    return {
+        "model": lm.name,
+        "kind": lm.kind,
+        "source": str(lm.source),
+        "compressed": lm.compressed,
+        "vocab_size": int(emb.num_embeddings),
+        "hidden_size": int(emb.embedding_dim),
+        "rank": lm.record.get("rank", meta.get("rank")),
+        "method": lm.record.get("method", meta.get("method")),
+        "layer_type": getattr(emb, "layer_type", None),
+        "tied_head": tied,
+        "relative_error": report.get("relative_error"),
+        "params_before": params_before,
+        "params_after": params_now,
+        "embedding_params_before": int(report.get("embedding_params_before", emb_now)),
+        "embedding_params_after": emb_now,
+        # The source model's file may be gone (or be a GGUF); its float32 size is what the factorization saves on.
+        "bytes_before": params_before * 4 if report else (on_disk or tensor_bytes(model)),
+        "bytes_after": on_disk or tensor_bytes(model),
+        "limits": {k: float(v) for k, v in vars(limits).items()},
+    }
+
+
+def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+
+
+def _check_texts(texts: list[str], limits: Limits, max_tokens: int, tokenizer: Any) -> list[int]:
+    """Refuse too many, too long or blank texts before any model work; return the token counts."""
+    if len(texts) > limits.max_texts:
+        raise RequestError(413, f"too many texts: {len(texts)} > max_texts={limits.max_texts}; split the request")
+    for i, t in enumerate(texts):
+        if len(t) > limits.max_text_chars:
+            raise RequestError(
+                413, f"texts[{i}] has {len(t)} characters > max_text_chars={limits.max_text_chars}"
+            )
+        if not t.strip():
+            raise RequestError(422, f"texts[{i}] is blank; give non-empty texts")
+    counts = _token_counts(tokenizer, texts)
+    for i, n in enumerate(counts):
+        if n > max_tokens:
+            raise RequestError(413, f"texts[{i}] has {n} tokens > max_tokens={max_tokens}; shorten or split it")
+    return counts
+
+
+@torch.inference_mode()
+def generate_text(
+    lm: LoadedModel, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> tuple[list[int], str]:
+    """Continue ``prompt_ids``: greedy when ``temperature`` is 0, else sampling with a seeded generator.
+
+    Uses the model's KV cache, one token per step; stops at the tokenizer's EOS token.
+
+    Returns:
+        (new token ids, finish reason "eos" or "length").
+
+    Example:
+        >>> ids, why = generate_text(lm, lm.tokenizer("Once")["input_ids"], max_new_tokens=8)   # doctest: +SKIP
+    """
+    model = lm.model
+    device = next(model.parameters()).device
+    eos = getattr(lm.tokenizer, "eos_token_id", None)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    out = model(input_ids=ids, use_cache=True)
+    new: list[int] = []
+    for step in range(max_new_tokens):
+        logits = out.logits[0, -1].float().cpu()
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        else:
+            nxt = int(logits.argmax())
+        if eos is not None and nxt == eos:
+            return new, "eos"
+        new.append(nxt)
+        if step + 1 < max_new_tokens:
+            step_ids = torch.tensor([[nxt]], dtype=torch.long, device=device)
+            out = model(input_ids=step_ids, past_key_values=out.past_key_values, use_cache=True)
+    return new, "length"
+
+
+@torch.inference_mode()
+def text_perplexities(lm: LoadedModel, token_ids: list[list[int]]) -> list[tuple[float, int]]:
+    """Mean next-token negative log-likelihood (nats) and the number of predicted tokens of each text."""
+    model = lm.model
+    device = next(model.parameters()).device
+    out = []
+    for ids in token_ids:
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        logits = model(input_ids=x).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="mean")
+        out.append((float(nll), len(ids) - 1))
+    return out
+
+
+def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
+    """A FastAPI app serving ``lm``: /health, /info, /embed (encoders), /generate and /score (decoders).
+
+    Args:
+        lm: the model to serve (``embfactor.load_model(...)``; typically an embfactor output folder).
+        limits: request limits; defaults to :class:`Limits` ().
+
+    Example:
+        >>> app = create_app(load_model("out/minilm-r6"), Limits(max_texts=16))   # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)                           # doctest: +SKIP
+    """
+    limits = limits or Limits()
+    lm.model.eval()
+    max_len = model_max_length(lm.model)
+    max_tokens = min(limits.max_tokens, max_len) if max_len else limits.max_tokens
+    lock = threading.Lock()
+    app = FastAPI(
+        title="embfactor",
+        version=_version(),
+        description=f"Serving {lm.name} ({lm.kind}{', factorized' if lm.compressed else ''}).",
+    )
+    app.state.lm = lm
+    app.state.limits = limits
+    info = model_info(lm, limits)
+
+    def locked(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+        def call() -> T:
+            with lock, torch.inference_mode():
+                return fn(*args)
+
+        return call
+
+    async def run(fn: Callable[..., T], *args: Any) -> T:
+        return await run_in_threadpool(locked(fn, *args))
+
+    def need(kind: str, endpoint: str) -> None:
+        if lm.kind != kind:
+            other = "/embed" if lm.kind == "encoder" else "/generate and /score"
+            a = "an" if kind == "encoder" else "a"
+            raise RequestError(400, f"{endpoint} needs {a} {kind} model; {lm.name} is not one (use {other})")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            return JSONResponse(
+                {"detail": f"request body of {size} bytes > max_body_bytes={limits.max_body_bytes}"}, status_code=413
+            )
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": e.message}, status_code=e.status)
+
+    @app.exception_handler(EmbfactorError)
+    async def _embfactor_error(request: Request, e: EmbfactorError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=422)
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "kind": lm.kind}
+
+    @app.get("/info", response_model=InfoResponse)
+    async def get_info() -> dict[str, Any]:
+        return info
+
+    @app.post("/embed", response_model=EmbedResponse)
+    async def embed(req: EmbedRequest) -> dict[str, Any]:
+        """Mean-pooled sentence embeddings (as sentence-transformers computes them for MiniLM)."""
+        need("encoder", "/embed")
+
+        def work() -> dict[str, Any]:
+            from embfactor.eval.embed import sentence_embeddings
+
+            counts = _check_texts(req.texts, limits, max_tokens, lm.tokenizer)
+            e = sentence_embeddings(lm.model, lm.tokenizer, req.texts, max_length=max_tokens, normalize=req.normalize)
+            if not torch.isfinite(e).all():
+                raise RequestError(422, "the model produced non-finite embeddings for these texts")
+            return {"embeddings": e.tolist(), "dim": int(e.shape[1]), "tokens": counts}
+
+        return await run(work)
+
+    @app.post("/generate", response_model=GenerateResponse)
+    async def generate(req: GenerateRequest) -> dict[str, Any]:
+        """Continue a prompt: greedy at temperature 0, seeded sampling otherwise."""
+        need("decoder", "/generate")
+        if req.max_new_tokens is None:
+            req.max_new_tokens = min(32, limits.max_new_tokens)
+        if req.max_new_tokens > limits.max_new_tokens:
+            raise RequestError(
+                422, f"max_new_tokens={req.max_new_tokens} is above the server's cap of {limits.max_new_tokens}"
+            )
+        if req.temperature > limits.max_temperature or not math.isfinite(req.temperature):
+            raise RequestError(422, f"temperature must be in [0, {limits.max_temperature}], got {req.temperature}")
+
+        def work() -> dict[str, Any]:
+            (n,) = _check_texts([req.prompt], limits, max_tokens, lm.tokenizer)
+            ids = lm.tokenizer(req.prompt)["input_ids"]
+            if max_len and n + req.max_new_tokens > max_len:
+                raise RequestError(
+                    413, f"prompt ({n} tokens) + max_new_tokens ({req.max_new_tokens}) > the model's "
+                    f"{max_len} positions; shorten the prompt or ask for fewer tokens"
+                )
+            new, why = generate_text(
+                lm, ids, max_new_tokens=req.max_new_tokens, temperature=float(req.temperature), seed=req.seed
+            )
+            text = lm.tokenizer.decode(new, skip_special_tokens=True)
+            return {"text": text, "prompt_tokens": n, "new_tokens": len(new), "finish_reason": why}
+
+        return await run(work)
+
+    @app.post("/score", response_model=ScoreResponse)
+    async def score(req: ScoreRequest) -> dict[str, Any]:
+        """Perplexity of each text under the model (next-token prediction)."""
+        need("decoder", "/score")
+
+        def work() -> dict[str, Any]:
+            counts = _check_texts(req.texts, limits, max_tokens, lm.tokenizer)
+            for i, n in enumerate(counts):
+                if n < 2:
+                    raise RequestError(422, f"texts[{i}] has {n} token(s); perplexity needs at least 2")
+            ids = lm.tokenizer(req.texts)["input_ids"]
+            res = text_perplexities(lm, ids)
+            scores = [TextScore(perplexity=math.exp(min(nll, 700.0)), nll=nll, tokens=k) for nll, k in res]
+            total = sum(k for _, k in res)
+            mean = sum(nll * k for nll, k in res) / total
+            return {"scores": scores, "perplexity": math.exp(min(mean, 700.0))}
+
+        return await run(work)
+
+    return app
+
+
+def _version() -> str:
+    from embfactor import __version__
+
+    return __version__
+
+
+__all__ = ["Limits", "RequestError", "create_app", "generate_text", "model_info", "text_perplexities"]

@@ -1,0 +1,274 @@
+"""The REST API on tiny models: FastAPI's TestClient in-process, and one real uvicorn server over loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from embfactor.cli.main import main  # noqa: E402
+from embfactor.models import LoadedModel, load_model  # noqa: E402
+from embfactor.server import Limits, create_app, generate_text  # noqa: E402
+from embfactor.surgery import factorize_  # noqa: E402
+
+from .conftest import D, VOCAB  # noqa: E402
+
+WORDS = ["<pad>", "<unk>", "<eos>", "the", "cat", "dog", "sat", "on", "mat", "a", "is", "good", "bad"]
+
+
+def word_tokenizer():
+    """A whitespace word-level PreTrainedTokenizerFast over VOCAB tokens, with an EOS token (no network)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(VOCAB - len(WORDS))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def encoder_lm(tmp_path_factory) -> LoadedModel:
+    """A tiny BERT folder (as conftest's tiny_bert_dir) compressed by the CLI at rank 8; built once per module."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("server")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    BertModel(cfg).save_pretrained(root / "bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS[3:]]
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    (root / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(root / "bert" / "vocab.txt")).save_pretrained(root / "bert")
+    assert main(["compress", str(root / "bert"), "--rank", "8", "--output", str(root / "enc-r8"), "-q"]) == 0
+    return load_model(root / "enc-r8")
+
+
+@pytest.fixture(scope="module")
+def decoder_lm() -> LoadedModel:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=2, n_head=2, n_positions=64)).eval()
+    factorize_(model, rank=8, method="svd")
+    return LoadedModel("tiny-gpt2", model, word_tokenizer(), "decoder", Path("tiny-gpt2"), compressed=False)
+
+
+@pytest.fixture(scope="module")
+def enc(encoder_lm):
+    return TestClient(create_app(encoder_lm, Limits(max_texts=4, max_tokens=16)))
+
+
+@pytest.fixture(scope="module")
+def dec(decoder_lm):
+    return TestClient(create_app(decoder_lm, Limits(max_texts=4, max_tokens=16, max_new_tokens=8)))
+
+
+def test_health_info_and_docs(enc, encoder_lm):
+    assert enc.get("/health").json() == {"status": "ok", "kind": "encoder"}
+    info = enc.get("/info").json()
+    assert info["compressed"] is True and info["rank"] == 8 and info["method"] == "svd"
+    assert (info["vocab_size"], info["hidden_size"], info["tied_head"]) == (VOCAB, D, False)
+    assert info["embedding_params_before"] == VOCAB * 32
+    assert info["embedding_params_after"] == 8 * (VOCAB + 32)
+    assert info["params_before"] - info["params_after"] == VOCAB * 32 - 8 * (VOCAB + 32)
+    assert info["bytes_after"] == (encoder_lm.source / "model.safetensors").stat().st_size
+    assert info["bytes_after"] < info["bytes_before"]
+    assert enc.get("/docs").status_code == 200
+    assert "/embed" in enc.get("/openapi.json").json()["paths"]
+
+
+def test_embed_matches_library(enc, encoder_lm):
+    from embfactor.eval.embed import sentence_embeddings
+
+    texts = ["the cat sat", "a dog is good", "bad movie"]
+    r = enc.post("/embed", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dim"] == D and len(body["embeddings"]) == 3 and body["tokens"] == [5, 6, 4]  # [CLS] .. [SEP]
+    got = torch.tensor(body["embeddings"])
+    want = sentence_embeddings(encoder_lm.model, encoder_lm.tokenizer, texts)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got.norm(dim=1), torch.ones(3), atol=1e-5)
+    raw = torch.tensor(enc.post("/embed", json={"texts": texts, "normalize": False}).json()["embeddings"])
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(3), atol=1e-3)
+    assert torch.allclose(torch.nn.functional.normalize(raw, dim=1), got, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"texts": []}, 422, "at least 1 item"),
+        ({"texts": "the cat"}, 422, "valid list"),
+        ({"texts": [1, 2]}, 422, "valid string"),
+        ({"texts": ["a", "b", "c", "d", "e"]}, 413, "too many texts: 5 > max_texts=4"),
+        ({"texts": ["the " * 40]}, 413, "tokens > max_tokens=16"),
+        ({"texts": ["   "]}, 422, "blank"),
+        ({"texts": [""]}, 422, "blank"),
+        ({"texts": ["a"], "normalize": "yes"}, 422, "valid boolean"),
+        ({"texts": ["a"], "pool": "cls"}, 422, "Extra inputs are not permitted"),
+        ({}, 422, "Field required"),
+    ],
+)
+def test_embed_bad_requests(enc, body, status, message):
+    r = enc.post("/embed", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.text
+
+
+def test_malformed_bodies_are_4xx(enc, dec):
+    assert enc.post("/embed", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert enc.post("/embed", json=["a list"]).status_code == 422
+    assert enc.post("/embed", content=b"\xff\xfe", headers={"content-type": "application/json"}).status_code == 422
+    big = enc.post("/embed", content=b"x" * 10, headers={"content-type": "application/json", "content-length": "9999999"})
+    assert big.status_code == 413 and "max_body_bytes" in big.text
+    assert enc.get("/embed").status_code == 405
+    assert enc.post("/nope", json={}).status_code == 404
+
+
+def test_wrong_kind_is_400(enc, dec):
+    r = enc.post("/generate", json={"prompt": "the cat"})
+    assert r.status_code == 400 and "needs a decoder model" in r.json()["detail"]
+    assert enc.post("/score", json={"texts": ["the cat"]}).status_code == 400
+    r = dec.post("/embed", json={"texts": ["the cat"]})
+    assert r.status_code == 400 and "needs an encoder model" in r.json()["detail"]
+
+
+def test_generate_greedy_matches_hf_generate(dec, decoder_lm):
+    r = dec.post("/generate", json={"prompt": "the cat sat on", "max_new_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["prompt_tokens"] == 4 and body["finish_reason"] in ("length", "eos")
+    ids = torch.tensor([decoder_lm.tokenizer("the cat sat on")["input_ids"]])
+    ref = decoder_lm.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2)
+    assert body["text"] == decoder_lm.tokenizer.decode(ref[0, 4:], skip_special_tokens=True)
+    assert dec.post("/generate", json={"prompt": "the cat sat on", "max_new_tokens": 6}).json() == body
+
+
+def test_generate_sampling_is_seeded(dec):
+    req = {"prompt": "a dog", "max_new_tokens": 8, "temperature": 1.5, "seed": 7}
+    a, b = dec.post("/generate", json=req).json(), dec.post("/generate", json=req).json()
+    assert a == b
+    texts = {dec.post("/generate", json={**req, "seed": s}).json()["text"] for s in range(6)}
+    assert len(texts) > 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"prompt": "the", "max_new_tokens": 9}, 422, "above the server's cap of 8"),
+        ({"prompt": "the", "max_new_tokens": 0}, 422, "greater than or equal to 1"),
+        ({"prompt": "the", "max_new_tokens": "3"}, 422, "valid integer"),
+        ({"prompt": "the", "max_new_tokens": 2.5}, 422, "valid integer"),
+        ({"prompt": "the", "temperature": -1}, 422, "greater than or equal to 0"),
+        ({"prompt": "the", "temperature": 99}, 422, "temperature must be in [0, 5.0]"),
+        ({"prompt": ""}, 422, "at least 1 character"),
+        ({"prompt": ["the"]}, 422, "valid string"),
+        ({"prompt": "the " * 20}, 413, "tokens > max_tokens=16"),
+    ],
+)
+def test_generate_bad_requests(dec, body, status, message):
+    r = dec.post("/generate", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.text
+
+
+def test_prompt_plus_new_tokens_over_positions(decoder_lm):
+    client = TestClient(create_app(decoder_lm, Limits(max_tokens=256, max_new_tokens=128)))
+    r = client.post("/generate", json={"prompt": "the " * 60, "max_new_tokens": 10})
+    assert r.status_code == 413 and "64 positions" in r.json()["detail"]
+
+
+def test_score_perplexity_known_answer(dec, decoder_lm):
+    texts = ["the cat sat on the mat", "a dog is good"]
+    r = dec.post("/score", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for text, s in zip(texts, body["scores"]):
+        ids = torch.tensor([decoder_lm.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            loss = decoder_lm.model(input_ids=ids, labels=ids).loss  # HF's own shifted cross-entropy
+        assert s["tokens"] == ids.shape[1] - 1
+        assert s["nll"] == pytest.approx(float(loss), rel=1e-5)
+        assert s["perplexity"] == pytest.approx(float(loss.exp()), rel=1e-5)
+    # an untrained model over VOCAB tokens is close to uniform
+    assert VOCAB / 3 < body["perplexity"] < VOCAB * 3
+    r = dec.post("/score", json={"texts": ["the"]})
+    assert r.status_code == 422 and "at least 2" in r.text
+
+
+def test_concurrent_requests_are_serialized_and_correct(enc):
+    texts = [[f"the cat w{i}"] for i in range(24)]
+    ref = [enc.post("/embed", json={"texts": t}).json()["embeddings"] for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda t: enc.post("/embed", json={"texts": t}).json()["embeddings"], texts))
+    assert got == ref
+
+
+def test_generate_text_library_greedy_stops_at_eos(decoder_lm):
+    # Make EOS the argmax everywhere: generation must stop at once with finish_reason "eos".
+    head = decoder_lm.model.get_output_embeddings()
+    ids = decoder_lm.tokenizer("the cat")["input_ids"]
+    orig = head.forward
+    head.forward = lambda h: torch.nn.functional.one_hot(torch.full(h.shape[:-1], 2), VOCAB).float()
+    try:
+        assert generate_text(decoder_lm, ids, max_new_tokens=5) == ([], "eos")
+    finally:
+        head.forward = orig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_uvicorn_server_over_loopback(encoder_lm):
+    import httpx
+    import uvicorn
+
+    port = _free_port()
+    config = uvicorn.Config(create_app(encoder_lm, Limits(max_texts=4)), host="127.0.0.1", port=port,
+                            log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=10) as c:
+            assert c.get("/health").json()["status"] == "ok"
+            r = c.post("/embed", json={"texts": ["the cat", "the dog"]})
+            assert r.status_code == 200 and r.json()["dim"] == 32
+            assert c.post("/embed", json={"texts": ["x"] * 5}).status_code == 413
+            assert c.post("/generate", json={"prompt": "x"}).status_code == 400
+            assert c.get("/docs").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_serve_cli_parses_and_defaults_to_loopback(monkeypatch, tiny_bert_dir, capsys):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert main(["serve", str(tiny_bert_dir), "--max-texts", "3", "--port", "0"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 0
+    assert seen["app"].state.limits.max_texts == 3
+    assert "serving" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bert_dir), "--max-texts", "0"]) == 2
+    assert "max_texts must be an integer >= 1" in capsys.readouterr().err

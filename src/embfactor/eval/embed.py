@@ -19,10 +19,12 @@ def sentence_embeddings(
     batch_size: int = 32,
     max_length: int = 256,
     normalize: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Mean-pooled (masked) last hidden states of ``texts``, L2-normalized by default.
 
     Texts are sorted by length for batching (less padding), and returned in the input order.
+    ``progress=True`` shows a progress bar over the batches.
 
     Example:
         >>> e = sentence_embeddings(lm.model, lm.tokenizer, ["a cat", "a dog"])   # doctest: +SKIP
@@ -34,7 +36,10 @@ def sentence_embeddings(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[torch.Tensor | None] = [None] * len(texts)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="embedding", unit="batch", disable=not progress, leave=False):
         idx = order[start : start + batch_size]
         batch = tokenizer(
             [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
@@ -47,3 +52,37 @@ def sentence_embeddings(
         for j, i in enumerate(idx):
             out[i] = pooled[j].float().cpu()
     return torch.stack(out)  # type: ignore[arg-type]
+
+
+def encoder_of(lm) -> nn.Module:
+    """The module whose ``last_hidden_state`` is pooled: the model itself for encoders, the base model for decoders.
+
+    A causal LM's ``base_model`` (e.g. ``LlamaModel`` inside ``LlamaForCausalLM``) returns the hidden states the
+    head reads, without computing vocab-sized logits.
+    """
+    if lm.kind == "decoder":
+        base = getattr(lm.model, "base_model", None)
+        return base if isinstance(base, nn.Module) and base is not lm.model else lm.model.get_decoder()
+    return lm.model
+
+
+def pooled_embeddings(lm, texts: Sequence[str], **kwargs) -> torch.Tensor:
+    """:func:`sentence_embeddings` for any LoadedModel (encoder or decoder).
+
+    Decoder tokenizers often have no padding token; the end-of-sequence token is used for padding (masked out of
+    the mean, so its value does not matter).
+
+    Example:
+        >>> pooled_embeddings(load_model("smollm2"), ["a cat"]).shape     # doctest: +SKIP
+        torch.Size([1, 576])
+    """
+    tok = lm.tokenizer
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise InvalidInputError(f"the tokenizer of {lm.name!r} has neither a padding nor an end-of-sequence token")
+        tok.pad_token = tok.eos_token
+    # never feed more tokens than the model has positions for (sentence-transformers caps MiniLM at 256 too)
+    limit = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit < kwargs.get("max_length", 256):
+        kwargs["max_length"] = limit
+    return sentence_embeddings(encoder_of(lm), tok, texts, **kwargs)

@@ -1,0 +1,150 @@
+"""Evaluation tasks by name: ``evaluate(lm, "similarity" | "perplexity" | "classification" | "reconstruction")``.
+
+Each task is a function ``fn(lm, *, reference=None, progress=False, **opts) -> dict`` registered with the model
+kinds it applies to. :func:`evaluate` checks the task name, the model kind and (with a reference) that model and
+reference share one vocabulary before any work is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from embfactor.errors import InvalidInputError, InvalidTypeError, UnknownMethodError
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    fn: Callable[..., dict[str, Any]]
+    kinds: tuple[str, ...]  # model kinds ("encoder", "decoder") the task applies to
+    description: str
+    metric: str  # the headline quality number (higher is better unless lower_is_better)
+    lower_is_better: bool = False
+
+
+_TASKS: dict[str, TaskInfo] = {}
+
+
+def register_task(
+    name: str, *, kinds: tuple[str, ...], description: str, metric: str, lower_is_better: bool = False
+) -> Callable:
+    """Register an evaluation task ``fn(lm, *, reference=None, progress=False, **opts) -> dict`` under ``name``.
+
+    Example:
+        >>> @register_task("mine", kinds=("encoder",), description="...", metric="score")   # doctest: +SKIP
+        ... def mine(lm, *, reference=None, progress=False): ...
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        if name in _TASKS and _TASKS[name].fn is not fn:
+            raise ValueError(f"an evaluation task named {name!r} is already registered")
+        _TASKS[name] = TaskInfo(name, fn, tuple(kinds), description, metric, lower_is_better)
+        return fn
+
+    return wrap
+
+
+def _ensure_builtin_tasks() -> None:
+    # importing the modules registers their tasks
+    import embfactor.eval.classification  # noqa: F401
+    import embfactor.eval.perplexity  # noqa: F401
+    import embfactor.eval.reconstruction  # noqa: F401
+    import embfactor.eval.similarity  # noqa: F401
+
+
+def get_task(name: str) -> TaskInfo:
+    """The registered task ``name``; an unknown name raises UnknownMethodError listing the valid ones."""
+    _ensure_builtin_tasks()
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise UnknownMethodError(f"unknown evaluation task {name!r}; valid tasks: {', '.join(sorted(_TASKS))}") from None
+
+
+def available_tasks() -> list[str]:
+    """Names of all registered evaluation tasks, sorted."""
+    _ensure_builtin_tasks()
+    return sorted(_TASKS)
+
+
+def task_infos() -> list[TaskInfo]:
+    _ensure_builtin_tasks()
+    return [_TASKS[n] for n in sorted(_TASKS)]
+
+
+def input_embedding(model):
+    """The model's input embedding module (any registered layer type or nn.Embedding)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is None:
+        raise InvalidInputError(f"{type(model).__name__} has no get_input_embeddings(); cannot evaluate its embedding")
+    return emb
+
+
+def check_same_vocabulary(lm, reference) -> None:
+    """Raise InvalidInputError unless ``lm`` and ``reference`` have the same kind, vocabulary and embedding shape.
+
+    Comparing against a reference only means something when token i is the same string in both models.
+    """
+    if lm.kind != reference.kind:
+        raise InvalidInputError(
+            f"model {lm.name!r} is a {lm.kind} but reference {reference.name!r} is a {reference.kind}; "
+            "give the original model the compressed one was made from"
+        )
+    e1, e2 = input_embedding(lm.model), input_embedding(reference.model)
+    s1 = (int(e1.num_embeddings), int(e1.embedding_dim))
+    s2 = (int(e2.num_embeddings), int(e2.embedding_dim))
+    if s1 != s2:
+        raise InvalidInputError(
+            f"mismatched vocabularies: model {lm.name!r} has a {s1[0]}×{s1[1]} embedding, reference "
+            f"{reference.name!r} has {s2[0]}×{s2[1]}; give the original model the compressed one was made from"
+        )
+    if lm.tokenizer is not reference.tokenizer and lm.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        v1, v2 = lm.tokenizer.get_vocab(), reference.tokenizer.get_vocab()
+        diff = sorted(set(v1.items()) ^ set(v2.items()))[:3]
+        raise InvalidInputError(
+            f"mismatched vocabularies: the tokenizers of {lm.name!r} ({len(v1)} tokens) and {reference.name!r} "
+            f"({len(v2)} tokens) differ (e.g. {diff}); give the original model the compressed one was made from"
+        )
+
+
+def evaluate(lm, task: str, *, reference=None, progress: bool = False, **opts: Any) -> dict[str, Any]:
+    """Run evaluation ``task`` on ``lm`` (optionally against ``reference``, the original model).
+
+    Args:
+        lm: an :class:`embfactor.models.LoadedModel` (model + tokenizer + kind).
+        task: ``"similarity"`` (encoders: Lee Spearman/Pearson, fidelity), ``"perplexity"`` (decoders: perplexity,
+            KL and top-1 agreement vs the reference), ``"classification"`` (logistic-regression probe accuracy),
+            ``"reconstruction"`` (relative error and nearest-neighbour overlap of the input embedding).
+        reference: the original model as a LoadedModel; enables fidelity / KL / reconstruction metrics.
+        progress: show progress bars.
+        **opts: task options (see each task's function: ``similarity``, ``perplexity``, ``classification``,
+            ``reconstruction`` in ``embfactor.eval.*``), e.g. ``max_tokens=32768`` or ``labels_file="my.csv"``.
+
+    Returns:
+        A flat dict of JSON-serializable numbers and settings, always with ``task``, ``model`` and ``metric``
+        (the name of the headline number).
+
+    Raises:
+        UnknownMethodError: unknown task (the message lists the valid ones).
+        InvalidInputError: task not applicable to the model kind, or model and reference vocabularies differ.
+
+    Example:
+        >>> lm = load_model("minilm")                                                 # doctest: +SKIP
+        >>> evaluate(lm, "similarity")["spearman"]                                   # doctest: +SKIP
+        0.508...
+    """
+    info = get_task(task)
+    if not hasattr(lm, "model") or not hasattr(lm, "tokenizer"):
+        raise InvalidTypeError(f"evaluate needs an embfactor.models.LoadedModel, got {type(lm).__name__}")
+    if lm.kind not in info.kinds:
+        raise InvalidInputError(
+            f"task {task!r} applies to {' and '.join(k + 's' for k in info.kinds)}, but {lm.name!r} is a {lm.kind}; "
+            f"tasks for a {lm.kind}: {', '.join(t.name for t in task_infos() if lm.kind in t.kinds)}"
+        )
+    if reference is not None:
+        check_same_vocabulary(lm, reference)
+    out = info.fn(lm, reference=reference, progress=progress, **opts)
+    return {"task": task, "model": lm.name, "kind": lm.kind, "metric": info.metric, **out}

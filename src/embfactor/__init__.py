@@ -28,6 +28,7 @@ _LAZY = {
     "SinusoidalPositionalEncoding": "embfactor.layers",
     "LearnedPositionalEncoding": "embfactor.layers",
     "TransformerEmbedding": "embfactor.layers",
+    "TTEmbedding": "embfactor.layers",
     "factorize_": "embfactor.surgery",
     "FactorizationReport": "embfactor.surgery",
     "save": "embfactor.surgery",

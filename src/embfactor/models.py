@@ -77,21 +77,56 @@ def kind_of(model: nn.Module) -> str:
 
 def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
+
+    from safetensors import SafetensorError
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub raise many types for a bad config
         raise CorruptFileError(f"{path / 'config.json'}: cannot be read as a transformers config ({e})") from None
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     loader = cls if isinstance(cls, type) else AutoModel
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        why = f" (found {', '.join(pickled)}: pickle files can run code when loaded, so embfactor never reads them)"
+        raise ModelNotFoundError(
+            f"{path}: no model.safetensors{why if pickled else ''}; embfactor loads safetensors weights only "
+            "(convert with transformers: model.save_pretrained(folder, safe_serialization=True) in a trusted session)"
+        )
+    weights = path / "model.safetensors"
     try:
-        model = loader.from_pretrained(str(path), local_files_only=True, dtype="float32", use_safetensors=None)
+        # use_safetensors=True: never fall back to a pickled pytorch_model.bin; no trust_remote_code, ever.
+        model = loader.from_pretrained(str(path), local_files_only=True, dtype="float32", use_safetensors=True)
+    except SafetensorError as e:
+        raise CorruptFileError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
     except OSError as e:
         raise ModelNotFoundError(f"{path}: no usable weights ({e})") from None
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except RuntimeError as e:  # shape mismatches between config.json and the weights
+        raise CorruptFileError(f"{weights}: the weights do not match {path / 'config.json'} ({e})") from None
+    tokenizer = _load_tokenizer(path)
     return model, tokenizer
+
+
+# Without one of these, transformers 5 silently builds an empty-vocabulary tokenizer that maps every word to [UNK].
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer into the folder "
+            "(tokenizer.save_pretrained(folder))"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - tokenizer files fail in many ways (JSON, protobuf, missing merges)
+        raise CorruptFileError(f"{path}: the tokenizer files are unreadable ({e})") from None
 
 
 def _load_smollm2() -> tuple[nn.Module, Any, Path]:
@@ -118,8 +153,6 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
         >>> lm.kind, lm.model.config.vocab_size  # doctest: +SKIP
         ('encoder', 30522)
     """
-    from transformers import AutoTokenizer
-
     from embfactor.surgery.io import load_compressed, read_record
 
     _quiet_transformers()
@@ -142,10 +175,7 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
     if (path / MARKER_FILE).is_file():
         record = read_record(path)
         model = load_compressed(path)
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ModelNotFoundError(f"{path}: the tokenizer files are missing or unreadable ({e})") from None
+        tok = _load_tokenizer(path)
         source = record.get("source_model") or name
         return LoadedModel(str(source), model, tok, kind_of(model), path, compressed=True, record=record)
     if not (path / "config.json").is_file():

@@ -136,10 +136,15 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
             raise ModelNotFoundError(f"{directory / name} is missing; the folder is not a complete embfactor output")
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub raise many types for a bad config
         raise CorruptFileError(f"{directory / HF_CONFIG_FILE}: cannot be read as a transformers config ({e})") from None
-    cls = model_class(record["architecture"])
-    dtype = getattr(torch, str(record.get("torch_dtype", "float32")), torch.float32)
+    try:
+        cls = model_class(record["architecture"])
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{directory / MARKER_FILE}: {e}") from None
+    dtype = getattr(torch, str(record.get("torch_dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptFileError(f"{directory / MARKER_FILE}: torch_dtype {record.get('torch_dtype')!r} is not a torch dtype")
     model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
     try:
         layer_cls = get_layer(record["layer_type"])

@@ -1,0 +1,387 @@
+"""Every documented bad input of the CLI and the library: a clear error naming what is wrong (and the file), exit code
+2 on the command line, nothing written, no model mutated."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import embfactor as ef
+from embfactor.cli.main import main
+from embfactor.config import FactorizationConfig
+from embfactor.errors import (
+    ConfigError,
+    CorruptFileError,
+    InvalidInputError,
+    InvalidTypeError,
+    ModelNotFoundError,
+    SurgeryError,
+    TokenIndexError,
+    UnknownMethodError,
+)
+from embfactor.models import load_model
+from embfactor.surgery import load_compressed, save_compressed
+
+from .conftest import D, VOCAB
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "embfactor"
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BERT folder and its rank-4 compressed output, built once; tests work on copies."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    model = BertModel(cfg).eval()
+    model.save_pretrained(root / "bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(VOCAB - 5)]]
+    (root / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(root / "bert" / "vocab.txt"))
+    tok.save_pretrained(root / "bert")
+    ef.factorize_(model, rank=4, method="svd")
+    save_compressed(model, root / "comp", tokenizer=tok)
+    return {"bert": root / "bert", "comp": root / "comp"}
+
+
+@pytest.fixture
+def work(tmp_path, base) -> Path:
+    shutil.copytree(base["bert"], tmp_path / "bert")
+    shutil.copytree(base["comp"], tmp_path / "comp")
+    return tmp_path
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root (hidden temporary folders included) with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert type(model.get_input_embeddings()) is nn.Embedding
+
+
+def _edit_json(name: str, **changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        d = json.loads((folder / name).read_text())
+        for k, v in changes.items():
+            if v is KeyError:
+                del d[k]
+            else:
+                d[k] = v
+        (folder / name).write_text(json.dumps(d))
+
+    return edit
+
+
+def _unlink(*names: str) -> Callable[[Path], None]:
+    return lambda folder: [(folder / n).unlink() for n in names]
+
+
+def _write(name: str, data: bytes | Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def w(folder: Path) -> None:
+        p = folder / name
+        p.write_bytes(data(p.read_bytes()) if callable(data) else data)
+
+    return w
+
+
+# (id, which folder, mutation, error class, file named in the message, text in the message)
+FOLDER_CASES = [
+    ("hf-no-config", "bert", _unlink("config.json"), ModelNotFoundError, "", "has no config.json"),
+    ("hf-no-weights", "bert", _unlink("model.safetensors"), ModelNotFoundError, "", "safetensors weights only"),
+    ("hf-corrupt-weights", "bert", _write("model.safetensors", b"\x00" * 4096), CorruptFileError, "model.safetensors",
+     "corrupt or truncated safetensors"),
+    ("hf-truncated-weights", "bert", _write("model.safetensors", lambda b: b[:1000]), CorruptFileError,
+     "model.safetensors", "corrupt or truncated safetensors"),
+    ("hf-config-not-json", "bert", _write("config.json", b"{bad"), CorruptFileError, "config.json",
+     "cannot be read as a transformers config"),
+    ("hf-config-wrong-type", "bert", _edit_json("config.json", hidden_size="big"), CorruptFileError, "config.json",
+     "hidden_size"),
+    ("hf-config-unknown-model-type", "bert", _edit_json("config.json", model_type="nosuch"), CorruptFileError,
+     "config.json", "nosuch"),
+    ("hf-config-shape-mismatch", "bert", _edit_json("config.json", hidden_size=64), CorruptFileError,
+     "model.safetensors", "do not match"),
+    ("hf-no-tokenizer", "bert", _unlink("tokenizer.json", "vocab.txt", "tokenizer_config.json"), ModelNotFoundError,
+     "", "has no tokenizer"),
+    ("ef-truncated-weights", "comp", _write("model.safetensors", lambda b: b[:-100]), CorruptFileError,
+     "model.safetensors", "corrupt or truncated safetensors"),
+    ("ef-garbage-header", "comp", _write("model.safetensors", b"\xff" * 64), CorruptFileError, "model.safetensors",
+     "corrupt or truncated"),
+    ("ef-missing-weights", "comp", _unlink("model.safetensors"), ModelNotFoundError, "model.safetensors",
+     "is missing"),
+    ("ef-missing-config", "comp", _unlink("config.json"), ModelNotFoundError, "config.json", "is missing"),
+    ("ef-json-invalid", "comp", _write("embfactor.json", b"{"), CorruptFileError, "embfactor.json", "not valid JSON"),
+    ("ef-json-not-object", "comp", _write("embfactor.json", b"[1, 2]"), CorruptFileError, "embfactor.json",
+     "expected a JSON object"),
+    ("ef-json-wrong-version", "comp", _edit_json("embfactor.json", format_version=99), CorruptFileError,
+     "embfactor.json", "format_version 99 is not supported"),
+    ("ef-json-unknown-layer", "comp", _edit_json("embfactor.json", layer_type="magic"), CorruptFileError,
+     "embfactor.json", "unknown embedding layer type 'magic'; valid types:"),
+    ("ef-json-missing-field", "comp", _edit_json("embfactor.json", rank=KeyError), CorruptFileError,
+     "embfactor.json", r"missing fields \['rank'\]"),
+    ("ef-json-bad-rank", "comp", _edit_json("embfactor.json", rank=0), CorruptFileError, "embfactor.json",
+     "rank must be a positive integer"),
+    ("ef-json-bad-layer-config", "comp", _edit_json("embfactor.json", layer_config={"rnk": 4}), CorruptFileError,
+     "embfactor.json", "does not match the model"),
+    ("ef-json-rank-mismatch", "comp", _edit_json("embfactor.json", layer_config={"rank": 5}), CorruptFileError,
+     "model.safetensors", "weights do not match the model structure"),
+    ("ef-json-not-a-class", "comp", _edit_json("embfactor.json", architecture="os.system"), CorruptFileError,
+     "embfactor.json", "is not a transformers model class"),
+    ("ef-json-bad-dtype", "comp", _edit_json("embfactor.json", torch_dtype="save"), CorruptFileError,
+     "embfactor.json", "is not a torch dtype"),
+    ("ef-json-bad-factorization", "comp", _edit_json("embfactor.json", factorization={"rank": -1, "format_version": 1}),
+     CorruptFileError, "embfactor.json", "rank must be >= 1"),
+    ("ef-json-unknown-config-field", "comp",
+     _edit_json("embfactor.json", factorization={"rank": 4, "colour": 1, "format_version": 1}), CorruptFileError,
+     "embfactor.json", r"unknown fields \['colour'\]"),
+]
+
+
+@pytest.mark.parametrize(("which", "mutate", "err", "fname", "text"), [c[1:] for c in FOLDER_CASES],
+                         ids=[c[0] for c in FOLDER_CASES])
+def test_library_load_bad_folder(work, which, mutate, err, fname, text):
+    folder = work / which
+    mutate(folder)
+    before = snapshot(work)
+    named = re.escape(str(folder / fname) if fname else str(folder))
+    with pytest.raises(err, match=f"{named}.*{text}" if text else named):
+        load_model(folder)
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize(("which", "mutate", "err", "fname", "text"), [c[1:] for c in FOLDER_CASES],
+                         ids=[c[0] for c in FOLDER_CASES])
+def test_cli_compress_bad_folder(work, capsys, which, mutate, err, fname, text):
+    folder, out = work / which, work / "out"
+    mutate(folder)
+    before = snapshot(work)
+    assert main(["compress", str(folder), "--rank", "3", "--output", str(out), "-q"]) == 2
+    msg = capsys.readouterr().err
+    assert msg.startswith("embfactor compress: error: ")
+    assert str(folder / fname if fname else folder) in msg and re.search(text, msg)
+    assert "Traceback" not in msg
+    assert snapshot(work) == before and not out.exists()
+
+
+def test_load_compressed_on_plain_hf_folder(work):
+    with pytest.raises(ModelNotFoundError, match=r"is not an embfactor output: embfactor.json is missing"):
+        load_compressed(work / "bert")
+
+
+# ---------------------------------------------------------------- CLI arguments
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compress", "{work}/no-such", "--rank", "3", "-o", "{out}"], "not found: not a built-in name"),
+        (["inspect", "{work}/no-such"], "not found: not a built-in name"),
+        (["compress", "{work}/bert/config.json", "--rank", "3", "-o", "{out}"], "is a file; give the folder"),
+        (["compress", "{work}/bert", "--rank", "0", "-o", "{out}"], "rank must be >= 1"),
+        (["compress", "{work}/bert", "--rank", "-3", "-o", "{out}"], "rank must be >= 1"),
+        (["compress", "{work}/bert", "--rank", "32", "-o", "{out}"], r"< min\(vocab, d\)=32, got rank=32"),
+        (["compress", "{work}/bert", "--ratio", "1", "-o", "{out}"], "ratio must be a finite number > 1"),
+        (["compress", "{work}/bert", "--ratio", "0.5", "-o", "{out}"], "ratio must be a finite number > 1"),
+        (["compress", "{work}/bert", "--ratio", "nan", "-o", "{out}"], "ratio must be a finite number > 1"),
+        (["compress", "{work}/bert", "--ratio", "1e9", "-o", "{out}"], "largest reachable ratio"),
+        (["compress", "{work}/bert", "--energy", "0", "-o", "{out}"], r"energy must be in \(0, 1\]"),
+        (["compress", "{work}/bert", "--energy", "1.5", "-o", "{out}"], r"energy must be in \(0, 1\]"),
+        (["compress", "{work}/bert", "--max-error", "0", "-o", "{out}"], r"max_error must be in \(0, 1\)"),
+        (["compress", "{work}/bert", "--max-error", "1", "-o", "{out}"], r"max_error must be in \(0, 1\)"),
+        (["compress", "{work}/bert", "--rank", "3", "--method", "magic", "-o", "{out}"], "valid methods: "),
+        (["compress", "{work}/bert", "--rank", "3", "-o", "{work}/bert"], "is the input model's folder"),
+        (["compress", "{work}/comp", "--rank", "3", "-o", "{work}/comp"], "is the input model's folder"),
+        (["compress", "{work}/bert", "--rank", "3", "-o", "{work}/foreign"], "is not an embfactor output; refusing"),
+        (["compress", "{work}/bert", "--rank", "3", "-o", "{work}/afile.txt"], "exists and is not a folder"),
+        (["compress", "{work}/comp", "--rank", "3", "-o", "{out}"], "already factorized"),
+    ],
+)
+def test_cli_bad_arguments(work, capsys, argv, message):
+    (work / "foreign").mkdir()
+    (work / "foreign" / "notes.txt").write_text("mine")
+    (work / "afile.txt").write_text("mine")
+    before = snapshot(work)
+    argv = [a.format(work=work, out=work / "out") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert snapshot(work) == before and not (work / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compress", "M", "--rank", "abc", "-o", "O"], "invalid int value: 'abc'"),
+        (["compress", "M", "--rank", "2", "--ratio", "3", "-o", "O"], "not allowed with argument"),
+        (["compress", "M", "--rank", "2"], "the following arguments are required: --output"),
+        (["compress", "M", "-o", "O"], "one of the arguments --rank --ratio --energy --max-error is required"),
+        (["no-such-command"], "invalid choice"),
+    ],
+)
+def test_cli_argument_syntax(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main([a.replace("O", str(tmp_path / "o")) for a in argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- library: factorize_, save, layers
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "message"),
+    [
+        ({"rank": 0}, ConfigError, "rank must be >= 1"),
+        ({"rank": D}, ConfigError, r"< min\(vocab, d\)=32"),
+        ({"rank": 2.5}, ConfigError, "rank must be an integer"),
+        ({"rank": True}, ConfigError, "rank must be an integer"),
+        ({"ratio": 1.0}, ConfigError, "ratio must be a finite number > 1"),
+        ({"ratio": float("inf")}, ConfigError, "ratio must be a finite number > 1"),
+        ({"energy": 0.0}, ConfigError, r"energy must be in \(0, 1\]"),
+        ({"energy": 1.01}, ConfigError, r"energy must be in \(0, 1\]"),
+        ({"max_error": 0.0}, ConfigError, r"max_error must be in \(0, 1\)"),
+        ({"max_error": 1.5}, ConfigError, r"max_error must be in \(0, 1\)"),
+        ({}, ConfigError, "give exactly one of rank=, ratio=, energy=, max_error= \\(got none\\)"),
+        ({"rank": 3, "ratio": 2}, ConfigError, r"got rank, ratio"),
+        ({"rank": 3, "method": "magic"}, UnknownMethodError, "magic"),
+        ({"rank": 3, "module_name": "nope"}, SurgeryError, "has no submodule 'nope'"),
+    ],
+)
+def test_factorize_bad_settings_leave_model_untouched(tiny_bert, kwargs, err, message):
+    before = state(tiny_bert)
+    with pytest.raises(err, match=message):
+        ef.factorize_(tiny_bert, **kwargs)
+    assert_unchanged(tiny_bert, before)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_factorize_non_finite_embedding(tiny_bert, bad):
+    with torch.no_grad():
+        tiny_bert.get_input_embeddings().weight[7, 3] = bad
+    before = state(tiny_bert)
+    with pytest.raises(InvalidInputError, match=r"NaN or Inf \(first at row 7, column 3\)"):
+        ef.factorize_(tiny_bert, rank=4)
+    torch.testing.assert_close(tiny_bert.state_dict(), before, equal_nan=True, rtol=0, atol=0)
+    assert type(tiny_bert.get_input_embeddings()) is nn.Embedding
+
+
+def test_factorize_wrong_types(tiny_bert):
+    with pytest.raises(InvalidTypeError, match="needs a torch nn.Module, got str"):
+        ef.factorize_("minilm", rank=3)
+    before = state(tiny_bert)
+    with pytest.raises(SurgeryError, match="either config= or keyword settings, not both"):
+        ef.factorize_(tiny_bert, FactorizationConfig(rank=3), rank=4)
+    assert_unchanged(tiny_bert, before)
+
+
+def test_already_factorized_is_refused_and_kept(tiny_gpt2):
+    ef.factorize_(tiny_gpt2, rank=6)
+    before = state(tiny_gpt2)
+    with pytest.raises(SurgeryError, match="already factorized"):
+        ef.factorize_(tiny_gpt2, rank=3)
+    after = tiny_gpt2.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert tiny_gpt2.get_input_embeddings().rank == 6
+
+
+def test_decompose_bad_matrices():
+    with pytest.raises(InvalidInputError, match=r"2-D \(vocab × d\) matrix, got shape \(5,\)"):
+        ef.decompose(torch.zeros(5), rank=2)
+    with pytest.raises(InvalidTypeError, match="floating-point tensor, got dtype torch.int64"):
+        ef.decompose(torch.zeros(6, 4, dtype=torch.long), rank=2)
+
+
+def test_save_unfactorized_writes_nothing(tiny_bert, tmp_path):
+    with pytest.raises(SurgeryError, match="is not factorized; call embfactor.factorize_"):
+        save_compressed(tiny_bert, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_foreign_and_input_folders(tiny_bert, tmp_path):
+    ef.factorize_(tiny_bert, rank=4)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    before = snapshot(tmp_path)
+    with pytest.raises(InvalidInputError, match="is not an embfactor output; refusing to overwrite"):
+        save_compressed(tiny_bert, foreign)
+    with pytest.raises(InvalidInputError, match="is the input model's folder"):
+        save_compressed(tiny_bert, foreign, inputs=(foreign,))
+    assert snapshot(tmp_path) == before
+
+
+def test_bad_token_ids(tiny_bert):
+    ef.factorize_(tiny_bert, rank=4)
+    emb = tiny_bert.get_input_embeddings()
+    with pytest.raises(TokenIndexError, match=rf"token id {VOCAB + 5} is out of range .* \(valid ids: 0..{VOCAB - 1}\)"):
+        emb(torch.tensor([[1, VOCAB + 5]]))
+    with pytest.raises(TokenIndexError, match="token id -1 is out of range"):
+        tiny_bert(input_ids=torch.tensor([[2, -1]]))
+    with pytest.raises(InvalidTypeError, match="integer tensor .* got dtype torch.float32"):
+        emb(torch.tensor([[1.0, 2.0]]))
+
+
+def test_sentence_embeddings_bad_texts(tiny_bert):
+    from embfactor.eval.embed import sentence_embeddings
+
+    for bad in ([], "a single string"):
+        with pytest.raises(InvalidInputError, match="non-empty list of strings"):
+            sentence_embeddings(tiny_bert, None, bad)
+
+
+def test_config_from_dict_rejects_unknown_and_versions():
+    with pytest.raises(CorruptFileError, match=r"cfg.json: format_version 7 is not supported"):
+        FactorizationConfig.from_dict({"rank": 3, "format_version": 7}, source="cfg.json")
+    with pytest.raises(CorruptFileError, match=r"cfg.json: expected a JSON object"):
+        FactorizationConfig.from_dict([1], source="cfg.json")
+
+
+# ---------------------------------------------------------------- no pickles, no remote code
+
+
+def test_pickle_weights_are_never_loaded(work):
+    """A folder with only pytorch_model.bin is refused without opening it: a malicious pickle cannot run."""
+    folder = work / "bert"
+    (folder / "model.safetensors").unlink()
+    sentinel = work / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (sentinel,))
+
+    torch.save({"x": Evil()}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelNotFoundError, match=r"found pytorch_model.bin: pickle files can run code"):
+        load_model(folder)
+    assert not sentinel.exists()
+
+
+def test_source_never_enables_remote_code_or_pickles():
+    """A static check: no trust_remote_code=True, no torch.load / pickle.load / allow_pickle=True in the package."""
+    bad = re.compile(r"trust_remote_code\s*=\s*True|torch\.load\(|pickle\.loads?\(|allow_pickle\s*=\s*True|"
+                     r"use_safetensors\s*=\s*(None|False)")
+    hits = [f"{p.relative_to(SRC)}:{i}: {line.strip()}" for p in SRC.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert hits == []

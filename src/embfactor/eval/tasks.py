@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from embfactor.errors import InvalidInputError, InvalidTypeError, UnknownMethodError
+from embfactor.errors import ConfigError, InvalidInputError, InvalidTypeError, UnknownMethodError
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ def evaluate(lm, task: str, *, reference=None, progress: bool = False, **opts: A
     Raises:
         UnknownMethodError: unknown task (the message lists the valid ones).
         InvalidInputError: task not applicable to the model kind, or model and reference vocabularies differ.
+        ConfigError: an option the task does not have.
 
     Example:
         >>> lm = load_model("minilm")                                                 # doctest: +SKIP
@@ -143,6 +144,14 @@ def evaluate(lm, task: str, *, reference=None, progress: bool = False, **opts: A
         raise InvalidInputError(
             f"task {task!r} applies to {' and '.join(k + 's' for k in info.kinds)}, but {lm.name!r} is a {lm.kind}; "
             f"tasks for a {lm.kind}: {', '.join(t.name for t in task_infos() if lm.kind in t.kinds)}"
+        )
+    import inspect
+
+    accepted = set(inspect.signature(info.fn).parameters) - {"lm", "reference", "progress"}
+    unknown = sorted(set(opts) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for task {task!r}; its options: {', '.join(sorted(accepted))}"
         )
     if reference is not None:
         check_same_vocabulary(lm, reference)

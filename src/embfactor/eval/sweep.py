@@ -1,0 +1,365 @@
+"""Rank sweeps: quality against embedding bytes for several methods and ratios, with reference points.
+
+For each (method, ratio) the loaded model is deep-copied, its embedding factorized in memory, optionally healed
+(distillation from the original), then evaluated (optionally with its factors stored as int8/int4) on one task
+against the original. Reference points: the original model (dense float32 embedding) and the dense embedding
+per-row quantized to int8 and int4. Embedding bytes count float32 factors, or the quantized integers plus one
+float32 scale per row (:func:`embfactor.quant.quantized_bytes`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from embfactor.errors import ConfigError, InvalidInputError
+
+QUANTIZE_MODES = {"none": None, "int8": 8, "int4": 4}
+# the numbers besides the headline metric that each task contributes to a sweep row
+_TASK_FIELDS = {
+    "similarity": ("spearman", "pearson", "fidelity", "fidelity_min"),
+    "perplexity": ("perplexity", "kl", "top1_agreement", "reference_perplexity"),
+    "classification": ("accuracy", "accuracy_std", "reference_accuracy"),
+    "reconstruction": ("relative_error", "overlap_weighted", "overlap_uniform"),
+}
+# the "agreement with the original" number drawn in the plot's second panel
+_AGREEMENT = {"similarity": "fidelity", "perplexity": "kl", "classification": "accuracy", "reconstruction": "relative_error"}
+
+
+def default_task(kind: str) -> str:
+    """``similarity`` for encoders, ``perplexity`` for decoders."""
+    return "perplexity" if kind == "decoder" else "similarity"
+
+
+def clone_model(lm):
+    """A LoadedModel whose nn.Module is a deep copy (tokenizer shared): cheaper than reloading from disk."""
+    from embfactor.models import LoadedModel
+
+    return LoadedModel(lm.name, copy.deepcopy(lm.model), lm.tokenizer, lm.kind, lm.source, lm.compressed, dict(lm.record))
+
+
+def _embedding_bytes_fp32(layer: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(layer.parameters()) + list(layer.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def fake_quantize_module_(layer: nn.Module, bits: int) -> int:
+    """Replace every 2-D parameter of ``layer`` by its per-row quantized-dequantized values; return stored bytes.
+
+    Quality is exactly that of storing the tables quantized (the model reads dequantized values either way); bytes
+    are the integers plus one float32 scale per row for 2-D tables, float32 for anything else.
+    """
+    from embfactor.quant import fake_quantize_rows, quantized_bytes
+
+    total = 0
+    seen: set[int] = set()
+    for p in layer.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim == 2:
+            p.copy_(fake_quantize_rows(p.detach(), bits))
+            total += quantized_bytes(p.shape[0], p.shape[1], bits)
+        else:
+            total += p.numel() * 4
+    return total
+
+
+def _quantize(lm, bits: int) -> tuple[int, str]:
+    """Store ``lm``'s (factorized) embedding with ``bits``-bit rows; return (embedding bytes, implementation)."""
+    from embfactor.eval.tasks import input_embedding
+
+    try:
+        from embfactor.surgery import quantize_  # written by the quantization work; preferred when present
+    except ImportError:
+        quantize_ = None
+    if quantize_ is not None:
+        quantize_(lm.model, bits)
+        return _embedding_bytes_fp32(input_embedding(lm.model)), "surgery.quantize_"
+    return fake_quantize_module_(input_embedding(lm.model), bits), "fake_quantize_rows"
+
+
+def _row(result: dict[str, Any], task: str) -> dict[str, Any]:
+    return {k: result[k] for k in _TASK_FIELDS[task] if k in result}
+
+
+def _parse_list(value: str | Sequence, kind: type, what: str) -> list:
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    try:
+        out = [kind(v) for v in items if v != ""]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a comma-separated list of {kind.__name__}s, got {value!r}") from None
+    if not out:
+        raise ConfigError(f"{what} is empty; give at least one value")
+    return out
+
+
+def check_methods(methods: Sequence[str], *, skip_missing: bool) -> list[str]:
+    """Registered methods among ``methods``; unknown ones raise UnknownMethodError (or warn with skip_missing)."""
+    from embfactor.decompose.registry import get_method
+    from embfactor.errors import UnknownMethodError
+
+    out = []
+    for m in methods:
+        try:
+            get_method(m)
+        except UnknownMethodError as e:
+            if not skip_missing:
+                raise UnknownMethodError(f"{e} (pass --skip-missing to leave it out of the sweep)") from None
+            warnings.warn(f"sweep: skipping {e}", stacklevel=2)
+            continue
+        out.append(m)
+    if not out:
+        raise UnknownMethodError(f"none of the methods {', '.join(methods)} is registered; nothing to sweep")
+    return out
+
+
+def _heal_fn():
+    try:
+        from embfactor.train.heal import heal
+    except ImportError as e:
+        raise InvalidInputError(
+            f"--heal-minutes needs embfactor.train.heal, which cannot be imported here ({e}); "
+            "run the sweep without healing (--heal-minutes 0)"
+        ) from None
+    return heal
+
+
+def sweep(
+    model: str | Any,
+    *,
+    ratios: Sequence[float] | str = (2, 4, 6, 8, 12),
+    methods: Sequence[str] | str = ("svd",),
+    task: str | None = None,
+    heal_minutes: float = 0.0,
+    quantize: Sequence[str] | str = ("none",),
+    skip_missing: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    task_options: dict[str, Any] | None = None,
+    heal_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Factorize, (heal,) evaluate at every (method, ratio, storage); return the table with reference points.
+
+    Args:
+        model: a model name/folder, or an already loaded :class:`~embfactor.models.LoadedModel` (left untouched).
+        ratios: target embedding compression ratios (each > 1).
+        methods: registered decomposition methods; data-aware ones (wsvd, block) get token weights counted with
+            the model's tokenizer on the bundled Wikipedia training split.
+        task: evaluation task (default ``similarity`` for encoders, ``perplexity`` for decoders).
+        heal_minutes: minutes of distillation healing per point (0 = none).
+        quantize: storage of the factors to evaluate: any of ``none`` (float32), ``int8``, ``int4``.
+        skip_missing: leave unregistered methods out with a warning instead of failing.
+        seed: decomposition seed.
+        progress: progress bars.
+        task_options: passed to :func:`embfactor.eval.tasks.evaluate` (e.g. ``{"max_tokens": 4096}``).
+        heal_options: passed to :func:`embfactor.train.heal.heal` (e.g. ``{"lr": 1e-3}``).
+
+    Returns:
+        ``{"model", "task", "metric", "lower_is_better", "reference": [...], "points": [...], "settings": {...}}``;
+        every point/reference row has ``label``, ``embedding_bytes`` and the task's numbers.
+
+    Raises:
+        UnknownMethodError: a method is not registered (unless skip_missing). ConfigError: bad ratios/quantize.
+        InvalidInputError: task not applicable to the model, healing unavailable.
+
+    Example:
+        >>> r = sweep("minilm", ratios=[4, 8], methods=["svd"])        # doctest: +SKIP
+        >>> [(p["ratio"], p["spearman"]) for p in r["points"]]        # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from embfactor.decompose.registry import get_method
+    from embfactor.eval.tasks import evaluate, get_task, input_embedding
+    from embfactor.models import load_model
+    from embfactor.quant import fake_quantize_rows, quantized_bytes
+    from embfactor.surgery import factorize_
+
+    # --- validate everything before the (long) work ---
+    ratio_list = _parse_list(ratios, float, "ratios")
+    for r in ratio_list:
+        if not (r > 1 and math.isfinite(r)):
+            raise ConfigError(f"every ratio must be a finite number > 1, got {r}")
+    method_list = check_methods(_parse_list(methods, str, "methods"), skip_missing=skip_missing)
+    quant_list = _parse_list(quantize, str, "quantize")
+    for q in quant_list:
+        if q not in QUANTIZE_MODES:
+            raise ConfigError(f"unknown quantize mode {q!r}; valid: {', '.join(QUANTIZE_MODES)}")
+    if heal_minutes is None or heal_minutes < 0 or not math.isfinite(heal_minutes):
+        raise ConfigError(f"heal_minutes must be >= 0, got {heal_minutes}")
+    heal = _heal_fn() if heal_minutes > 0 else None
+    t_start = time.perf_counter()
+    lm = load_model(model) if isinstance(model, (str, Path)) else model
+    if lm.compressed:
+        raise InvalidInputError(
+            f"{lm.source} is already compressed; sweep the original model (its source: {lm.record.get('source_model')})"
+        )
+    task = task or default_task(lm.kind)
+    info = get_task(task)
+    if lm.kind not in info.kinds:
+        evaluate(lm, task)  # raises the clear "applies to ..." error
+    opts = dict(task_options or {})
+    if task == "similarity":
+        opts.setdefault("cache", {})  # the original's embeddings are computed once for the whole sweep
+
+    emb = input_embedding(lm.model)
+    vocab, dim = int(emb.num_embeddings), int(emb.embedding_dim)
+    dense_bytes = vocab * dim * 4
+    weights = None
+    if any(get_method(m).data_aware for m in method_list):
+        from embfactor.data.frequency import token_weights
+
+        weights = token_weights(lm.tokenizer, vocab_size=vocab)
+
+    def run_eval(m, ref):
+        return evaluate(m, task, reference=ref, progress=False, **opts)
+
+    n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3
+    bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
+    reference_rows: list[dict[str, Any]] = []
+
+    # the original model (for similarity/perplexity the agreement numbers are exact by definition)
+    t0 = time.perf_counter()
+    base = run_eval(lm, lm if task == "reconstruction" else None)  # reconstruction always needs a reference
+    row = {"label": "original (fp32)", "kind": "original", "bits": 32, "embedding_bytes": dense_bytes, **_row(base, task)}
+    row.update({"fidelity": 1.0} if task == "similarity" else {"kl": 0.0, "top1_agreement": 1.0} if task == "perplexity" else {})
+    if task == "classification":
+        row["reference_accuracy"] = base["accuracy"]
+    row["seconds"] = time.perf_counter() - t0
+    reference_rows.append(row)
+    bar.update()
+    for bits in (8, 4):
+        t0 = time.perf_counter()
+        q = clone_model(lm)
+        with torch.no_grad():
+            w = input_embedding(q.model).weight
+            w.copy_(fake_quantize_rows(w.detach(), bits))
+        res = run_eval(q, lm)
+        reference_rows.append({
+            "label": f"dense int{bits}", "kind": "dense-quantized", "bits": bits,
+            "embedding_bytes": quantized_bytes(vocab, dim, bits), **_row(res, task), "seconds": time.perf_counter() - t0,
+        })
+        del q
+        bar.update()
+
+    points: list[dict[str, Any]] = []
+    for method in method_list:
+        for ratio in ratio_list:
+            t0 = time.perf_counter()
+            bar.set_postfix_str(f"{method} x{ratio:g}")
+            student = clone_model(lm)
+            rep = factorize_(
+                student.model, ratio=ratio, method=method, seed=seed,
+                **({"token_weights": weights} if get_method(method).data_aware else {}),
+            )
+            heal_summary = None
+            if heal is not None:
+                bar.set_postfix_str(f"{method} x{ratio:g} healing")
+                heal_summary = heal(student, lm, minutes=heal_minutes, progress=progress, **(heal_options or {}))
+            factor_seconds = time.perf_counter() - t0
+            for qmode in quant_list:
+                t1 = time.perf_counter()
+                bits = QUANTIZE_MODES[qmode]
+                target = student if bits is None or qmode == quant_list[-1] else clone_model(student)
+                if bits is None:
+                    nbytes, impl = rep.embedding_params_after * 4, None
+                else:
+                    nbytes, impl = _quantize(target, bits)
+                res = run_eval(target, lm)
+                points.append({
+                    "label": method + ("" if bits is None else f"+int{bits}") + (f"+heal{heal_minutes:g}m" if heal else ""),
+                    "method": method, "ratio": ratio, "actual_ratio": rep.ratio, "rank": rep.rank,
+                    "quantize": qmode, "bits": bits or 32, "quantize_impl": impl,
+                    "heal_minutes": heal_minutes, "heal": _heal_digest(heal_summary),
+                    "embedding_params": rep.embedding_params_after, "embedding_bytes": nbytes,
+                    "bytes_ratio": dense_bytes / nbytes, "relative_error": rep.relative_error,
+                    **_row(res, task), "seconds": factor_seconds + time.perf_counter() - t1,
+                })
+                bar.update()
+            del student
+    bar.close()
+    return {
+        "model": lm.name,
+        "kind": lm.kind,
+        "task": task,
+        "metric": info.metric,
+        "lower_is_better": info.lower_is_better,
+        "agreement_metric": _AGREEMENT[task],
+        "vocab_size": vocab,
+        "hidden_size": dim,
+        "dense_embedding_bytes": dense_bytes,
+        "reference": reference_rows,
+        "points": points,
+        "settings": {
+            "ratios": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
+            "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},
+        },
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def _heal_digest(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    keep = ("steps", "seconds", "eval_before", "best_eval", "eval_last", "fidelity", "kl")
+    return {k: summary[k] for k in keep if k in summary and isinstance(summary[k], (int, float, type(None)))}
+
+
+def plot_sweep(result: dict[str, Any]) -> bytes:
+    """PNG bytes of the sweep: headline metric (left) and agreement with the original (right) vs embedding bytes.
+
+    One line per method/storage; the original and the dense int8/int4 embeddings are marked as reference points.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, agree = result["metric"], result["agreement_metric"]
+    panels = [metric] + ([agree] if agree != metric else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for p in result["points"]:
+        lines.setdefault(p["label"], []).append(p)
+    markers = {"original (fp32)": ("*", "black", 14), "dense int8": ("s", "tab:gray", 8), "dense int4": ("D", "tab:brown", 7)}
+    for ax, key in zip(axes[0], panels):
+        for label, pts in lines.items():
+            pts = sorted((p for p in pts if p.get(key) is not None), key=lambda p: p["embedding_bytes"])
+            if pts:
+                ax.plot([p["embedding_bytes"] for p in pts], [p[key] for p in pts], "o-", label=label)
+                for p in pts:
+                    ax.annotate(f"{p['ratio']:g}x", (p["embedding_bytes"], p[key]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+        for ref in result["reference"]:
+            if ref.get(key) is None:
+                continue
+            mk, color, size = markers.get(ref["label"], ("^", "tab:red", 8))
+            ax.plot([ref["embedding_bytes"]], [ref[key]], mk, color=color, markersize=size, label=ref["label"],
+                    linestyle="none")
+        ax.set_xscale("log")
+        ax.set_xlabel("embedding bytes (log scale)")
+        better = "lower is better" if (key == metric and result["lower_is_better"]) or key in ("kl", "relative_error") else "higher is better"
+        ax.set_ylabel(f"{key} ({better})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['model']}: {result['task']} vs embedding size ({result['vocab_size']:,} x {result['hidden_size']})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

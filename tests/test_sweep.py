@@ -1,0 +1,142 @@
+"""Sweeps: valid JSON + PNG on a tiny model, reference points, clear errors and nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embfactor.errors import ConfigError, InvalidInputError, UnknownMethodError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TEXTS = ["the cat sat on the mat", "a dog is a good dog", "the film is very bad", "a very good movie", "bad film"]
+
+
+def _human() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    h = rng.random((5, 5))
+    return (h + h.T) / 2
+
+
+@pytest.fixture
+def opts():
+    return {"texts": TEXTS, "human": _human(), "fidelity_texts": ["a cat", "the dog sat"]}
+
+
+def test_sweep_writes_json_and_png(tiny_bert_dir: Path, tmp_path: Path, opts):
+    from embfactor.cli.sweep_cmd import render, run_sweep
+
+    plot, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    r = run_sweep(str(tiny_bert_dir), plot=str(plot), json_path=str(out), ratios="2,4", methods="svd",
+                  quantize="none,int8", progress=False, task_options=opts)
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+    data = json.loads(out.read_text())
+    assert data["task"] == "similarity" and data["metric"] == "spearman"
+    assert [p["label"] for p in data["reference"]] == ["original (fp32)", "dense int8", "dense int4"]
+    assert data["reference"][0]["fidelity"] == 1.0
+    assert data["reference"][0]["embedding_bytes"] == 120 * 32 * 4
+    assert data["reference"][1]["embedding_bytes"] == 120 * 32 + 120 * 4
+    pts = {(p["ratio"], p["quantize"]): p for p in data["points"]}
+    assert set(pts) == {(2.0, "none"), (4.0, "none"), (2.0, "int8"), (4.0, "int8")}
+    p2, p2q = pts[(2.0, "none")], pts[(2.0, "int8")]
+    assert p2["embedding_bytes"] == p2["embedding_params"] * 4
+    assert p2q["embedding_bytes"] == (120 + p2q["rank"]) * 4 + 120 * p2q["rank"] + p2q["rank"] * 32  # ints + scales
+    assert pts[(4.0, "none")]["embedding_bytes"] < p2["embedding_bytes"]
+    for p in data["points"]:
+        assert -1 <= p["spearman"] <= 1 and 0 < p["fidelity"] <= 1 and p["rank"] >= 1
+    assert "original (fp32)" in render(r) and "svd+int8" in render(r)
+
+
+def test_sweep_identical_quality_for_rank_close_to_full(tiny_bert, tiny_bert_dir, opts):
+    """A nearly lossless ratio keeps fidelity ~1; a higher ratio loses more."""
+    from embfactor.eval.sweep import sweep
+
+    r = sweep(str(tiny_bert_dir), ratios=[1.01, 8], methods=["svd"], progress=False, task_options=opts)
+    near, far = sorted(r["points"], key=lambda p: p["ratio"])
+    assert near["fidelity"] > far["fidelity"]
+    assert near["relative_error"] < far["relative_error"]
+
+
+def test_unknown_method_fails_before_writing(tiny_bert_dir, tmp_path, opts):
+    from embfactor.cli.sweep_cmd import run_sweep
+
+    plot, out = tmp_path / "s.png", tmp_path / "s.json"
+    with pytest.raises(UnknownMethodError, match=r"unknown decomposition method 'nope'.*--skip-missing"):
+        run_sweep(str(tiny_bert_dir), plot=str(plot), json_path=str(out), ratios="2", methods="svd,nope",
+                  progress=False, task_options=opts)
+    assert not plot.exists() and not out.exists()
+    assert list(tmp_path.iterdir()) == [tiny_bert_dir]
+
+
+def test_skip_missing_warns_and_continues(tiny_bert_dir, opts):
+    from embfactor.eval.sweep import sweep
+
+    with pytest.warns(UserWarning, match="skipping unknown decomposition method 'nope'"):
+        r = sweep(str(tiny_bert_dir), ratios="4", methods="nope,svd", skip_missing=True, progress=False,
+                  task_options=opts)
+    assert [p["method"] for p in r["points"]] == ["svd"]
+
+
+def test_bad_settings_fail_and_write_nothing(tiny_bert_dir, tmp_path, opts):
+    from embfactor.cli.sweep_cmd import run_sweep
+
+    out = tmp_path / "s.json"
+    cases = [
+        (ConfigError, "every ratio must be a finite number > 1", {"ratios": "2,0.5"}),
+        (ConfigError, "ratios must be a comma-separated list of floats", {"ratios": "2,x"}),
+        (ConfigError, "unknown quantize mode 'int3'", {"quantize": "none,int3"}),
+        (ConfigError, "heal_minutes must be >= 0", {"heal_minutes": -1}),
+        (InvalidInputError, "'perplexity' applies to decoders", {"task": "perplexity", "task_options": {}}),
+        (ConfigError, "unknown option.*max_tokens for task 'similarity'", {"task_options": {**opts, "max_tokens": 5}}),
+    ]
+    for exc, msg, kw in cases:
+        kwargs = {"ratios": "2", "methods": "svd", "progress": False, "task_options": opts, **kw}
+        with pytest.raises(exc, match=msg):
+            run_sweep(str(tiny_bert_dir), json_path=str(out), **kwargs)
+    with pytest.raises(InvalidInputError, match="ending in .png"):
+        run_sweep(str(tiny_bert_dir), plot=str(tmp_path / "s.jpg"), ratios="2", methods="svd", progress=False)
+    assert not out.exists()
+
+
+def test_sweep_perplexity_on_a_decoder(tiny_llama_tied, tiny_bert_dir):
+    from transformers import BertTokenizerFast
+
+    from embfactor.eval.sweep import plot_sweep, sweep
+    from embfactor.models import LoadedModel
+
+    tok = BertTokenizerFast(vocab=str(tiny_bert_dir / "vocab.txt"))
+    lm = LoadedModel("tiny-llama", tiny_llama_tied, tok, "decoder", tiny_bert_dir)
+    text = " ".join(TEXTS * 4)
+    r = sweep(lm, ratios="2,4", methods="svd", quantize="none,int4", progress=False,
+              task_options={"text": text, "window": 16, "stride": 16, "max_tokens": 48})
+    assert r["task"] == "perplexity" and r["lower_is_better"]
+    orig = r["reference"][0]
+    assert orig["kl"] == 0.0 and orig["top1_agreement"] == 1.0
+    for p in r["points"]:
+        assert p["kl"] >= 0 and p["reference_perplexity"] == pytest.approx(orig["perplexity"], rel=1e-5)
+    assert plot_sweep(r)[:8] == PNG_MAGIC
+    # the loaded model was not touched: still a plain nn.Embedding, shared with the head
+    assert type(lm.model.get_input_embeddings()).__name__ == "Embedding"
+    assert lm.model.lm_head.weight is lm.model.get_input_embeddings().weight
+
+
+def test_heal_minutes_needs_heal(tiny_bert_dir, opts, monkeypatch):
+    import sys
+
+    from embfactor.eval.sweep import sweep
+
+    monkeypatch.setitem(sys.modules, "embfactor.train.heal", None)  # simulate a missing healing module
+    with pytest.raises(InvalidInputError, match="--heal-minutes needs embfactor.train.heal"):
+        sweep(str(tiny_bert_dir), ratios="2", methods="svd", heal_minutes=1, progress=False, task_options=opts)
+
+
+def test_cli_sweep(tiny_bert_dir, tmp_path, capsys):
+    from embfactor.cli.main import main
+
+    out = tmp_path / "s.json"
+    # an unknown method fails during validation, before the model is loaded or anything is evaluated
+    assert main(["sweep", str(tiny_bert_dir), "--methods", "nope", "--json", str(out)]) == 2
+    assert "unknown decomposition method 'nope'" in capsys.readouterr().err
+    assert not out.exists()

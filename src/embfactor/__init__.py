@@ -29,6 +29,8 @@ _LAZY = {
     "LearnedPositionalEncoding": "embfactor.layers",
     "TransformerEmbedding": "embfactor.layers",
     "TTEmbedding": "embfactor.layers",
+    "QuantizedFactorizedEmbedding": "embfactor.layers",
+    "quantize_": "embfactor.surgery",
     "factorize_": "embfactor.surgery",
     "FactorizationReport": "embfactor.surgery",
     "save": "embfactor.surgery",

@@ -19,6 +19,7 @@ def compress(
     output: str | Path,
     *,
     progress: bool = True,
+    quantize: str | int | None = None,
 ) -> dict[str, Any]:
     """Load ``model``, factorize it with ``config``, save to ``output``; return the report as a dict.
 
@@ -32,6 +33,7 @@ def compress(
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
+    bits = _quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
     stages = tqdm(total=3, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model}")
     lm = load_model(model)
@@ -41,6 +43,11 @@ def compress(
     stages.set_postfix_str("decomposing")
     rep = factorize_(lm.model, config, progress=progress)
     stages.update()
+    quant = None
+    if bits is not None:
+        from embfactor.surgery import quantize_
+
+        quant = quantize_(lm.model, bits)
     stages.set_postfix_str("saving")
     out = save_compressed(
         lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name}
@@ -57,7 +64,21 @@ def compress(
         decompose_seconds=rep.seconds,
         seconds=time.perf_counter() - t0,
     )
+    if quant is not None:
+        d["quantization"] = quant
     return d
+
+
+def _quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> int | None:
+    if quantize is None:
+        return None
+    from embfactor.errors import ConfigError
+    from embfactor.layers.quantized import parse_bits
+
+    bits = parse_bits(quantize)
+    if config.method == "tt":
+        raise ConfigError("--quantize stores U·V factors; it does not apply to --method tt (tensor-train cores)")
+    return bits
 
 
 def render(r: dict[str, Any]) -> str:
@@ -74,6 +95,12 @@ def render(r: dict[str, Any]) -> str:
         f"{r['model']}: {r['vocab_size']:,} x {r['hidden_size']} embedding -> rank {r['rank']} "
         f"({r['method']}), tied head: {'yes' if r['tied_head'] else 'no'}"
     )
+    q = r.get("quantization")
+    if q:
+        rows.append(
+            [f"embedding bytes (int{q['bits']} factors)", mb(q["fp32_embedding_bytes"]),
+             f"{mb(q['embedding_bytes'])} ({q['bytes_ratio']:.1f}x)"]
+        )
     tail = f"wall time: {r['seconds']:.1f} s (decomposition {r['decompose_seconds']:.2f} s); saved to {r['output']}"
     return "\n".join([head, table(rows, ["", "before", "after"]), tail])
 
@@ -83,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, rank=args.rank, ratio=args.ratio, energy=args.energy, max_error=args.max_error,
         seed=args.seed,
     )
-    r = compress(args.model, config, args.output, progress=not args.quiet)
+    r = compress(args.model, config, args.output, progress=not args.quiet, quantize=args.quantize)
     print(render(r))
     write_json(args.json, r)
     return 0
@@ -95,6 +122,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_target_args(p)
     add_method_arg(p)
     p.add_argument("--output", "-o", required=True, help="output folder (a new folder or an earlier embfactor output)")
+    p.add_argument(
+        "--quantize", choices=["int8", "int4"],
+        help="store the factors U and V as per-row int8 or int4 (with float32 scales), dequantized on gather",
+    )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -3,12 +3,14 @@
 from embfactor.layers.embedding import FactorizedEmbedding, FactorizedLMHead, check_token_ids
 from embfactor.layers.registry import available_layers, get_layer, is_factorized_layer, register_layer
 from embfactor.layers.positional import LearnedPositionalEncoding, SinusoidalPositionalEncoding, TransformerEmbedding
+from embfactor.layers.quantized import QuantizedFactorizedEmbedding
 from embfactor.layers.tt import TTEmbedding
 
 __all__ = [
     "FactorizedEmbedding",
     "FactorizedLMHead",
     "LearnedPositionalEncoding",
+    "QuantizedFactorizedEmbedding",
     "SinusoidalPositionalEncoding",
     "TTEmbedding",
     "TransformerEmbedding",

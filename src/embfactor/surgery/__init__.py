@@ -9,6 +9,7 @@ from embfactor.surgery.factorize import (
     find_embedding_and_head,
 )
 from embfactor.surgery.io import load, load_compressed, read_record, save, save_compressed
+from embfactor.surgery.quantize import quantize_
 from embfactor.surgery.replace import find_modules, fqn_of, replace_modules_
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "fqn_of",
     "load",
     "load_compressed",
+    "quantize_",
     "read_record",
     "replace_modules_",
     "save",

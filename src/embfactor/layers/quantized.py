@@ -1,0 +1,186 @@
+"""QuantizedFactorizedEmbedding: E = U·V with U and V stored as per-row int8 (or packed int4) plus float32 scales.
+
+The forward gathers the *integer* rows of U for the ids, dequantizes only those rows, and multiplies by the
+dequantized V (r × d, small; rebuilt on each call so nothing large is cached). Memory at run time is the integer
+storage plus one (tokens × r) float block. Built by :func:`embfactor.surgery.quantize_` from a factorized model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embfactor.errors import ConfigError, InvalidTypeError
+from embfactor.layers.embedding import check_token_ids
+from embfactor.layers.registry import register_layer
+from embfactor.quant import BITS, dequantize_rows, quantize_rows
+
+_PROJECT_CHUNK = 16384
+
+
+def parse_bits(bits: int | str) -> int:
+    """8, 4, "int8" or "int4" -> 8 or 4 (anything else is a ConfigError naming the valid choices)."""
+    if isinstance(bits, str) and bits.lower() in ("int8", "int4", "8", "4"):
+        bits = int(bits.lower().removeprefix("int"))
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ConfigError(f"bits must be 8 or 4 (int8 or int4), got {bits!r}")
+    return int(bits)
+
+
+def _packed_cols(cols: int, bits: int) -> int:
+    return cols if bits == 8 else (cols + 1) // 2
+
+
+@register_layer("quantized")
+class QuantizedFactorizedEmbedding(nn.Module):
+    """A factorized embedding U·V whose factors are stored as per-row symmetric integers (int8 or packed int4).
+
+    Storage: U_q (vocab × r int8, or vocab × ⌈r/2⌉ uint8 for int4), U_scale (vocab float32), V_q, V_scale (per row
+    of V). Inference only: the factors are buffers, not parameters (dequantize with ``to_factorized()`` to train).
+
+    Args:
+        num_embeddings, embedding_dim, rank: table and factor sizes.
+        padding_idx: recorded for nn.Embedding compatibility; a zero padding row of U stays exactly zero.
+        bits: 8 or 4.
+        dtype: output dtype (float32 by default).
+
+    Example:
+        >>> from embfactor.layers import FactorizedEmbedding
+        >>> q = QuantizedFactorizedEmbedding.from_factorized(FactorizedEmbedding(1000, 64, rank=16), bits=8)
+        >>> q(torch.tensor([[1, 2, 3]])).shape, q.storage_bytes
+        (torch.Size([1, 3, 64]), 21088)
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        padding_idx: int | None = None,
+        *,
+        bits: int | str = 8,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim), ("rank", rank)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+            padding_idx = padding_idx % num_embeddings
+        self.bits = parse_bits(bits)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.rank = rank
+        self.padding_idx = padding_idx
+        self.out_dtype = dtype or torch.float32
+        qdt = torch.int8 if self.bits == 8 else torch.uint8
+        self.register_buffer("U_q", torch.zeros(num_embeddings, _packed_cols(rank, self.bits), dtype=qdt, device=device))
+        self.register_buffer("U_scale", torch.ones(num_embeddings, dtype=torch.float32, device=device))
+        self.register_buffer("V_q", torch.zeros(rank, _packed_cols(embedding_dim, self.bits), dtype=qdt, device=device))
+        self.register_buffer("V_scale", torch.ones(rank, dtype=torch.float32, device=device))
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_factors(
+        cls, U: torch.Tensor, V: torch.Tensor, padding_idx: int | None = None, *, bits: int | str = 8,
+        dtype: torch.dtype | None = None,
+    ) -> QuantizedFactorizedEmbedding:
+        """Quantize U (vocab × r) and V (r × d) row by row."""
+        if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0]:
+            raise ConfigError(f"need U (vocab × r) and V (r × d), got {tuple(U.shape)} and {tuple(V.shape)}")
+        emb = cls(
+            int(U.shape[0]), int(V.shape[1]), int(U.shape[1]), padding_idx, bits=bits, device=U.device,
+            dtype=dtype or (U.dtype if U.is_floating_point() else None),
+        )
+        uq, us = quantize_rows(U, emb.bits)
+        vq, vs = quantize_rows(V, emb.bits)
+        emb.U_q.copy_(uq)
+        emb.U_scale.copy_(us)
+        emb.V_q.copy_(vq)
+        emb.V_scale.copy_(vs)
+        return emb
+
+    @classmethod
+    def from_factorized(cls, layer: nn.Module, bits: int | str = 8) -> QuantizedFactorizedEmbedding:
+        """Quantize a FactorizedEmbedding (its U and V)."""
+        from embfactor.layers.embedding import FactorizedEmbedding
+
+        if not isinstance(layer, FactorizedEmbedding):
+            raise InvalidTypeError(
+                f"only a FactorizedEmbedding (U·V) can be quantized this way, got {type(layer).__name__}"
+            )
+        return cls.from_factors(layer.U.detach(), layer.V.detach(), layer.padding_idx, bits=bits, dtype=layer.U.dtype)
+
+    @classmethod
+    def empty(
+        cls, num_embeddings: int, embedding_dim: int, padding_idx: int | None, *, rank: int, bits: int = 8,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> QuantizedFactorizedEmbedding:
+        """Right shapes, values to be loaded (used when rebuilding a saved model)."""
+        return cls(num_embeddings, embedding_dim, rank, padding_idx, bits=bits, device=device, dtype=dtype)
+
+    def layer_config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "bits": self.bits}
+
+    # --- dequantization -----------------------------------------------------------------------------------
+    def dequantized_V(self) -> torch.Tensor:
+        """V (r × d) in float32."""
+        return dequantize_rows(self.V_q, self.V_scale, bits=self.bits, cols=self.embedding_dim)
+
+    def dequantized_U(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start..stop−1 of U in float32 (default: all)."""
+        sl = slice(start, stop)
+        return dequantize_rows(self.U_q[sl], self.U_scale[sl], bits=self.bits, cols=self.rank)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_token_ids(input, self.num_embeddings)
+        flat = input.reshape(-1).long()
+        rows = dequantize_rows(
+            self.U_q.index_select(0, flat), self.U_scale.index_select(0, flat), bits=self.bits, cols=self.rank
+        )
+        out = rows @ self.dequantized_V()
+        return out.to(self.out_dtype).reshape(*input.shape, self.embedding_dim)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden · (U·V)ᵀ = (hidden·Vᵀ)·Uᵀ, with U dequantized a chunk of rows at a time."""
+        low = F.linear(hidden.float(), self.dequantized_V())
+        outs = [
+            F.linear(low, self.dequantized_U(s, s + _PROJECT_CHUNK))
+            for s in range(0, self.num_embeddings, _PROJECT_CHUNK)
+        ]
+        return torch.cat(outs, dim=-1).to(hidden.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense dequantized table U·V (materialized on each read)."""
+        return (self.dequantized_U() @ self.dequantized_V()).to(self.out_dtype)
+
+    def to_factorized(self):
+        """A trainable FactorizedEmbedding holding the dequantized factors."""
+        from embfactor.layers.embedding import FactorizedEmbedding
+
+        return FactorizedEmbedding.from_factors(
+            self.dequantized_U().to(self.out_dtype), self.dequantized_V().to(self.out_dtype), self.padding_idx,
+            zero_padding_row=False,
+        )
+
+    # --- sizes --------------------------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """Logical entries of the factors (vocab·r + r·d), whatever their storage width."""
+        return self.num_embeddings * self.rank + self.rank * self.embedding_dim
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the stored factors: the integers plus the float32 scales."""
+        return sum(b.numel() * b.element_size() for b in (self.U_q, self.U_scale, self.V_q, self.V_scale))
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, bits={self.bits}"
+        return s + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")

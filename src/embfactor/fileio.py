@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +81,15 @@ def check_output_dir(target: str | os.PathLike, *, inputs: tuple[str | os.PathLi
     return target
 
 
+def is_temporary_dir(path: str | os.PathLike) -> bool:
+    """True for the hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` folders of :func:`atomic_directory`.
+
+    A process killed mid-save leaves such a folder behind; it is incomplete by definition, so loaders refuse it.
+    """
+    name = Path(path).name
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` by renames.
@@ -102,12 +114,49 @@ def atomic_directory(target: str | os.PathLike, *, inputs: tuple[str | os.PathLi
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if rename_exchange(tmp, target):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the earlier output
+            else:
+                # Two renames: a kill between them leaves the earlier output in .<name>.old-*/x, not at target.
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / "x")
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Replacing an existing folder with plain renames needs two steps, and a process killed between them leaves no
+    folder at the target; the exchange has no such window. Returns False when the OS or file system cannot do it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange_flag = -100, 2
+    if fn(at_fdcwd, os.fsencode(os.fspath(a)), at_fdcwd, os.fsencode(os.fspath(b)), rename_exchange_flag) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a))
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Make the rename itself durable (a power loss right after could otherwise lose it).
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

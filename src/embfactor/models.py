@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from embfactor.errors import CorruptFileError, ModelNotFoundError
-from embfactor.fileio import MARKER_FILE
+from embfactor.fileio import MARKER_FILE, is_temporary_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -172,6 +172,8 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
         )
     if not path.is_dir():
         raise ModelNotFoundError(f"{path} is a file; give the folder that holds config.json and the weights")
+    if is_temporary_dir(path):
+        raise ModelNotFoundError(f"{path} is the temporary folder of an interrupted save: incomplete; delete it")
     if (path / MARKER_FILE).is_file():
         record = read_record(path)
         model = load_compressed(path)

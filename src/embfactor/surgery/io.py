@@ -12,7 +12,7 @@ from torch import nn
 
 from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
 from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
-from embfactor.fileio import MARKER_FILE, atomic_directory
+from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
 from embfactor.layers.registry import get_layer
 from embfactor.surgery.factorize import META_ATTR, apply_structure_
 
@@ -85,6 +85,8 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     path = directory / MARKER_FILE
     if not directory.is_dir():
         raise ModelNotFoundError(f"no such folder: {directory}")
+    if is_temporary_dir(directory):
+        raise ModelNotFoundError(f"{directory} is the temporary folder of an interrupted save: incomplete; delete it")
     if not path.is_file():
         raise ModelNotFoundError(f"{directory} is not an embfactor output: {MARKER_FILE} is missing")
     try:

@@ -111,7 +111,7 @@ def test_embed_matches_library(enc, encoder_lm):
         ({"texts": "the cat"}, 422, "valid list"),
         ({"texts": [1, 2]}, 422, "valid string"),
         ({"texts": ["a", "b", "c", "d", "e"]}, 413, "too many texts: 5 > max_texts=4"),
-        ({"texts": ["the " * 40]}, 413, "tokens > max_tokens=16"),
+        ({"texts": ["the " * 40]}, 413, "more than max_tokens=16 tokens"),
         ({"texts": ["   "]}, 422, "blank"),
         ({"texts": [""]}, 422, "blank"),
         ({"texts": ["a"], "normalize": "yes"}, 422, "valid boolean"),
@@ -173,7 +173,7 @@ def test_generate_sampling_is_seeded(dec):
         ({"prompt": "the", "temperature": 99}, 422, "temperature must be in [0, 5.0]"),
         ({"prompt": ""}, 422, "at least 1 character"),
         ({"prompt": ["the"]}, 422, "valid string"),
-        ({"prompt": "the " * 20}, 413, "tokens > max_tokens=16"),
+        ({"prompt": "the " * 20}, 413, "more than max_tokens=16 tokens"),
     ],
 )
 def test_generate_bad_requests(dec, body, status, message):
@@ -212,6 +212,29 @@ def test_concurrent_requests_are_serialized_and_correct(enc):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda t: enc.post("/embed", json={"texts": t}).json()["embeddings"], texts))
     assert got == ref
+
+
+def test_busy_server_answers_429(encoder_lm, monkeypatch):
+    import embfactor.eval.embed as embed_mod
+
+    release, entered = threading.Event(), threading.Event()
+    real = embed_mod.sentence_embeddings
+
+    def blocking(*a, **kw):
+        entered.set()
+        release.wait(10)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(embed_mod, "sentence_embeddings", blocking)
+    client = TestClient(create_app(encoder_lm, Limits(max_pending=1)))
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/embed", json={"texts": ["the cat"]})
+        assert entered.wait(10)
+        r = client.post("/embed", json={"texts": ["the dog"]})
+        assert r.status_code == 429 and "server busy" in r.json()["detail"]
+        assert client.get("/health").status_code == 200  # the event loop is not blocked by the model
+        release.set()
+        assert first.result(timeout=10).status_code == 200
 
 
 def test_generate_text_library_greedy_stops_at_eos(decoder_lm):

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     limits = Limits(max_texts=args.max_texts, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
-                    max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes)
+                    max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes, max_pending=args.max_pending)
     if args.torch_threads:
         import torch
 
@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="cap of /generate max_new_tokens (default 128)")
     p.add_argument("--max-text-chars", type=int, default=20_000, help="characters per text (default 20000)")
     p.add_argument("--max-body-bytes", type=int, default=2_000_000, help="request body size (default 2 MB)")
+    p.add_argument("--max-pending", type=int, default=256, help="requests queued for the model (429 beyond)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True, help="log every request")

@@ -1,21 +1,25 @@
 """The REST API: ``create_app(lm, limits)`` serves one (compressed) model with FastAPI.
 
-Every model call runs in a worker thread under one lock, so concurrent clients never run the model (or the
-tokenizer, whose Rust backend is not safe to share across threads) at the same time: memory stays bounded by one
-request's size, which the limits bound. Everything a client can get wrong is answered with a 4xx and a message.
+Every model call runs on one dedicated worker thread (a single-thread executor, plus a lock for direct callers), so
+concurrent clients never run the model (or the tokenizer, whose Rust backend is not safe to share across threads) at
+the same time, and the event loop stays free to answer /health and reject bad requests. Memory stays bounded by one
+request's size, which the limits bound, and by ``max_pending`` queued requests (429 beyond). Using one thread, not a
+pool, also keeps the allocator's per-thread arenas from multiplying the resident memory. Everything a client can get
+wrong is answered with a 4xx and a message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from embfactor.errors import EmbfactorError
 from embfactor.models import LoadedModel
@@ -101,8 +105,10 @@ def model_info(lm: LoadedModel, limits: Limits) -> dict[str, Any]:
     }
 
 
-def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
-    return [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+def _token_counts(tokenizer: Any, texts: list[str], max_tokens: int) -> list[int]:
+    # Truncating at max_tokens + 1 tells "too long" apart without tokenizing (or warning about) a whole huge text.
+    enc = tokenizer(texts, truncation=True, max_length=max_tokens + 1)
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 def _check_texts(texts: list[str], limits: Limits, max_tokens: int, tokenizer: Any) -> list[int]:
@@ -116,10 +122,10 @@ def _check_texts(texts: list[str], limits: Limits, max_tokens: int, tokenizer: A
             )
         if not t.strip():
             raise RequestError(422, f"texts[{i}] is blank; give non-empty texts")
-    counts = _token_counts(tokenizer, texts)
+    counts = _token_counts(tokenizer, texts, max_tokens)
     for i, n in enumerate(counts):
         if n > max_tokens:
-            raise RequestError(413, f"texts[{i}] has {n} tokens > max_tokens={max_tokens}; shorten or split it")
+            raise RequestError(413, f"texts[{i}] has more than max_tokens={max_tokens} tokens; shorten or split it")
     return counts
 
 
@@ -190,12 +196,15 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     max_len = model_max_length(lm.model)
     max_tokens = min(limits.max_tokens, max_len) if max_len else limits.max_tokens
     lock = threading.Lock()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embfactor-model")
+    pending = 0
     app = FastAPI(
         title="embfactor",
         version=_version(),
         description=f"Serving {lm.name} ({lm.kind}{', factorized' if lm.compressed else ''}).",
     )
     app.state.lm = lm
+    app.state.worker = worker
     app.state.limits = limits
     info = model_info(lm, limits)
 
@@ -207,7 +216,14 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
         return call
 
     async def run(fn: Callable[..., T], *args: Any) -> T:
-        return await run_in_threadpool(locked(fn, *args))
+        nonlocal pending
+        if pending >= limits.max_pending:
+            raise RequestError(429, f"server busy: {pending} requests are queued (max_pending={limits.max_pending})")
+        pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(worker, locked(fn, *args))
+        finally:
+            pending -= 1
 
     def need(kind: str, endpoint: str) -> None:
         if lm.kind != kind:

@@ -26,6 +26,7 @@ class Limits:
         max_text_chars: characters per text, checked before tokenizing so a huge text costs nothing.
         max_body_bytes: size of a request body (413 above it).
         max_temperature: cap of /generate's ``temperature``.
+        max_pending: requests waiting for the model at once (429 "server busy" beyond).
 
     Example:
         >>> Limits(max_texts=8).max_tokens
@@ -38,9 +39,10 @@ class Limits:
     max_text_chars: int = 20_000
     max_body_bytes: int = 2_000_000
     max_temperature: float = 5.0
+    max_pending: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_texts", "max_tokens", "max_new_tokens", "max_text_chars", "max_body_bytes"):
+        for name in ("max_texts", "max_tokens", "max_new_tokens", "max_text_chars", "max_body_bytes", "max_pending"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")

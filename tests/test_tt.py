@@ -41,10 +41,15 @@ def test_shapes_factorized_automatically():
     assert emb.num_params == tt_num_params(emb.vocab_shape, emb.dim_shape, [8, 8])
 
 
-@pytest.mark.parametrize("dense_share", [3, 0])  # block mode and per-row mode
+# the three row algorithms: one block + direct token gather; per-row products; blocks in several chunks
+MODES = [(3, 8192), (0, 8192), (3, 12)]
+
+
+@pytest.mark.parametrize(("dense_share", "block_rows"), MODES)
 @pytest.mark.parametrize("num_cores", [2, 3, 4])
-def test_forward_equals_reconstructed_rows(dense_share, num_cores, monkeypatch):
+def test_forward_equals_reconstructed_rows(dense_share, block_rows, num_cores, monkeypatch):
     monkeypatch.setattr(ttmod, "_DENSE_SHARE", dense_share)
+    monkeypatch.setattr(ttmod, "_BLOCK_ROWS", block_rows)
     torch.manual_seed(0)
     emb = TTEmbedding(VOCAB, D, tt_rank=5, num_cores=num_cores)
     table = full_table(emb)
@@ -56,9 +61,10 @@ def test_forward_equals_reconstructed_rows(dense_share, num_cores, monkeypatch):
     assert torch.allclose(emb.weight, table, atol=1e-5)
 
 
-@pytest.mark.parametrize("dense_share", [3, 0])
-def test_gradients_match_dense_table(dense_share, monkeypatch):
+@pytest.mark.parametrize(("dense_share", "block_rows"), MODES)
+def test_gradients_match_dense_table(dense_share, block_rows, monkeypatch):
     monkeypatch.setattr(ttmod, "_DENSE_SHARE", dense_share)
+    monkeypatch.setattr(ttmod, "_BLOCK_ROWS", block_rows)
     torch.manual_seed(0)
     emb = TTEmbedding(VOCAB, D, tt_rank=4)
     x = torch.randint(0, VOCAB, (4, 30))
@@ -77,7 +83,10 @@ def test_unique_ids_matches_torch_unique():
     assert torch.equal(u, u2) and torch.equal(inv, inv2)
 
 
-def test_padding_row_zero_and_no_gradient():
+@pytest.mark.parametrize(("dense_share", "block_rows"), MODES)
+def test_padding_row_zero_and_no_gradient(dense_share, block_rows, monkeypatch):
+    monkeypatch.setattr(ttmod, "_DENSE_SHARE", dense_share)
+    monkeypatch.setattr(ttmod, "_BLOCK_ROWS", block_rows)
     torch.manual_seed(0)
     emb = TTEmbedding(VOCAB, D, tt_rank=4, padding_idx=3)
     x = torch.tensor([[3, 5, 3, 7]])
@@ -85,7 +94,14 @@ def test_padding_row_zero_and_no_gradient():
     assert torch.count_nonzero(out[0, 0]) == 0 and torch.count_nonzero(out[0, 2]) == 0
     emb.zero_grad()
     emb(torch.tensor([3, 3])).sum().backward()
-    assert all(torch.count_nonzero(c.grad) == 0 for c in emb.cores)
+    assert all(c.grad is None or torch.count_nonzero(c.grad) == 0 for c in emb.cores)
+    emb.zero_grad()
+    emb(torch.arange(VOCAB)).sum().backward()  # every id: the padding row still contributes nothing
+    g = [c.grad.clone() for c in emb.cores]
+    emb.zero_grad()
+    ids = torch.tensor([i for i in range(VOCAB) if i != 3])
+    emb(ids).sum().backward()
+    assert all(torch.allclose(a, c.grad, atol=1e-5) for a, c in zip(g, emb.cores))
 
 
 def test_variance_preserving_init():

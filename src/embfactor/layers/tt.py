@@ -246,6 +246,14 @@ class TTEmbedding(nn.Module):
 
     def _rows(self, uniq: torch.Tensor) -> torch.Tensor:
         """Rows (len(uniq) × d) for *sorted, unique* int64 ids, sharing each prefix's contraction."""
+        prefix, parent = self._prefixes(uniq)
+        return self._last_level(prefix, parent, uniq % self.vocab_shape[-1])
+
+    def _prefixes(self, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contract cores 1..k−1 for the unique prefixes (i_1..i_{k−1}) of sorted unique ids.
+
+        Returns (prefix (Q, m_1⋯m_{k−1}, r_{k−1}), parent (U,): the prefix index of each id).
+        """
         k = self.num_cores
         # prefixes[t]: the sorted unique prefixes (i_1..i_t+1) as integers; parents[t]: index of each one's prefix
         # one level up. Built bottom-up, each unique_consecutive runs on an already sorted, smaller array.
@@ -268,14 +276,24 @@ class TTEmbedding(nn.Module):
                 left = cur.index_select(0, parents[t])  # (Q, M, r_prev)
                 cur = torch.bmm(left, sl.reshape(-1, rp, m * rn)).reshape(left.shape[0], -1, rn)
         assert cur is not None and parents[-1] is not None
-        return self._last_level(cur, parents[-1], uniq % self.vocab_shape[-1])
+        return cur, parents[-1]
+
+    def _block(self, prefix: torch.Tensor) -> torch.Tensor:
+        """All rows under the given prefixes: (n_k·Q, d), row s·Q + q = prefix q followed by last digit s.
+
+        One GEMM per last digit s, (Q·M × r) @ (r × m_k); the (n_k, Q·M, m_k) result *is* the rows as contiguous
+        d-vectors (no transpose copy), so rows are taken out with a plain index_select (whose backward is cheap).
+        """
+        n_k, r, m_k, _ = self.cores[-1].shape
+        Q, M, _ = prefix.shape
+        return torch.matmul(prefix.reshape(1, Q * M, r), self.cores[-1].reshape(n_k, r, m_k)).reshape(n_k * Q, M * m_k)
 
     def _last_level(self, prefix: torch.Tensor, parent: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
         """Rows (U × d) = prefix[parent[u]] (M × r) @ last core[digit[u]] (r × m_k), for U sorted unique ids.
 
         Sparse ids: one small product per id (batched). Dense ids (most rows under the present prefixes asked for):
-        the whole block of each prefix in one GEMM, (Q·M × r) @ (r × n_k·m_k), then the asked rows picked out; this
-        costs at most 1/density more multiply-adds but runs at GEMM speed instead of gathering a (U, M, r) copy.
+        all n_k rows of each present prefix by GEMMs (:meth:`_block`), then the asked rows picked out; this costs at
+        most 1/density more multiply-adds but runs at GEMM speed instead of gathering a (U, M, r) copy.
         Blocks are made for a chunk of prefixes at a time, so the table is never materialized whole.
         """
         core = self.cores[-1]  # (n_k, r, m_k, 1)
@@ -286,16 +304,16 @@ class TTEmbedding(nn.Module):
             left = prefix.index_select(0, parent)  # (U, M, r)
             right = core.index_select(0, digit).reshape(U, r, m_k)
             return torch.bmm(left, right).reshape(U, M * m_k)
-        right = core.reshape(n_k, r, m_k).permute(1, 0, 2).reshape(r, n_k * m_k)
         chunk = max(1, _BLOCK_ROWS // n_k)
         outs = []
         # uniq is sorted, so the ids of a chunk of prefixes are one contiguous slice
         bounds = torch.searchsorted(parent, torch.arange(0, Q + chunk, chunk, device=parent.device)).tolist()
         for c, q0 in enumerate(range(0, Q, chunk)):
             lo, hi = bounds[c], bounds[c + 1]
-            block = (prefix[q0 : q0 + chunk].reshape(-1, r) @ right).reshape(-1, M, n_k, m_k)
-            outs.append(block[parent[lo:hi] - q0, :, digit[lo:hi], :])  # (ids, M, m_k)
-        return torch.cat(outs).reshape(U, M * m_k)
+            cq = min(chunk, Q - q0)
+            block = self._block(prefix[q0 : q0 + cq])
+            outs.append(block.index_select(0, digit[lo:hi] * cq + (parent[lo:hi] - q0)))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(U, M * m_k)
 
     def _mask_padding(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.padding_idx is None or not self.zero_padding_row:
@@ -305,9 +323,23 @@ class TTEmbedding(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_token_ids(input, self.num_embeddings)
-        uniq, inverse = unique_ids(input.reshape(-1).long(), self.num_embeddings)
-        rows = self._mask_padding(self._rows(uniq), uniq)
-        return rows.index_select(0, inverse).reshape(*input.shape, self.embedding_dim)
+        flat = input.reshape(-1).long()
+        uniq, inverse = unique_ids(flat, self.num_embeddings)
+        prefix, parent = self._prefixes(uniq)
+        digit = uniq % self.vocab_shape[-1]
+        n_blk = prefix.shape[0] * self.vocab_shape[-1]
+        if uniq.numel() * _DENSE_SHARE >= n_blk and n_blk <= max(_BLOCK_ROWS, flat.numel()):
+            # Dense ids, and the rows under the present prefixes are no more than the output's rows: build that
+            # block once and gather every token straight from it (one pass like nn.Embedding's, no (U, d) copy).
+            # Memory stays within the output's size, so a large vocabulary still never gets its table built.
+            block = self._block(prefix)
+            out = block.index_select(0, (digit * prefix.shape[0] + parent).index_select(0, inverse))
+            if self.padding_idx is not None and self.zero_padding_row:
+                out.index_fill_(0, (flat == self.padding_idx).nonzero().squeeze(1), 0.0)
+        else:
+            rows = self._mask_padding(self._last_level(prefix, parent, digit), uniq)
+            out = rows.index_select(0, inverse)
+        return out.reshape(*input.shape, self.embedding_dim)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the table for a 1-D tensor of ids (any order, repeats allowed)."""

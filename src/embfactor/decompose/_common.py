@@ -25,7 +25,7 @@ def as_matrix(E: Any, *, name: str = "E") -> torch.Tensor:
         raise InvalidInputError(f"{name} is empty: shape {tuple(E.shape)}")
     if not E.is_floating_point():
         raise InvalidTypeError(f"{name} must be a floating-point tensor, got dtype {E.dtype}")
-    if not bool(torch.isfinite(E).all()):
+    if not _all_finite(E):
         bad = (~torch.isfinite(E)).nonzero()[0].tolist()
         raise InvalidInputError(
             f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); clean the weights before factorizing"
@@ -33,15 +33,37 @@ def as_matrix(E: Any, *, name: str = "E") -> torch.Tensor:
     return E
 
 
+def _all_finite(E: torch.Tensor, block_rows: int = 65536) -> bool:
+    # Row blocks: a whole-matrix isfinite() would allocate a vocab × d bool mask (a quarter of a float32 table).
+    return all(bool(torch.isfinite(E[s : s + block_rows]).all()) for s in range(0, E.shape[0], block_rows))
+
+
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half and bfloat16 inputs are decomposed in float32; float64 stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gram(E: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS) -> torch.Tensor:
-    """Eᵀ·E in float64, accumulated over row blocks so no float64 copy of E is ever held."""
+def gram(E: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS, *, precision: str = "float64") -> torch.Tensor:
+    """Eᵀ·E as float64, accumulated over row blocks so no float64 copy of E is ever held.
+
+    Args:
+        precision: ``"float64"`` converts each row block and multiplies in float64 (the reference);
+            ``"float32"`` multiplies float32 blocks into one preallocated d×d buffer and sums the blocks in
+            float64. The second is 3-4× faster on CPU (float64 GEMM runs at half the float32 rate and the
+            per-block conversion is a memory pass); each entry then carries ~1e-7 relative rounding noise.
+            A float64 E is always multiplied in float64.
+    """
+    if precision not in ("float64", "float32"):
+        raise InvalidInputError(f"precision must be 'float64' or 'float32', got {precision!r}")
     d = E.shape[1]
     G = torch.zeros(d, d, dtype=torch.float64)
+    if precision == "float32" and E.dtype != torch.float64:
+        buf = torch.empty(d, d, dtype=torch.float32)
+        for start in range(0, E.shape[0], block_rows):
+            blk = E[start : start + block_rows].to(torch.float32)
+            torch.mm(blk.T, blk, out=buf)
+            G += buf
+        return G
     for start in range(0, E.shape[0], block_rows):
         blk = E[start : start + block_rows].to(torch.float64)
         G.addmm_(blk.T, blk)

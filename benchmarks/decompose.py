@@ -1,0 +1,347 @@
+"""Decomposition benchmark: embfactor's methods vs scikit-learn, SciPy and PyTorch on embedding-sized matrices.
+
+Every (shape, rank, method) case runs in its own process (peak RSS is its own) on the same float32 matrix,
+read from a cached ``.npy`` file. Reported per case: wall time of the factorization call (factors only: no
+input validation, no error computation), peak RSS, relative error ‖E − U·V‖/‖E‖, its excess over the
+Eckart–Young optimum (from the exact spectrum), speed-up over ``sklearn TruncatedSVD`` (randomized, the
+design notes' choice) and the time as a multiple of the method's lower bound on this machine.
+
+Lower-bound model (t_min = max(FLOPs / fp32 GEMM peak, passes · 4·n·d bytes / copy bandwidth); n×d matrix,
+rank r, k = r + oversampling, q power iterations):
+
+- ``eig``: Gram pass 2·n·d² + U pass 2·n·d·r FLOPs, 2 passes (eigh of d×d is O(d³), negligible).
+- ``svd`` (LAPACK gesdd, thin): 6·n·d² + 20·d³ FLOPs (Golub & Van Loan's R-SVD count), 2 passes.
+- randomized SVD (ours, sklearn, torch.svd_lowrank): (2q + 2) products with E at 2·n·d·k each, plus one
+  orthonormalization of an n×k block per power iteration at ≥ 2·n·k² and the final 2·n·k·r; 2q + 2 passes.
+- ARPACK (sklearn arpack, scipy svds): Lanczos needs ≥ ncv = min(d, max(2r + 1, 20)) matrix-vector pairs,
+  each a memory-bound pass over E: 2·ncv passes, 4·n·d·ncv FLOPs.
+- ``als``: per iteration 2 passes and 4·n·d·r FLOPs (iterations from the run).
+
+Run: ``embfactor bench --suite decompose`` (full: ~10 min on 2 cores) or ``--quick`` (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    CACHE_DIR,
+    environment,
+    header,
+    machine_limits,
+    markdown_table,
+    peak_rss_mb,
+    run_isolated,
+    write_results,
+)
+
+# name -> (rows, cols, source); "minilm"/"smollm2" are the real embeddings of the bundled models.
+FULL_SHAPES = {
+    "minilm 30522x384": (30522, 384, "minilm"),
+    "smollm2 49152x576": (49152, 576, "smollm2"),
+    "synthetic 250002x768": (250002, 768, "synthetic"),
+}
+HUGE_SHAPES = {"synthetic 128256x4096": (128256, 4096, "synthetic")}
+QUICK_SHAPES = {"synthetic 600x32": (600, 32, "synthetic")}
+
+EF_METHODS = ("eig", "svd", "rsvd", "als")
+PEER_METHODS = ("sklearn-truncsvd-randomized", "sklearn-truncsvd-arpack", "sklearn-randomized_svd",
+                "torch-svd_lowrank", "scipy-svds")
+REFERENCE = "sklearn-truncsvd-randomized"
+ALS_MAX_ENTRIES = 20_000_000  # 300 ALS iterations at 4·n·d·r FLOPs each would take many minutes beyond this
+
+
+# --------------------------------------------------------------------------------------------- matrices
+def synthetic_matrix(n: int, d: int, seed: int = 0, alpha: float = 0.5) -> np.ndarray:
+    """n×d float32 with a power-law spectrum σ_i ∝ (i + 1)^-alpha, like trained token embeddings.
+
+    Real embeddings are far from low rank (MiniLM's optimal rank-63 error is 74%); a gently decaying power law
+    reproduces that, where an exponentially decaying test matrix would flatter randomized methods.
+    Built as G·diag(s)·Qᵀ (G Gaussian, Q a random rotation) in row blocks, so it costs one n·d² pass.
+    """
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    M = ((torch.arange(1, d + 1, dtype=torch.float64) ** -alpha)[:, None] * Q.T).float()  # diag(s)·Qᵀ
+    out = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 32768):
+        blk = torch.randn(min(32768, n - s), d, generator=g) / n**0.5
+        out[s : s + blk.shape[0]] = (blk @ M).numpy()
+    return out
+
+
+def real_embedding(source: str) -> np.ndarray:
+    """The bundled models' token embeddings, read directly (no model construction)."""
+    from embfactor.models import minilm_path, smollm2_path
+
+    if source == "minilm":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(minilm_path() / "model.safetensors"))
+        key = next(k for k in tensors if k.endswith("word_embeddings.weight"))
+        return np.ascontiguousarray(tensors[key], dtype=np.float32)
+    if source == "smollm2":
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+
+        reader = GGUFReader(str(smollm2_path()))
+        t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        return np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    raise ValueError(f"unknown real embedding {source!r}")
+
+
+def prepare(name: str, n: int, d: int, source: str) -> dict[str, Any]:
+    """Write the matrix to the cache (once) and return its path and exact singular values."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    slug = name.replace(" ", "_")
+    path = CACHE_DIR / f"{slug}.npy"
+    sv_path = CACHE_DIR / f"{slug}.sv.json"
+    if not path.is_file():
+        try:
+            E = real_embedding(source) if source != "synthetic" else synthetic_matrix(n, d)
+        except Exception as e:  # a missing bundled model falls back to a synthetic matrix of the same shape
+            print(f"  {name}: real embedding unavailable ({e}); using a synthetic matrix")
+            E = synthetic_matrix(n, d)
+            source = "synthetic (fallback)"
+        if E.shape != (n, d):
+            raise RuntimeError(f"{name}: expected shape {(n, d)}, got {E.shape}")
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, E)
+        tmp.replace(path)
+    if not sv_path.is_file():
+        from embfactor.decompose import spectrum
+
+        sv = spectrum(torch.from_numpy(np.load(path)))
+        sv_path.write_text(json.dumps(sv.tolist()))
+    sv = np.array(json.loads(sv_path.read_text()))
+    return {"path": str(path), "sv": sv, "source": source}
+
+
+# --------------------------------------------------------------------------------------------- one case
+def _factorize(
+    E: torch.Tensor, method: str, rank: int, seed: int, options: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Factors (U, V) with E ≈ U·V from one method; the timed part."""
+    meta: dict[str, Any] = {}
+    if method.startswith("ef-"):
+        from embfactor.decompose import get_method
+
+        f = get_method(method[3:]).fn(E, rank, seed=seed, progress=False, **(options or {}))
+        meta = {k: v for k, v in f.meta.items() if isinstance(v, (int, float, str, bool))}
+        return f.U, f.V, meta
+    X = E.numpy()
+    if method.startswith("sklearn-truncsvd-"):
+        from sklearn.decomposition import TruncatedSVD
+
+        algo = method.rsplit("-", 1)[1]
+        tsvd = TruncatedSVD(n_components=rank, algorithm=algo, random_state=seed)
+        US = tsvd.fit_transform(X)
+        return torch.from_numpy(np.ascontiguousarray(US)), torch.from_numpy(np.ascontiguousarray(tsvd.components_)), meta
+    if method == "sklearn-randomized_svd":
+        from sklearn.utils.extmath import randomized_svd
+
+        Uu, S, Vt = randomized_svd(X, rank, random_state=seed)
+        return torch.from_numpy(np.ascontiguousarray(Uu * S)), torch.from_numpy(np.ascontiguousarray(Vt)), meta
+    if method == "torch-svd_lowrank":
+        k = min(rank + 10, min(E.shape))
+        Uu, S, Vv = torch.svd_lowrank(E, q=k)  # niter=2 (its default)
+        return Uu[:, :rank] * S[:rank], Vv[:, :rank].T, meta
+    if method == "scipy-svds":
+        from scipy.sparse.linalg import svds
+
+        Uu, S, Vt = svds(X, k=rank, random_state=seed)
+        return torch.from_numpy(np.ascontiguousarray(Uu * S)), torch.from_numpy(np.ascontiguousarray(Vt)), meta
+    raise ValueError(f"unknown benchmark method {method!r}")
+
+
+def measure(E: torch.Tensor, method: str, rank: int, seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Factorize E once with ``method``; time, relative error and peak RSS before/after."""
+    from embfactor.decompose import relative_error
+
+    rss_before = peak_rss_mb()
+    t0 = time.perf_counter()
+    U, V, meta = _factorize(E, method, rank, seed, options)
+    seconds = time.perf_counter() - t0
+    rss_method = peak_rss_mb()
+    err = relative_error(E, U.float(), V.float())
+    return {"rank": rank, "seconds": seconds, "relative_error": err, "rss_before_mb": rss_before,
+            "rss_after_method_mb": rss_method, "meta": meta}
+
+
+def run_case(path: str, method: str, ranks: list[int], seed: int = 0) -> None:
+    """Subprocess entry: load the cached matrix and emit one result per rank (ascending, so RSS peaks are per rank)."""
+    from benchmarks.common import emit
+
+    E = torch.from_numpy(np.load(path))
+    for r in ranks:
+        emit(measure(E, method, r, seed))
+
+
+# --------------------------------------------------------------------------------------------- cost model
+def lower_bound(method: str, n: int, d: int, r: int, limits: dict[str, float], meta: dict[str, Any]) -> dict[str, float]:
+    """FLOPs, passes over E and the resulting lower bound on the time (see the module docstring)."""
+    flops_s = limits["gemm_fp32_gflops"] * 1e9
+    bw = limits["copy_bandwidth_gbs"] * 1e9
+    k = min(r + 10, d)
+
+    def randomized(q: int) -> tuple[float, float]:
+        return (2 * q + 2) * 2 * n * d * k + (q + 1) * 2 * n * k * k + 2 * n * k * r, 2 * q + 2
+
+    if method == "ef-eig":
+        F, P = 2 * n * d * d + 2 * n * d * r, 2
+    elif method == "ef-svd":
+        F, P = 6 * n * d * d + 20 * d**3, 2
+    elif method == "ef-rsvd":
+        F, P = randomized(int(meta.get("power_iters", 4)))
+    elif method == "sklearn-truncsvd-randomized":
+        F, P = randomized(5)
+    elif method == "sklearn-randomized_svd":
+        F, P = randomized(7 if r < 0.1 * min(n, d) else 4)
+    elif method == "torch-svd_lowrank":
+        F, P = randomized(2)
+    elif method in ("sklearn-truncsvd-arpack", "scipy-svds"):
+        ncv = min(d, max(2 * r + 1, 20))
+        F, P = 4 * n * d * ncv, 2 * ncv
+    elif method == "ef-als":
+        it = int(meta.get("iterations", 1))
+        F, P = it * 4 * n * d * r, 2 * it
+    else:
+        raise ValueError(method)
+    t = max(F / flops_s, P * 4 * n * d / bw)
+    return {"flops": float(F), "passes": float(P), "lower_bound_seconds": t}
+
+
+# --------------------------------------------------------------------------------------------- suite
+def run(
+    *, quick: bool = False, output: str | Path | None = None, huge: bool = False, timeout: float | None = None,
+    progress: bool = True, limits: dict[str, float] | None = None, isolate: bool | None = None,
+) -> dict[str, Any]:
+    """Run the decomposition suite; write ``bench_decompose.json``/``.md``; return the data.
+
+    Args:
+        quick: two small synthetic shapes (seconds), for CI.
+        huge: also 128,256×4,096 (≈2 GB float32; embfactor methods and torch.svd_lowrank only).
+        timeout: seconds per (shape, method) process before it is recorded as a timeout (default 240).
+        isolate: one process per (shape, method) for honest peak RSS (default: yes, except in quick mode, which
+            runs in-process so CI takes seconds; its RSS column is then the test process's high-water mark).
+    """
+    isolate = (not quick) if isolate is None else isolate
+    env = environment()
+    limits = limits or machine_limits(quick=quick)
+    shapes = dict(QUICK_SHAPES if quick else FULL_SHAPES)
+    if huge and not quick:
+        shapes.update(HUGE_SHAPES)
+    timeout = timeout or 240.0
+    cases: list[dict[str, Any]] = []
+    matrices: dict[str, Any] = {}
+    for name, (n, d, source) in shapes.items():
+        if progress:
+            print(f"[decompose] preparing {name}", flush=True)
+        prep = prepare(name, n, d, source)
+        matrices[name] = {"rows": n, "cols": d, "source": prep["source"], "fp32_mb": n * d * 4 / 2**20}
+        huge_case = n * d > 200_000_000
+        ranks = [d // 8, d // 4, d // 2]
+        opt = {r: float(np.sqrt(max((prep["sv"][r:] ** 2).sum() / (prep["sv"] ** 2).sum(), 0.0))) for r in ranks}
+        E = torch.from_numpy(np.load(prep["path"])) if not isolate else None
+        for method in [f"ef-{m}" for m in EF_METHODS] + list(PEER_METHODS):
+            skip = None
+            if method == "ef-als" and n * d > ALS_MAX_ENTRIES:
+                skip = f"skipped: > {ALS_MAX_ENTRIES:,} entries (300 iterations would take many minutes)"
+            if huge_case and method not in ("ef-eig", "ef-rsvd", "torch-svd_lowrank"):
+                skip = "skipped: 2 GB matrix, only the fastest methods are run"
+            run_ranks = ranks
+            if method in ("sklearn-truncsvd-arpack", "scipy-svds") and n * d > 100_000_000:
+                run_ranks = ranks[:1]  # ARPACK needs ~2r Lanczos passes: larger ranks take many minutes here
+            if skip:
+                results = [{"rank": r, "status": skip} for r in ranks]
+            elif isolate:
+                got = run_isolated("benchmarks.decompose", "run_case",
+                                   {"path": prep["path"], "method": method, "ranks": run_ranks}, timeout=timeout)
+                by_rank = {g["rank"]: g for g in got if "rank" in g}
+                fail = next((g for g in got if "rank" not in g), None)
+                results = []
+                for r in ranks:
+                    if r in by_rank:
+                        results.append(by_rank[r])
+                    elif r not in run_ranks:
+                        results.append({"rank": r, "status": "skipped: ARPACK at this rank takes many minutes"})
+                    else:
+                        results.append(dict(fail or {"status": "not run"}, rank=r))
+            else:
+                # quick (CI) mode: ALS capped at 20 iterations so the whole suite takes seconds
+                opts = {"max_iter": 20} if method == "ef-als" else None
+                results = [dict(measure(E, method, r, options=opts), status="ok", peak_rss_mb=peak_rss_mb())
+                           for r in ranks]
+            for res in results:
+                r = res["rank"]
+                res.update(shape=name, rows=n, cols=d, method=method, optimal_relative_error=opt[r], isolated=isolate)
+                if res.get("status") == "ok":
+                    res["excess_error"] = res["relative_error"] / opt[r] - 1 if opt[r] > 0 else 0.0
+                    res.update(lower_bound(method, n, d, r, limits, res.get("meta", {})))
+                    res["x_lower_bound"] = res["seconds"] / res["lower_bound_seconds"]
+                    res["extra_rss_mb"] = res["rss_after_method_mb"] - res["rss_before_mb"]
+                if progress:
+                    msg = (f"{res['seconds']:.2f} s err {res['relative_error']:.4f} (opt {opt[r]:.4f}) "
+                           f"rss {res['peak_rss_mb']:.0f} MB" if res.get("status") == "ok" else res.get("status"))
+                    print(f"[decompose] {name} r={r} {method}: {msg}", flush=True)
+                cases.append(res)
+    # speed-up vs the reference (sklearn TruncatedSVD randomized) of the same shape and rank
+    ref = {(c["shape"], c["rank"]): c for c in cases if c["method"] == REFERENCE and c.get("status") == "ok"}
+    for c in cases:
+        rc = ref.get((c["shape"], c["rank"]))
+        if c.get("status") == "ok" and rc:
+            c["speedup_vs_sklearn"] = rc["seconds"] / c["seconds"]
+            c["error_vs_sklearn"] = c["relative_error"] - rc["relative_error"]
+    env_end = environment()
+    data = {"suite": "decompose", "quick": quick, "environment": env, "load_average_1m_end": env_end["load_average_1m"],
+            "machine_limits": limits, "matrices": matrices, "cases": cases, "cost_model": __doc__}
+    md = render(data)
+    data["files"] = write_results("decompose", data, md, output)
+    return data
+
+
+def render(data: dict[str, Any]) -> str:
+    cmd = "embfactor bench --suite decompose" + (" --quick" if data["quick"] else "")
+    parts = [header("Decomposition: time, memory and error vs peers", data["environment"], data["machine_limits"], cmd)]
+    parts.append(
+        "Time = the factorization call only (one run per case; one process per shape and method, ranks ascending). `x bound` = time / the method's "
+        "lower bound on this machine (FLOP and pass model in `benchmarks/decompose.py`). `excess` = relative error / "
+        "optimum − 1. `vs sklearn` = speed-up over sklearn TruncatedSVD (randomized) at the same shape and rank. "
+        f"1-min load average at the end: {data['load_average_1m_end']} (2 cores shared with other jobs: expect "
+        "noise of ±30%).\n"
+    )
+    for name, m in data["matrices"].items():
+        parts.append(f"\n### {name} ({m['source']}, {m['fp32_mb']:.0f} MB float32)\n")
+        rows = []
+        for c in data["cases"]:
+            if c["shape"] != name:
+                continue
+            if c.get("status") == "ok":
+                rows.append([c["method"], c["rank"], c["seconds"], c.get("speedup_vs_sklearn"), c["x_lower_bound"],
+                             c["relative_error"], c["excess_error"], c["peak_rss_mb"], c["extra_rss_mb"]])
+            else:
+                rows.append([c["method"], c["rank"], str(c.get("status")).split(":")[0], None, None, None, None, None,
+                             None])
+        parts.append(markdown_table(rows, ["method", "rank", "seconds", "vs sklearn", "x bound", "rel. error",
+                                           "excess", "peak RSS MB", "extra MB"]))
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--huge", action="store_true")
+    p.add_argument("--output", default=None)
+    a = p.parse_args(argv)
+    run(quick=a.quick, huge=a.huge, output=a.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -41,7 +41,9 @@ def _tiny_lm():
     return LoadedModel("tiny-bert", BertModel(cfg).eval(), tok, "encoder", folder)
 
 
-def run(quick: bool = False, ranks: list[int] | None = None) -> dict[str, Any]:
+def run(
+    quick: bool = False, ranks: list[int] | None = None, extra: list[str] | None = None, passages: int | None = None
+) -> dict[str, Any]:
     import copy
 
     from embfactor.decompose import decompose
@@ -62,6 +64,10 @@ def run(quick: bool = False, ranks: list[int] | None = None) -> dict[str, Any]:
         ref = load_model("minilm")
         ranks = ranks or [16, 32, 48, 63, 96, 128, 192, 256]
         opts = {}
+        if passages is not None:  # fewer fidelity passages: faster on a busy machine
+            from embfactor.eval.similarity import wiki_passages
+
+            opts["fidelity_texts"] = wiki_passages()[:passages]
     work = LoadedModel(ref.name, copy.deepcopy(ref.model), ref.tokenizer, ref.kind, ref.source)
     emb0 = input_embedding(ref.model)
     fqn = fqn_of(work.model, input_embedding(work.model))
@@ -96,6 +102,16 @@ def run(quick: bool = False, ranks: list[int] | None = None) -> dict[str, Any]:
         for bits in (8, 4):
             q = QuantizedFactorizedEmbedding.from_factorized(fe, bits)
             point(f"svd r={r} int{bits}", "factorized", r, bits, q, q.storage_bytes)
+    for folder in extra or []:
+        # an earlier compress output (e.g. a data-aware or healed factorization): its own U·V, then quantized
+        fe = input_embedding(load_model(folder).model)
+        if not isinstance(fe, FactorizedEmbedding):
+            raise SystemExit(f"{folder}: the embedding is a {type(fe).__name__}, not a FactorizedEmbedding")
+        name = Path(folder).name
+        point(f"{name} r={fe.rank} fp32", "factorized", fe.rank, 32, fe, 4 * fe.num_params)
+        for bits in (8, 4):
+            q = QuantizedFactorizedEmbedding.from_factorized(fe, bits)
+            point(f"{name} r={fe.rank} int{bits}", "factorized", fe.rank, bits, q, q.storage_bytes)
     orig = rows[0]
     bar = {"spearman_min": orig["spearman"] * 0.99, "fidelity_min": 0.98}
     return {"model": ref.name, "vocab": vocab, "dim": d, "fp32_bytes": fp32, "quality_bar": bar, "rows": rows}
@@ -123,11 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random model, seconds (for CI)")
     p.add_argument("--ranks", help="comma-separated ranks (default 16..256)")
+    p.add_argument("--from", dest="extra", nargs="+", metavar="FOLDER",
+                   help="also evaluate these compressed (factorized) outputs, in float32, int8 and int4")
+    p.add_argument("--passages", type=int, default=None, help="fidelity passages to use (default: all 200)")
+    p.add_argument("--name", default=None, help="results file name (default quant_frontier)")
     args = p.parse_args(argv)
     ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None
-    res = run(args.quick, ranks)
+    res = run(args.quick, ranks, args.extra, args.passages)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "quant_frontier_quick" if args.quick else "quant_frontier"
+    name = args.name or ("quant_frontier_quick" if args.quick else "quant_frontier")
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(res))
     print(markdown(res))

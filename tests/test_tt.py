@@ -198,3 +198,14 @@ def test_save_load_round_trip(fixture, request, tmp_path):
         after = loaded(x)
     key = "logits" if fixture == "tiny_gpt2" else "last_hidden_state"
     assert torch.equal(before[key], after[key])
+
+
+def test_compress_cli_with_tt(tiny_bert_dir, tmp_path):
+    from embfactor.cli.main import main
+
+    out = tmp_path / "tt"
+    assert main(["compress", str(tiny_bert_dir), "--ratio", "4", "--method", "tt", "-o", str(out), "-q"]) == 0
+    model = load_compressed(out)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, TTEmbedding)
+    assert emb.num_params <= 6 * (VOCAB + D) <= VOCAB * D / 4  # rank 6 reaches 4x; the TT fits its budget

@@ -20,13 +20,20 @@ def compress(
     *,
     progress: bool = True,
     quantize: str | int | None = None,
+    text_files: list[str] | None = None,
 ) -> dict[str, Any]:
     """Load ``model``, factorize it with ``config``, save to ``output``; return the report as a dict.
+
+    Data-aware methods (``wsvd``, ``block``) weight tokens by their frequency, counted with the model's tokenizer
+    on ``text_files`` (default: the training part of the bundled Wikipedia extract).
 
     Example:
         >>> compress("minilm", FactorizationConfig(ratio=6), "out/minilm-r6")   # doctest: +SKIP
     """
     from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
+    from embfactor.data import read_texts
+    from embfactor.data.frequency import token_weights as frequency_weights
+    from embfactor.decompose import get_method
     from embfactor.fileio import check_output_dir
     from embfactor.models import load_model
     from embfactor.surgery import factorize_, save_compressed
@@ -40,8 +47,13 @@ def compress(
     check_output_dir(output, inputs=(lm.source,))  # fail before the (long) decomposition, not after
     stages.update()
     bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
+    token_weights = None
+    if config.method is not None and get_method(config.method).data_aware:
+        stages.set_postfix_str("counting token frequencies")
+        texts = read_texts(text_files) if text_files else None
+        token_weights = frequency_weights(lm.tokenizer, texts, vocab_size=lm.model.get_input_embeddings().num_embeddings)
     stages.set_postfix_str("decomposing")
-    rep = factorize_(lm.model, config, progress=progress)
+    rep = factorize_(lm.model, config, progress=progress, token_weights=token_weights)
     stages.update()
     quant = None
     if bits is not None:
@@ -110,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, rank=args.rank, ratio=args.ratio, energy=args.energy, max_error=args.max_error,
         seed=args.seed,
     )
-    r = compress(args.model, config, args.output, progress=not args.quiet, quantize=args.quantize)
+    r = compress(args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text)
     print(render(r))
     write_json(args.json, r)
     return 0
@@ -122,6 +134,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_target_args(p)
     add_method_arg(p)
     p.add_argument("--output", "-o", required=True, help="output folder (a new folder or an earlier embfactor output)")
+    p.add_argument(
+        "--text", nargs="+", metavar="FILE",
+        help="text files to count token frequencies on for data-aware methods (wsvd, block); "
+        "default: the bundled Wikipedia extract",
+    )
     p.add_argument(
         "--quantize", choices=["int8", "int4"],
         help="store the factors U and V as per-row int8 or int4 (with float32 scales), dequantized on gather",

@@ -33,7 +33,7 @@ class TTFactors(Factors):
     Example:
         >>> f = tt_svd(torch.randn(100, 16), 4)
         >>> f.shape, f.tt_ranks, f.num_params
-        ((100, 16), [4, 4], 240)
+        ((100, 16), [4, 4], 272)
     """
 
     cores: list[torch.Tensor] = field(default_factory=list)
@@ -155,7 +155,7 @@ def tt_rank_for_budget(
 
     Example:
         >>> tt_rank_for_budget(30522, 384, 63 * (30522 + 384))     # the budget of a rank-63 U·V (6x)
-        84
+        90
     """
     from embfactor.layers.tt import max_tt_ranks, resolve_tt_shapes, tt_num_params
 

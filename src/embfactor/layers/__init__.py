@@ -1,5 +1,6 @@
 """PyTorch layers that wrap the decompositions: factorized embeddings, tied heads, positional encodings."""
 
+from embfactor.layers.block import BlockFactorizedEmbedding
 from embfactor.layers.embedding import FactorizedEmbedding, FactorizedLMHead, check_token_ids
 from embfactor.layers.registry import available_layers, get_layer, is_factorized_layer, register_layer
 from embfactor.layers.positional import LearnedPositionalEncoding, SinusoidalPositionalEncoding, TransformerEmbedding
@@ -7,6 +8,7 @@ from embfactor.layers.quantized import QuantizedFactorizedEmbedding
 from embfactor.layers.tt import TTEmbedding
 
 __all__ = [
+    "BlockFactorizedEmbedding",
     "FactorizedEmbedding",
     "FactorizedLMHead",
     "LearnedPositionalEncoding",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from embfactor.config import FactorizationConfig
-from embfactor.decompose import decompose, optimal_relative_error, resolve_rank, spectrum
+from embfactor.decompose import decompose, get_method, optimal_relative_error, resolve_rank, spectrum
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.layers import FactorizedEmbedding, FactorizedLMHead
 from embfactor.layers.registry import is_factorized_layer
@@ -140,6 +140,7 @@ def factorize_(
     seed: int = 0,
     module_name: str | None = None,
     progress: bool = False,
+    token_weights: torch.Tensor | None = None,
     **method_options: Any,
 ) -> FactorizationReport:
     """Factorize a model's input embedding in place; a tied output head shares the same factors.
@@ -152,6 +153,8 @@ def factorize_(
         config: a FactorizationConfig; or give its fields as keyword arguments.
         module_name: fully qualified name of the nn.Embedding, for models without get_input_embeddings().
         progress: progress bars for iterative methods.
+        token_weights: per-token importance (one weight per embedding row) for data-aware methods (``wsvd``,
+            ``block``); see :func:`embfactor.data.frequency.token_weights`. Not stored in the config.
 
     Returns:
         A FactorizationReport (sizes, errors, the optimum for the rank, time).
@@ -179,7 +182,10 @@ def factorize_(
         tuple(E.shape), rank=config.rank, ratio=config.ratio, energy=config.energy,
         max_error=config.max_error, singular_values=sv,
     )
-    f = decompose(E, r, method=config.method, seed=config.seed, progress=progress, **config.method_options)
+    data_opts: dict[str, Any] = {}
+    if config.method is not None and get_method(config.method).data_aware:
+        data_opts["token_weights"] = token_weights  # the method explains how to pass them when None
+    f = decompose(E, r, method=config.method, seed=config.seed, progress=progress, **config.method_options, **data_opts)
     pad = emb.padding_idx
     pad_is_zero = pad is None or not bool(E[pad].any())
     # --- the model is mutated only below this line ---

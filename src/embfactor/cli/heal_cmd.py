@@ -1,0 +1,99 @@
+"""``embfactor heal``: distill the original model into a compressed one (or fine-tune it on labels), save the best."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from embfactor.cli.common import table, write_json
+
+
+def heal_model(
+    compressed: str,
+    reference: str,
+    output: str | Path,
+    *,
+    text_files: list[str] | None = None,
+    minutes: float | None = None,
+    steps: int | None = None,
+    labels: str | None = None,
+    progress: bool = True,
+    **opts: Any,
+) -> dict[str, Any]:
+    """Load both models, check them, heal ``compressed`` against ``reference`` and write the best to ``output``.
+
+    Inputs (text files, labels, output folder) are validated before the models are loaded, and nothing is
+    written when anything is wrong.
+
+    Example:
+        >>> heal_model("out/minilm-r6", "minilm", "out/minilm-r6-healed", minutes=10)   # doctest: +SKIP
+    """
+    from embfactor.data import read_labelled, read_texts
+    from embfactor.errors import ConfigError
+    from embfactor.fileio import check_output_dir
+    from embfactor.models import load_model
+    from embfactor.train.heal import heal
+
+    texts = read_texts(text_files) if text_files else None
+    if labels is not None:
+        read_labelled(labels)  # fail on a bad labels file before loading anything
+    check_output_dir(output, inputs=tuple(p for p in (compressed, reference) if Path(p).exists()))
+    if minutes is None and steps is None:
+        raise ConfigError("give --minutes M or --steps N")
+    student = load_model(compressed)
+    teacher = load_model(reference)
+    return heal(student, teacher, texts=texts, minutes=minutes, steps=steps, output=output, labels=labels,
+                progress=progress, **opts)
+
+
+def render(r: dict[str, Any]) -> str:
+    before, best = r["eval_before"], r["best_eval"]
+    rows = [["held-out loss", before["loss"], best["loss"]]]
+    if "fidelity" in before:
+        rows.append(["held-out fidelity (cosine to reference)", before["fidelity"], best["fidelity"]])
+    if "accuracy" in before:
+        rows.append(["held-out accuracy", before["accuracy"], best["accuracy"]])
+    head = (
+        f"healed a {r['kind']} ({r['mode']}): {r['steps']} steps in {r['seconds']:.0f} s, "
+        f"{r['trainable_params']:,} trainable parameters, best at step {r['best_step']}"
+    )
+    return "\n".join([head, table(rows, ["", "before", "best"]), f"saved to {r['output']}"])
+
+
+def run(args: argparse.Namespace) -> int:
+    minutes = args.minutes
+    if minutes is None and args.steps is None:
+        minutes = 10.0
+    r = heal_model(
+        args.compressed, args.reference, args.output, text_files=args.text, minutes=minutes, steps=args.steps,
+        labels=args.labels, progress=not args.quiet, lr=args.lr, batch_size=args.batch_size,
+        max_length=args.max_length, train_layernorm=args.train_layernorm, bf16=args.bf16,
+        eval_every=args.eval_every, resume=args.resume, seed=args.seed,
+    )
+    print(render(r))
+    write_json(args.json, r)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("heal", help="distill the original model into a compressed one (or fine-tune on labels)")
+    p.add_argument("compressed", metavar="COMPRESSED", help="an embfactor output folder (from 'compress')")
+    p.add_argument("--reference", required=True, help="the original model: 'minilm', 'smollm2' or a folder")
+    p.add_argument("--output", "-o", required=True, help="output folder for the healed model and resume state")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="training text files (default: bundled Wikipedia)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="wall-clock budget (default 10)")
+    budget.add_argument("--steps", type=int, help="number of optimizer steps")
+    p.add_argument("--labels", metavar="FILE", help="CSV/JSONL with text,label: supervised fine-tuning with a head")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per step (default 16)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default 128)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default 50)")
+    p.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorm/RMSNorm weights")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster only on CPUs/GPUs with bf16 units)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --output")
+    p.add_argument("--seed", type=int, default=None, help="seed of the data order (default 0)")
+    p.add_argument("--json", help="also write the summary as JSON to this file")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

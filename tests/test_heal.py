@@ -1,0 +1,142 @@
+"""Healing: distillation reduces the loss (encoder and decoder), CLI output loads, resume, supervised, bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import embfactor as ef
+from embfactor.errors import InvalidInputError
+from embfactor.models import LoadedModel
+from embfactor.train.heal import STATE_JSON, STATE_TENSORS, heal
+
+from .conftest import VOCAB
+
+WORDS = (
+    "the of and in to a was is for on as by with he that at from his it an were are which this be also or had has "
+    "first one their its new after who they two her she been other when there all during into school time may "
+    "years more most only over city some world would where later up such used many can state about national out "
+    "known university united then made film south american system"
+).split()
+TEXTS = [
+    "the city was known as the first national school in the world",
+    "he made a film about the university and its new system",
+    "the south american state has many schools and one university",
+    "after two years she was known for her work in the city",
+] * 4
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer over VOCAB ids (the fixture BERT tokenizer maps every word to [UNK])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+    vocab = list(dict.fromkeys(specials + WORDS))
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab[:VOCAB])}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+
+
+def pair(model, kind: str, rank: int = 4) -> tuple[LoadedModel, LoadedModel]:
+    tok = word_tokenizer()
+    teacher = LoadedModel("teacher", model, tok, kind, Path("/nonexistent-teacher"))
+    student_model = copy.deepcopy(model)
+    ef.factorize_(student_model, rank=rank, method="svd")
+    return LoadedModel("student", student_model, tok, kind, Path("/nonexistent-student")), teacher
+
+
+OPTS = {"lr": 2e-2, "eval_every": 3, "eval_size": 8, "batch_size": 4, "max_length": 24, "progress": False}
+
+
+def test_heal_encoder_reduces_distillation_loss(tiny_bert):
+    student, teacher = pair(tiny_bert, "encoder")
+    frozen = {k: v.clone() for k, v in student.model.named_parameters() if "word_embeddings" not in k}
+    r = heal(student, teacher, texts=TEXTS, steps=9, **OPTS)
+    assert r["steps"] == 9 and r["mode"] == "distillation"
+    assert r["best_eval"]["loss"] < 0.9 * r["eval_before"]["loss"]
+    assert r["best_eval"]["fidelity"] > r["eval_before"]["fidelity"]
+    for k, v in student.model.named_parameters():  # only the factors were trained
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+
+
+def test_heal_decoder_reduces_kl(tiny_gpt2):
+    student, teacher = pair(tiny_gpt2, "decoder")
+    r = heal(student, teacher, texts=TEXTS * 4, steps=9, **OPTS)
+    assert r["best_eval"]["loss"] < 0.9 * r["eval_before"]["loss"]
+    assert student.model.get_output_embeddings().embedding is student.model.get_input_embeddings()
+
+
+def test_heal_supervised_head(tiny_bert, tmp_path):
+    student, teacher = pair(tiny_bert, "encoder")
+    # teacher needs a real source folder only for the output-overlap check; the student must be saveable
+    texts = [f"the film was good {w}" for w in WORDS[:20]] + [f"the film was bad {w}" for w in WORDS[:20]]
+    labels = ["pos"] * 20 + ["neg"] * 20
+    r = heal(student, teacher, labels=(texts, labels), steps=6, output=tmp_path / "sup", **OPTS)
+    assert r["mode"] == "supervised" and 0.0 <= r["best_eval"]["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "sup" / "classifier.json").read_text())["classes"] == ["neg", "pos"]
+    assert (tmp_path / "sup" / "classifier.safetensors").is_file()
+
+
+def test_heal_mismatched_vocab_writes_nothing(tiny_bert, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    student, _ = pair(tiny_bert, "encoder")
+    other = BertModel(BertConfig(vocab_size=VOCAB + 8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64))
+    teacher = LoadedModel("other", other, word_tokenizer(), "encoder", Path("/nonexistent"))
+    with pytest.raises(InvalidInputError, match=f"{VOCAB}×32 but the reference's is {VOCAB + 8}×32"):
+        heal(student, teacher, texts=TEXTS, steps=2, output=tmp_path / "o", **OPTS)
+    assert not (tmp_path / "o").exists()
+
+
+def test_heal_empty_texts(tiny_bert):
+    student, teacher = pair(tiny_bert, "encoder")
+    with pytest.raises(InvalidInputError, match="empty"):
+        heal(student, teacher, texts=["", "  "], steps=2, **OPTS)
+
+
+def test_heal_cli_writes_loadable_output_and_resumes(tiny_bert_dir, tmp_path):
+    from embfactor.cli.main import main
+
+    comp, out = tmp_path / "c", tmp_path / "healed"
+    assert main(["compress", str(tiny_bert_dir), "--rank", "4", "--method", "svd", "-o", str(comp), "-q"]) == 0
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(TEXTS))
+    base = ["heal", str(comp), "--reference", str(tiny_bert_dir), "-o", str(out), "--text", str(txt), "-q",
+            "--eval-every", "2", "--batch-size", "4", "--max-length", "16"]
+    assert main(base + ["--steps", "2", "--json", str(tmp_path / "h.json")]) == 0
+    lm = ef.load_model(str(out))
+    assert lm.compressed and lm.record["healing"]["steps"] == 2
+    assert (out / STATE_JSON).is_file() and (out / STATE_TENSORS).is_file()
+    assert not list(out.glob("*.pt")) and not list(out.glob("*.bin"))  # no pickles
+    assert main(base + ["--steps", "4", "--resume"]) == 0
+    assert json.loads((out / STATE_JSON).read_text())["step"] == 4
+
+
+def test_heal_cli_bad_inputs_write_nothing(tiny_bert_dir, tmp_path, capsys):
+    from embfactor.cli.main import main
+
+    comp = tmp_path / "c"
+    assert main(["compress", str(tiny_bert_dir), "--rank", "4", "-o", str(comp), "-q"]) == 0
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    nolabel = tmp_path / "l.csv"
+    nolabel.write_text("text,category\ngood film,pos\nbad film,neg\n")
+    cases = [
+        (["--text", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--text", str(empty)], "no text found"),
+        (["--labels", str(nolabel)], "no 'label' column"),
+    ]
+    for extra, msg in cases:
+        out = tmp_path / "o"
+        rc = main(["heal", str(comp), "--reference", str(tiny_bert_dir), "-o", str(out), "--steps", "1", "-q", *extra])
+        assert rc == 2
+        assert msg in capsys.readouterr().err
+        assert not out.exists()

@@ -43,7 +43,9 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
-def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0) -> dict[str, float]:
+def time_call(
+    fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0
+) -> dict[str, float]:
     """Median/min/max wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs.
 
     With ``min_seconds`` > 0, each sample loops ``fn`` until that much time has passed (for microsecond calls)
@@ -79,7 +81,8 @@ def machine_limits(*, quick: bool = False) -> dict[str, float]:
     out: dict[str, float] = {"copy_bandwidth_gbs": 2 * x.numel() * 4 / t["min"] / 1e9}
     del x, y
     m = 384 if quick else 2048
-    for dt, key in ((torch.float32, "gemm_fp32_gflops"), (torch.float64, "gemm_fp64_gflops"), (torch.bfloat16, "gemm_bf16_gflops")):
+    kinds = ((torch.float32, "gemm_fp32_gflops"), (torch.float64, "gemm_fp64_gflops"), (torch.bfloat16, "gemm_bf16_gflops"))
+    for dt, key in kinds:
         a = torch.randn(m, m).to(dt)
         b = torch.randn(m, m).to(dt)
         t = time_call(lambda: a @ b, repeats=3 if quick else 5, warmup=1)

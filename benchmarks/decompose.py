@@ -55,6 +55,9 @@ EF_METHODS = ("eig", "svd", "rsvd", "als")
 PEER_METHODS = ("sklearn-truncsvd-randomized", "sklearn-truncsvd-arpack", "sklearn-randomized_svd",
                 "torch-svd_lowrank", "scipy-svds")
 REFERENCE = "sklearn-truncsvd-randomized"
+# the default method and the reference first: a run cut short still answers the main question
+METHOD_ORDER = ("ef-eig", REFERENCE, "ef-svd", "ef-rsvd", "torch-svd_lowrank", "sklearn-randomized_svd", "scipy-svds",
+                "sklearn-truncsvd-arpack", "ef-als")
 ALS_MAX_ENTRIES = 20_000_000  # 300 ALS iterations at 4·n·d·r FLOPs each would take many minutes beyond this
 
 
@@ -142,7 +145,8 @@ def _factorize(
         algo = method.rsplit("-", 1)[1]
         tsvd = TruncatedSVD(n_components=rank, algorithm=algo, random_state=seed)
         US = tsvd.fit_transform(X)
-        return torch.from_numpy(np.ascontiguousarray(US)), torch.from_numpy(np.ascontiguousarray(tsvd.components_)), meta
+        Vt = np.ascontiguousarray(tsvd.components_)
+        return torch.from_numpy(np.ascontiguousarray(US)), torch.from_numpy(Vt), meta
     if method == "sklearn-randomized_svd":
         from sklearn.utils.extmath import randomized_svd
 
@@ -160,7 +164,9 @@ def _factorize(
     raise ValueError(f"unknown benchmark method {method!r}")
 
 
-def measure(E: torch.Tensor, method: str, rank: int, seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def measure(
+    E: torch.Tensor, method: str, rank: int, seed: int = 0, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Factorize E once with ``method``; time, relative error and peak RSS before/after."""
     from embfactor.decompose import relative_error
 
@@ -184,7 +190,9 @@ def run_case(path: str, method: str, ranks: list[int], seed: int = 0) -> None:
 
 
 # --------------------------------------------------------------------------------------------- cost model
-def lower_bound(method: str, n: int, d: int, r: int, limits: dict[str, float], meta: dict[str, Any]) -> dict[str, float]:
+def lower_bound(
+    method: str, n: int, d: int, r: int, limits: dict[str, float], meta: dict[str, Any]
+) -> dict[str, float]:
     """FLOPs, passes over E and the resulting lower bound on the time (see the module docstring)."""
     flops_s = limits["gemm_fp32_gflops"] * 1e9
     bw = limits["copy_bandwidth_gbs"] * 1e9
@@ -227,7 +235,7 @@ def run(
     Args:
         quick: two small synthetic shapes (seconds), for CI.
         huge: also 128,256×4,096 (≈2 GB float32; embfactor methods and torch.svd_lowrank only).
-        timeout: seconds per (shape, method) process before it is recorded as a timeout (default 240).
+        timeout: seconds per (shape, method) process before it is recorded as a timeout (default 600).
         isolate: one process per (shape, method) for honest peak RSS (default: yes, except in quick mode, which
             runs in-process so CI takes seconds; its RSS column is then the test process's high-water mark).
     """
@@ -237,61 +245,77 @@ def run(
     shapes = dict(QUICK_SHAPES if quick else FULL_SHAPES)
     if huge and not quick:
         shapes.update(HUGE_SHAPES)
-    timeout = timeout or 240.0
+    timeout = timeout or 600.0
     cases: list[dict[str, Any]] = []
     matrices: dict[str, Any] = {}
+    preps: dict[str, Any] = {}
     for name, (n, d, source) in shapes.items():
         if progress:
             print(f"[decompose] preparing {name}", flush=True)
-        prep = prepare(name, n, d, source)
-        matrices[name] = {"rows": n, "cols": d, "source": prep["source"], "fp32_mb": n * d * 4 / 2**20}
+        preps[name] = prepare(name, n, d, source)
+        matrices[name] = {"rows": n, "cols": d, "source": preps[name]["source"], "fp32_mb": n * d * 4 / 2**20}
+    # the default method and the reference on every shape first, then the other methods: a run cut short
+    # (or slowed down by a busy machine) still answers the main question
+    first = METHOD_ORDER[:2]
+    tasks = [(nm, m) for nm in shapes for m in first] + [(nm, m) for nm in shapes for m in METHOD_ORDER[2:]]
+    for name, method in tasks:
+        n, d, _ = shapes[name]
+        prep = preps[name]
         huge_case = n * d > 200_000_000
         ranks = [d // 8, d // 4, d // 2]
         opt = {r: float(np.sqrt(max((prep["sv"][r:] ** 2).sum() / (prep["sv"] ** 2).sum(), 0.0))) for r in ranks}
         E = torch.from_numpy(np.load(prep["path"])) if not isolate else None
-        for method in [f"ef-{m}" for m in EF_METHODS] + list(PEER_METHODS):
-            skip = None
-            if method == "ef-als" and n * d > ALS_MAX_ENTRIES:
-                skip = f"skipped: > {ALS_MAX_ENTRIES:,} entries (300 iterations would take many minutes)"
-            if huge_case and method not in ("ef-eig", "ef-rsvd", "torch-svd_lowrank"):
-                skip = "skipped: 2 GB matrix, only the fastest methods are run"
-            run_ranks = ranks
-            if method in ("sklearn-truncsvd-arpack", "scipy-svds") and n * d > 100_000_000:
-                run_ranks = ranks[:1]  # ARPACK needs ~2r Lanczos passes: larger ranks take many minutes here
-            if skip:
-                results = [{"rank": r, "status": skip} for r in ranks]
-            elif isolate:
-                got = run_isolated("benchmarks.decompose", "run_case",
-                                   {"path": prep["path"], "method": method, "ranks": run_ranks}, timeout=timeout)
-                by_rank = {g["rank"]: g for g in got if "rank" in g}
-                fail = next((g for g in got if "rank" not in g), None)
-                results = []
-                for r in ranks:
-                    if r in by_rank:
-                        results.append(by_rank[r])
-                    elif r not in run_ranks:
-                        results.append({"rank": r, "status": "skipped: ARPACK at this rank takes many minutes"})
-                    else:
-                        results.append(dict(fail or {"status": "not run"}, rank=r))
-            else:
-                # quick (CI) mode: ALS capped at 20 iterations so the whole suite takes seconds
-                opts = {"max_iter": 20} if method == "ef-als" else None
-                results = [dict(measure(E, method, r, options=opts), status="ok", peak_rss_mb=peak_rss_mb())
-                           for r in ranks]
-            for res in results:
-                r = res["rank"]
-                res.update(shape=name, rows=n, cols=d, method=method, optimal_relative_error=opt[r], isolated=isolate)
-                if res.get("status") == "ok":
-                    res["excess_error"] = res["relative_error"] / opt[r] - 1 if opt[r] > 0 else 0.0
-                    res.update(lower_bound(method, n, d, r, limits, res.get("meta", {})))
-                    res["x_lower_bound"] = res["seconds"] / res["lower_bound_seconds"]
-                    res["extra_rss_mb"] = res["rss_after_method_mb"] - res["rss_before_mb"]
-                if progress:
-                    msg = (f"{res['seconds']:.2f} s err {res['relative_error']:.4f} (opt {opt[r]:.4f}) "
-                           f"rss {res['peak_rss_mb']:.0f} MB" if res.get("status") == "ok" else res.get("status"))
-                    print(f"[decompose] {name} r={r} {method}: {msg}", flush=True)
-                cases.append(res)
-    # speed-up vs the reference (sklearn TruncatedSVD randomized) of the same shape and rank
+        skip = None
+        if method == "ef-als" and n * d > ALS_MAX_ENTRIES:
+            skip = f"skipped: > {ALS_MAX_ENTRIES:,} entries (300 iterations would take many minutes)"
+        if huge_case and method not in ("ef-eig", "ef-rsvd", "torch-svd_lowrank"):
+            skip = "skipped: 2 GB matrix, only the fastest methods are run"
+        run_ranks = ranks
+        if method in ("sklearn-truncsvd-arpack", "scipy-svds") and n * d > 100_000_000:
+            run_ranks = ranks[:1]  # ARPACK needs ~2r Lanczos passes: larger ranks take many minutes here
+        if skip:
+            results = [{"rank": r, "status": skip} for r in ranks]
+        elif isolate:
+            got = run_isolated("benchmarks.decompose", "run_case",
+                               {"path": prep["path"], "method": method, "ranks": run_ranks}, timeout=timeout)
+            by_rank = {g["rank"]: g for g in got if "rank" in g}
+            fail = next((g for g in got if "rank" not in g), None)
+            results = []
+            for r in ranks:
+                if r in by_rank:
+                    results.append(by_rank[r])
+                elif r not in run_ranks:
+                    results.append({"rank": r, "status": "skipped: ARPACK at this rank takes many minutes"})
+                else:
+                    results.append(dict(fail or {"status": "not run"}, rank=r))
+        else:
+            # quick (CI) mode: ALS capped at 20 iterations so the whole suite takes seconds
+            opts = {"max_iter": 20} if method == "ef-als" else None
+            results = [dict(measure(E, method, r, options=opts), status="ok", peak_rss_mb=peak_rss_mb())
+                       for r in ranks]
+        for res in results:
+            r = res["rank"]
+            res.update(shape=name, rows=n, cols=d, method=method, optimal_relative_error=opt[r], isolated=isolate)
+            if res.get("status") == "ok":
+                res["excess_error"] = res["relative_error"] / opt[r] - 1 if opt[r] > 0 else 0.0
+                res.update(lower_bound(method, n, d, r, limits, res.get("meta", {})))
+                res["x_lower_bound"] = res["seconds"] / res["lower_bound_seconds"]
+                res["extra_rss_mb"] = res["rss_after_method_mb"] - res["rss_before_mb"]
+            if progress:
+                msg = (f"{res['seconds']:.2f} s err {res['relative_error']:.4f} (opt {opt[r]:.4f}) "
+                       f"rss {res['peak_rss_mb']:.0f} MB" if res.get("status") == "ok" else res.get("status"))
+                print(f"[decompose] {name} r={r} {method}: {msg}", flush=True)
+            cases.append(res)
+        if isolate:
+            _finish(cases, matrices, env, limits, quick, output, complete=False)
+    return _finish(cases, matrices, env, limits, quick, output, complete=True)
+
+
+def _finish(
+    cases: list[dict[str, Any]], matrices: dict[str, Any], env: dict[str, Any], limits: dict[str, float],
+    quick: bool, output: str | Path | None, *, complete: bool,
+) -> dict[str, Any]:
+    """Add the speed-ups vs sklearn and write the files (also after each method, so a cut-short run leaves data)."""
     ref = {(c["shape"], c["rank"]): c for c in cases if c["method"] == REFERENCE and c.get("status") == "ok"}
     for c in cases:
         rc = ref.get((c["shape"], c["rank"]))
@@ -299,7 +323,8 @@ def run(
             c["speedup_vs_sklearn"] = rc["seconds"] / c["seconds"]
             c["error_vs_sklearn"] = c["relative_error"] - rc["relative_error"]
     env_end = environment()
-    data = {"suite": "decompose", "quick": quick, "environment": env, "load_average_1m_end": env_end["load_average_1m"],
+    data = {"suite": "decompose", "quick": quick, "complete": complete, "environment": env,
+            "load_average_1m_end": env_end["load_average_1m"],
             "machine_limits": limits, "matrices": matrices, "cases": cases, "cost_model": __doc__}
     md = render(data)
     data["files"] = write_results("decompose", data, md, output)
@@ -308,11 +333,16 @@ def run(
 
 def render(data: dict[str, Any]) -> str:
     cmd = "embfactor bench --suite decompose" + (" --quick" if data["quick"] else "")
-    parts = [header("Decomposition: time, memory and error vs peers", data["environment"], data["machine_limits"], cmd)]
+    title = "Decomposition: time, memory and error vs peers"
+    parts = [header(title, data["environment"], data["machine_limits"], cmd)]
+    if not data.get("complete", True):
+        parts.append("**Partial results: the run was still in progress or was cut short.**\n")
     parts.append(
-        "Time = the factorization call only (one run per case; one process per shape and method, ranks ascending). `x bound` = time / the method's "
+        "Time = the factorization call only (one run per case; one process per shape and method, ranks "
+        "ascending). `x bound` = time / the method's "
         "lower bound on this machine (FLOP and pass model in `benchmarks/decompose.py`). `excess` = relative error / "
-        "optimum − 1. `vs sklearn` = speed-up over sklearn TruncatedSVD (randomized) at the same shape and rank. "
+        "optimum − 1. `peak RSS` = the process's high-water mark right after the call (Python + torch + the input "
+        "+ the method); `extra` = that minus the mark before the call. `vs sklearn` = speed-up over sklearn TruncatedSVD (randomized) at the same shape and rank. "
         f"1-min load average at the end: {data['load_average_1m_end']} (2 cores shared with other jobs: expect "
         "noise of ±30%).\n"
     )
@@ -324,7 +354,7 @@ def render(data: dict[str, Any]) -> str:
                 continue
             if c.get("status") == "ok":
                 rows.append([c["method"], c["rank"], c["seconds"], c.get("speedup_vs_sklearn"), c["x_lower_bound"],
-                             c["relative_error"], c["excess_error"], c["peak_rss_mb"], c["extra_rss_mb"]])
+                             c["relative_error"], c["excess_error"], c["rss_after_method_mb"], c["extra_rss_mb"]])
             else:
                 rows.append([c["method"], c["rank"], str(c.get("status")).split(":")[0], None, None, None, None, None,
                              None])

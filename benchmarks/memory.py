@@ -91,7 +91,8 @@ def run(*, quick: bool = False, output: str | Path | None = None, progress: bool
             comp = _run_measured(cmd, timeout)
             fp32_mb = n_params * 4 / 2**20 if n_params else None
             row = {"model": label, "target": " ".join(target), "params": n_params, "fp32_mb": fp32_mb,
-                   "imports_peak_rss_mb": imports.get("peak_rss_mb"), "load_peak_rss_mb": base.get("peak_rss_mb"), "compress_peak_rss_mb": comp.get("peak_rss_mb"),
+                   "imports_peak_rss_mb": imports.get("peak_rss_mb"), "load_peak_rss_mb": base.get("peak_rss_mb"),
+                   "compress_peak_rss_mb": comp.get("peak_rss_mb"),
                    "compress_seconds": comp.get("seconds"), "status": comp["status"]}
             if comp["status"] != "ok":
                 row["error"] = comp.get("error", comp["status"])
@@ -107,7 +108,8 @@ def run(*, quick: bool = False, output: str | Path | None = None, progress: bool
             rows.append(row)
             if progress:
                 print(f"[memory] {label}: load {base.get('peak_rss_mb', 0):.0f} MB, compress "
-                      f"{comp.get('peak_rss_mb', 0) or 0:.0f} MB, fp32 {fp32_mb or 0:.0f} MB ({comp['status']})", flush=True)
+                      f"{comp.get('peak_rss_mb', 0) or 0:.0f} MB, fp32 {fp32_mb or 0:.0f} MB ({comp['status']})",
+                      flush=True)
     data = {"suite": "memory", "quick": quick, "environment": env, "rows": rows}
     md = render(data)
     data["files"] = write_results("memory", data, md, output)
@@ -119,7 +121,8 @@ def render(data: dict[str, Any]) -> str:
     parts = [header("Memory: peak RSS of `embfactor compress`", data["environment"], None, cmd)]
     parts.append(
         "Peak RSS of the whole process (kernel rusage). `imports only` = a process that imports torch, transformers "
-        "and embfactor (the fixed runtime cost); `model memory` = compress − imports only, compared with the model's "
+        "and embfactor (the fixed runtime cost); `model memory` = compress − imports only, compared with the "
+        "model's "
         "float32 size (target ≤ 1.5×); `load only` = a process that just loads the model; `extra over load` = "
         "compress − load only, the cost of decomposing and saving.\n"
     )

@@ -24,7 +24,8 @@ def test_bench_cli_quick_decompose_writes_json_and_markdown(tmp_path, capsys):
                  "--json", str(tmp_path / "all.json")]) == 0
     data = json.loads((tmp_path / "bench_decompose.json").read_text())
     assert data["suite"] == "decompose" and data["quick"] is True
-    assert {"copy_bandwidth_gbs", "gemm_fp32_gflops", "gemm_fp64_gflops", "gemm_bf16_gflops"} <= set(data["machine_limits"])
+    limits = {"copy_bandwidth_gbs", "gemm_fp32_gflops", "gemm_fp64_gflops", "gemm_bf16_gflops"}
+    assert limits <= set(data["machine_limits"])
     cases = data["cases"]
     assert {c["method"] for c in cases} == METHODS
     assert {c["rank"] for c in cases} == {4, 8, 16}  # d/8, d/4, d/2 of the 600×32 quick matrix
@@ -61,8 +62,8 @@ def test_runtime_quick_structure(tmp_path):
 
 
 def test_memory_measurement_counts_child_peak_rss():
-    r = memory_bench._run_measured([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
-                                   timeout=120)
+    touch_300mb = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"
+    r = memory_bench._run_measured([sys.executable, "-c", touch_300mb], timeout=120)
     assert r["status"] == "ok"
     assert r["peak_rss_mb"] > 300
     bad = memory_bench._run_measured([sys.executable, "-c", "raise SystemExit(3)"], timeout=120)

@@ -36,8 +36,8 @@ def eig(
     """Truncated SVD through the Gram matrix: eigh(Eᵀ·E) (d×d, float64), then U = E·V·S⁻¹.
 
     One pass over E for the Gram product and one for U: fast when vocab ≫ d. The singular values are
-    recomputed from the U pass as σᵢ = ‖E·vᵢ‖ rather than √λᵢ: that is accurate even when the eigenvalues
-    carry rounding noise, and U's columns come out exactly orthogonal-normalized. U·V = E·Vs·Vsᵀ is the
+    recomputed from the U pass as σᵢ = ‖E·vᵢ‖ rather than √λᵢ: accurate even when the eigenvalues carry
+    rounding noise, and U's columns come out exactly normalized. U·V = E·Vs·Vsᵀ is the
     projection of E on the leading right singular subspace, so the product does not depend on S at all.
 
     Args:

@@ -95,6 +95,7 @@ def make_requests(n: int, texts: list[str], seed: int = 0) -> list[dict[str, Any
     """A seeded mix: ~60% valid (/embed batches, /info, /health), ~40% invalid of many kinds."""
     rng = random.Random(seed)
     long_text = " ".join(rng.choice(texts) for _ in range(60))  # far over MAX_TOKENS tokens
+    as_json = {"content-type": "application/json"}
     invalid = [
         ("empty texts", "POST", "/embed", {"json": {"texts": []}}),
         ("too many texts", "POST", "/embed", {"json": {"texts": ["a text"] * (MAX_TEXTS + 1)}}),
@@ -104,10 +105,10 @@ def make_requests(n: int, texts: list[str], seed: int = 0) -> list[dict[str, Any
         ("blank text", "POST", "/embed", {"json": {"texts": ["   "]}}),
         ("unknown field", "POST", "/embed", {"json": {"texts": ["a"], "pooling": "cls"}}),
         ("normalize not bool", "POST", "/embed", {"json": {"texts": ["a"], "normalize": "yes"}}),
-        ("malformed JSON", "POST", "/embed", {"content": b'{"texts": ["a"', "headers": {"content-type": "application/json"}}),
-        ("invalid UTF-8", "POST", "/embed", {"content": b"\xff\xfe\xfd", "headers": {"content-type": "application/json"}}),
+        ("malformed JSON", "POST", "/embed", {"content": b'{"texts": ["a"', "headers": as_json}),
+        ("invalid UTF-8", "POST", "/embed", {"content": b"\xff\xfe\xfd", "headers": as_json}),
         ("body not an object", "POST", "/embed", {"json": [1, 2, 3]}),
-        ("body too large", "POST", "/embed", {"content": b"x" * 2_100_000, "headers": {"content-type": "application/json"}}),
+        ("body too large", "POST", "/embed", {"content": b"x" * 2_100_000, "headers": as_json}),
         ("wrong endpoint kind", "POST", "/generate", {"json": {"prompt": "hello", "max_new_tokens": 4}}),
         ("wrong endpoint kind", "POST", "/score", {"json": {"texts": ["hello there"]}}),
         ("wrong method", "GET", "/embed", {}),
@@ -171,8 +172,11 @@ def summarize(reqs, results, wall, sampler: RssSampler, warmup: int, model: str,
         by_status[str(r["status"])] = by_status.get(str(r["status"]), 0) + 1
     lat = [r["seconds"] for r in results]
     valid = [(q, r) for q, r in zip(reqs, results) if q["kind"] == "valid"]
+    as_json = {"content-type": "application/json"}
     invalid = [(q, r) for q, r in zip(reqs, results) if q["kind"] == "invalid"]
-    bad_valid = [{"label": q["label"], "status": r["status"], "body": r["body"]} for q, r in valid if r["status"] != 200]
+    bad_valid = [
+        {"label": q["label"], "status": r["status"], "body": r["body"]} for q, r in valid if r["status"] != 200
+    ]
     bad_invalid = [
         {"label": q["label"], "status": r["status"], "body": r["body"]}
         for q, r in invalid if not 400 <= r["status"] < 500
@@ -213,6 +217,12 @@ def summarize(reqs, results, wall, sampler: RssSampler, warmup: int, model: str,
         "rss_peak_mb": max(x[2] for x in s) / 1e6,
         "rss_growth_after_warmup_mb": (max(after) - max(warm)) / 1e6,
         "rss_samples": len(s),
+        # peak RSS in each tenth of the run (by requests answered): flat after the first tenths = no leak
+        "rss_peak_by_decile_mb": [
+            round(max([rss for _, done, rss in s if k * len(reqs) // 10 < done <= (k + 1) * len(reqs) // 10]
+                      or [float("nan")]) / 1e6, 1)
+            for k in range(10)
+        ],
     }
 
 
@@ -240,11 +250,14 @@ def render(r: dict[str, Any]) -> str:
         f"{r['rss_start_mb']:.0f} / {r['rss_peak_warmup_mb']:.0f} MB |",
         f"| server RSS: peak after warm-up / end | {r['rss_peak_after_warmup_mb']:.0f} / {r['rss_end_mb']:.0f} MB |",
         f"| RSS growth after warm-up | {r['rss_growth_after_warmup_mb']:+.1f} MB |",
+        f"| peak RSS per tenth of the run | {' / '.join(f'{x:.0f}' for x in r['rss_peak_by_decile_mb'])} MB |",
         "",
         f"Targets (0 5xx, every invalid request 4xx, every valid 200): **{'met' if ok else 'NOT met'}**.",
         "",
         "Invalid requests by kind → status: "
-        + "; ".join(f"{k}: {', '.join(f'{s}×{n}' for s, n in v.items())}" for k, v in r["invalid_status_by_kind"].items()),
+        + "; ".join(
+            f"{k}: {', '.join(f'{s}×{n}' for s, n in v.items())}" for k, v in r["invalid_status_by_kind"].items()
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -150,8 +150,9 @@ FOLDER_CASES = [
      "embfactor.json", "is not a transformers model class"),
     ("ef-json-bad-dtype", "comp", _edit_json("embfactor.json", torch_dtype="save"), CorruptFileError,
      "embfactor.json", "is not a torch dtype"),
-    ("ef-json-bad-factorization", "comp", _edit_json("embfactor.json", factorization={"rank": -1, "format_version": 1}),
-     CorruptFileError, "embfactor.json", "rank must be >= 1"),
+    ("ef-json-bad-factorization", "comp",
+     _edit_json("embfactor.json", factorization={"rank": -1, "format_version": 1}), CorruptFileError,
+     "embfactor.json", "rank must be >= 1"),
     ("ef-json-unknown-config-field", "comp",
      _edit_json("embfactor.json", factorization={"rank": 4, "colour": 1, "format_version": 1}), CorruptFileError,
      "embfactor.json", r"unknown fields \['colour'\]"),
@@ -336,7 +337,8 @@ def test_save_refuses_foreign_and_input_folders(tiny_bert, tmp_path):
 def test_bad_token_ids(tiny_bert):
     ef.factorize_(tiny_bert, rank=4)
     emb = tiny_bert.get_input_embeddings()
-    with pytest.raises(TokenIndexError, match=rf"token id {VOCAB + 5} is out of range .* \(valid ids: 0..{VOCAB - 1}\)"):
+    bad = VOCAB + 5
+    with pytest.raises(TokenIndexError, match=rf"token id {bad} is out of range .* \(valid ids: 0..{VOCAB - 1}\)"):
         emb(torch.tensor([[1, VOCAB + 5]]))
     with pytest.raises(TokenIndexError, match="token id -1 is out of range"):
         tiny_bert(input_ids=torch.tensor([[2, -1]]))

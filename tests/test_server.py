@@ -129,7 +129,8 @@ def test_malformed_bodies_are_4xx(enc, dec):
     assert enc.post("/embed", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
     assert enc.post("/embed", json=["a list"]).status_code == 422
     assert enc.post("/embed", content=b"\xff\xfe", headers={"content-type": "application/json"}).status_code == 422
-    big = enc.post("/embed", content=b"x" * 10, headers={"content-type": "application/json", "content-length": "9999999"})
+    headers = {"content-type": "application/json", "content-length": "9999999"}
+    big = enc.post("/embed", content=b"x" * 10, headers=headers)
     assert big.status_code == 413 and "max_body_bytes" in big.text
     assert enc.get("/embed").status_code == 405
     assert enc.post("/nope", json={}).status_code == 404
@@ -295,3 +296,22 @@ def test_serve_cli_parses_and_defaults_to_loopback(monkeypatch, tiny_bert_dir, c
     assert "serving" in capsys.readouterr().err
     assert main(["serve", str(tiny_bert_dir), "--max-texts", "0"]) == 2
     assert "max_texts must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_compressed_tied_llama_folder_serves(tiny_llama_tied, tmp_path):
+    """A saved decoder with a tied head (Llama): /info reads embfactor.json; /generate matches HF greedy decoding."""
+    from embfactor.surgery import save_compressed
+
+    factorize_(tiny_llama_tied, rank=8)
+    tok = word_tokenizer()
+    save_compressed(tiny_llama_tied, tmp_path / "llama-r8", tokenizer=tok)
+    lm = load_model(tmp_path / "llama-r8")
+    client = TestClient(create_app(lm))
+    info = client.get("/info").json()
+    assert info["kind"] == "decoder" and info["tied_head"] is True and info["rank"] == 8
+    assert info["embedding_params_after"] == 8 * (VOCAB + D)
+    body = client.post("/generate", json={"prompt": "the cat sat", "max_new_tokens": 8}).json()
+    ids = torch.tensor([tok("the cat sat")["input_ids"]])
+    ref = lm.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2)
+    assert body["text"] == tok.decode(ref[0, 3:], skip_special_tokens=True) and body["new_tokens"] == 8
+    assert client.post("/score", json={"texts": ["the cat sat on the mat"]}).json()["scores"][0]["tokens"] == 5

@@ -41,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("serve needs the server extra: pip install 'embfactor[server]'") from None
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
-    limits = Limits(max_texts=args.max_texts, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
-                    max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes, max_pending=args.max_pending)
+    limits = Limits(
+        max_texts=args.max_texts, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
+        max_text_chars=args.max_text_chars, max_body_bytes=args.max_body_bytes, max_pending=args.max_pending,
+    )
     if args.torch_threads:
         import torch
 

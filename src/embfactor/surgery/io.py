@@ -146,7 +146,8 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
         raise CorruptFileError(f"{directory / MARKER_FILE}: {e}") from None
     dtype = getattr(torch, str(record.get("torch_dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
-        raise CorruptFileError(f"{directory / MARKER_FILE}: torch_dtype {record.get('torch_dtype')!r} is not a torch dtype")
+        bad = record.get("torch_dtype")
+        raise CorruptFileError(f"{directory / MARKER_FILE}: torch_dtype {bad!r} is not a torch dtype")
     model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
     try:
         layer_cls = get_layer(record["layer_type"])

@@ -51,14 +51,15 @@ def pair(model, kind: str, rank: int = 4) -> tuple[LoadedModel, LoadedModel]:
     return LoadedModel("student", student_model, tok, kind, Path("/nonexistent-student")), teacher
 
 
-OPTS = {"lr": 2e-2, "eval_every": 3, "eval_size": 8, "batch_size": 4, "max_length": 24, "progress": False}
+OPTS = {"lr": 2e-2, "eval_every": 3, "eval_size": 8, "batch_size": 4, "max_length": 24, "progress": False,
+        "eval_texts": TEXTS[:8]}
 
 
 def test_heal_encoder_reduces_distillation_loss(tiny_bert):
     student, teacher = pair(tiny_bert, "encoder")
     frozen = {k: v.clone() for k, v in student.model.named_parameters() if "word_embeddings" not in k}
-    r = heal(student, teacher, texts=TEXTS, steps=9, **OPTS)
-    assert r["steps"] == 9 and r["mode"] == "distillation"
+    r = heal(student, teacher, texts=TEXTS, steps=6, **OPTS)
+    assert r["steps"] == 6 and r["mode"] == "distillation"
     assert r["best_eval"]["loss"] < 0.9 * r["eval_before"]["loss"]
     assert r["best_eval"]["fidelity"] > r["eval_before"]["fidelity"]
     for k, v in student.model.named_parameters():  # only the factors were trained
@@ -68,7 +69,7 @@ def test_heal_encoder_reduces_distillation_loss(tiny_bert):
 
 def test_heal_decoder_reduces_kl(tiny_gpt2):
     student, teacher = pair(tiny_gpt2, "decoder")
-    r = heal(student, teacher, texts=TEXTS * 4, steps=9, **OPTS)
+    r = heal(student, teacher, texts=TEXTS * 4, steps=6, **OPTS)
     assert r["best_eval"]["loss"] < 0.9 * r["eval_before"]["loss"]
     assert student.model.get_output_embeddings().embedding is student.model.get_input_embeddings()
 

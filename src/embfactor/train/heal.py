@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "seed": 0,
     "resume": False,
+    "eval_texts": None,
 }
 
 
@@ -282,7 +283,8 @@ def heal(
             classification head on the pooled embedding; saved as classifier.safetensors + classifier.json.
         progress: tqdm progress bar with the loss.
         **opts: lr, batch_size, max_length, train_layernorm, bf16, eval_every (steps), eval_size,
-            save_every_seconds, mse_weight, distill_weight, warmup_steps, weight_decay, seed, resume.
+            save_every_seconds, mse_weight, distill_weight, warmup_steps, weight_decay, seed, resume,
+            eval_texts (held-out texts; default the held-out part of the bundled Wikipedia extract).
 
     Returns:
         A summary: steps, seconds, eval loss before/best/last, the eval history, fidelity (encoders) or
@@ -347,7 +349,7 @@ def heal(
         tok.pad_token, pad_added = tok.eos_token, True
 
     # ---- data: training batches and a fixed held-out slice
-    heldout = wiki_split("heldout")
+    heldout = _check_texts(o["eval_texts"]) if o["eval_texts"] is not None else wiki_split("heldout")
     rng = np.random.default_rng(o["seed"])
     if sup_texts is not None:
         perm = rng.permutation(len(sup_texts))
@@ -359,7 +361,8 @@ def heal(
         eval_y = y_all[torch.as_tensor(eval_idx)]
     elif kind == "encoder":
         train_items = passages(texts if texts is not None else wiki_split("train"))
-        eval_items = passages(heldout)[:: max(1, len(passages(heldout)) // o["eval_size"])][: o["eval_size"]]
+        held = passages(heldout)
+        eval_items = held[:: max(1, len(held) // o["eval_size"])][: o["eval_size"]]
     else:
         train_items = token_windows(tok, texts if texts is not None else wiki_split("train"), o["max_length"])
         ew = token_windows(tok, heldout, o["max_length"])
@@ -483,7 +486,7 @@ def heal(
             atomic_write_json(out_dir / HEAD_JSON, {"classes": classes, "pooling": "mean",
                                                     "in_features": int(best_head["weight"].shape[1])})
         info = {"step": step, "seconds": elapsed(), "history": history, "eval_before": before,
-                "best_eval": best_eval, "options": {k: v for k, v in o.items() if k != "resume"}}
+                "best_eval": best_eval, "options": {k: v for k, v in o.items() if k not in ("resume", "eval_texts")}}
         _write_state(out_dir, params, best, optimizer, unwrap(head) if head is not None else None, info)
 
     t0, c0 = time.perf_counter(), time.process_time()

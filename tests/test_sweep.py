@@ -140,3 +140,24 @@ def test_cli_sweep(tiny_bert_dir, tmp_path, capsys):
     assert main(["sweep", str(tiny_bert_dir), "--methods", "nope", "--json", str(out)]) == 2
     assert "unknown decomposition method 'nope'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_fake_quantized_factors_match_real_quantized_storage(tiny_bert_dir):
+    """The fallback (fake-quantizing U and V) gives the same effective table as quantize_'s int storage."""
+    import torch
+
+    from embfactor import factorize_
+    from embfactor.eval.reconstruction import effective_table
+    from embfactor.eval.sweep import clone_model, fake_quantize_module_
+    from embfactor.models import load_model
+
+    surgery = pytest.importorskip("embfactor.surgery")
+    if not hasattr(surgery, "quantize_"):
+        pytest.skip("embfactor.surgery.quantize_ is not available")
+    lm = load_model(str(tiny_bert_dir))
+    factorize_(lm.model, rank=6, method="svd")
+    real, fake = clone_model(lm), clone_model(lm)
+    info = surgery.quantize_(real.model, 8)
+    nbytes = fake_quantize_module_(fake.model.get_input_embeddings(), 8)
+    assert nbytes == info["embedding_bytes"]
+    torch.testing.assert_close(effective_table(real.model), effective_table(fake.model), rtol=1e-6, atol=1e-6)

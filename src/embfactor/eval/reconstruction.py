@@ -37,7 +37,8 @@ def effective_table(model, *, block: int = 8192) -> torch.Tensor:
     """
     emb = input_embedding(model)
     n = int(emb.num_embeddings)
-    device = next(emb.parameters()).device
+    # quantized layers hold only buffers (integer tables), so look at both
+    device = next((t.device for t in (*emb.parameters(), *emb.buffers())), torch.device("cpu"))
     return torch.cat([emb(torch.arange(s, min(s + block, n), device=device)).float().cpu() for s in range(0, n, block)])
 
 

@@ -81,17 +81,23 @@ def fake_quantize_module_(layer: nn.Module, bits: int) -> int:
 
 
 def _quantize(lm, bits: int) -> tuple[int, str]:
-    """Store ``lm``'s (factorized) embedding with ``bits``-bit rows; return (embedding bytes, implementation)."""
+    """Store ``lm``'s (factorized) embedding with ``bits``-bit rows; return (embedding bytes, implementation).
+
+    U·V layers go through :func:`embfactor.surgery.quantize_` (the real int8/int4 storage) when it exists; other
+    layer types (e.g. ``block``) are fake-quantized table by table, which gives the same quality numbers.
+    """
     from embfactor.eval.tasks import input_embedding
+    from embfactor.layers import FactorizedEmbedding
 
     try:
-        from embfactor.surgery import quantize_  # written by the quantization work; preferred when present
+        from embfactor.surgery import quantize_
     except ImportError:
         quantize_ = None
-    if quantize_ is not None:
-        quantize_(lm.model, bits)
-        return _embedding_bytes_fp32(input_embedding(lm.model)), "surgery.quantize_"
-    return fake_quantize_module_(input_embedding(lm.model), bits), "fake_quantize_rows"
+    layer = input_embedding(lm.model)
+    if quantize_ is not None and type(layer) is FactorizedEmbedding:
+        info = quantize_(lm.model, bits)
+        return int(info["embedding_bytes"]), "surgery.quantize_"
+    return fake_quantize_module_(layer, bits), "fake_quantize_rows"
 
 
 def _row(result: dict[str, Any], task: str) -> dict[str, Any]:
@@ -316,8 +322,10 @@ def sweep(
 def _heal_digest(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     if summary is None:
         return None
-    keep = ("steps", "seconds", "eval_before", "best_eval", "eval_last", "fidelity", "kl")
-    return {k: summary[k] for k in keep if k in summary and isinstance(summary[k], (int, float, type(None)))}
+    # the eval history can be long; the sweep keeps what tells whether healing helped
+    keep = ("steps", "seconds", "best_step", "eval_before", "best_eval", "improvement", "trainable_params",
+            "train_layernorm")
+    return {k: summary[k] for k in keep if k in summary}
 
 
 def plot_sweep(result: dict[str, Any]) -> bytes:
@@ -345,6 +353,9 @@ def plot_sweep(result: dict[str, Any]) -> bytes:
                 for p in pts:
                     ax.annotate(f"{p['ratio']:g}x", (p["embedding_bytes"], p[key]), fontsize=7,
                                 textcoords="offset points", xytext=(3, 3))
+        orig = result["reference"][0].get(key) if result["reference"] else None
+        if orig is not None:  # the original's level, to read the loss of every point against
+            ax.axhline(orig, color="black", linewidth=0.8, linestyle=":", alpha=0.6)
         for ref in result["reference"]:
             if ref.get(key) is None:
                 continue

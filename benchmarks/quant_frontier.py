@@ -42,7 +42,8 @@ def _tiny_lm():
 
 
 def run(
-    quick: bool = False, ranks: list[int] | None = None, extra: list[str] | None = None, passages: int | None = None
+    quick: bool = False, ranks: list[int] | None = None, extra: list[str] | None = None, passages: int | None = None,
+    heal_minutes: float = 0.0,
 ) -> dict[str, Any]:
     import copy
 
@@ -62,7 +63,7 @@ def run(
                                 "fidelity_texts": ["w1 w2", "w3 a"]}
     else:
         ref = load_model("minilm")
-        ranks = ranks or [16, 32, 48, 63, 96, 128, 192, 256]
+        ranks = [16, 32, 48, 63, 96, 128, 192, 256] if ranks is None else ranks
         opts = {}
         if passages is not None:  # fewer fidelity passages: faster on a busy machine
             from embfactor.eval.similarity import wiki_passages
@@ -104,10 +105,17 @@ def run(
             point(f"svd r={r} int{bits}", "factorized", r, bits, q, q.storage_bytes)
     for folder in extra or []:
         # an earlier compress output (e.g. a data-aware or healed factorization): its own U·V, then quantized
-        fe = input_embedding(load_model(folder).model)
+        student = load_model(folder)
+        name = Path(folder).name
+        if heal_minutes:
+            from embfactor.train.heal import heal
+
+            # healing first, quantization after (quantize_ stores whatever factors the model has)
+            heal(student, ref, minutes=heal_minutes, progress=False)
+            name += f" healed {heal_minutes:g} min"
+        fe = input_embedding(student.model)
         if not isinstance(fe, FactorizedEmbedding):
             raise SystemExit(f"{folder}: the embedding is a {type(fe).__name__}, not a FactorizedEmbedding")
-        name = Path(folder).name
         point(f"{name} r={fe.rank} fp32", "factorized", fe.rank, 32, fe, 4 * fe.num_params)
         for bits in (8, 4):
             q = QuantizedFactorizedEmbedding.from_factorized(fe, bits)
@@ -138,14 +146,15 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random model, seconds (for CI)")
-    p.add_argument("--ranks", help="comma-separated ranks (default 16..256)")
+    p.add_argument("--ranks", help="comma-separated ranks (default 16..256; 'none' for only --from)")
     p.add_argument("--from", dest="extra", nargs="+", metavar="FOLDER",
                    help="also evaluate these compressed (factorized) outputs, in float32, int8 and int4")
+    p.add_argument("--heal-minutes", type=float, default=0.0, help="heal each --from model this long first")
     p.add_argument("--passages", type=int, default=None, help="fidelity passages to use (default: all 200)")
     p.add_argument("--name", default=None, help="results file name (default quant_frontier)")
     args = p.parse_args(argv)
-    ranks = [int(x) for x in args.ranks.split(",")] if args.ranks else None
-    res = run(args.quick, ranks, args.extra, args.passages)
+    ranks = None if args.ranks is None else [int(x) for x in args.ranks.split(",") if x.strip() and x != "none"]
+    res = run(args.quick, ranks, args.extra, args.passages, args.heal_minutes)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = args.name or ("quant_frontier_quick" if args.quick else "quant_frontier")
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -53,7 +53,7 @@ def test_forward_equals_reconstructed_rows(dense_share, block_rows, num_cores, m
     torch.manual_seed(0)
     emb = TTEmbedding(VOCAB, D, tt_rank=5, num_cores=num_cores)
     table = full_table(emb)
-    for shape in [(7,), (3, 40), (2, 3, 50), ()]:
+    for shape in [(7,), (3, 40), (2, 3, 50), (), (0,), (2, 0)]:
         x = torch.randint(0, VOCAB, shape)
         out = emb(x)
         assert out.shape == (*shape, D)

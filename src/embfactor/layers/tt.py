@@ -273,7 +273,7 @@ class TTEmbedding(nn.Module):
                 cur = sl.reshape(-1, m, rn)  # r_0 = 1
             else:
                 left = cur.index_select(0, parents[t])  # (Q, M, r_prev)
-                cur = torch.bmm(left, sl.reshape(-1, rp, m * rn)).reshape(left.shape[0], -1, rn)
+                cur = torch.bmm(left, sl.reshape(-1, rp, m * rn)).reshape(left.shape[0], left.shape[1] * m, rn)
         assert cur is not None and parents[-1] is not None
         return cur, parents[-1]
 
@@ -299,6 +299,8 @@ class TTEmbedding(nn.Module):
         n_k, r, m_k, _ = core.shape
         Q, M, _ = prefix.shape
         U = digit.shape[0]
+        if U == 0:
+            return prefix.new_zeros(0, M * m_k)
         if U * _DENSE_SHARE < Q * n_k:
             left = prefix.index_select(0, parent)  # (U, M, r)
             right = core.index_select(0, digit).reshape(U, r, m_k)

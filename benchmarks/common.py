@@ -44,7 +44,8 @@ def current_rss_mb() -> float:
 
 
 def time_call(
-    fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0
+    fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median/min/max wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs.
 
@@ -56,28 +57,29 @@ def time_call(
     samples = []
     for _ in range(repeats):
         n = 0
-        t0 = time.perf_counter()
+        t0 = clock()
         while True:
             fn()
             n += 1
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if dt >= min_seconds:
                 break
         samples.append(dt / n)
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "repeats": repeats}
 
 
-def machine_limits(*, quick: bool = False) -> dict[str, float]:
+def machine_limits(*, quick: bool = False, cpu_time: bool = False) -> dict[str, float]:
     """Measure this machine now: copy bandwidth and GEMM throughput (float32, float64, bfloat16).
 
     Bandwidth counts read + write bytes of a large ``copy_`` (bigger than any cache); FLOP/s come from a square
     matmul. Each is the best of several runs: the machine's ceiling, against which every method's time is a
     multiple ≥ 1 in the results.
     """
+    clock = time.process_time if cpu_time else time.perf_counter
     n_copy = (8 if quick else 64) * 2**20  # float32 elements: 32 MB or 256 MB
     x = torch.empty(n_copy, dtype=torch.float32).normal_()
     y = torch.empty_like(x)
-    t = time_call(lambda: y.copy_(x), repeats=3 if quick else 7, warmup=1)
+    t = time_call(lambda: y.copy_(x), repeats=3 if quick else 7, warmup=1, clock=clock)
     out: dict[str, float] = {"copy_bandwidth_gbs": 2 * x.numel() * 4 / t["min"] / 1e9}
     del x, y
     m = 384 if quick else 2048
@@ -85,9 +87,19 @@ def machine_limits(*, quick: bool = False) -> dict[str, float]:
     for dt, key in kinds:
         a = torch.randn(m, m).to(dt)
         b = torch.randn(m, m).to(dt)
-        t = time_call(lambda: a @ b, repeats=3 if quick else 5, warmup=1)
+        t = time_call(lambda: a @ b, repeats=3 if quick else 5, warmup=1, clock=clock)
         out[key] = 2 * m**3 / t["min"] / 1e9
+    out["threads"] = torch.get_num_threads()
+    out["clock"] = "cpu" if cpu_time else "wall"
     return out
+
+
+def emit_machine_limits(quick: bool = False) -> None:
+    """Subprocess entry: machine limits in CPU time on this process's threads (see :func:`run_isolated`)."""
+    emit(machine_limits(quick=quick, cpu_time=True))
+
+
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def environment() -> dict[str, Any]:
@@ -118,10 +130,13 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def run_isolated(module: str, function: str, kwargs: dict[str, Any], *, timeout: float) -> list[dict[str, Any]]:
+def run_isolated(
+    module: str, function: str, kwargs: dict[str, Any], *, timeout: float, single_thread: bool = False
+) -> list[dict[str, Any]]:
     """Run ``module.function(**kwargs)`` in a fresh Python process; return the results it :func:`emit`-ted.
 
-    Each result carries ``peak_rss_mb`` (the process's high-water mark when it was emitted). A timeout or crash
+    ``single_thread`` pins every BLAS/OpenMP pool to one thread: CPU time then equals compute time, which stays
+    meaningful on a machine shared with other jobs (wall time does not). Each result carries ``peak_rss_mb`` (the process's high-water mark when it was emitted). A timeout or crash
     keeps the results emitted before it and appends one ``{"status": "timeout"|"error"}`` record, so one bad
     case does not lose a whole benchmark run.
     """
@@ -132,6 +147,8 @@ def run_isolated(module: str, function: str, kwargs: dict[str, Any], *, timeout:
         "_f(**json.loads(sys.argv[1]))\n"
     )
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    if single_thread:  # torch (OpenMP/MKL) and numpy/scipy (OpenBLAS) all on one thread
+        env.update(SINGLE_THREAD_ENV)
     failure: dict[str, Any] | None = None
     try:
         proc = subprocess.run(

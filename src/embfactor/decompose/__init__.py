@@ -40,10 +40,15 @@ __all__ = [
 
 
 def default_method(shape: tuple[int, int], rank: int | None = None) -> str:
-    """The best method for a matrix shape, as measured by ``benchmarks/decompose.py``.
+    """The best method for a matrix shape, as measured by ``benchmarks/decompose.py`` (``embfactor bench``).
 
-    When vocab ≫ d the Gram route (``eig``: one d×d product in float64, one eigh, one product for U) is
-    the fastest exact method; for near-square matrices the direct ``svd`` is.
+    When vocab ≫ d the Gram route (``eig``: one blockwise d×d Gram product, one float64 eigh, one product
+    for U) is exact and the fastest method at every rank: 2·n·d² + 2·n·d·r FLOPs in two passes over E, against
+    sklearn TruncatedSVD's 12 passes (5 power iterations), and it is within ~1.3× of this machine's GEMM
+    lower bound (250,002×768 at r=192: ≈2.7 s vs ≈2.3 s bound; 30,522×384: ≈0.2 s; measured on 2 cores).
+    The rank does not change the choice (the U pass is the only rank-dependent part). For near-square
+    matrices the Gram matrix squares the condition number, so the direct LAPACK ``svd`` is used there.
+    Randomized methods (``rsvd``) are never faster than ``eig`` on embedding shapes and are not exact.
     """
     vocab, d = shape
     return "eig" if max(vocab, d) >= 4 * min(vocab, d) else "svd"

@@ -88,8 +88,10 @@ def _quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> i
     from embfactor.layers.quantized import parse_bits
 
     bits = parse_bits(quantize)
-    if config.method == "tt":
-        raise ConfigError("--quantize stores U·V factors; it does not apply to --method tt (tensor-train cores)")
+    if config.method in ("tt", "block"):
+        raise ConfigError(
+            f"--quantize stores one U·V pair; it does not apply to --method {config.method} (use svd, eig, wsvd, ...)"
+        )
     return bits
 
 

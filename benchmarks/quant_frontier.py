@@ -122,14 +122,19 @@ def run(
             point(f"{name} r={fe.rank} int{bits}", "factorized", fe.rank, bits, q, q.storage_bytes)
     orig = rows[0]
     bar = {"spearman_min": orig["spearman"] * 0.99, "fidelity_min": 0.98}
-    return {"model": ref.name, "vocab": vocab, "dim": d, "fp32_bytes": fp32, "quality_bar": bar, "rows": rows}
+    return {
+        "model": ref.name, "vocab": vocab, "dim": d, "fp32_bytes": fp32, "quality_bar": bar, "rows": rows,
+        "heal_minutes": heal_minutes, "fidelity_passages": passages,
+    }
 
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"# Quantized factors vs plain per-row quantization: {res['model']} ({res['vocab']} x {res['dim']})",
         "",
-        "No healing. Bar of the quality issue: Spearman >= "
+        (f"--from models healed {res['heal_minutes']:g} min (distillation), then quantized; the rest unhealed. "
+         if res.get("heal_minutes") else "No healing. ")
+        + "Bar of the quality issue: Spearman >= "
         f"{res['quality_bar']['spearman_min']:.4f} (original -1%), fidelity >= 0.98.",
         "",
         "| point | embedding bytes | x fewer than fp32 | Lee Spearman | fidelity |",

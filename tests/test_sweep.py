@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from embfactor.errors import ConfigError, InvalidInputError, UnknownMethodError
 
@@ -161,3 +162,23 @@ def test_fake_quantized_factors_match_real_quantized_storage(tiny_bert_dir):
     nbytes = fake_quantize_module_(fake.model.get_input_embeddings(), 8)
     assert nbytes == info["embedding_bytes"]
     torch.testing.assert_close(effective_table(real.model), effective_table(fake.model), rtol=1e-6, atol=1e-6)
+
+
+def test_sweep_with_healing(tiny_bert_dir, opts, monkeypatch):
+    """--heal-minutes calls embfactor.train.heal.heal(student, teacher, minutes=...) on each factorized copy."""
+    heal_mod = pytest.importorskip("embfactor.train.heal")
+    from embfactor.eval.sweep import sweep
+    from embfactor.layers import FactorizedEmbedding
+
+    calls = []
+
+    def fake_heal(student, teacher, *, minutes=None, progress=True, **kw):  # the real one trains for minutes
+        calls.append((type(student.model.get_input_embeddings()), type(teacher.model.get_input_embeddings()), minutes, kw))
+        return {"steps": 7, "seconds": 1.0, "history": [1, 2, 3], "best_eval": {"loss": 0.5}}
+
+    monkeypatch.setattr(heal_mod, "heal", fake_heal)
+    r = sweep(str(tiny_bert_dir), ratios="2,4", methods="svd", heal_minutes=0.5, progress=False, task_options=opts,
+              heal_options={"lr": 1e-3})
+    assert [c[:3] for c in calls] == [(FactorizedEmbedding, torch.nn.Embedding, 0.5)] * 2 and calls[0][3] == {"lr": 1e-3}
+    assert [p["label"] for p in r["points"]] == ["svd+heal0.5m"] * 2
+    assert r["points"][0]["heal"] == {"steps": 7, "seconds": 1.0, "best_eval": {"loss": 0.5}}  # history left out

@@ -51,7 +51,8 @@ def compress(
     if config.method is not None and get_method(config.method).data_aware:
         stages.set_postfix_str("counting token frequencies")
         texts = read_texts(text_files) if text_files else None
-        token_weights = frequency_weights(lm.tokenizer, texts, vocab_size=lm.model.get_input_embeddings().num_embeddings)
+        vocab = lm.model.get_input_embeddings().num_embeddings
+        token_weights = frequency_weights(lm.tokenizer, texts, vocab_size=vocab)
     stages.set_postfix_str("decomposing")
     rep = factorize_(lm.model, config, progress=progress, token_weights=token_weights)
     stages.update()

@@ -62,7 +62,9 @@ class BlockFactorizedEmbedding(nn.Module):
                 raise ConfigError(f"bucket rank {r} must be within [0, min(bucket size {n}, d {embedding_dim})]")
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+                raise ConfigError(
+                    f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}"
+                )
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.sizes, self.ranks, self.zero_padding = sizes, ranks, bool(zero_padding)

@@ -185,7 +185,9 @@ def factorize_(
     data_opts: dict[str, Any] = {}
     if config.method is not None and get_method(config.method).data_aware:
         data_opts["token_weights"] = token_weights  # the method explains how to pass them when None
-    f = decompose(E, r, method=config.method, seed=config.seed, progress=progress, **config.method_options, **data_opts)
+    f = decompose(
+        E, r, method=config.method, seed=config.seed, progress=progress, **config.method_options, **data_opts
+    )
     pad = emb.padding_idx
     pad_is_zero = pad is None or not bool(E[pad].any())
     # --- the model is mutated only below this line ---

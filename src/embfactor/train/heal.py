@@ -178,7 +178,7 @@ def _hidden(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torc
 def encoder_loss(
     s_hidden: torch.Tensor, t_hidden: torch.Tensor, mask: torch.Tensor, mse_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1 − cos(pooled)) + mse_weight · ‖h_s − h_t‖²/‖h_t‖² over real tokens; also returns the pooled cosines."""
+    """(1 − cos(pooled)) + mse_weight · ‖h_s − h_t‖²/‖h_t‖² over real tokens; also the pooled cosines."""
     s_hidden, t_hidden = s_hidden.float(), t_hidden.float()
     cos = F.cosine_similarity(_pool(s_hidden, mask), _pool(t_hidden, mask), dim=-1)
     m = mask.unsqueeze(-1).to(s_hidden.dtype)

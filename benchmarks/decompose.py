@@ -9,7 +9,8 @@ design notes' choice) and the time as a multiple of the method's lower bound on 
 Lower-bound model (t_min = max(FLOPs / fp32 GEMM peak, passes · 4·n·d bytes / copy bandwidth); n×d matrix,
 rank r, k = r + oversampling, q power iterations):
 
-- ``eig``: Gram pass 2·n·d² + U pass 2·n·d·r FLOPs, 2 passes (eigh of d×d is O(d³), negligible).
+- ``eig``: Gram pass n·d² (BLAS syrk: only one triangle) + U pass 2·n·d·r FLOPs, 2 passes (eigh of d×d is
+  O(d³), negligible).
 - ``svd`` (LAPACK gesdd, thin): 6·n·d² + 20·d³ FLOPs (Golub & Van Loan's R-SVD count), 2 passes.
 - randomized SVD (ours, sklearn, torch.svd_lowrank): (2q + 2) products with E at 2·n·d·k each, plus one
   orthonormalization of an n×k block per power iteration at ≥ 2·n·k² and the final 2·n·k·r; 2q + 2 passes.
@@ -204,7 +205,7 @@ def lower_bound(
         return (2 * q + 2) * 2 * n * d * k + (q + 1) * 2 * n * k * k + 2 * n * k * r, 2 * q + 2
 
     if method == "ef-eig":
-        F, P = 2 * n * d * d + 2 * n * d * r, 2
+        F, P = n * d * d + 2 * n * d * r, 2  # the Gram pass is a syrk (symmetric: half of a GEMM's 2·n·d²)
     elif method == "ef-svd":
         F, P = 6 * n * d * d + 20 * d**3, 2
     elif method == "ef-rsvd":

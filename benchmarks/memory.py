@@ -74,13 +74,19 @@ def _tiny_model_dir(folder: Path) -> Path:
 
 
 def run(*, quick: bool = False, output: str | Path | None = None, progress: bool = True,
-        timeout: float = 600.0) -> dict[str, Any]:
-    """Run the memory suite; write ``bench_memory.json``/``.md``; return the data."""
+        timeout: float = 600.0, models: list[str] | None = None) -> dict[str, Any]:
+    """Run the memory suite; write ``bench_memory.json``/``.md``; return the data.
+
+    Args:
+        models: a subset of the bundled models (default: all of :data:`FULL_MODELS`).
+    """
     env = environment()
     rows = []
     with tempfile.TemporaryDirectory(prefix="embfactor-bench-mem-") as tmp:
-        models = {str(_tiny_model_dir(Path(tmp))): ["--ratio", "4"]} if quick else FULL_MODELS
-        for model, target in models.items():
+        todo = {str(_tiny_model_dir(Path(tmp))): ["--ratio", "4"]} if quick else FULL_MODELS
+        if models and not quick:
+            todo = {k: v for k, v in todo.items() if k in models}
+        for model, target in todo.items():
             label = "tiny-bert (random)" if quick else model
             imports = _run_measured([sys.executable, "-c", IMPORTS_ONLY], timeout)
             base = _run_measured([sys.executable, "-c", LOAD_ONLY, model], timeout)
@@ -139,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--output", default=None)
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(FULL_MODELS)}")
     a = p.parse_args(argv)
-    run(quick=a.quick, output=a.output)
+    run(quick=a.quick, output=a.output, models=a.models.split(",") if a.models else None)
     return 0
 
 

@@ -153,3 +153,12 @@ def test_factorize_keeps_optimal_factors_with_fast_paths(tiny_llama_tied):
     ids = torch.tensor([[1, 2, 3]])
     logits = tiny_llama_tied(ids).logits
     assert torch.isfinite(logits).all()
+
+
+def test_float32_gram_accepts_parameters_and_views():
+    # the fast path hands float32 row blocks to NumPy (BLAS syrk); a Parameter or a strided view must work too
+    W = torch.nn.Parameter(_embedding_like(300, 16))
+    ref = gram(W.detach(), precision="float64")
+    assert torch.allclose(gram(W, block_rows=64, precision="float32"), ref, rtol=1e-5, atol=1e-6)
+    wide = _embedding_like(40, 300)
+    assert torch.allclose(gram(wide.T, block_rows=64, precision="float32"), gram(wide.T.contiguous()), atol=1e-4)

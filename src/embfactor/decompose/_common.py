@@ -59,11 +59,18 @@ def gram(E: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS, *, precision: str =
     d = E.shape[1]
     G = torch.zeros(d, d, dtype=torch.float64)
     if precision == "float32" and E.dtype != torch.float64:
+        use_numpy = E.device.type == "cpu"
         buf = torch.empty(d, d, dtype=torch.float32)
         for start in range(0, E.shape[0], block_rows):
-            blk = E[start : start + block_rows].to(torch.float32)
-            torch.mm(blk.T, blk, out=buf)
-            G += buf
+            blk = E[start : start + block_rows].detach().to(torch.float32)
+            if use_numpy:
+                # NumPy dispatches a.T @ a to BLAS syrk (half the FLOPs of a general GEMM): measured 1.5× faster
+                # than torch.mm for the Gram pass on CPU (benchmarks/decompose.py)
+                a = blk.numpy()
+                G += torch.from_numpy(a.T @ a)
+            else:
+                torch.mm(blk.T, blk, out=buf)
+                G += buf
         return G
     for start in range(0, E.shape[0], block_rows):
         blk = E[start : start + block_rows].to(torch.float64)

@@ -194,3 +194,14 @@ def test_cli_tiny_run_on_bundled_wikipedia(tmp_path, capsys):
     assert data["data"]["train_tokens"] > 100_000
     assert data["variants"][1]["embedding_params"] == 30522 * 4 + 4 * 16
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_balanced_factor_init_keeps_table_scale():
+    from embfactor.layers import FactorizedEmbedding
+
+    torch.manual_seed(0)
+    e = FactorizedEmbedding(2000, 64, rank=16, padding_idx=0)
+    scratch.balance_factors_(e, 0.125)
+    assert float(e.weight.detach().std()) == pytest.approx(0.125, rel=0.05)
+    assert float(e.U.detach().std()) == pytest.approx(float(e.V.detach().std()), rel=0.1)
+    assert not e.U[0].any()

@@ -84,5 +84,5 @@ def tiny_bert_dir(tmp_path: Path, tiny_bert) -> Path:
     words += [f"w{i}" for i in range(VOCAB - len(set(words)))]
     vocab = list(dict.fromkeys(words))[:VOCAB]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
     return folder

@@ -162,3 +162,11 @@ def test_float32_gram_accepts_parameters_and_views():
     assert torch.allclose(gram(W, block_rows=64, precision="float32"), ref, rtol=1e-5, atol=1e-6)
     wide = _embedding_like(40, 300)
     assert torch.allclose(gram(wide.T, block_rows=64, precision="float32"), gram(wide.T.contiguous()), atol=1e-4)
+
+
+@pytest.mark.parametrize("split", ["symmetric", "left", "right"])
+def test_eig_in_place_scaling_matches_svd_for_every_split(split):
+    E = _embedding_like(500, 24, seed=3)
+    f = ef.decompose(E, rank=8, method="eig", split=split)
+    ref = ef.decompose(E, rank=8, method="svd", split=split)
+    assert torch.allclose(f.U, ref.U, atol=1e-4) and torch.allclose(f.V, ref.V, atol=1e-4)

@@ -113,20 +113,28 @@ def from_svd(
     method: str,
     split: str = "symmetric",
     meta: dict[str, Any] | None = None,
+    inplace: bool = False,
 ) -> "Factors":  # noqa: F821 - imported lazily to keep this module import-light
     """Build canonical Factors from a thin SVD E ≈ Us·diag(S)·Vsᵀ (Us: vocab×r, Vs: d×r).
 
     Signs are fixed so that each right singular vector's largest entry is positive: the same input gives the
-    same factors whatever LAPACK or random start produced them.
+    same factors whatever LAPACK or random start produced them. ``inplace=True`` lets the function scale ``Us``
+    in place (the caller's own temporary), which saves two vocab × r copies at peak.
     """
     from embfactor.decompose.factors import Factors
 
     if split not in SPLITS:
         raise InvalidInputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     s = fix_signs(Vs)
+    S = S.to(Us.dtype)
+    if inplace and split != "right" and Us.is_contiguous():
+        # the caller's own vocab × r temporary: scale it in place instead of making two more copies
+        Us = Us.mul_(s * (S.clamp_min(0).sqrt() if split == "symmetric" else S))
+        Vs = Vs * s
+        V = (Vs * S.clamp_min(0).sqrt()).T if split == "symmetric" else Vs.T
+        return Factors(Us, V.contiguous(), method=method, singular_values=S.double(), meta=dict(meta or {}))
     Us = Us * s
     Vs = Vs * s
-    S = S.to(Us.dtype)
     if split == "symmetric":
         root = S.clamp_min(0).sqrt()
         U, V = Us * root, (Vs * root).T

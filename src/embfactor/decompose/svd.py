@@ -71,4 +71,6 @@ def eig(
     Us = AV.div_(S_safe.to(A.dtype))
     if transpose:
         Us, Vs = Vs, Us
-    return from_svd(Us, S.to(A.dtype), Vs, method="eig", split=split, meta={"transposed": transpose})
+    return from_svd(
+        Us, S.to(A.dtype), Vs, method="eig", split=split, meta={"transposed": transpose}, inplace=not transpose
+    )

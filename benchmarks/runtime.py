@@ -155,9 +155,9 @@ def run(*, quick: bool = False, output: str | Path | None = None, progress: bool
     Timings are CPU time with torch on one thread (restored afterwards): on a shared machine wall-clock times of
     millisecond kernels were dominated by thread synchronization waiting for a core, not by the kernels.
     """
-    env = environment()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    env = environment()  # records the one thread actually used
     try:
         return _run(quick=quick, output=output, progress=progress, env=env)
     finally:

@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.embfactor-installed
 DEMO_OUT ?= out/minilm-r6
+QUICK_OUT ?= out/bench-quick
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo test bench bench-quick lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +26,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/embfactor bench
+
+# Every benchmark in its --quick mode: seconds each, so CI keeps them from rotting (results: *_quick.*).
+bench-quick: $(STAMP)
+	$(VENV)/bin/embfactor bench --quick --output $(QUICK_OUT)
+	$(PY) benchmarks/quality.py --quick
+	$(PY) benchmarks/tt_speed.py --quick
+	$(PY) benchmarks/quant_frontier.py --quick
+	$(PY) benchmarks/load_test.py --quick --output $(QUICK_OUT)/load_test_quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -203,16 +203,20 @@ def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str
     return "\n".join(lines)
 
 
-def write_results(name: str, data: dict[str, Any], markdown: str, output: str | os.PathLike | None) -> dict[str, str]:
-    """Write ``bench_<name>.json`` and ``bench_<name>.md`` atomically into ``output``; return their paths."""
+def write_result_files(prefix: str | os.PathLike, data: Any, markdown: str) -> dict[str, str]:
+    """Write ``<prefix>.json`` and ``<prefix>.md`` atomically; return their paths."""
     from embfactor.fileio import atomic_write_json, atomic_write_text
 
-    out = Path(output) if output is not None else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    jp, mp = out / f"bench_{name}.json", out / f"bench_{name}.md"
+    prefix = Path(prefix)
+    jp, mp = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")
     atomic_write_json(jp, data)
     atomic_write_text(mp, markdown.rstrip() + "\n")
     return {"json": str(jp), "markdown": str(mp)}
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str, output: str | os.PathLike | None) -> dict[str, str]:
+    """Write ``bench_<name>.json`` and ``bench_<name>.md`` atomically into ``output``; return their paths."""
+    return write_result_files(Path(output if output is not None else RESULTS_DIR) / f"bench_{name}", data, markdown)
 
 
 def header(title: str, env: dict[str, Any], limits: dict[str, float] | None, command: str) -> str:

@@ -95,7 +95,6 @@ def make_requests(n: int, texts: list[str], seed: int = 0) -> list[dict[str, Any
     """A seeded mix: ~60% valid (/embed batches, /info, /health), ~40% invalid of many kinds."""
     rng = random.Random(seed)
     long_text = " ".join(rng.choice(texts) for _ in range(60))  # far over MAX_TOKENS tokens
-    as_json = {"content-type": "application/json"}
     invalid = [
         ("empty texts", "POST", "/embed", {"json": {"texts": []}}),
         ("too many texts", "POST", "/embed", {"json": {"texts": ["a text"] * (MAX_TEXTS + 1)}}),
@@ -179,7 +178,6 @@ def summarize(reqs, results, wall, sampler: RssSampler, warmup: int, model: str,
         by_status[str(r["status"])] = by_status.get(str(r["status"]), 0) + 1
     lat = [r["seconds"] for r in results]
     valid = [(q, r) for q, r in zip(reqs, results) if q["kind"] == "valid"]
-    as_json = {"content-type": "application/json"}
     invalid = [(q, r) for q, r in zip(reqs, results) if q["kind"] == "invalid"]
     bad_valid = [
         {"label": q["label"], "status": r["status"], "body": r["body"]} for q, r in valid if r["status"] != 200

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
+from benchmarks.common import write_result_files  # noqa: E402
 
 
 def _tiny_lm():
@@ -160,10 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ranks = None if args.ranks is None else [int(x) for x in args.ranks.split(",") if x.strip() and x != "none"]
     res = run(args.quick, ranks, args.extra, args.passages, args.heal_minutes)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = args.name or ("quant_frontier_quick" if args.quick else "quant_frontier")
-    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(res))
+    write_result_files(RESULTS / name, res, markdown(res))
     print(markdown(res))
     return 0
 

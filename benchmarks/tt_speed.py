@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import platform
 import statistics
 import time
@@ -27,6 +28,9 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
+from benchmarks.common import write_result_files  # noqa: E402
 
 
 class NaiveTT(nn.Module):
@@ -146,10 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, seconds (for CI)")
     args = p.parse_args(argv)
     res = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = "tt_speed_quick" if args.quick else "tt_speed"
-    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(res))
+    write_result_files(RESULTS / name, res, markdown(res))
     print(markdown(res))
     return 0
 

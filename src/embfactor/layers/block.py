@@ -11,7 +11,7 @@ from torch import nn
 
 from embfactor.errors import ConfigError, InvalidInputError
 from embfactor.layers.embedding import check_token_ids
-from embfactor.layers.registry import register_layer
+from embfactor.layers.registry import check_layer_args, register_layer
 
 
 @register_layer("block")
@@ -60,12 +60,7 @@ class BlockFactorizedEmbedding(nn.Module):
         for n, r in zip(sizes, ranks):
             if r < 0 or r > min(n, embedding_dim):
                 raise ConfigError(f"bucket rank {r} must be within [0, min(bucket size {n}, d {embedding_dim})]")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ConfigError(
-                    f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}"
-                )
-            padding_idx %= num_embeddings
+        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.sizes, self.ranks, self.zero_padding = sizes, ranks, bool(zero_padding)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embfactor.errors import ConfigError, InvalidTypeError, TokenIndexError
-from embfactor.layers.registry import is_factorized_layer, register_layer
+from embfactor.layers.registry import check_layer_args, is_factorized_layer, register_layer
 
 
 def check_token_ids(ids: torch.Tensor, vocab: int) -> None:
@@ -58,13 +58,7 @@ class FactorizedEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim), ("rank", rank)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
-            padding_idx = padding_idx % num_embeddings
+        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx, rank=rank)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.rank = rank

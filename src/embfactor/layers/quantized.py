@@ -15,7 +15,7 @@ from torch import nn
 
 from embfactor.errors import ConfigError, InvalidTypeError
 from embfactor.layers.embedding import check_token_ids
-from embfactor.layers.registry import register_layer
+from embfactor.layers.registry import check_layer_args, register_layer
 from embfactor.quant import BITS, dequantize_rows, quantize_rows
 
 _PROJECT_CHUNK = 16384
@@ -66,13 +66,7 @@ class QuantizedFactorizedEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim), ("rank", rank)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
-            padding_idx = padding_idx % num_embeddings
+        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx, rank=rank)
         self.bits = parse_bits(bits)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim

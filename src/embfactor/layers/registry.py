@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from embfactor.errors import UnknownMethodError
+from embfactor.errors import ConfigError, UnknownMethodError
 
 _LAYERS: dict[str, type[nn.Module]] = {}
 
@@ -50,3 +50,18 @@ def available_layers() -> list[str]:
     import embfactor.layers  # noqa: F401
 
     return sorted(_LAYERS)
+
+
+def check_layer_args(num_embeddings: int, embedding_dim: int, padding_idx: int | None, **sizes: int) -> int | None:
+    """Validate the arguments every embedding layer shares; return padding_idx normalized to [0, vocab).
+
+    ``sizes`` are further arguments that must be positive integers (e.g. ``rank=16``).
+    """
+    for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim), *sizes.items()):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+    return padding_idx % num_embeddings

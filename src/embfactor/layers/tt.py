@@ -21,7 +21,7 @@ from torch import nn
 
 from embfactor.errors import ConfigError
 from embfactor.layers.embedding import check_token_ids
-from embfactor.layers.registry import register_layer
+from embfactor.layers.registry import check_layer_args, register_layer
 
 # block mode when the asked ids are at least 1/_DENSE_SHARE of the rows under their prefixes
 _DENSE_SHARE = 3
@@ -198,13 +198,7 @@ class TTEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
-            padding_idx = padding_idx % num_embeddings
+        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx)
         self.vocab_shape, self.dim_shape, self.tt_ranks = resolve_tt_shapes(
             num_embeddings, embedding_dim, tt_rank, num_cores=num_cores, vocab_shape=vocab_shape, dim_shape=dim_shape
         )

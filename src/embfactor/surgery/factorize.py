@@ -12,7 +12,7 @@ from torch import nn
 from embfactor.config import FactorizationConfig
 from embfactor.decompose import decompose, get_method, optimal_relative_error, resolve_rank, spectrum
 from embfactor.errors import InvalidTypeError, SurgeryError
-from embfactor.layers import FactorizedEmbedding, FactorizedLMHead
+from embfactor.layers import FactorizedLMHead
 from embfactor.layers.registry import is_factorized_layer
 from embfactor.surgery.replace import fqn_of, replace_modules_
 

@@ -34,7 +34,7 @@ def compress(
     from embfactor.data import read_texts
     from embfactor.data.frequency import token_weights as frequency_weights
     from embfactor.decompose import get_method
-    from embfactor.fileio import check_output_dir
+    from embfactor.fileio import check_output_dir, release_mapped_pages
     from embfactor.models import load_model
     from embfactor.surgery import factorize_, save_compressed
     from embfactor.surgery.io import WEIGHTS_FILE
@@ -54,7 +54,11 @@ def compress(
         vocab = lm.model.get_input_embeddings().num_embeddings
         token_weights = frequency_weights(lm.tokenizer, texts, vocab_size=vocab)
     stages.set_postfix_str("decomposing")
+    dense = lm.model.get_input_embeddings()
     rep = factorize_(lm.model, config, progress=progress, token_weights=token_weights)
+    if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
+        release_mapped_pages(dense.weight)
+    del dense
     stages.update()
     quant = None
     if bits is not None:

@@ -100,9 +100,8 @@ def decompose(
     seconds = time.perf_counter() - t0
     f.meta.setdefault("seconds", seconds)
     if type(f).relative_error is Factors.relative_error:
-        # small row blocks: each block makes ~6 float32/float64 temporaries, and at 16k rows × d they dominated
-        # the peak memory of `embfactor compress` (benchmarks/memory.py)
-        f.meta["relative_error"] = relative_error(work, f.U, f.V, block_rows=2048)
+        # in small row blocks (see relative_error): the vocab × d product is never held
+        f.meta["relative_error"] = relative_error(work, f.U, f.V)
     else:
         f.meta["relative_error"] = f.relative_error(work)
     if f.U.dtype != E.dtype:

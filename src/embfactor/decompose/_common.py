@@ -9,7 +9,9 @@ import torch
 
 from embfactor.errors import InvalidInputError, InvalidTypeError
 
-GRAM_BLOCK_ROWS = 8192
+# float64 row blocks of the Gram pass: 2048 × d × 8 bytes (6 MB at d=384, 9 MB at d=576) is the pass's only
+# temporary; 8192-row blocks cost 25-38 MB and showed in the peak memory of `embfactor compress`
+GRAM_BLOCK_ROWS = 2048
 SPLITS = ("symmetric", "left", "right")
 
 
@@ -33,9 +35,10 @@ def as_matrix(E: Any, *, name: str = "E") -> torch.Tensor:
     return E
 
 
-def _all_finite(E: torch.Tensor, block_rows: int = 4096) -> bool:
+def _all_finite(E: torch.Tensor, block_rows: int = 1024) -> bool:
     # Small row blocks: isfinite() makes a float abs() copy and bool masks of its input; on the whole matrix that
-    # was ~1.7× the table (+80 MB on MiniLM's 47 MB embedding, benchmarks/memory.py).
+    # was ~1.7× the table (+80 MB on MiniLM's 47 MB embedding), and 4096-row blocks still cost 18 MB at peak
+    # (benchmarks/memory.py).
     return all(bool(torch.isfinite(E[s : s + block_rows]).all()) for s in range(0, E.shape[0], block_rows))
 
 
@@ -72,8 +75,14 @@ def gram(E: torch.Tensor, block_rows: int = GRAM_BLOCK_ROWS, *, precision: str =
                 torch.mm(blk.T, blk, out=buf)
                 G += buf
         return G
+    buf = None
     for start in range(0, E.shape[0], block_rows):
-        blk = E[start : start + block_rows].to(torch.float64)
+        blk = E[start : start + block_rows]
+        if blk.dtype != torch.float64:
+            # one reused float64 buffer: converting into a fresh block each pass held two blocks at once
+            if buf is None:
+                buf = torch.empty(min(block_rows, E.shape[0]), d, dtype=torch.float64, device=E.device)
+            blk = buf[: blk.shape[0]].copy_(blk)
         G.addmm_(blk.T, blk)
     return G
 

@@ -9,7 +9,8 @@ import torch
 
 from embfactor.errors import InvalidInputError
 
-_BLOCK_ROWS = 16384
+# rows per block of relative_error: a 2048 × d float32 difference and its float64 copy (~7 MB at d=384)
+_BLOCK_ROWS = 2048
 
 
 @dataclass
@@ -75,7 +76,10 @@ class Factors:
 
 
 def relative_error(E: torch.Tensor, U: torch.Tensor, V: torch.Tensor, block_rows: int = _BLOCK_ROWS) -> float:
-    """‖E − U·V‖_F / ‖E‖_F in float64 accumulation, block by block (0.0 for E = 0 reconstructed exactly)."""
+    """‖E − U·V‖_F / ‖E‖_F in float64 accumulation, block by block (0.0 for E = 0 reconstructed exactly).
+
+    Only one row block of E − U·V (and its float64 copy) exists at a time, never the vocab × d product.
+    """
     if E.shape != (U.shape[0], V.shape[1]):
         raise InvalidInputError(f"E has shape {tuple(E.shape)} but U·V has shape {(U.shape[0], V.shape[1])}")
     num = 0.0
@@ -83,9 +87,15 @@ def relative_error(E: torch.Tensor, U: torch.Tensor, V: torch.Tensor, block_rows
     Vw = V.to(torch.float32 if E.dtype != torch.float64 else torch.float64)
     for start in range(0, E.shape[0], block_rows):
         e = E[start : start + block_rows].to(Vw.dtype)
-        diff = e - U[start : start + block_rows].to(Vw.dtype) @ Vw
-        num += float(diff.double().pow(2).sum())
-        den += float(e.double().pow(2).sum())
+        # addmm writes e − U_b·V into one new block (no separate product and difference temporaries)
+        num += _sum_squares(torch.addmm(e, U[start : start + block_rows].to(Vw.dtype), Vw, alpha=-1))
+        den += _sum_squares(e)
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return (num / den) ** 0.5
+
+
+def _sum_squares(t: torch.Tensor) -> float:
+    # the float64 copy lives only inside this call; a dot product needs no squared temporary
+    flat = t.double().reshape(-1)
+    return float(flat @ flat)

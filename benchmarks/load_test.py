@@ -95,6 +95,7 @@ def make_requests(n: int, texts: list[str], seed: int = 0) -> list[dict[str, Any
     """A seeded mix: ~60% valid (/embed batches, /info, /health), ~40% invalid of many kinds."""
     rng = random.Random(seed)
     long_text = " ".join(rng.choice(texts) for _ in range(60))  # far over MAX_TOKENS tokens
+    as_json = {"content-type": "application/json"}
     invalid = [
         ("empty texts", "POST", "/embed", {"json": {"texts": []}}),
         ("too many texts", "POST", "/embed", {"json": {"texts": ["a text"] * (MAX_TEXTS + 1)}}),

@@ -78,7 +78,7 @@ def bench_embedding(vocab: int, d: int, tokens: int, *, quick: bool) -> list[dic
         rows.append({"vocab": vocab, "d": d, "rank": r, "tokens": ids.numel(), "layer": name,
                      "forward_ms": tf * 1e3, "train_step_ms": ts * 1e3,
                      "forward_vs_dense": tf / base_fwd, "train_step_vs_dense": ts / base_step})
-        del m, opt
+        m = opt = None  # free the layer before the next variant
     return rows
 
 

@@ -87,6 +87,29 @@ def test_health_info_and_docs(enc, encoder_lm):
     assert "/embed" in enc.get("/openapi.json").json()["paths"]
 
 
+
+def test_docs_are_served_offline(enc):
+    """/docs and /redoc reference only assets this server serves itself (FastAPI's default is a CDN)."""
+    import re
+
+    for page, kinds in (("/docs", {".js": "javascript", ".css": "text/css"}), ("/redoc", {".js": "javascript"})):
+        r = enc.get(page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "http://" not in r.text and "https://" not in r.text and "cdn" not in r.text.lower()
+        urls = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+        for ext, ctype in kinds.items():
+            (url,) = [u for u in urls if u.endswith(ext)]
+            assert url.startswith("/docs-assets/")
+            asset = enc.get(url)
+            assert asset.status_code == 200 and ctype in asset.headers["content-type"]
+            assert len(asset.content) > 10_000  # the real bundle, not an error page
+        for url in urls:
+            assert enc.get(url).status_code == 200, url
+    assert "SwaggerUIBundle" in enc.get("/docs-assets/swagger-ui-bundle.js").text
+    assert "/docs" not in enc.get("/openapi.json").json()["paths"]  # the docs pages stay out of the schema
+    assert enc.get("/docs/oauth2-redirect").status_code == 200
+    assert enc.get("/docs-assets/missing.js").status_code == 404
+
 def test_embed_matches_library(enc, encoder_lm):
     from embfactor.eval.embed import sentence_embeddings
 

@@ -15,13 +15,16 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
-from embfactor.errors import EmbfactorError
+from embfactor.errors import EmbfactorError, InvalidInputError
 from embfactor.models import LoadedModel
 from embfactor.server.schemas import (
     EmbedRequest,
@@ -37,6 +40,9 @@ from embfactor.server.schemas import (
 )
 
 T = TypeVar("T")
+
+#: Where the API docs' JavaScript/CSS are served from (instead of FastAPI's default CDN, unreachable offline).
+DOCS_ASSETS_URL = "/docs-assets"
 
 
 class RequestError(Exception):
@@ -202,7 +208,10 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
         title="embfactor",
         version=_version(),
         description=f"Serving {lm.name} ({lm.kind}{', factorized' if lm.compressed else ''}).",
+        docs_url=None,  # replaced by add_offline_docs: FastAPI's pages load Swagger UI / ReDoc from a CDN
+        redoc_url=None,
     )
+    add_offline_docs(app)
     app.state.lm = lm
     app.state.worker = worker
     app.state.limits = limits
@@ -323,10 +332,78 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     return app
 
 
+def docs_assets_dir() -> Path:
+    """The folder of Swagger UI's and ReDoc's dist files, shipped by the ``fastapi-offline`` package ([server] extra)."""
+    try:
+        from importlib.resources import files
+
+        folder = Path(str(files("fastapi_offline") / "static"))
+    except ImportError:  # pragma: no cover - the [server] extra is incomplete
+        raise InvalidInputError("the API docs need fastapi-offline: pip install 'embfactor[server]'") from None
+    missing = [name for name in _DOCS_ASSETS if not (folder / name).is_file()]
+    if missing:  # pragma: no cover - a broken install
+        raise InvalidInputError(f"fastapi-offline in {folder} lacks {', '.join(missing)}; reinstall embfactor[server]")
+    return folder
+
+
+_DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """Serve /docs (Swagger UI) and /redoc from local copies of their assets, so they work without internet.
+
+    FastAPI's documented self-hosting pattern: the app is created with ``docs_url=None, redoc_url=None``; the assets
+    are mounted under :data:`DOCS_ASSETS_URL` and the pages are rendered with the local URLs.
+
+    Example:
+        >>> app = FastAPI(docs_url=None, redoc_url=None); add_offline_docs(app)   # doctest: +SKIP
+    """
+    assets = docs_assets_dir()
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=assets), name="docs-assets")
+    oauth2_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")  # behind a proxy that mounts the app under a prefix
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}{oauth2_url}",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+        )
+
+    @app.get(oauth2_url, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,  # fonts would come from Google's CDN
+        )
+
+
 def _version() -> str:
     from embfactor import __version__
 
     return __version__
 
 
-__all__ = ["Limits", "RequestError", "create_app", "generate_text", "model_info", "text_perplexities"]
+__all__ = [
+    "DOCS_ASSETS_URL",
+    "Limits",
+    "RequestError",
+    "add_offline_docs",
+    "create_app",
+    "docs_assets_dir",
+    "generate_text",
+    "model_info",
+    "text_perplexities",
+]

@@ -3,8 +3,9 @@
 Ids: 65,536 tokens (a batch of 128 × 512) from two distributions: ``uniform`` over the vocabulary (the worst case:
 ~26k distinct ids) and ``text`` (real MiniLM WordPiece tokens of the held-out Wikipedia extract: a Zipfian mix).
 The naive TT baseline gathers every core slice per *token* and contracts them (no unique ids, no shared prefixes),
-which is how tensorly-torch's FactorizedEmbedding / t3nsor-style layers compute rows; tensorly-torch itself is not
-installed here, so its reported ~70× slowdown is quoted from the issue, not measured.
+which is how t3nsor-style layers compute rows. The peer itself, tensorly-torch's ``tltorch.FactorizedEmbedding``
+(block-TT, same tensorized shapes and TT rank, so the same parameter count), is measured too when installed
+(``pip install tensorly-torch==0.5.0``, in the ``tt`` extra); it needs the padded vocabulary as its row count.
 
 Timing: interleaved rounds (every layer once per round), median over rounds, ``torch.no_grad()`` for the forward;
 forward+backward timed separately (what training pays). On a shared machine the absolute times are noisy; the
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NOTE = "absolute times depend on the machine's load; the ratios to nn.Embedding, measured in the same rounds, are the result"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 from benchmarks.common import write_result_files  # noqa: E402
@@ -51,6 +53,22 @@ class NaiveTT(nn.Module):
                 flat.shape[0], -1, rn
             )
         return cur.reshape(*ids.shape, -1)
+
+
+def tensorly_torch_peer(tt: nn.Module, rank: int) -> nn.Module | None:
+    """tltorch.FactorizedEmbedding with the same tensorized shapes and TT rank as ``tt``, or None if not installed."""
+    try:
+        import tltorch
+    except ImportError:
+        print("[tt_speed] tensorly-torch not installed: its peer row is skipped", file=sys.stderr)
+        return None
+    import math
+
+    return tltorch.FactorizedEmbedding(
+        math.prod(tt.vocab_shape), math.prod(tt.dim_shape), auto_tensorize=False,
+        tensorized_num_embeddings=tuple(tt.vocab_shape), tensorized_embedding_dim=tuple(tt.dim_shape),
+        rank=rank, factorization="blocktt",
+    )
 
 
 def text_ids(n: int) -> torch.Tensor:
@@ -107,6 +125,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     naive_rank = ranks[0]
     layers[f"naive per-token TT r={naive_rank}"] = NaiveTT(layers[f"TTEmbedding r={naive_rank}"])
     params[f"naive per-token TT r={naive_rank}"] = params[f"TTEmbedding r={naive_rank}"]
+    peer = tensorly_torch_peer(layers[f"TTEmbedding r={naive_rank}"], naive_rank)
+    if peer is not None:
+        name = f"tensorly-torch blocktt r={naive_rank}"
+        layers[name] = peer
+        params[name] = sum(p.numel() for p in peer.parameters())
     rows = []
     for dist in dists:
         ids = torch.randint(0, vocab, (n,)) if dist == "uniform" else text_ids(n)
@@ -124,7 +147,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 print(json.dumps(rows[-1]), flush=True)
     return {
         "vocab": vocab, "dim": d, "tokens": n, "rounds": rounds, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.machine(), "note": "shared machine: absolute times noisy",
+        "torch": torch.__version__, "machine": platform.machine(), "note": NOTE,
         "rows": rows,
     }
 

@@ -106,6 +106,21 @@ def _write(name: str, data: bytes | Callable[[bytes], bytes]) -> Callable[[Path]
     return w
 
 
+def _drop_tensors(*names: str) -> Callable[[Path], None]:
+    """Rewrite model.safetensors without ``names`` (a valid file that lacks some of the model's tensors)."""
+    def drop(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        for n in names:
+            del tensors[n]
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return drop
+
+
+Q = "encoder.layer.0.attention.self.query.weight"
+
 # (id, which folder, mutation, error class, file named in the message, text in the message)
 FOLDER_CASES = [
     ("hf-no-config", "bert", _unlink("config.json"), ModelNotFoundError, "", "has no config.json"),
@@ -122,6 +137,11 @@ FOLDER_CASES = [
      "config.json", "nosuch"),
     ("hf-config-shape-mismatch", "bert", _edit_json("config.json", hidden_size=64), CorruptFileError,
      "model.safetensors", "do not match"),
+    ("hf-weights-lack-a-tensor", "bert", _drop_tensors(Q), CorruptFileError, "model.safetensors",
+     rf"lacks 1 of the model's tensors \({re.escape(Q)}\); transformers would fill them with random values"),
+    ("hf-weights-lack-embedding-and-pooler", "bert",
+     _drop_tensors("embeddings.word_embeddings.weight", "pooler.dense.bias"), CorruptFileError, "model.safetensors",
+     r"lacks 2 of the model's tensors \(embeddings\.word_embeddings\.weight, pooler\.dense\.bias\)"),
     ("hf-no-tokenizer", "bert", _unlink("tokenizer.json", "vocab.txt", "tokenizer_config.json"), ModelNotFoundError,
      "", "has no tokenizer"),
     ("ef-truncated-weights", "comp", _write("model.safetensors", lambda b: b[:-100]), CorruptFileError,
@@ -130,6 +150,8 @@ FOLDER_CASES = [
      "corrupt or truncated"),
     ("ef-missing-weights", "comp", _unlink("model.safetensors"), ModelNotFoundError, "model.safetensors",
      "is missing"),
+    ("ef-weights-lack-a-tensor", "comp", _drop_tensors(Q), CorruptFileError, "model.safetensors",
+     rf"weights do not match the model structure[\s\S]*Missing key[\s\S]*{re.escape(Q)}"),
     ("ef-missing-config", "comp", _unlink("config.json"), ModelNotFoundError, "config.json", "is missing"),
     ("ef-json-invalid", "comp", _write("embfactor.json", b"{"), CorruptFileError, "embfactor.json", "not valid JSON"),
     ("ef-json-not-object", "comp", _write("embfactor.json", b"[1, 2]"), CorruptFileError, "embfactor.json",
@@ -183,6 +205,46 @@ def test_cli_compress_bad_folder(work, capsys, which, mutate, err, fname, text):
     assert str(folder / fname if fname else folder) in msg and re.search(text, msg)
     assert "Traceback" not in msg
     assert snapshot(work) == before and not out.exists()
+
+
+@pytest.mark.parametrize(("fixture", "dropped", "named"), [
+    ("tiny_gpt2", "transformer.wte.weight", "lm_head.weight, transformer.wte.weight"),  # tied head
+    ("tiny_llama_tied", "model.embed_tokens.weight", "lm_head.weight, model.embed_tokens.weight"),
+    ("tiny_llama_untied", "lm_head.weight", "lm_head.weight"),
+    ("tiny_llama_untied", "model.norm.weight", "model.norm.weight"),
+])
+def test_hf_folder_lacking_tensors_is_refused_valid_one_loads(request, work, capsys, fixture, dropped, named):
+    """A complete folder loads (tied heads and other expected-missing keys do not count); one tensor less does not."""
+    model = request.getfixturevalue(fixture)
+    folder = work / fixture
+    model.save_pretrained(folder)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(work / "bert" / f, folder / f)
+    lm = load_model(folder)
+    want = model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in lm.model.state_dict().items())
+    _drop_tensors(dropped)(folder)
+    before = snapshot(work)
+    with pytest.raises(CorruptFileError, match=re.escape(f"{folder / 'model.safetensors'}: lacks ") + r"\d+ .*"
+                       + re.escape(f"({named})")):
+        load_model(folder)
+    assert main(["compress", str(folder), "--rank", "3", "--output", str(work / "out"), "-q"]) == 2
+    msg = capsys.readouterr().err
+    assert msg.startswith("embfactor compress: error: ") and f"({named})" in msg and "Traceback" not in msg
+    assert snapshot(work) == before and not (work / "out").exists()
+
+
+def test_missing_weights_ignores_only_expected_missing(tiny_gpt2, tiny_bert):
+    """Whatever transformers reports: a tied copy whose source loaded, or a declared ignore pattern, is no error."""
+    from embfactor.models import missing_weights
+
+    assert missing_weights(tiny_gpt2, {"missing_keys": {"lm_head.weight"}}) == []
+    both = {"lm_head.weight", "transformer.wte.weight"}
+    assert missing_weights(tiny_gpt2, {"missing_keys": both}) == sorted(both)
+    tiny_bert._keys_to_ignore_on_load_missing = [r"pooler\."]
+    assert missing_weights(tiny_bert, {"missing_keys": {"pooler.dense.bias", "embeddings.LayerNorm.bias"}}) == [
+        "embeddings.LayerNorm.bias"
+    ]
 
 
 def test_load_compressed_on_plain_hf_folder(work):

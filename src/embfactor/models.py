@@ -96,17 +96,62 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
             "(convert with transformers: model.save_pretrained(folder, safe_serialization=True) in a trusted session)"
         )
     weights = path / "model.safetensors"
+    if not weights.is_file() and (path / SHARD_INDEX).is_file():
+        weights = path / SHARD_INDEX
     try:
         # use_safetensors=True: never fall back to a pickled pytorch_model.bin; no trust_remote_code, ever.
-        model = loader.from_pretrained(str(path), local_files_only=True, dtype="float32", use_safetensors=True)
+        model, info = loader.from_pretrained(
+            str(path), local_files_only=True, dtype="float32", use_safetensors=True, output_loading_info=True
+        )
     except SafetensorError as e:
         raise CorruptFileError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
     except OSError as e:
         raise ModelNotFoundError(f"{path}: no usable weights ({e})") from None
     except RuntimeError as e:  # shape mismatches between config.json and the weights
         raise CorruptFileError(f"{weights}: the weights do not match {path / 'config.json'} ({e})") from None
+    missing = missing_weights(model, info)
+    if missing:
+        raise CorruptFileError(
+            f"{weights}: lacks {len(missing)} of the model's tensors ({_some(missing)}); transformers would fill "
+            f"them with random values. The file is incomplete or belongs to another architecture than "
+            f"{type(model).__name__} ({path / 'config.json'})"
+            + (f"; it has tensors the model does not use: {_some(sorted(info['unexpected_keys']))}"
+               if info.get("unexpected_keys") else "")
+        )
     tokenizer = _load_tokenizer(path)
     return model, tokenizer
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def missing_weights(model: nn.Module, info: dict[str, Any]) -> list[str]:
+    """The tensors ``from_pretrained(..., output_loading_info=True)`` reports missing that the model needs.
+
+    transformers 5 already leaves out what a model declares as expected-missing (copies of tied weights such as a
+    tied ``lm_head.weight``, ``_keys_to_ignore_on_load_missing``, non-persistent buffers such as ``position_ids``);
+    both rules are applied again here so that an older or newer transformers cannot make a valid folder fail.
+
+    Example:
+        >>> model, info = BertModel.from_pretrained(folder, output_loading_info=True)   # doctest: +SKIP
+        >>> missing_weights(model, info)                                                # doctest: +SKIP
+        []
+    """
+    import re
+
+    missing = set(info.get("missing_keys") or ())
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing -= {k for k, source in tied.items() if k in missing and source not in missing}
+    patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
+    if patterns:
+        ignore = re.compile("|".join(f"({p})" for p in patterns))
+        missing = {k for k in missing if ignore.search(k) is None}
+    return sorted(missing)
+
+
+def _some(names: list[str], shown: int = 8) -> str:
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 # Without one of these, transformers 5 silently builds an empty-vocabulary tokenizer that maps every word to [UNK].

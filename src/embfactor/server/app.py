@@ -333,7 +333,7 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
 
 
 def docs_assets_dir() -> Path:
-    """The folder of Swagger UI's and ReDoc's dist files, shipped by the ``fastapi-offline`` package ([server] extra)."""
+    """The folder of Swagger UI's and ReDoc's dist files, shipped by ``fastapi-offline`` (the [server] extra)."""
     try:
         from importlib.resources import files
 

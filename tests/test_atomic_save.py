@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 
 from embfactor.errors import ModelNotFoundError
-from embfactor.fileio import atomic_directory
+from embfactor.fileio import (
+    _host_key,
+    atomic_directory,
+    atomic_write_bytes,
+    remove_stale_temporaries,
+    writer_is_gone,
+)
 from embfactor.models import load_model
 
 CHILD = textwrap.dedent(
@@ -123,6 +129,7 @@ def killed(tmp_path_factory) -> dict[str, tuple[Path, dict[str, bytes] | None]]:
         children[name] = start_child(model, out, hook, root / f"flag-{name}")
     for name, child in children.items():
         kill_when_writing(child, root / f"flag-{name}")
+        (root / name / "pid").write_text(str(child.pid))
     cases["model"] = (model, None)
     return cases
 
@@ -135,13 +142,16 @@ def test_kill_mid_save_keeps_earlier_output(killed):
     lm = load_model(out)
     assert lm.compressed and lm.record["rank"] == 4
     leftovers = [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(".out.tmp-")  # the killed save's work folder
+    pid = (out.parent / "pid").read_text()
+    # the killed save's work folder, named after the target and the writer's PID
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".out.tmp-{pid}-")
     assert (leftovers[0] / "model.safetensors").is_file()
     with pytest.raises(ModelNotFoundError, match="temporary folder of an interrupted save"):
         load_model(leftovers[0])
-    # A new save still works (and replaces the earlier output).
+    # A new save still works (and replaces the earlier output), and removes the dead writer's leftover.
     assert main(["compress", str(killed["model"][0]), "--rank", "6", "--output", str(out), "-q"]) == 0
     assert load_model(out).record["rank"] == 6
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out", "pid"]
 
 
 def test_kill_during_first_save_leaves_no_output(killed):
@@ -153,6 +163,96 @@ def test_kill_during_first_save_leaves_no_output(killed):
     assert not (leftover / "embfactor.json").exists()
     with pytest.raises(ModelNotFoundError, match="interrupted save"):
         load_model(leftover)
+    # a live writer's folder for the same target (a concurrent save) and another target's stale one are left alone
+    live = fake_temporary(out, os.getpid())
+    other = fake_temporary(out.parent / "out2", int(leftover.name.split("-")[1]))
+    with atomic_directory(out) as d:
+        (d / "embfactor.json").write_text("{}")
+    assert not leftover.exists() and live.is_dir() and other.is_dir()
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["out", "pid", live.name, other.name])
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def fake_temporary(target: Path, pid: int, *, kind: str = "tmp", host: str | None = None) -> Path:
+    """A folder named as atomic_directory names its work folder for ``target``, written by process ``pid``."""
+    folder = target.parent / f".{target.name}.{kind}-{pid}-{host or _host_key()}-abc_1234"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    return folder
+
+
+def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
+    target = tmp_path / "out"
+    dead = dead_pid()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = fake_temporary(target, dead)
+        stale_old = fake_temporary(target, dead, kind="old")
+        keep = [
+            fake_temporary(target, sleeper.pid),  # a live writer (another process saving to the same target)
+            fake_temporary(target, os.getpid()),  # this process
+            fake_temporary(tmp_path / "out2", dead),  # another target
+            fake_temporary(tmp_path / "o", dead),  # a prefix of this target's name
+            fake_temporary(target, dead, host="00000000"),  # written on another host / PID namespace
+        ]
+        for name in (".out.tmp-abcd1234", f".out.tmp-{dead}-x", f"out.tmp-{dead}-{_host_key()}-abc_1234"):
+            (tmp_path / name).mkdir()  # no PID (older embfactor), not our pattern, not hidden
+            keep.append(tmp_path / name)
+        as_file = tmp_path / f".out.tmp-{dead}-{_host_key()}-abcd_123"
+        as_file.write_text("a file, not a folder")
+        keep.append(as_file)
+        link = tmp_path / f".out.tmp-{dead}-{_host_key()}-link_123"
+        link.symlink_to(keep[0], target_is_directory=True)
+        keep.append(link)
+
+        assert remove_stale_temporaries(target) == [stale]
+        assert stale_old.is_dir()  # .old-* folders go only after a successful save (they may hold the only copy)
+        with atomic_directory(target) as d:
+            (d / "embfactor.json").write_text("{}")
+        assert not stale_old.exists() and (target / "embfactor.json").is_file()
+        assert all(os.path.lexists(p) for p in keep)
+        assert (keep[0] / "model.safetensors").read_bytes() == b"x" * 1000
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # once its writer is dead, the folder that was live is stale too
+    assert remove_stale_temporaries(target) == [keep[0]]
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    """atomic_write_bytes' temporary files (a heal state file can be as large as the model) are cleaned alike."""
+    target = tmp_path / "state.safetensors"
+    dead = dead_pid()
+    stale = tmp_path / f".state.safetensors.tmp-{dead}-{_host_key()}-abc_1234.tmp"
+    live = tmp_path / f".state.safetensors.tmp-{os.getpid()}-{_host_key()}-abc_1234.tmp"
+    for p in (stale, live):
+        p.write_bytes(b"half")
+    atomic_write_bytes(target, b"data")
+    assert target.read_bytes() == b"data" and not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name])
+
+
+def test_zombie_writer_counts_as_gone():
+    """A killed writer its parent has not reaped yet can no longer write."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not writer_is_gone(child.pid)
+        child.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not writer_is_gone(child.pid):  # a zombie until wait() below
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert Path(f"/proc/{child.pid}").exists() or not sys.platform.startswith("linux")
+    finally:
+        child.kill()
+        child.wait()
+    assert writer_is_gone(child.pid) and not writer_is_gone(os.getpid())
 
 
 def test_replacing_an_output_is_one_atomic_exchange(tmp_path, monkeypatch):

@@ -1,13 +1,22 @@
-"""Atomic writes: a killed process leaves the previous output intact and never a half-written file or folder."""
+"""Atomic writes: a killed process leaves the previous output intact and never a half-written file or folder.
+
+A write goes to a hidden temporary file or folder beside the target, named after the target and the writing process
+(``.<name>.tmp-<pid>-<host>-<random>``); a process killed mid-write leaves it behind, and the next write to the same
+target removes it once that process is provably gone (:func:`remove_stale_temporaries`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import functools
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,7 +33,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path, kind="file")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_writer_tag()}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -103,7 +113,8 @@ def atomic_directory(target: str | os.PathLike, *, inputs: tuple[str | os.PathLi
     """
     target = check_output_dir(target, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target, kind="tmp")  # before writing: a killed save's folder may be what fills the disk
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_writer_tag()}-", dir=target.parent))
     try:
         yield tmp
         umask = _umask()
@@ -118,16 +129,108 @@ def atomic_directory(target: str | os.PathLike, *, inputs: tuple[str | os.PathLi
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the earlier output
             else:
                 # Two renames: a kill between them leaves the earlier output in .<name>.old-*/x, not at target.
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_writer_tag()}-", dir=target.parent))
                 os.replace(target, old / "x")
                 os.replace(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+        # Only now: a killed two-rename replace left the earlier output in .<name>.old-*/x, its only copy until the
+        # target holds a complete output again.
+        remove_stale_temporaries(target, kind="old")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _writer_tag() -> str:
+    """``<pid>-<host key>`` of this process, put in the name of every temporary file and folder it writes."""
+    return f"{os.getpid()}-{_host_key()}"
+
+
+@functools.cache
+def _host_key() -> str:
+    # A PID only identifies a process on its own machine and in its own PID namespace: a folder shared by containers
+    # or over NFS may hold the temporary folder of a live writer elsewhere whose PID is free here. Such names carry
+    # another host key and are never removed.
+    ns = ""
+    with contextlib.suppress(OSError):
+        ns = os.readlink("/proc/self/ns/pid")
+    return hashlib.sha256(f"{socket.gethostname()}|{ns}".encode()).hexdigest()[:8]
+
+
+def _temporary_name(name: str, kind: str) -> re.Pattern[str]:
+    # Exactly the names mkdtemp/mkstemp make above for this target: ".<name>.tmp-<pid>-<host>-<8 random chars>".
+    suffix = r"\.tmp" if kind == "file" else ""
+    stem = "old" if kind == "old" else "tmp"
+    writer = r"(?P<pid>[1-9][0-9]*)-(?P<host>[0-9a-f]{8})"
+    return re.compile(rf"\.{re.escape(name)}\.{stem}-{writer}-[a-z0-9_]{{8}}{suffix}")
+
+
+def writer_is_gone(pid: int) -> bool:
+    """True only when no process with ``pid`` can still write: none exists, or it is a zombie (killed, not reaped).
+
+    Anything uncertain (this process, another user's process, a non-POSIX system, an error) counts as alive.
+    """
+    if os.name != "posix" or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: an existence and permission check, nothing is sent
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].startswith("Z")  # the state field follows the parenthesized command name
+
+
+def remove_stale_temporaries(target: str | os.PathLike, *, kind: str = "tmp") -> list[Path]:
+    """Remove what earlier, killed writes of ``target`` left beside it; return the removed paths.
+
+    Only what is provably ours and stale goes: a name this module makes for exactly this target (``kind`` "tmp" and
+    "old": the folders of :func:`atomic_directory`; "file": the files of :func:`atomic_write_bytes`), with this
+    machine's host key, owned by this user, not a symbolic link, and whose writer process is gone
+    (:func:`writer_is_gone`). A live writer's (a concurrent save, this process), another target's, another host's
+    and a name without a PID (from an older embfactor) are left alone.
+
+    Example:
+        >>> remove_stale_temporaries("out/minilm-r6")   # doctest: +SKIP
+        [PosixPath('out/.minilm-r6.tmp-4242-1f2e3d4c-k2x9_a7q')]
+    """
+    if kind not in ("tmp", "old", "file"):
+        raise ValueError(f"kind must be 'tmp', 'old' or 'file', got {kind!r}")
+    if os.name != "posix":  # no os.kill(pid, 0) liveness check to rely on
+        return []
+    target = Path(target)
+    pattern, host = _temporary_name(target.name, kind), _host_key()
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or m["host"] != host:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        is_kind = entry.is_file(follow_symlinks=False) if kind == "file" else entry.is_dir(follow_symlinks=False)
+        if not is_kind or st.st_uid != os.getuid() or not writer_is_gone(int(m["pid"])):
+            continue
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if kind == "file":
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -67,6 +67,18 @@ def test_heal_encoder_reduces_distillation_loss(tiny_bert):
             assert torch.equal(v, frozen[k]), k
 
 
+def test_heal_train_all_trains_every_weight(tiny_gpt2):
+    student, teacher = pair(tiny_gpt2, "decoder")
+    before = {k: v.clone() for k, v in student.model.named_parameters()}
+    r = heal(student, teacher, texts=TEXTS * 4, steps=4, train_all=True, **{**OPTS, "lr": 1e-3})
+    assert r["train_all"] and r["trainable_params"] == sum(p.numel() for p in student.model.parameters())
+    assert r["best_eval"]["loss"] < r["eval_before"]["loss"]
+    changed = [k for k, v in student.model.named_parameters() if not torch.equal(v, before[k])]
+    assert any("attn" in k for k in changed) and any("mlp" in k for k in changed)
+    # the tied head still shares the (trained) factors
+    assert student.model.get_output_embeddings().embedding is student.model.get_input_embeddings()
+
+
 def test_heal_decoder_reduces_kl(tiny_gpt2):
     student, teacher = pair(tiny_gpt2, "decoder")
     r = heal(student, teacher, texts=TEXTS * 4, steps=6, **OPTS)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     r = heal_model(
         args.compressed, args.reference, args.output, text_files=args.text, minutes=minutes, steps=args.steps,
         labels=args.labels, progress=not args.quiet, lr=args.lr, batch_size=args.batch_size,
-        max_length=args.max_length, train_layernorm=args.train_layernorm, bf16=args.bf16,
+        max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
         eval_every=args.eval_every, resume=args.resume, seed=args.seed,
     )
     print(render(r))
@@ -91,6 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default 128)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default 50)")
     p.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorm/RMSNorm weights")
+    p.add_argument("--train-all", action="store_true",
+                   help="train every weight, not only the factors (faster progress per step; Adam state for all)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster only on CPUs/GPUs with bf16 units)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --output")
     p.add_argument("--seed", type=int, default=None, help="seed of the data order (default 0)")

@@ -239,7 +239,8 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Model `{r['model']}`; {r['requests']:,} requests ({r['valid_requests']} valid, {r['invalid_requests']} "
         f"invalid), {r['concurrency']} concurrent clients, loopback, httpx AsyncClient. "
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs, so timings are noisy.",
+        f"Machine: {os.cpu_count()} CPU cores, 1-min load average at the end {os.getloadavg()[0]:.2f}; "
+        "timings depend on the load.",
         "",
         "| metric | value |",
         "|---|---|",

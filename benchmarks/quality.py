@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,8 @@ def run_smollm2(args, out: dict[str, Any], save) -> None:
 
 def markdown(out: dict[str, Any]) -> str:
     lines = ["# Quality: svd vs data-aware methods, before/after healing", "",
-             f"Command: `{out['command']}` · {out['date']} · machine shared with other jobs (timings noisy)", ""]
+             f"Command: `{out['command']}` · {out['date']} · 1-min load average {os.getloadavg()[0]:.2f} "
+             "(timings depend on the load)", ""]
     m = out.get("minilm")
     if m:
         o = m["original"]

@@ -29,7 +29,10 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NOTE = "absolute times depend on the machine's load; the ratios to nn.Embedding, measured in the same rounds, are the result"
+NOTE = (
+    "absolute times depend on the machine's load; the ratios to nn.Embedding, measured in the same rounds, "
+    "are the result"
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 from benchmarks.common import write_result_files  # noqa: E402

@@ -241,11 +241,9 @@ def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    fn = libc_function("renameat2", (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint))
+    if fn is None:
         return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd, rename_exchange_flag = -100, 2
     if fn(at_fdcwd, os.fsencode(os.fspath(a)), at_fdcwd, os.fsencode(os.fspath(b)), rename_exchange_flag) == 0:
         return True
@@ -253,6 +251,20 @@ def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), os.fspath(a))
+
+
+@functools.cache
+def libc_function(name: str, argtypes: tuple[Any, ...] = ()) -> Any | None:
+    """The C library function ``name`` of this process with its argument types set, or None where there is none.
+
+    One place for the libc calls (renameat2, madvise, malloc_trim): looked up once, in the process's own namespace.
+    """
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):  # no such symbol (musl, macOS) or no dlopen(NULL) (Windows)
+        return None
+    fn.argtypes = list(argtypes)
+    return fn
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -299,7 +311,6 @@ def release_mapped_pages(tensor: Any) -> int:
     first, last = -(-start // page) * page, end // page * page
     if last <= first:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     madv_dontneed = 4
-    return last - first if libc.madvise(first, last - first, madv_dontneed) == 0 else 0
+    return last - first if madvise is not None and madvise(first, last - first, madv_dontneed) == 0 else 0

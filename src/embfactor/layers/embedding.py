@@ -131,18 +131,21 @@ class FactorizedEmbedding(nn.Module):
         *,
         sparse: bool = False,
         zero_padding_row: bool = True,
+        copy: bool = True,
     ) -> FactorizedEmbedding:
         """Wrap existing factors (copied into new parameters).
 
         ``zero_padding_row=False`` keeps U's padding row as given: a pretrained table whose padding row is not
         zero keeps (the approximation of) that row, as nn.Embedding would; it still gets no gradient.
+        ``copy=False`` adopts U and V themselves (no second vocab × r block at the conversion's peak); for
+        temporaries only, as the padding row of the caller's U may be zeroed in place.
         """
-        emb = cls(U.shape[0], V.shape[1], U.shape[1], padding_idx, sparse=sparse, device=U.device, dtype=U.dtype)
-        with torch.no_grad():
-            emb.U.copy_(U)
-            emb.V.copy_(V.to(U.dtype))
-            if zero_padding_row:
-                emb._zero_padding_row()
+        # built on the meta device: the shapes without allocating and randomly initializing a U that is replaced
+        emb = cls(U.shape[0], V.shape[1], U.shape[1], padding_idx, sparse=sparse, device="meta", dtype=U.dtype)
+        emb.U = nn.Parameter(_owned(U, U.dtype, copy))
+        emb.V = nn.Parameter(_owned(V, U.dtype, copy))
+        if zero_padding_row:
+            emb._zero_padding_row()
         return emb
 
     @classmethod
@@ -184,7 +187,7 @@ class FactorizedEmbedding(nn.Module):
         )
         pad = embedding.padding_idx
         pad_is_zero = pad is None or not bool(embedding.weight[pad].any())
-        emb = cls.from_factors(f.U, f.V, pad, sparse=embedding.sparse, zero_padding_row=pad_is_zero)
+        emb = cls.from_factors(f.U, f.V, pad, sparse=embedding.sparse, zero_padding_row=pad_is_zero, copy=False)
         emb.factors_meta = {"method": f.method, **f.meta}
         return emb
 
@@ -272,3 +275,11 @@ class FactorizedLMHead(nn.Module):
     def extra_repr(self) -> str:
         e = self.embedding
         return f"in_features={e.embedding_dim}, out_features={e.num_embeddings}, tied to {type(e).__name__}, bias={self.bias is not None}"
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype, copy: bool) -> torch.Tensor:
+    """A contiguous tensor of ``dtype`` with t's values: t itself when allowed and already so, else a copy."""
+    t = t.detach()
+    if copy and t.dtype == dtype:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.to(dtype).contiguous()

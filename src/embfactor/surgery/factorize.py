@@ -191,7 +191,8 @@ def factorize_(
     pad = emb.padding_idx
     pad_is_zero = pad is None or not bool(E[pad].any())
     # --- the model is mutated only below this line ---
-    new = f.to_module(pad, sparse=emb.sparse, zero_padding_row=pad_is_zero).to(emb.weight.device)
+    # copy=False: f is this call's own temporary, so the layer adopts its U (one vocab × r block less at the peak)
+    new = f.to_module(pad, sparse=emb.sparse, zero_padding_row=pad_is_zero, copy=False).to(emb.weight.device)
     apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tie, head_module=head_fqn)
     del E
     report = FactorizationReport(

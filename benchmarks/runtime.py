@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import environment, header, markdown_table, time_call as _time_call, write_results
+from benchmarks.common import (
+    environment,
+    header,
+    machine_limits,
+    markdown_table,
+    time_call as _time_call,
+    write_results,
+)
 
 
 def time_call(fn, **kw):  # noqa: ANN001, ANN202 - CPU time on one thread (see run())
@@ -164,7 +171,21 @@ def run(*, quick: bool = False, output: str | Path | None = None, progress: bool
         torch.set_num_threads(threads)
 
 
+def gemm_bound(rows: list[dict[str, Any]], gemm_flops: float) -> None:
+    """Add each factorized row's floor: its r-wide GEMM (2·tokens·r·d FLOPs) at this machine's float32 GEMM peak.
+
+    ``bound_vs_dense`` = that floor / the dense lookup's measured time: the best ``× dense`` any float32
+    implementation could reach here, however little overhead it had.
+    """
+    dense = {(r["vocab"], r["d"], r["tokens"]): r["forward_ms"] for r in rows if r["layer"] == "nn.Embedding"}
+    for r in rows:
+        if r["layer"].startswith("Factorized"):
+            r["gemm_bound_ms"] = 2 * r["tokens"] * r["rank"] * r["d"] / gemm_flops * 1e3
+            r["bound_vs_dense"] = r["gemm_bound_ms"] / dense[(r["vocab"], r["d"], r["tokens"])]
+
+
 def _run(*, quick: bool, output: str | Path | None, progress: bool, env: dict[str, Any]) -> dict[str, Any]:
+    limits = machine_limits(quick=quick, cpu_time=True)  # one thread, like every timing below
     emb_rows: list[dict[str, Any]] = []
     for vocab, d in QUICK_EMB if quick else FULL_EMB:
         for tokens in QUICK_TOKENS if quick else FULL_TOKENS:
@@ -187,7 +208,8 @@ def _run(*, quick: bool, output: str | Path | None, progress: bool, env: dict[st
         for g in gen_rows:
             print(f"[runtime] generation {g['model']} {g['head']} {g['dtype']}: {g['tokens_per_s']:.1f} tokens/s",
                   flush=True)
-    data = {"suite": "runtime", "quick": quick, "environment": env,
+    gemm_bound(emb_rows, limits["gemm_fp32_gflops"] * 1e9)
+    data = {"suite": "runtime", "quick": quick, "environment": env, "machine_limits": limits,
             "load_average_1m_end": environment()["load_average_1m"],
             "embedding": emb_rows, "head": head_rows, "generation": gen_rows}
     md = render(data)
@@ -202,10 +224,18 @@ def render(data: dict[str, Any]) -> str:
                  "wall time measured waiting, not work); 1-min load average at start "
                  f"{data['environment']['load_average_1m']}, at the end {data['load_average_1m_end']}.\n")
     parts.append("\n### Embedding lookup (forward without grad; training step = forward + backward + SGD step)\n")
+    limits = data.get("machine_limits")
+    if limits:
+        parts.append(f"`GEMM floor` = a factorized forward's 2·tokens·r·d FLOPs at this machine's float32 GEMM peak "
+                     f"({limits['gemm_fp32_gflops']:.0f} GFLOP/s, one thread, measured in the same run); "
+                     "`floor × dense` = that floor over nn.Embedding's measured forward: the best ratio any float32 "
+                     "implementation could reach here.\n")
     parts.append(markdown_table(
         [[r["layer"], f"{r['vocab']:,}×{r['d']}", r["tokens"], r["forward_ms"], r["forward_vs_dense"],
-          r["train_step_ms"], r["train_step_vs_dense"]] for r in data["embedding"]],
-        ["layer", "table", "tokens", "forward ms", "× dense", "train step ms", "× dense"]))
+          r.get("gemm_bound_ms"), r.get("bound_vs_dense"), r["train_step_ms"], r["train_step_vs_dense"]]
+         for r in data["embedding"]],
+        ["layer", "table", "tokens", "forward ms", "× dense", "GEMM floor ms", "floor × dense", "train step ms",
+         "× dense"]))
     parts.append("\n### LM head logits: dense F.linear vs FactorizedLMHead (r = d/4)\n")
     parts.append(markdown_table(
         [[f"{h['vocab']:,}×{h['d']}", h["dtype"], h["tokens"], h["dense_ms"], h["factorized_ms"], h["speedup"],

@@ -49,6 +49,15 @@ def test_runtime_quick_structure(tmp_path):
     layers = {r["layer"] for r in data["embedding"]}
     assert layers == {"nn.Embedding", "nn.Embedding sparse", "Factorized r=16", "Factorized r=16 sparse"}
     assert all(r["forward_ms"] > 0 and r["train_step_ms"] > 0 for r in data["embedding"])
+    # each factorized row carries its GEMM floor (2·tokens·r·d FLOPs at the measured peak) relative to dense
+    peak = data["machine_limits"]["gemm_fp32_gflops"] * 1e9
+    dense = {r["tokens"]: r["forward_ms"] for r in data["embedding"] if r["layer"] == "nn.Embedding"}
+    for r in data["embedding"]:
+        if r["layer"].startswith("Factorized"):
+            assert r["gemm_bound_ms"] == pytest.approx(2 * r["tokens"] * r["rank"] * r["d"] / peak * 1e3)
+            assert r["bound_vs_dense"] == pytest.approx(r["gemm_bound_ms"] / dense[r["tokens"]])
+        else:
+            assert "gemm_bound_ms" not in r
     assert {(h["dtype"], h["tokens"]) for h in data["head"]} == {
         (dt, t) for dt in ("float32", "bfloat16") for t in (1, 32, 512)
     }

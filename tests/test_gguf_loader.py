@@ -69,8 +69,13 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{GGUF_NAMES[rest]}"
 
 
-def write_tiny_gguf(path: Path, model, types: dict[str, Q] | None = None, skip: tuple[str, ...] = ()) -> Path:
-    """Write ``model`` as a llama GGUF; ``types`` maps a GGUF name suffix (``attn_q.weight``) to its ggml type."""
+def write_tiny_gguf(
+    path: Path, model, types: dict[str, Q] | None = None, skip: tuple[str, ...] = (), *, tokenizer: bool = False
+) -> Path:
+    """Write ``model`` as a llama GGUF; ``types`` maps a GGUF name suffix (``attn_q.weight``) to its ggml type.
+
+    ``tokenizer=True`` adds a byte-level BPE tokenizer (GPT-2 style, like SmolLM2's): token i is byte i, no merges.
+    """
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
@@ -84,6 +89,19 @@ def write_tiny_gguf(path: Path, model, types: dict[str, Q] | None = None, skip: 
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
+    if tokenizer:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte_chars = bytes_to_unicode()
+        n = cfg.vocab_size - 2
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list([byte_chars[b] for b in range(n)] + ["<|endoftext|>", "<|im_start|>"])
+        w.add_token_types([1] * n + [3, 3])  # normal bytes, then two control tokens
+        w.add_token_scores([0.0] * cfg.vocab_size)
+        w.add_token_merges([])
+        w.add_bos_token_id(n)
+        w.add_eos_token_id(n)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -274,3 +292,38 @@ def test_smollm2_equals_transformers_load():
     with gguf_loader._name_maps_built_once():
         reference = transformers_load(path)
     assert_same_model(ours, reference)
+
+
+def test_load_model_and_compress_take_a_user_gguf_file(tmp_path):
+    from embfactor.cli.main import main
+    from embfactor.models import load_model
+
+    source = _tiny_llama(tied=True)
+    path = write_tiny_gguf(tmp_path / "my-model.Q8_0.gguf", source, {"weight": Q.Q8_0}, tokenizer=True)
+    lm = load_model(path)
+    assert lm.kind == "decoder" and lm.source == path
+    assert lm.tokenizer("hello")["input_ids"] == list(b"hello")  # the byte-level tokenizer from the metadata
+    assert_same_model(lm.model, transformers_load(path))
+    out = tmp_path / "compressed"
+    assert main(["compress", str(path), "--rank", "32", "--output", str(out), "--quiet"]) == 0
+    assert path.read_bytes()[:4] == b"GGUF"  # the input is untouched
+    small = load_model(out)
+    assert small.compressed and small.record["factorization"]["rank"] == 32
+    emb = small.model.get_input_embeddings()
+    assert small.model.get_output_embeddings().embedding is emb  # the tied head shares the factors
+    with torch.no_grad():
+        # rank 32 of 64: close to, not equal to, the original's next-token logits
+        a, b = lm.model(PROMPT).logits, small.model(PROMPT).logits
+    assert torch.isfinite(b).all() and 0 < float((a - b).norm() / a.norm()) < 1
+
+
+def test_a_gguf_file_without_a_tokenizer_or_another_file_is_a_clear_error(tmp_path):
+    from embfactor.models import load_model
+
+    path = write_tiny_gguf(tmp_path / "bare.gguf", _tiny_llama(tied=True))
+    with pytest.raises(CorruptFileError, match="bare.gguf: the tokenizer cannot be read .*has no tokenizer"):
+        load_model(path)
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x" * 10)
+    with pytest.raises(ModelNotFoundError, match="is a file; give the folder .* or a .gguf file"):
+        load_model(other)

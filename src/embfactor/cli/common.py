@@ -61,7 +61,8 @@ def add_model_arg(p: argparse.ArgumentParser, *, default: str | None = "minilm")
         nargs="?" if default else None,
         default=default,
         metavar="MODEL",
-        help="'minilm' (default), 'smollm2', a local Hugging Face folder, or an embfactor output folder",
+        help="'minilm' (default), 'smollm2', a local Hugging Face folder, a .gguf file (causal LM), or an "
+        "embfactor output folder",
     )
 
 

@@ -44,3 +44,9 @@ class CorruptFileError(EmbfactorError, ValueError):
 
 class TokenIndexError(EmbfactorError, IndexError):
     """A token id is outside the vocabulary."""
+
+
+def some_names(names: list[str], shown: int = 8) -> str:
+    """The first ``shown`` names for an error message, and how many more there are: ``"a, b, ... (3 more)"``."""
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -267,6 +267,17 @@ def libc_function(name: str, argtypes: tuple[Any, ...] = ()) -> Any | None:
     return fn
 
 
+def release_free_heap() -> None:
+    """glibc's ``malloc_trim(0)``: hand the C heap's free pages back to the OS (nothing where there is none).
+
+    Freed tensors, numpy arrays and Python objects stay in glibc's heap, and so in the process's RSS, until trimmed:
+    the server calls this after each model call, the GGUF loader after dropping the file's metadata objects.
+    """
+    trim = libc_function("malloc_trim", (ctypes.c_size_t,))
+    if trim is not None:
+        trim(0)
+
+
 def _fsync_dir(folder: Path) -> None:
     # Make the rename itself durable (a power loss right after could otherwise lose it).
     with contextlib.suppress(OSError):

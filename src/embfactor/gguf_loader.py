@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from embfactor.errors import CorruptFileError, ModelNotFoundError
-from embfactor.fileio import release_mapped_pages
+from embfactor.errors import CorruptFileError, ModelNotFoundError, some_names
+from embfactor.fileio import release_free_heap, release_mapped_pages
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +69,18 @@ def load_gguf_causal_lm(path: str | os.PathLike) -> nn.Module:
     architecture = _field(reader, "general.architecture")
     tensors = _tensor_views(reader, path)
     # The reader's metadata fields (one numpy view per vocabulary entry and merge: ~140 MB of small objects for a
-    # 49k vocabulary) go before the model's weights are materialized, and so does what reading the config leaves.
+    # 49k vocabulary) go before the model's weights are materialized, and so does what reading the config leaves;
+    # freed, they stay in the C heap (and would count, under the model, in the peak) until the heap is trimmed.
     del reader
-    _trim_heap()
+    release_free_heap()
     config, config_dict = _read_config(path)
-    _trim_heap()
+    release_free_heap()
     model = _empty_model(config, path)
     try:
         gguf_names = _fill(model, tensors, architecture, config_dict, path)
     finally:
         del tensors  # the last views of the file's mapping: it is unmapped here
-        _trim_heap()
+        release_free_heap()
     model.tie_weights()
     _check_complete(model, path, {hf: name for name, hf in gguf_names.items()})
     model.config.architectures = [type(model).__name__]
@@ -125,18 +126,6 @@ def _tensor_views(reader: Any, path: Path) -> list[MappedTensor]:
                    .reshape(t.data.shape))
         for t in reader.tensors
     ]
-
-
-def _trim_heap() -> None:
-    # Freed Python and numpy objects stay in the C heap until malloc_trim hands their pages back to the OS: without
-    # it, the reader's and the config's temporaries would still count, under the model, in the peak RSS.
-    import ctypes
-
-    from embfactor.fileio import libc_function
-
-    trim = libc_function("malloc_trim", (ctypes.c_size_t,))
-    if trim is not None:
-        trim(0)
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -345,10 +334,9 @@ def _check_complete(model: nn.Module, path: Path, gguf_names: dict[str, str]) ->
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     missing -= {target for target, source in tied.items() if source in missing}
     if missing:
-        shown = [f"{n} ({gguf_names[n]})" if n in gguf_names else n for n in sorted(missing)[:8]]
-        more = f", ... ({len(missing) - 8} more)" if len(missing) > 8 else ""
+        named = [f"{n} ({gguf_names[n]})" if n in gguf_names else n for n in sorted(missing)]
         raise CorruptFileError(
-            f"{path}: lacks {len(missing)} of the model's tensors ({', '.join(shown)}{more}); the file is "
+            f"{path}: lacks {len(missing)} of the model's tensors ({some_names(named)}); the file is "
             f"incomplete or its tensors are named for another architecture than {type(model).__name__}"
         )
 

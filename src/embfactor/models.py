@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from embfactor.errors import CorruptFileError, ModelNotFoundError
+from embfactor.errors import CorruptFileError, ModelNotFoundError, some_names
 from embfactor.fileio import MARKER_FILE, is_temporary_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,10 +112,10 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
     missing = missing_weights(model, info)
     if missing:
         raise CorruptFileError(
-            f"{weights}: lacks {len(missing)} of the model's tensors ({_some(missing)}); transformers would fill "
+            f"{weights}: lacks {len(missing)} of the model's tensors ({some_names(missing)}); transformers would fill "
             f"them with random values. The file is incomplete or belongs to another architecture than "
             f"{type(model).__name__} ({path / 'config.json'})"
-            + (f"; it has tensors the model does not use: {_some(sorted(info['unexpected_keys']))}"
+            + (f"; it has tensors the model does not use: {some_names(sorted(info['unexpected_keys']))}"
                if info.get("unexpected_keys") else "")
         )
     tokenizer = _load_tokenizer(path)
@@ -147,11 +147,6 @@ def missing_weights(model: nn.Module, info: dict[str, Any]) -> list[str]:
         ignore = re.compile("|".join(f"({p})" for p in patterns))
         missing = {k for k in missing if ignore.search(k) is None}
     return sorted(missing)
-
-
-def _some(names: list[str], shown: int = 8) -> str:
-    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 # Without one of these, transformers 5 silently builds an empty-vocabulary tokenizer that maps every word to [UNK].

@@ -55,7 +55,10 @@ class BlockFactors(Factors):
     def to_module(
         self, padding_idx: int | None = None, *, sparse: bool = False, zero_padding_row: bool = True, copy: bool = True
     ):
-        """A BlockFactorizedEmbedding holding the buckets' factors (``sparse`` is not supported and ignored; the layer always holds its own copies, whatever ``copy`` says)."""
+        """A BlockFactorizedEmbedding holding the buckets' factors.
+
+        ``sparse`` is not supported and ignored; the layer always holds its own copies, whatever ``copy`` says.
+        """
         from embfactor.layers.block import BlockFactorizedEmbedding
 
         return BlockFactorizedEmbedding.from_blocks(

@@ -75,7 +75,10 @@ class TTFactors(Factors):
     def to_module(
         self, padding_idx: int | None = None, *, sparse: bool = False, zero_padding_row: bool = True, copy: bool = True
     ):
-        """A TTEmbedding holding these cores (``sparse`` is not supported by TT and ignored; the layer always holds its own copies, whatever ``copy`` says)."""
+        """A TTEmbedding holding these cores.
+
+        ``sparse`` is not supported by TT and ignored; the layer always holds its own copies, whatever ``copy`` says.
+        """
         return self.module(padding_idx, zero_padding_row=zero_padding_row)
 
     def relative_error(self, E: torch.Tensor) -> float:

@@ -11,7 +11,6 @@ wrong is answered with a 4xx and a message.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import math
 import threading
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from embfactor.errors import EmbfactorError, InvalidInputError
-from embfactor.fileio import libc_function
+from embfactor.fileio import release_free_heap
 from embfactor.models import LoadedModel
 from embfactor.server.schemas import (
     EmbedRequest,
@@ -188,18 +187,6 @@ def text_perplexities(lm: LoadedModel, token_ids: list[list[int]]) -> list[tuple
     return out
 
 
-def release_free_memory() -> None:
-    """glibc's ``malloc_trim(0)``, or nothing where there is none (musl, macOS, Windows).
-
-    Batches of different sizes leave freed activations and tokenizer buffers in glibc's heap; without handing them
-    back the server's RSS crept up by ~40 MB over 1,200 mixed requests (benchmarks/load_test.py). Trimming after each
-    model call costs well under a millisecond next to the call itself.
-    """
-    trim = libc_function("malloc_trim", (ctypes.c_size_t,))
-    if trim is not None:
-        trim(0)
-
-
 def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     """A FastAPI app serving ``lm``: /health, /info, /embed (encoders), /generate and /score (decoders).
 
@@ -238,7 +225,9 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
                     with torch.inference_mode():
                         return fn(*args)
                 finally:
-                    release_free_memory()
+                    # batches of different sizes leave freed activations in glibc's heap: RSS crept up ~40 MB over
+                    # 1,200 mixed requests without this (benchmarks/load_test.py); it costs well under a millisecond
+                    release_free_heap()
 
         return call
 

@@ -1,0 +1,181 @@
+"""The row-format interface: one base class for every storage format of a vocab × d embedding table.
+
+A format answers four questions (faiss's Index and llama.cpp's block types are the models):
+  - which rows: ``gather(ids) -> (n × d)`` for a 1-D LongTensor of ids, without building the table;
+  - which logits for a tied head: ``project(hidden) -> (..., vocab)``, without building the table where the
+    format allows (the base class falls back to chunks of ``dense()`` rows);
+  - how many bytes it stores: ``num_bytes()`` (integers, scales, codebooks: everything a saved file holds);
+  - how to rebuild itself: ``format_config()`` (JSON) + ``empty(vocab, d, padding_idx, **config)`` with the right
+    tensor shapes, filled by ``load_state_dict(strict=True)``.
+
+The base class turns that into a drop-in ``nn.Embedding``: ``forward`` (id checks, flatten, gather, reshape),
+``weight`` / ``dense()`` / ``to_dense()``. A format built from a decomposition registers the Factors type it wraps,
+so :func:`from_factors` finds the module for any ``Factors`` without the decompositions knowing about modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from embfactor.errors import InvalidTypeError, TokenIndexError, UnknownMethodError
+
+# rows per chunk of the generic dense()/project(): a 16,384 × d float32 block (24 MB at d = 384)
+_CHUNK_ROWS = 16384
+
+_FORMATS: dict[str, type[RowFormat]] = {}
+_BY_FACTORS: dict[type, type[RowFormat]] = {}
+
+
+def check_token_ids(ids: torch.Tensor, vocab: int) -> None:
+    """Raise TokenIndexError naming the first id outside [0, vocab)."""
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise InvalidTypeError(f"token ids must be an integer tensor (LongTensor), got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    if int(lo) < 0 or int(hi) >= vocab:
+        bad = int(lo) if int(lo) < 0 else int(hi)
+        raise TokenIndexError(f"token id {bad} is out of range for a vocabulary of {vocab} (valid ids: 0..{vocab - 1})")
+
+
+class RowFormat(nn.Module):
+    """Base class of a stored embedding table (vocab × d); subclasses implement gather, num_bytes, config, empty.
+
+    Attributes every subclass sets in ``__init__``: ``num_embeddings``, ``embedding_dim``, ``padding_idx``.
+
+    Example:
+        >>> from embfactor.layers import FactorizedEmbedding        # doctest: +SKIP
+        >>> emb = FactorizedEmbedding(1000, 64, rank=16)             # doctest: +SKIP
+        >>> emb(torch.tensor([[1, 2]])).shape, emb.num_bytes()       # doctest: +SKIP
+        (torch.Size([1, 2, 64]), 68096)
+    """
+
+    format_name: ClassVar[str] = ""
+    num_embeddings: int
+    embedding_dim: int
+    padding_idx: int | None
+
+    # --- what a format implements --------------------------------------------------------------------------
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the table for a 1-D int64 tensor of valid ids: (len(ids) × d)."""
+        raise NotImplementedError
+
+    def num_bytes(self) -> int:
+        """Bytes the format stores (what a saved file holds for it)."""
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+
+    def format_config(self) -> dict[str, Any]:
+        """JSON-serializable settings beyond (vocab, d, padding_idx) that ``empty`` needs to rebuild the shapes."""
+        raise NotImplementedError
+
+    @classmethod
+    def empty(
+        cls, num_embeddings: int, embedding_dim: int, padding_idx: int | None, *,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, **config: Any,
+    ) -> RowFormat:
+        """An instance with the right tensor shapes (values to be filled by ``load_state_dict``)."""
+        raise NotImplementedError
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., d) times the table's transpose: (..., vocab) logits for a tied head.
+
+        This fallback builds one chunk of rows at a time; formats that can do better (low rank, codebooks) override.
+        """
+        outs = []
+        for s in range(0, self.num_embeddings, _CHUNK_ROWS):
+            rows = self.gather(torch.arange(s, min(s + _CHUNK_ROWS, self.num_embeddings), device=hidden.device))
+            outs.append(torch.nn.functional.linear(hidden, rows.to(hidden.dtype)))
+        return torch.cat(outs, dim=-1)
+
+    # --- shared by every format ----------------------------------------------------------------------------
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_token_ids(input, self.num_embeddings)
+        flat = input.reshape(-1)
+        if flat.dtype != torch.long:
+            flat = flat.long()
+        return self.gather(flat).view(*input.shape, self.embedding_dim)
+
+    def dense(self) -> torch.Tensor:
+        """The whole (vocab × d) table, built a chunk of rows at a time (for tests and export; costs vocab × d)."""
+        dev = next((t.device for t in (*self.parameters(), *self.buffers())), torch.device("cpu"))
+        chunks = [
+            self.gather(torch.arange(s, min(s + _CHUNK_ROWS, self.num_embeddings), device=dev))
+            for s in range(0, self.num_embeddings, _CHUNK_ROWS)
+        ]
+        return torch.cat(chunks)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense table, materialized on each read (read-only)."""
+        return self.dense()
+
+    @property
+    def num_params(self) -> int:
+        """Stored entries (parameters and buffers), whatever their width."""
+        return sum(t.numel() for t in (*self.parameters(), *self.buffers()))
+
+    def to_dense(self) -> nn.Embedding:
+        """A plain nn.Embedding holding ``dense()``."""
+        table = self.dense().detach()
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device=table.device,
+                           dtype=table.dtype if table.is_floating_point() else torch.float32)
+        with torch.no_grad():
+            emb.weight.copy_(table)
+        return emb
+
+
+def register_format(name: str, *, factors: type | None = None):
+    """Class decorator: register a RowFormat under ``name``; ``factors`` is the Factors type it is built from.
+
+    A format registered with ``factors=`` provides ``from_factors(f, padding_idx=None, **kw)``.
+    """
+
+    def wrap(cls: type[RowFormat]) -> type[RowFormat]:
+        if name in _FORMATS and _FORMATS[name] is not cls:
+            raise ValueError(f"a storage format named {name!r} is already registered")
+        cls.format_name = name
+        cls.layer_type = name  # the name saved models record (embfactor.json "layer_type")
+        _FORMATS[name] = cls
+        if factors is not None:
+            _BY_FACTORS[factors] = cls
+        return cls
+
+    return wrap
+
+
+def _ensure_builtin_formats() -> None:
+    import embfactor.layers  # noqa: F401 - registers the built-in formats
+
+
+def get_format(name: str) -> type[RowFormat]:
+    _ensure_builtin_formats()
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown storage format {name!r}; valid formats: {', '.join(sorted(_FORMATS))}"
+        ) from None
+
+
+def available_formats() -> list[str]:
+    _ensure_builtin_formats()
+    return sorted(_FORMATS)
+
+
+def is_row_format(module: nn.Module) -> bool:
+    """True for any registered embfactor storage format (i.e. an embfactor embedding layer)."""
+    return isinstance(module, RowFormat) or type(module) in _FORMATS.values()
+
+
+def from_factors(f: Any, padding_idx: int | None = None, **kw: Any) -> RowFormat:
+    """The format module that holds a decomposition's result (looked up by its Factors type, most derived first)."""
+    _ensure_builtin_formats()
+    for t in type(f).__mro__:
+        if t in _BY_FACTORS:
+            return _BY_FACTORS[t].from_factors(f, padding_idx, **kw)
+    raise UnknownMethodError(
+        f"no storage format holds {type(f).__name__}; registered: {', '.join(sorted(c.__name__ for c in _BY_FACTORS))}"
+    )

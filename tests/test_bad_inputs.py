@@ -159,7 +159,7 @@ FOLDER_CASES = [
     ("ef-json-wrong-version", "comp", _edit_json("embfactor.json", format_version=99), CorruptFileError,
      "embfactor.json", "format_version 99 is not supported"),
     ("ef-json-unknown-layer", "comp", _edit_json("embfactor.json", layer_type="magic"), CorruptFileError,
-     "embfactor.json", "unknown embedding layer type 'magic'; valid types:"),
+     "embfactor.json", "unknown storage format 'magic'; valid formats:"),
     ("ef-json-missing-field", "comp", _edit_json("embfactor.json", rank=KeyError), CorruptFileError,
      "embfactor.json", r"missing fields \['rank'\]"),
     ("ef-json-bad-rank", "comp", _edit_json("embfactor.json", rank=0), CorruptFileError, "embfactor.json",

@@ -13,7 +13,7 @@ from torch import nn
 from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
 from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
 from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
-from embfactor.layers.registry import get_layer
+from embfactor.formats import get_format
 from embfactor.surgery.factorize import META_ATTR, apply_structure_
 
 WEIGHTS_FILE = "model.safetensors"
@@ -57,7 +57,7 @@ def save_compressed(
     layer = model.get_submodule(meta["embedding_module"])
     record = {
         "layer_type": layer.layer_type,
-        "layer_config": layer.layer_config(),
+        "layer_config": layer.format_config(),
         "vocab_size": layer.num_embeddings,
         "hidden_size": layer.embedding_dim,
         "padding_idx": layer.padding_idx,
@@ -218,7 +218,7 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
             f"{directory / HF_CONFIG_FILE}: {record['architecture']} cannot be built from it ({type(e).__name__}: {e})"
         ) from None
     try:
-        layer_cls = get_layer(record["layer_type"])
+        layer_cls = get_format(record["layer_type"])
         dense = model.get_submodule(record["embedding_module"])
         new = layer_cls.empty(
             dense.num_embeddings, dense.embedding_dim, dense.padding_idx, **record["layer_config"], dtype=dtype

@@ -82,7 +82,7 @@ class FormatChoice:
 
             return grouped_bytes(rows, d, o["bits"], o.get("group"), symmetric=o.get("symmetric", True))
         if self.method in ("pq", "rvq"):
-            from embfactor.decompose.codebook import codebook_bytes
+            from embfactor.decomposition.codebook import codebook_bytes
 
             return codebook_bytes(rows, d, sub_dim=o.get("sub_dim", 4), K=o.get("K", 256), stages=o.get("stages", 1))
         raise ConfigError(f"the planner has no byte count for method {self.method!r}")
@@ -141,7 +141,7 @@ def mass_boundaries(counts: torch.Tensor, order: torch.Tensor, cuts: Sequence[fl
 
 def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, seed: int = 0):
     """The decomposition of ``E`` in format ``fmt`` (its Factors; ``.rows(a, b)`` reads reconstructed rows)."""
-    from embfactor.decompose.registry import get_method
+    from embfactor.decomposition.registry import get_method
 
     info = get_method(fmt.method)
     opts = fmt.opts
@@ -204,8 +204,8 @@ class Plan:
 
 
 def tier_map_bytes(vocab: int, tiers: int) -> int:
-    """Bytes of the token → tier map: ⌈log2 tiers⌉ bits per token (0 for a single tier)."""
-    return 0 if tiers <= 1 else math.ceil(vocab * math.ceil(math.log2(tiers)) / 8)
+    """Bytes of the token → tier map the ``tiered`` format stores: one byte per token (none for a single tier)."""
+    return 0 if tiers <= 1 else vocab
 
 
 def search_plans(
@@ -357,17 +357,17 @@ def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.T
 
     children = []
     w = weights_for(counts, plan.alpha)
+    position = torch.empty_like(order)
     for t in plan.tiers:
-        ids = order[t.start:t.stop]
+        ids = order[t.start:t.stop].sort().values  # id order inside a tier: the tiered format then stores 1 B/token
+        position[ids] = torch.arange(t.start, t.stop)
         f = fit_rows(E[ids].contiguous(), t.fmt, w[ids], seed)
         children.append(from_factors(f))
     if len(children) == 1:
         one = children[0]
         one.padding_idx = padding_idx
         return one
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel())
-    return get_format("tiered")(children, position, padding_idx=padding_idx)
+    return get_format("tiered")(children, position, padding_idx=padding_idx, zero_padding=False, compact_index=True)
 
 
 # --- the check on the model -------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ the last tier takes the rest and has no ``@``. FORMAT:
 - ``prq<sub>x<stages>[b<beam>]``: faiss ProductResidualQuantizer with beam search (trained on a weighted sample);
 - ``plsq<sub>x<stages>``: faiss ProductLocalSearchQuantizer (LSQ++), trained on a weighted sample.
 
-Byte counts: integers + fp16 scales/codebooks + the tier map (⌈log2 tiers⌉ bits per row, none for one tier).
+Byte counts: integers + fp16 scales/codebooks + the tier map (one byte per row, none for one tier; rows of
+2026-11-30 before 18:36 UTC counted ⌈log2 tiers⌉ bits).
 Quality: MiniLM (encoder) = fidelity (mean cosine of pooled sentence embeddings to the original) and Lee Spearman,
 ``embfactor.eval.similarity`` (``--passages N`` held-out passages; the README protocol is 200);
 SmolLM2 (decoder, tied head) = perplexity and KL to the original on held-out Wikipedia, windows of 512 tokens
@@ -192,7 +193,7 @@ def apply_plan(E: torch.Tensor, counts: torch.Tensor, plan: str, alpha: float, s
         tiers.append({"format": fmt, "rows": int(ids.numel()), "bytes": int(nb),
                       "mass": float(counts[ids].sum() / counts.sum())})
     if len(parts) > 1:
-        total += math.ceil(E.shape[0] * math.ceil(math.log2(len(parts))) / 8)
+        total += E.shape[0]  # the tiered format's token -> tier map: one byte per token
     return Eh, total, tiers
 
 

@@ -21,7 +21,6 @@ reads a model, writes candidate tables into its embedding to score them and puts
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field

@@ -12,6 +12,7 @@ from torch import nn
 from embfactor.config import FactorizationConfig
 from embfactor.decompose import decompose, get_method, optimal_relative_error, resolve_rank, spectrum
 from embfactor.errors import InvalidTypeError, SurgeryError
+from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers import FactorizedLMHead
 from embfactor.layers.registry import is_factorized_layer
 from embfactor.surgery.replace import fqn_of, replace_modules_
@@ -226,4 +227,5 @@ def factorize_(
             "report": report.to_dict(),
         },
     )
+    attach_quantization_config(model)  # so that model.save_pretrained writes a folder from_pretrained rebuilds
     return report

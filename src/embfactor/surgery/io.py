@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
-from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
+from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError
 from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
-from embfactor.layers.registry import get_layer
-from embfactor.surgery.factorize import META_ATTR, apply_structure_
+from embfactor.surgery.factorize import META_ATTR
 
 WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
@@ -28,6 +27,7 @@ def save_compressed(
     tokenizer: Any = None,
     extra: dict[str, Any] | None = None,
     inputs: tuple[str | os.PathLike, ...] = (),
+    modules_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
 
@@ -39,6 +39,8 @@ def save_compressed(
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
+        modules_from: a sentence-transformers folder whose modules (modules.json, pooling, normalization, prompts)
+            the output keeps; default: the folder :func:`embfactor.load_model` loaded the model from.
 
     Example:
         >>> save_compressed(model, "out/minilm-r6", tokenizer=tok)   # doctest: +SKIP
@@ -46,6 +48,8 @@ def save_compressed(
     from safetensors.torch import save_model
 
     from embfactor import __version__
+    from embfactor.hf.integration import attach_quantization_config
+    from embfactor.hf.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
 
     meta = getattr(model, META_ATTR, None)
     if meta is None:
@@ -72,9 +76,12 @@ def save_compressed(
     with atomic_directory(directory, inputs=inputs) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
         config.architectures = [architecture]
+        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf)
+        attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return Path(directory)
 
@@ -122,54 +129,21 @@ def model_class(architecture: str) -> type:
 def load_compressed(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed` and load its weights (strict; safetensors only).
 
-    The factorized structure is rebuilt from embfactor.json; nothing is decomposed again.
+    The model is loaded by transformers' ``from_pretrained`` through embfactor's registered quantizer (the same path
+    ``AutoModel.from_pretrained(directory)`` takes), with the structure read from embfactor.json, so folders written
+    before config.json carried a ``quantization_config`` load too. Nothing is decomposed again.
 
     Example:
         >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-    from transformers import AutoConfig
+    from embfactor.hf.loading import from_pretrained_compressed
 
     directory = Path(directory)
     record = read_record(directory)
     for name in (WEIGHTS_FILE, HF_CONFIG_FILE):
         if not (directory / name).is_file():
             raise ModelNotFoundError(f"{directory / name} is missing; the folder is not a complete embfactor output")
-    try:
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub raise many types for a bad config
-        raise CorruptFileError(f"{directory / HF_CONFIG_FILE}: cannot be read as a transformers config ({e})") from None
-    try:
-        cls = model_class(record["architecture"])
-    except CorruptFileError as e:
-        raise CorruptFileError(f"{directory / MARKER_FILE}: {e}") from None
-    dtype = getattr(torch, str(record.get("torch_dtype", "float32")), None)
-    if not isinstance(dtype, torch.dtype):
-        bad = record.get("torch_dtype")
-        raise CorruptFileError(f"{directory / MARKER_FILE}: torch_dtype {bad!r} is not a torch dtype")
-    model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
-    try:
-        layer_cls = get_layer(record["layer_type"])
-        dense = model.get_submodule(record["embedding_module"])
-        new = layer_cls.empty(
-            dense.num_embeddings, dense.embedding_dim, dense.padding_idx, **record["layer_config"], dtype=dtype
-        )
-        apply_structure_(
-            model,
-            embedding_module=record["embedding_module"],
-            new_embedding=new,
-            tied_head=bool(record["tied_head"]),
-            head_module=record["head_module"],
-        )
-    except (SurgeryError, AttributeError, TypeError, UnknownMethodError) as e:
-        raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None
-    try:
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CorruptFileError(f"{directory / WEIGHTS_FILE}: corrupt or truncated safetensors file ({e})") from None
-    except RuntimeError as e:
-        raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
+    model = from_pretrained_compressed(directory, record)
     model.to(device)
     model.eval()
     setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")})

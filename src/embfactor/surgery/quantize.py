@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from embfactor.errors import InvalidTypeError, SurgeryError
+from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers.embedding import FactorizedEmbedding, FactorizedLMHead
 from embfactor.layers.quantized import QuantizedFactorizedEmbedding, parse_bits
 from embfactor.surgery.factorize import META_ATTR
@@ -100,4 +101,5 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
     report = dict(meta.get("report") or {})
     report["quantization"] = summary
     meta["report"] = report
+    attach_quantization_config(model)  # the format changed: model.save_pretrained must describe the new one
     return summary

@@ -40,6 +40,45 @@ def _quantized(bits: int) -> Callable[[nn.Module], None]:
     return make
 
 
+def _install(model: nn.Module, build: Callable[[torch.Tensor], nn.Module]) -> None:
+    """Put a hand-built format module in place of the embedding (for formats no decomposition method makes)."""
+    from embfactor.hf.integration import attach_quantization_config
+    from embfactor.surgery.factorize import META_ATTR, apply_structure_, find_embedding_and_head
+
+    emb_fqn, emb, head_fqn, _, tied = find_embedding_and_head(model)
+    new = build(emb.weight.detach())
+    apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tied, head_module=head_fqn)
+    setattr(model, META_ATTR, {
+        "embedding_module": emb_fqn, "head_module": head_fqn if tied else None, "tied_head": tied, "rank": 1,
+        "method": new.format_name, "factorization": ef.FactorizationConfig(rank=1).to_dict(), "report": {},
+    })
+    attach_quantization_config(model)
+
+
+def _tiered(E: torch.Tensor) -> nn.Module:
+    """Three tiers in three formats (low rank, int8 factors, zeros) over a shuffled row order."""
+    from embfactor.formats import FactorizedEmbedding, QuantizedFactorizedEmbedding, TieredFormat
+    from embfactor.formats.zeros import ZeroRows
+
+    position = torch.randperm(E.shape[0], generator=torch.Generator().manual_seed(0))
+    rows = torch.empty_like(E)
+    rows[position] = E  # rows[p] is the row of the token at position p
+
+    def lowrank(block: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        U, S, Vh = torch.linalg.svd(block, full_matrices=False)
+        return U[:, :r] * S[:r], Vh[:r]
+    a, b = lowrank(rows[:40], 8), lowrank(rows[40:90], 4)
+    tiers = [FactorizedEmbedding.from_tensors(*a), QuantizedFactorizedEmbedding.from_tensors(*b, bits=8),
+             ZeroRows(E.shape[0] - 90, E.shape[1])]
+    return TieredFormat(tiers, position)
+
+
+def _zeros(E: torch.Tensor) -> nn.Module:
+    from embfactor.formats.zeros import ZeroRows
+
+    return ZeroRows(*E.shape)
+
+
 # How to compress a model into each storage format. A format registered later without a recipe here is tried as a
 # decomposition method of the same name; if there is none, test_every_format_has_a_recipe names it.
 RECIPES: dict[str, Callable[[nn.Module], None]] = {
@@ -47,6 +86,8 @@ RECIPES: dict[str, Callable[[nn.Module], None]] = {
     "block": lambda m: ef.factorize_(m, ratio=2, method="block", token_weights=_token_weights()),
     "tt": lambda m: ef.factorize_(m, rank=4, method="tt"),
     "quantized": _quantized(8),
+    "tiered": lambda m: _install(m, _tiered),
+    "zeros": lambda m: _install(m, _zeros),
 }
 EXTRA_CASES = {"quantized-int4": _quantized(4)}  # same format, another config (packed nibbles)
 
@@ -62,10 +103,7 @@ def recipe(name: str) -> Callable[[nn.Module], None] | None:
 
 
 def all_formats() -> list[str]:
-    # the registered row formats and the older layer registry (the two merge as layers become RowFormats)
-    from embfactor.layers import available_layers
-
-    return sorted({*available_formats(), *available_layers()})
+    return available_formats()
 
 
 CASES = [*all_formats(), *EXTRA_CASES]
@@ -191,25 +229,28 @@ def test_load_model_accepts_a_save_pretrained_folder(tmp_path, tiny_bert_dir):
         assert _max_diff(lm.model(IDS).last_hidden_state, hf(IDS).last_hidden_state) <= 1e-6
 
 
-def test_folder_from_previous_version_still_loads(tmp_path):
-    """embfactor 0.1.0 wrote no quantization_config: embfactor.load rebuilds from embfactor.json, and upgrade fixes."""
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("name", ["block", "factorized", "quantized", "tt"])
+def test_folder_from_previous_version_loads_and_upgrades(tmp_path, name):
+    """Folders of embfactor 0.1.0 (tests/fixtures/v1: no quantization_config, older block tensor names) load with
+    embfactor.load; upgrade_folder rewrites them so that from_pretrained loads them with the same outputs."""
+    from transformers import AutoModel
 
     from embfactor.hf.loading import upgrade_folder
 
-    model = _llama(True)
-    ef.factorize_(model, rank=5)
-    ef.save(model, tmp_path / "old")
-    config = json.loads((tmp_path / "old" / "config.json").read_text())
-    del config["quantization_config"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    old = Path(__file__).parent / "fixtures" / "v1" / name
+    assert "quantization_config" not in json.loads((old / "config.json").read_text())
+    expected = torch.load(old / "expected.pt")
+    upgrade_folder(old, tmp_path / "new")
+    arch = json.loads((old / "embfactor.json").read_text())["architecture"]
+    cls = AutoModel if not arch.endswith("ForCausalLM") else __import__("transformers").AutoModelForCausalLM
+    model = cls.from_pretrained(tmp_path / "new")
     with torch.inference_mode():
-        want = model(IDS).logits
-        assert _max_diff(ef.load(tmp_path / "old")(IDS).logits, want) <= 1e-6
-    assert upgrade_folder(tmp_path / "old") is True
-    assert upgrade_folder(tmp_path / "old") is False  # already current
-    with torch.inference_mode():
-        assert _max_diff(AutoModelForCausalLM.from_pretrained(tmp_path / "old")(IDS).logits, want) <= 1e-6
+        out = model(input_ids=expected["ids"])
+        before = ef.load(old)(input_ids=expected["ids"])
+    got = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    ref = before.logits if hasattr(before, "logits") else before.last_hidden_state
+    assert _max_diff(got, ref) <= 1e-6
+    torch.testing.assert_close(got, expected["output"], rtol=1e-5, atol=1e-5)
 
 
 def test_newer_format_version_is_a_clear_error(tmp_path):

@@ -129,31 +129,21 @@ def record_from_quantization_config(q: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def upgrade_folder(directory: str | os.PathLike) -> bool:
-    """Give a folder written by embfactor 0.1.0 (no ``quantization_config`` in config.json) the current one.
+def upgrade_folder(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Rewrite a folder written by embfactor 0.1.0 (no ``quantization_config``) so that ``from_pretrained`` loads it.
 
-    Afterwards ``AutoModel.from_pretrained(directory)`` loads it. Only config.json changes (atomically); the
-    weights are untouched. Returns False when the folder is already current.
+    The model is loaded the way 0.1.0 folders still load (structure from embfactor.json, older tensor names
+    mapped) and saved again to ``target`` with its tokenizer (if any), sentence-transformers modules and record.
 
     Example:
-        >>> upgrade_folder("out/minilm-r6")      # doctest: +SKIP
-        True
+        >>> upgrade_folder("old/minilm-r6", "out/minilm-r6")      # doctest: +SKIP
     """
-    import json
+    from embfactor.models import TOKENIZER_FILES, _load_tokenizer
+    from embfactor.surgery.io import load_compressed, read_record, save_compressed
 
-    from embfactor.fileio import atomic_write_json
-    from embfactor.hf.quantizer import EmbfactorConfig
-    from embfactor.surgery.io import read_record
-
-    directory = Path(directory)
-    record = read_record(directory)
-    if embfactor_quantization_config(directory) is not None:
-        return False
-    path = directory / HF_CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CorruptFileError(f"{path}: cannot be read as a transformers config ({e})") from None
-    config["quantization_config"] = EmbfactorConfig.from_record(record).to_dict()
-    atomic_write_json(path, config)
-    return True
+    source = Path(source)
+    record = read_record(source)
+    model = load_compressed(source)
+    tokenizer = _load_tokenizer(source) if any((source / f).is_file() for f in TOKENIZER_FILES) else None
+    extra = {k: record[k] for k in ("source_model",) if k in record}
+    return save_compressed(model, target, tokenizer=tokenizer, extra=extra, inputs=(source,), modules_from=source)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from embfactor.errors import ConfigError, CorruptFileError, UnknownMethodError
+from embfactor.errors import ConfigError, CorruptFileError
 from embfactor.hf.hook import QUANT_METHOD
 
 # Version of the quantization_config layout below; a folder with a newer one was written by a newer embfactor.
@@ -26,29 +26,15 @@ _FIELDS = ("format", "format_config", "num_embeddings", "embedding_dim", "paddin
 
 
 def format_class(name: str) -> type[nn.Module]:
-    """The module class of a storage format by name (the row-format registry, then the older layer registry)."""
+    """The module class of a registered storage format (an unknown name raises, listing the valid ones)."""
     from embfactor.formats import get_format
 
-    try:
-        return get_format(name)
-    except UnknownMethodError:
-        from embfactor.layers.registry import get_layer
-
-        return get_layer(name)  # raises, listing the valid names, when neither registry knows it
+    return get_format(name)
 
 
 def format_of(layer: nn.Module) -> tuple[str, dict[str, Any]]:
     """(format name, format config) of an embfactor embedding module: what ``empty`` needs besides the sizes."""
-    name = getattr(layer, "format_name", "") or getattr(layer, "layer_type", "")
-    config = None
-    if hasattr(layer, "format_config"):
-        try:
-            config = layer.format_config()
-        except NotImplementedError:  # a RowFormat subclass that still implements layer_config only
-            config = None
-    if config is None:
-        config = layer.layer_config()
-    return name, dict(config)
+    return layer.format_name, dict(layer.format_config())
 
 
 class EmbfactorConfig(QuantizationConfigMixin):

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
-from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError
+from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
 from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
-from embfactor.surgery.factorize import META_ATTR
+from embfactor.formats import get_format
+from embfactor.surgery.factorize import META_ATTR, apply_structure_
 
 WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
@@ -61,7 +62,7 @@ def save_compressed(
     layer = model.get_submodule(meta["embedding_module"])
     record = {
         "layer_type": layer.layer_type,
-        "layer_config": layer.layer_config(),
+        "layer_config": layer.format_config(),
         "vocab_size": layer.num_embeddings,
         "hidden_size": layer.embedding_dim,
         "padding_idx": layer.padding_idx,
@@ -136,17 +137,68 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     Example:
         >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
     """
-    from embfactor.hf.loading import from_pretrained_compressed
+    from embfactor.hf.loading import embfactor_quantization_config, from_pretrained_compressed
 
     directory = Path(directory)
     record = read_record(directory)
     for name in (WEIGHTS_FILE, HF_CONFIG_FILE):
         if not (directory / name).is_file():
             raise ModelNotFoundError(f"{directory / name} is missing; the folder is not a complete embfactor output")
-    model = from_pretrained_compressed(directory, record)
+    if embfactor_quantization_config(directory) is not None:
+        model = from_pretrained_compressed(directory, record)
+    else:  # written by embfactor 0.1.0, before config.json carried a quantization_config
+        model = _load_without_quantization_config(directory, record, device)
     model.to(device)
     model.eval()
     setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")})
+    return model
+
+
+def _load_without_quantization_config(directory: Path, record: dict[str, Any], device: str | torch.device) -> nn.Module:
+    """Rebuild the model from embfactor.json alone and load_state_dict (strict), as embfactor 0.1.0 did.
+
+    Kept for folders written before config.json carried a ``quantization_config``: ``load_state_dict`` lets a
+    format map its older tensor names (the block format's ``U.<b>`` keys). ``embfactor.hf.loading.upgrade_folder``
+    rewrites such a folder so that transformers' ``from_pretrained`` loads it too.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub raise many types for a bad config
+        raise CorruptFileError(f"{directory / HF_CONFIG_FILE}: cannot be read as a transformers config ({e})") from None
+    try:
+        cls = model_class(record["architecture"])
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{directory / MARKER_FILE}: {e}") from None
+    dtype = getattr(torch, str(record.get("torch_dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        bad = record.get("torch_dtype")
+        raise CorruptFileError(f"{directory / MARKER_FILE}: torch_dtype {bad!r} is not a torch dtype")
+    model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
+    try:
+        layer_cls = get_format(record["layer_type"])
+        dense = model.get_submodule(record["embedding_module"])
+        new = layer_cls.empty(
+            dense.num_embeddings, dense.embedding_dim, dense.padding_idx, **record["layer_config"], dtype=dtype
+        )
+        apply_structure_(
+            model,
+            embedding_module=record["embedding_module"],
+            new_embedding=new,
+            tied_head=bool(record["tied_head"]),
+            head_module=record["head_module"],
+        )
+    except (SurgeryError, AttributeError, TypeError, UnknownMethodError) as e:
+        raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None
+    try:
+        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CorruptFileError(f"{directory / WEIGHTS_FILE}: corrupt or truncated safetensors file ({e})") from None
+    except RuntimeError as e:
+        raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
     return model
 
 

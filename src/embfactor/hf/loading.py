@@ -13,18 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from embfactor.errors import (
-    ConfigError,
-    CorruptFileError,
-    EmbfactorError,
-    InvalidTypeError,
-    SurgeryError,
-    UnknownMethodError,
-    some_names,
-)
+from embfactor.errors import CorruptFileError, EmbfactorError, some_names
 from embfactor.fileio import MARKER_FILE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -42,35 +33,21 @@ def from_pretrained_compressed(directory: str | os.PathLike, record: dict[str, A
         >>> model = from_pretrained_compressed(folder, read_record(folder))   # doctest: +SKIP
     """
     from safetensors import SafetensorError
-    from transformers import AutoConfig
 
     from embfactor.hf.hook import register
-    from embfactor.hf.quantizer import EmbfactorConfig
-    from embfactor.surgery.io import model_class
+    from embfactor.hf.quantizer import EmbfactorConfig, format_class
+    from embfactor.surgery.io import read_model_config, without_absent_pooler
 
     register()
     directory = Path(directory)
     marker, weights = directory / MARKER_FILE, directory / WEIGHTS_FILE
-    try:
-        # the quantization_config is replaced by the record's below; reading it must not validate it first
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub raise many types for a bad config
-        raise CorruptFileError(f"{directory / HF_CONFIG_FILE}: cannot be read as a transformers config ({e})") from None
-    try:
-        cls = model_class(record["architecture"])
-    except CorruptFileError as e:
-        raise CorruptFileError(f"{marker}: {e}") from None
-    dtype = getattr(torch, str(record.get("torch_dtype", "float32")), None)
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptFileError(f"{marker}: torch_dtype {record.get('torch_dtype')!r} is not a torch dtype")
+    config, cls, dtype = read_model_config(directory, record)
     try:
         qconfig = EmbfactorConfig.from_record(record)
-        from embfactor.hf.quantizer import format_class
-
         format_class(qconfig.format)  # an unknown format fails here, naming the valid ones
     except (EmbfactorError, KeyError, TypeError) as e:
         raise CorruptFileError(f"{marker}: does not match the model in config.json ({e})") from None
-    # A folder written before config.json carried the quantization_config (embfactor 0.1.0) gets it from the record.
+    # embfactor.json is the record of what was saved; its structure is the one rebuilt (config.json carries the same)
     config.quantization_config = qconfig.to_dict()
     try:
         model, info = cls.from_pretrained(
@@ -79,15 +56,21 @@ def from_pretrained_compressed(directory: str | os.PathLike, record: dict[str, A
         )
     except SafetensorError as e:
         raise CorruptFileError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
-    except (SurgeryError, ConfigError, CorruptFileError, UnknownMethodError, InvalidTypeError, AttributeError) as e:
+    except (EmbfactorError, AttributeError) as e:  # raised by the quantizer while swapping in the format
         raise CorruptFileError(f"{marker}: does not match the model in config.json ({e})") from None
     except OSError as e:
         raise CorruptFileError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
     except RuntimeError as e:  # shape mismatches between the record's structure and the weights
         raise CorruptFileError(f"{weights}: weights do not match the model structure ({e})") from None
+    except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as e:
+        # the model's constructor rejects the config (transformers checks little before building)
+        raise CorruptFileError(
+            f"{directory / HF_CONFIG_FILE}: {record['architecture']} cannot be built from it ({type(e).__name__}: {e})"
+        ) from None
+    missing = without_absent_pooler(model, set(info.get("missing_keys") or ()))
     problems = []
-    if info.get("missing_keys"):
-        problems.append(f"Missing key(s) in state_dict: {some_names(sorted(info['missing_keys']))}")
+    if missing:
+        problems.append(f"Missing key(s) in state_dict: {some_names(missing)}")
     if info.get("unexpected_keys"):
         problems.append(f"Unexpected key(s) in state_dict: {some_names(sorted(info['unexpected_keys']))}")
     if info.get("mismatched_keys"):

@@ -43,7 +43,8 @@ class EmbfactorConfig(QuantizationConfigMixin):
     Args:
         format: registered storage format name (``embfactor.formats.available_formats()``).
         format_config: the format's settings beyond the sizes (its ``format_config()``).
-        num_embeddings, embedding_dim, padding_idx: the table's shape and padding row.
+        num_embeddings, embedding_dim, padding_idx: the table's shape and padding row (a size of None: the size of
+            the model's embedding, for records whose sizes are checked after loading).
         embedding_module: fully qualified name of the input embedding in the model.
         head_module: name of the output head tied to it (None when the head is not tied).
         tied_head: whether the head is a FactorizedLMHead sharing the embedding's tensors.
@@ -61,8 +62,8 @@ class EmbfactorConfig(QuantizationConfigMixin):
         self,
         format: str,
         format_config: dict[str, Any],
-        num_embeddings: int,
-        embedding_dim: int,
+        num_embeddings: int | None,
+        embedding_dim: int | None,
         embedding_module: str,
         padding_idx: int | None = None,
         head_module: str | None = None,
@@ -93,8 +94,8 @@ class EmbfactorConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format = format
         self.format_config = dict(format_config)
-        self.num_embeddings = int(num_embeddings)
-        self.embedding_dim = int(embedding_dim)
+        self.num_embeddings = None if num_embeddings is None else int(num_embeddings)
+        self.embedding_dim = None if embedding_dim is None else int(embedding_dim)
         self.padding_idx = padding_idx
         self.embedding_module = embedding_module
         self.head_module = head_module if tied_head else None
@@ -126,10 +127,14 @@ class EmbfactorConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> EmbfactorConfig:
-        """The config equivalent to an embfactor.json record (folders written before config.json carried one)."""
+        """The config equivalent to an embfactor.json record (folders written before config.json carried one).
+
+        The sizes come from the model (as embfactor 0.1.0 rebuilt them); the record's own sizes are checked against
+        the loaded embedding afterwards (:func:`embfactor.surgery.io.check_record_against_model`).
+        """
         return cls(
-            format=record["layer_type"], format_config=record["layer_config"], num_embeddings=record["vocab_size"],
-            embedding_dim=record["hidden_size"], padding_idx=record.get("padding_idx"),
+            format=record["layer_type"], format_config=record["layer_config"], num_embeddings=None,
+            embedding_dim=None, padding_idx=record.get("padding_idx"),
             embedding_module=record["embedding_module"], head_module=record.get("head_module"),
             tied_head=bool(record.get("tied_head")), embfactor_version=record.get("embfactor_version"),
             meta={k: record[k] for k in ("method", "rank", "factorization") if k in record},
@@ -152,28 +157,25 @@ def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch
             f"quantization_config names the embedding {qconfig.embedding_module!r}, which {type(model).__name__} "
             "does not have"
         ) from None
-    if (getattr(dense, "num_embeddings", None), getattr(dense, "embedding_dim", None)) != (
-        qconfig.num_embeddings, qconfig.embedding_dim
-    ):
+    vocab = qconfig.num_embeddings if qconfig.num_embeddings is not None else getattr(dense, "num_embeddings", None)
+    d = qconfig.embedding_dim if qconfig.embedding_dim is not None else getattr(dense, "embedding_dim", None)
+    if (getattr(dense, "num_embeddings", None), getattr(dense, "embedding_dim", None)) != (vocab, d):
         raise CorruptFileError(
-            f"quantization_config describes a {qconfig.num_embeddings}×{qconfig.embedding_dim} embedding, but "
-            f"{qconfig.embedding_module!r} of {type(model).__name__} is "
-            f"{getattr(dense, 'num_embeddings', '?')}×{getattr(dense, 'embedding_dim', '?')}"
+            f"quantization_config describes a {vocab}×{d} embedding, but {qconfig.embedding_module!r} of "
+            f"{type(model).__name__} is {getattr(dense, 'num_embeddings', '?')}×{getattr(dense, 'embedding_dim', '?')}"
         )
     device = next((t.device for t in dense.parameters()), torch.device("cpu"))
     dtype = dtype or next((t.dtype for t in dense.parameters()), None)
     try:
         try:
-            new = cls.empty(qconfig.num_embeddings, qconfig.embedding_dim, qconfig.padding_idx,
-                            device=device, dtype=dtype, **qconfig.format_config)
+            new = cls.empty(vocab, d, qconfig.padding_idx, device=device, dtype=dtype, **qconfig.format_config)
         except (RuntimeError, NotImplementedError):
             if device.type != "meta":
                 raise
             # A format whose constructor reads tensor values (the block format checks its permutation) cannot be
             # built on the meta device: build it on the CPU (its compressed size), the loader replaces the tensors.
             with torch.device("cpu"):
-                new = cls.empty(qconfig.num_embeddings, qconfig.embedding_dim, qconfig.padding_idx,
-                                device="cpu", dtype=dtype, **qconfig.format_config)
+                new = cls.empty(vocab, d, qconfig.padding_idx, device="cpu", dtype=dtype, **qconfig.format_config)
     except TypeError as e:
         raise CorruptFileError(
             f"quantization_config format_config {qconfig.format_config!r} does not fit format {qconfig.format!r} ({e})"
@@ -216,7 +218,7 @@ class EmbfactorHfQuantizer(HfQuantizer):
             if any(t.device.type == "meta" for t in _non_persistent_buffers(new).values()):
                 with torch.device("cpu"):
                     real = format_class(qc.format).empty(
-                        qc.num_embeddings, qc.embedding_dim, qc.padding_idx, device="cpu", **qc.format_config
+                        new.num_embeddings, new.embedding_dim, qc.padding_idx, device="cpu", **qc.format_config
                     )
             self._derived = {k: v.clone() for k, v in _non_persistent_buffers(real).items()}
         return model

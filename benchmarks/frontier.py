@@ -244,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny random model: checks the script runs (seconds)")
     p.add_argument("--note", default="")
     p.add_argument("--out", default=str(RESULTS / "frontier.jsonl"))
+    p.add_argument("--render", action="store_true", help="only rewrite results/frontier.md from the .jsonl")
     args = p.parse_args(argv)
+    if args.render:
+        render(Path(args.out), RESULTS / "frontier.md")
+        return 0
     torch.set_num_threads(args.threads)
     import faiss
 
@@ -290,6 +294,30 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
     return 0
+
+
+def render(src: Path, dst: Path) -> None:
+    """Markdown tables (one per model) of every measured plan in ``src`` (JSON lines), best ratio first."""
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    out = ["# Frontier probes: tiered plans at equal bytes", "",
+           "Written by `python benchmarks/frontier.py --render` from `frontier.jsonl`; each row names the command",
+           "that reproduces it (`--passages`/`--tokens` as given there). No healing.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: -r["ratio"])
+        dec = "perplexity" in mine[0]
+        out += [f"## {model}", "",
+                "| plan | alpha | x fewer bytes than fp32 | weighted rel. error | "
+                + ("perplexity (original) | KL |" if dec else "fidelity | Lee Spearman |")
+                + " tiers (rows / token mass) | date | command |",
+                "|---|---:|---:|---:|---:|---:|---|---|---|"]
+        for r in mine:
+            tiers = "; ".join(f"{t['format']} {t['rows']:,} / {100 * t['mass']:.1f}%" for t in r["tiers"])
+            q = (f"{r['perplexity']:.2f} ({r['reference_perplexity']:.2f}) | {r['kl']:.4f}" if dec
+                 else f"{r['fidelity']:.4f} | {r['spearman']:.4f}")
+            out.append(f"| `{r['plan']}` | {r['alpha']} | {r['ratio']:.2f} | {r['werr']:.4f} | {q} | {tiers} | "
+                       f"{r['date']} | `{r['command']}` |")
+        out.append("")
+    dst.write_text("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

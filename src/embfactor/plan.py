@@ -521,3 +521,98 @@ __all__ = [
     "FormatChoice", "Plan", "Tier", "ModelScorer", "default_formats", "token_order", "mass_boundaries",
     "search_plans", "candidate_plans", "assemble", "build_plan", "plan_model", "describe_plan", "asdict",
 ]
+
+
+# --- the entry compress calls ---------------------------------------------------------------------------------------
+AUTO = "auto"
+
+
+def wants_plan(config) -> bool:
+    """True when a FactorizationConfig asks the planner: ``method="auto"``, or no method with a byte ``size``."""
+    return config.method == AUTO or (config.method is None and getattr(config, "size", None) is not None)
+
+
+def apply_plan_(model, module, plan: Plan, config, *, seconds: float = 0.0):
+    """Put a planned table into ``model`` (a tied head shares it) and record the plan; returns the report.
+
+    The record is what :func:`embfactor.surgery.save_compressed` writes to embfactor.json: ``report["plan"]``
+    holds the tiers, their formats, rows, token mass and bytes, and the candidates the check scored.
+    """
+    from embfactor.surgery.factorize import (
+        META_ATTR, FactorizationReport, apply_structure_, count_params, find_embedding_and_head,
+    )
+
+    emb_fqn, emb, head_fqn, _head, tied = find_embedding_and_head(model)
+    tie = tied and config.factorize_head
+    params_before = count_params(model)
+    E = emb.weight.detach()
+    with torch.no_grad():
+        err = float((module.dense().double() - E.double()).norm() / E.double().norm().clamp_min(1e-30))
+    module.to(E.device)
+    # --- the model is mutated only below this line ---
+    apply_structure_(model, embedding_module=emb_fqn, new_embedding=module, tied_head=tie, head_module=head_fqn)
+    nbytes = int(module.num_bytes())
+    report = FactorizationReport(
+        model=type(model).__name__, method=AUTO, rank=int(E.shape[1]), vocab_size=int(E.shape[0]),
+        hidden_size=int(E.shape[1]), embedding_params_before=E.numel(), embedding_params_after=module.num_params,
+        model_params_before=params_before, model_params_after=count_params(model),
+        ratio=E.numel() / max(1, module.num_params), relative_error=err, optimal_relative_error=0.0,
+        tied_head=tie, seconds=seconds, embedding_module=emb_fqn, head_module=head_fqn if tie else None,
+    ).to_dict()
+    report.update(embedding_bytes_before=E.numel() * E.element_size(), embedding_bytes_after=nbytes,
+                  bytes_ratio=E.numel() * 4 / nbytes, format=module.format_name,
+                  format_config=module.format_config(), plan=plan.to_dict())
+    setattr(model, META_ATTR, {
+        "factorization": config.to_dict(), "method": AUTO, "rank": int(E.shape[1]), "embedding_module": emb_fqn,
+        "head_module": head_fqn if tie else None, "tied_head": tie, "report": report,
+    })
+    return report
+
+
+def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int = CHECK_PLANS,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Plan, build and install the table of ``lm`` for ``config.size`` (what ``compress --size`` runs).
+
+    Args:
+        lm: the LoadedModel (changed in place: its embedding, and a tied head, become the planned table).
+        config: a FactorizationConfig with a byte ``size`` ("16x" or "2.5MB").
+        texts: calibration text for token counts (default: the bundled Wikipedia extract's training part).
+        check: plans scored on the model.
+
+    Returns:
+        The report dict (as :func:`apply_plan_`).
+
+    Example:
+        >>> lm = load_model("minilm")                                              # doctest: +SKIP
+        >>> plan_compress_(lm, FactorizationConfig(size="16x"))["bytes_ratio"]      # doctest: +SKIP
+        16.1
+    """
+    from embfactor.data.frequency import token_counts
+    from embfactor.decomposition import budget_bytes
+
+    if getattr(config, "size", None) is None:
+        raise ConfigError("the planner (method 'auto') needs a byte target: size='16x' or size='2.5MB' (--size)")
+    t0 = time.perf_counter()
+    emb = lm.model.get_input_embeddings()
+    vocab, d = emb.weight.shape
+    budget = budget_bytes(config.size, vocab, d)
+    if texts is None:
+        from embfactor.data import wiki_split
+
+        texts = wiki_split("train")
+    counts = token_counts(lm.tokenizer, texts, vocab_size=vocab)
+    plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress,
+                              formats=_formats_from_options(config.method_options, d))
+    return apply_plan_(lm.model, module, plan, config, seconds=time.perf_counter() - t0)
+
+
+def _formats_from_options(options: dict[str, Any], d: int) -> list[FormatChoice] | None:
+    # method_options of "auto": {"formats": ["int8 g32", "pq sub4 K256", ...]} restricts the candidates (labels)
+    wanted = options.get("formats") if options else None
+    if not wanted:
+        return None
+    known = {f.label: f for f in default_formats(d)}
+    bad = [w for w in wanted if w not in known]
+    if bad:
+        raise ConfigError(f"unknown planner format(s) {bad}; valid: {', '.join(known)}")
+    return [known[w] for w in wanted]

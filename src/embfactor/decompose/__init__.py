@@ -17,6 +17,7 @@ import torch
 from embfactor.decompose import als, gd, rsvd, svd  # noqa: F401 - registers the built-in methods
 from embfactor.decompose import tt  # noqa: F401 - registers tt (tensor train, TT-SVD)
 from embfactor.decompose import blockwise, weighted  # noqa: F401 - registers wsvd and block (data-aware)
+from embfactor.decompose import codebook, intk  # noqa: F401 - registers pq, rvq (codebooks) and int (dense int-k)
 from embfactor.decompose._common import as_matrix, optimal_relative_error, spectrum, working_dtype
 from embfactor.decompose.factors import Factors, relative_error
 from embfactor.decompose.rank import max_rank, rank_for_ratio, resolve_rank

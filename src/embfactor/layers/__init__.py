@@ -22,3 +22,6 @@ __all__ = [
     "is_factorized_layer",
     "register_layer",
 ]
+
+# the codebook (pq/rvq) and dense int-k storage formats register themselves on import
+from embfactor.formats import codebook as _codebook_format, intk as _intk_format  # noqa: E402, F401

@@ -195,6 +195,29 @@ def _load_gguf(path: Path, *, fix: str = "replace it with a complete copy") -> t
     return load_gguf_causal_lm(path), tokenizer
 
 
+def source_path(name: str | os.PathLike | None) -> Path | None:
+    """Where ``load_model(name)`` would read from, without loading anything (None when unknown or absent).
+
+    Lets commands refuse an output that would overwrite or contain the input before the (slow) load.
+
+    Example:
+        >>> source_path("minilm").name   # doctest: +SKIP
+        'model'
+    """
+    if name is None:
+        return None
+    name = str(name)
+    try:
+        if name == "minilm":
+            return minilm_path()
+        if name == "smollm2":
+            return smollm2_path()
+    except ModelNotFoundError:
+        return None
+    path = Path(name).expanduser()
+    return path if os.path.lexists(path) else None
+
+
 def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
     """Load a model by name (``minilm``, ``smollm2``), a local folder (Hugging Face or embfactor output) or a GGUF file.
 

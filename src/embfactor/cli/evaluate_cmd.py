@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from embfactor.cli.common import add_model_arg, fmt, table, write_json
+from embfactor.cli.common import add_model_arg, check_outputs, fmt, table, write_json
 
 # Task options the CLI exposes, with the task they belong to (others are rejected with a clear message).
 _OPTION_TASKS = {
@@ -91,6 +91,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(files=[("--json", args.json)], inputs=[args.model, args.reference])
     r = evaluate_model(
         args.model,
         args.task,

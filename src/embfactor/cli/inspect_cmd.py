@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from embfactor.cli.common import add_model_arg, table, write_json
+from embfactor.cli.common import add_model_arg, check_outputs, table, write_json
 
 
 def inspect_model(model: str) -> dict[str, Any]:
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(table([[m.name, m.description] for m in method_infos()], ["method", "description"]))
         return 0
+    check_outputs(files=[("--plot", args.plot), ("--json", args.json)], inputs=[args.model])
     r = inspect_model(args.model)
     print(render(r))
     if args.plot:

@@ -211,7 +211,7 @@ def _write_state(
 ) -> None:
     from safetensors.torch import save
 
-    from embfactor.fileio import atomic_write_bytes, atomic_write_json
+    from embfactor.fileio import add_to_manifest, atomic_write_bytes, atomic_write_json
 
     tensors = {f"current.{k}": p.detach().cpu().contiguous() for k, p in params.items()}
     tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
@@ -230,6 +230,7 @@ def _write_state(
         directory / STATE_JSON,
         {**info, "param_names": list(params), "optimizer_scalars": scalars, "param_groups": sd["param_groups"]},
     )
+    add_to_manifest(directory, [STATE_TENSORS, STATE_JSON])  # embfactor's: a later save may replace them
 
 
 def _read_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -485,11 +486,12 @@ def heal(
         if head is not None:
             from safetensors.torch import save
 
-            from embfactor.fileio import atomic_write_bytes, atomic_write_json
+            from embfactor.fileio import add_to_manifest, atomic_write_bytes, atomic_write_json
 
             atomic_write_bytes(out_dir / HEAD_FILE, save({k: v.contiguous() for k, v in best_head.items()}))
             atomic_write_json(out_dir / HEAD_JSON, {"classes": classes, "pooling": "mean",
                                                     "in_features": int(best_head["weight"].shape[1])})
+            add_to_manifest(out_dir, [HEAD_FILE, HEAD_JSON])
         info = {"step": step, "seconds": elapsed(), "history": history, "eval_before": before,
                 "best_eval": best_eval, "options": {k: v for k, v in o.items() if k not in ("resume", "eval_texts")}}
         _write_state(out_dir, params, best, optimizer, unwrap(head) if head is not None else None, info)

@@ -159,7 +159,7 @@ FOLDER_CASES = [
     ("ef-json-wrong-version", "comp", _edit_json("embfactor.json", format_version=99), CorruptFileError,
      "embfactor.json", "format_version 99 is not supported"),
     ("ef-json-unknown-layer", "comp", _edit_json("embfactor.json", layer_type="magic"), CorruptFileError,
-     "embfactor.json", "unknown embedding layer type 'magic'; valid types:"),
+     "embfactor.json", "unknown storage format 'magic'; valid formats:"),
     ("ef-json-missing-field", "comp", _edit_json("embfactor.json", rank=KeyError), CorruptFileError,
      "embfactor.json", r"missing fields \['rank'\]"),
     ("ef-json-bad-rank", "comp", _edit_json("embfactor.json", rank=0), CorruptFileError, "embfactor.json",
@@ -168,6 +168,20 @@ FOLDER_CASES = [
      "embfactor.json", "does not match the model"),
     ("ef-json-rank-mismatch", "comp", _edit_json("embfactor.json", layer_config={"rank": 5}), CorruptFileError,
      "model.safetensors", "weights do not match the model structure"),
+    ("hf-config-zero-heads", "bert", _edit_json("config.json", num_attention_heads=0), CorruptFileError,
+     "config.json", "num_attention_heads must be a positive integer, got 0"),
+    ("hf-config-heads-not-dividing", "bert", _edit_json("config.json", num_attention_heads=3), CorruptFileError,
+     "config.json", "hidden_size 32 is not divisible by num_attention_heads 3"),
+    ("hf-config-fewer-layers", "bert", _edit_json("config.json", num_hidden_layers=0), CorruptFileError,
+     "model.safetensors", r"holds 16 tensors the model built from .*config.json does not have \(encoder\.layer\.0\."),
+    ("ef-config-zero-heads", "comp", _edit_json("config.json", num_attention_heads=0), CorruptFileError,
+     "config.json", "num_attention_heads must be a positive integer, got 0"),
+    ("ef-json-other-architecture", "comp", _edit_json("embfactor.json", architecture="GPT2LMHeadModel"),
+     CorruptFileError, "embfactor.json", "architecture 'GPT2LMHeadModel' takes a GPT2Config, but .* is a BertConfig"),
+    ("ef-json-top-rank-mismatch", "comp", _edit_json("embfactor.json", rank=7), CorruptFileError, "embfactor.json",
+     "rank 7 disagrees with the stored factors, which have rank 4"),
+    ("ef-json-vocab-mismatch", "comp", _edit_json("embfactor.json", vocab_size=999), CorruptFileError,
+     "embfactor.json", "vocab_size 999 disagrees with the stored embedding"),
     ("ef-json-not-a-class", "comp", _edit_json("embfactor.json", architecture="os.system"), CorruptFileError,
      "embfactor.json", "is not a transformers model class"),
     ("ef-json-bad-dtype", "comp", _edit_json("embfactor.json", torch_dtype="save"), CorruptFileError,
@@ -580,3 +594,42 @@ def test_unwritable_outputs_are_refused_before_loading(work, capsys, no_load, mo
     err = capsys.readouterr().err
     assert err.startswith(f"embfactor {argv[0]}: error: ") and re.search(message, err), err
     assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------- labels files
+
+
+@pytest.mark.parametrize(("name", "data", "message"), [
+    ("binary.csv", b"text,label\n\x89PNG\r\n\x1a\n\x00\x00\xff\xfe,1\n", r"binary.csv:2: not UTF-8 text \(byte 0x89 at offset 11\)"),
+    ("latin1.csv", "text,label\ngood,1\ncaf\xe9 bad,0\n".encode("latin-1"), r"latin1.csv:3: not UTF-8 text"),
+    ("nul.csv", b"text,label\ngood\x00,1\nbad,0\n", r"nul.csv:2: holds NUL bytes: a binary file"),
+    ("unclosed.csv", b'text,label\ngood,1\n"bad movie,0\nworse,0\n', r"unclosed.csv:3: not valid CSV: .*never closed"),
+    ("commas.csv", b"text,label\ngood, very good,1\nbad,0\n", r"commas.csv:2: 2 columns expected"),
+    ("one-label.csv", b"text,label\ngood,1\nfine,1\n", r"one-label.csv: needs at least two different labels"),
+    ("one-label.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n', "needs at least two different"),
+    ("no-rows.csv", b"text,label\n", r"no-rows.csv: no labelled rows"),
+])
+def test_bad_labels_files(work, capsys, no_load, name, data, message):
+    """Refused with the file and line named, by the library and by both commands that read labels, before loading."""
+    from embfactor.data import read_labelled
+
+    f = work / name
+    f.write_bytes(data)
+    with pytest.raises(InvalidInputError, match=message):
+        read_labelled(f)
+    before = snapshot(work)
+    for argv in (["heal", str(work / "comp"), "--reference", str(work / "bert"), "-o", str(work / "out"),
+                  "--steps", "1", "--labels", str(f), "-q"],
+                 ["evaluate", str(work / "comp"), "--task", "classification", "--labels", str(f), "-q"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"embfactor {argv[0]}: error: ") and re.search(message, err), err
+    assert snapshot(work) == before
+
+
+def test_good_labels_file_with_quoted_commas_and_newlines(tmp_path):
+    from embfactor.data import read_labelled
+
+    f = tmp_path / "ok.csv"
+    f.write_text('text,label\n"good, very good",pos\n"two\nlines",neg\n')
+    assert read_labelled(f) == (["good, very good", "two\nlines"], ["pos", "neg"])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import embfactor as ef
-from embfactor.decompose.codebook import (
+from embfactor.decomposition.codebook import (
     CodebookFactors,
     codebook_bytes,
     plan_codebook,
@@ -15,7 +15,7 @@ from embfactor.decompose.codebook import (
     quantize_table,
     residual_quantize,
 )
-from embfactor.decompose.intk import IntFactors, int_quantize, plan_int
+from embfactor.decomposition.intk import IntFactors, int_quantize, plan_int
 from embfactor.errors import ConfigError
 from embfactor.formats import from_factors, get_format
 from embfactor.formats.codebook import CodebookEmbedding

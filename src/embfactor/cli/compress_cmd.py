@@ -35,7 +35,7 @@ def compress(
     from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
     from embfactor.data import read_texts
     from embfactor.data.frequency import token_weights as frequency_weights
-    from embfactor.decompose import get_method
+    from embfactor.decomposition import get_method
     from embfactor.fileio import check_output_dir, release_mapped_pages
     from embfactor.models import load_model, source_path
     from embfactor.surgery import factorize_, save_compressed
@@ -93,7 +93,7 @@ def _quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> i
     if quantize is None:
         return None
     from embfactor.errors import ConfigError
-    from embfactor.layers.quantized import parse_bits
+    from embfactor.formats.quantized import parse_bits
 
     bits = parse_bits(quantize)
     if config.method in ("tt", "block"):

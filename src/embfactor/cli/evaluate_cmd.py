@@ -47,6 +47,10 @@ def evaluate_model(
             flag = "--labels" if k == "labels_file" else "--" + k.replace("_", "-")
             raise InvalidInputError(f"{flag} applies to the {' / '.join(_OPTION_TASKS[k])} task, not {task!r}")
     opts = {k: v for k, v in opts.items() if v is not None}
+    if "labels_file" in opts:  # a bad labels file fails before the model loads
+        from embfactor.data import read_labelled
+
+        read_labelled(opts["labels_file"])
     t0 = time.perf_counter()
     lm = load_model(model)
     if lm.kind not in info.kinds:  # before loading a (slow) reference

@@ -6,7 +6,7 @@ sub-spaces: n × S × M × sub_dim floats for n ids, never vocab × d. The tied 
 numbers) and logits_v = Σ_{s,m} LUT[s, m, codes[v, s, m]], a gather-sum over the codes in chunks of rows.
 
 Codebooks (and row scales) are ``nn.Parameter``s, so healing trains them; codes are integer buffers (frozen).
-Built from :class:`embfactor.decompose.codebook.CodebookFactors` (methods ``pq`` and ``rvq``).
+Built from :class:`embfactor.decomposition.codebook.CodebookFactors` (methods ``pq`` and ``rvq``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embfactor.decompose.codebook import CODEBOOK_DTYPES, CodebookFactors, code_dtype, codes_as_long
+from embfactor.decomposition.codebook import CODEBOOK_DTYPES, CodebookFactors, code_dtype, codes_as_long
 from embfactor.errors import ConfigError
-from embfactor.formats.base import RowFormat, register_format
-from embfactor.layers.registry import check_layer_args, register_layer
+from embfactor.formats.base import RowFormat, check_format_args, register_format
 
 # vocabulary rows per chunk of the LUT head: the int64 copy of a chunk's codes is 8·S·M bytes per row
 # (4.7 MB at SmolLM2's M = 144), and the (B × chunk) logits block stays small.
@@ -31,7 +30,6 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-@register_layer("codebook")
 @register_format("codebook", factors=CodebookFactors)
 class CodebookEmbedding(RowFormat):
     """An embedding table stored as codes (vocab × S × M small integers) and codebooks (S × M × K × sub_dim).
@@ -47,7 +45,7 @@ class CodebookEmbedding(RowFormat):
         dtype: dtype of the rows returned (float32 by default).
 
     Example:
-        >>> from embfactor.decompose.codebook import product_quantize
+        >>> from embfactor.decomposition.codebook import product_quantize
         >>> emb = CodebookEmbedding.from_factors(product_quantize(torch.randn(500, 16), sub_dim=4, K=16))
         >>> emb(torch.tensor([[1, 2]])).shape, emb.num_bytes()
         (torch.Size([1, 2, 16]), 2512)
@@ -60,7 +58,7 @@ class CodebookEmbedding(RowFormat):
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx, K=K, sub_dim=sub_dim, stages=stages)
+        padding_idx = check_format_args(num_embeddings, embedding_dim, padding_idx, K=K, sub_dim=sub_dim, stages=stages)
         if codebook_dtype not in CODEBOOK_DTYPES:
             raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {codebook_dtype!r}")
         if K > 65536:
@@ -112,8 +110,6 @@ class CodebookEmbedding(RowFormat):
         return {"K": self.K, "sub_dim": self.sub_dim, "stages": self.stages, "rotation": self.rotation is not None,
                 "row_scale": self.row_scale is not None, "codebook_dtype": self.codebook_dtype,
                 "zero_padding_row": self.zero_padding_row}
-
-    layer_config = format_config  # the name the save/load path reads
 
     # --- rows ---------------------------------------------------------------------------------------------
     def _offsets(self) -> torch.Tensor:

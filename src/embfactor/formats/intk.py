@@ -2,7 +2,7 @@
 
 Gather unpacks and dequantizes only the gathered rows; the tied head dequantizes a chunk of rows at a time
 (never a float copy of the whole table). Scales (and minima) are ``nn.Parameter``s so healing can train them;
-the packed integers are a frozen uint8 buffer. Built from :class:`embfactor.decompose.intk.IntFactors` (``int``).
+the packed integers are a frozen uint8 buffer. Built from :class:`embfactor.decomposition.intk.IntFactors` (``int``).
 """
 
 from __future__ import annotations
@@ -13,23 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embfactor.decompose.intk import GROUPS, IntFactors
+from embfactor.decomposition.intk import GROUPS, IntFactors
 from embfactor.errors import ConfigError
-from embfactor.formats.base import RowFormat, register_format
-from embfactor.layers.registry import check_layer_args, register_layer
+from embfactor.formats.base import RowFormat, check_format_args, register_format
 from embfactor.quant import check_kbits, dequantize_groups, packed_width
 
 # rows per chunk of the head: a 8,192 × d float32 block (18.9 MB at d = 576)
 _HEAD_CHUNK = 8192
 
 
-@register_layer("intk")
 @register_format("intk", factors=IntFactors)
 class IntKEmbedding(RowFormat):
     """A (vocab × d) table as packed k-bit integers per group of ``group`` columns (None: per row) + fp16 scales.
 
     Example:
-        >>> from embfactor.decompose.intk import int_quantize
+        >>> from embfactor.decomposition.intk import int_quantize
         >>> emb = IntKEmbedding.from_factors(int_quantize(torch.randn(100, 64), bits=4, group=32))
         >>> emb(torch.tensor([3, 4])).shape, emb.num_bytes()
         (torch.Size([2, 64]), 3600)
@@ -41,7 +39,7 @@ class IntKEmbedding(RowFormat):
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx)
+        padding_idx = check_format_args(num_embeddings, embedding_dim, padding_idx)
         self.bits = check_kbits(bits)
         if group not in GROUPS:
             raise ConfigError(f"group must be one of {GROUPS} (None: per row), got {group!r}")
@@ -84,8 +82,6 @@ class IntKEmbedding(RowFormat):
     def format_config(self) -> dict[str, Any]:
         return {"bits": self.bits, "group": self.group, "symmetric": self.symmetric,
                 "zero_padding_row": self.zero_padding_row}
-
-    layer_config = format_config  # the name the save/load path reads
 
     def _rows(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
         return dequantize_groups(packed, scale, lo, bits=self.bits, cols=self.embedding_dim, group=self.group,

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from embfactor.decompose.factors import _BLOCK_ROWS, Factors
-from embfactor.decompose.registry import register_method
+from embfactor.decomposition.factors import _BLOCK_ROWS, Factors
+from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
 from embfactor.quant import KBITS, check_kbits, dequantize_groups, grouped_bytes, quantize_groups
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from embfactor.decompose.factors import _BLOCK_ROWS, Factors
-from embfactor.decompose.registry import register_method
+from embfactor.decomposition.factors import _BLOCK_ROWS, Factors
+from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
 
 ROTATIONS = ("none", "random", "opq")
@@ -301,7 +301,7 @@ def quantize_table(
         >>> f.codebooks.shape, f.relative_error(torch.zeros(500, 10)) > 0
         (torch.Size([2, 3, 32, 4]), True)
     """
-    from embfactor.decompose.weighted import check_token_weights
+    from embfactor.decomposition.wsvd import check_token_weights
 
     if E.ndim != 2:
         raise InvalidInputError(f"E must be a 2-D (vocab × d) table, got shape {tuple(E.shape)}")

@@ -262,3 +262,83 @@ def test_models_save_and_load_exactly(fixture, method, opts, request, tmp_path):
     assert type(le) is type(emb) and torch.equal(le.dense(), emb.dense())
     if fixture == "tiny_gpt2":  # tied head: logits from the same codes/codebooks
         assert loaded.get_output_embeddings().embedding is le
+
+
+# --- byte targets and the command line ----------------------------------------------------------------------
+def test_parse_size_and_budget():
+    from embfactor.decomposition import budget_bytes, parse_size
+
+    assert parse_size("16x") == ("x", 16.0) and parse_size("2.5MB") == ("bytes", 2.5e6)
+    assert parse_size("1 KiB") == ("bytes", 1024.0) and parse_size("900") == ("bytes", 900.0)
+    assert budget_bytes("4x", 100, 10) == 1000.0
+    for bad in ("16", "x16", "1x", "0.5x", "-3MB", "3 parsecs", "0"):
+        if bad in ("16",):
+            continue
+        with pytest.raises(ConfigError, match="size"):
+            parse_size(bad)
+    with pytest.raises(ConfigError, match="exactly one of"):
+        ef.FactorizationConfig(size="8x", ratio=4)
+
+
+@pytest.mark.parametrize("method,size", [("pq", "8x"), ("rvq", "6x"), ("int", "5x"), ("svd", "6x"), (None, "4x")])
+def test_size_target_fits_the_budget(tiny_gpt2, method, size):
+    vocab_d_fp32 = VOCAB * 32 * 4
+    rep = ef.factorize_(tiny_gpt2, ef.FactorizationConfig(method=method, size=size))
+    assert rep.embedding_bytes_after <= vocab_d_fp32 / float(size[:-1])
+    assert rep.bytes_ratio == pytest.approx(vocab_d_fp32 / rep.embedding_bytes_after)
+    assert rep.embedding_bytes_after == tiny_gpt2.get_input_embeddings().num_bytes()
+
+
+def test_size_too_small_is_explained(tiny_gpt2):
+    with pytest.raises(ConfigError, match="no pq setting fits"):
+        ef.factorize_(tiny_gpt2, ef.FactorizationConfig(method="pq", size="1000x"))
+    with pytest.raises(ConfigError, match="below one rank of factors"):
+        ef.factorize_(tiny_gpt2, ef.FactorizationConfig(method="svd", size="1000x"))
+    assert type(tiny_gpt2.get_input_embeddings()).__name__ == "Embedding"  # untouched
+
+
+def test_quantize_stores_codebooks_in_fp16(tiny_gpt2, tmp_path):
+    ef.factorize_(tiny_gpt2, method="pq", rank=2, sub_dim=4, K=16, codebook_dtype="float32")
+    emb = tiny_gpt2.get_input_embeddings()
+    before = emb.num_bytes()
+    q = ef.quantize_(tiny_gpt2, "int8")
+    assert emb.codebooks.dtype == torch.float16 and q["embedding_bytes"] == emb.num_bytes() < before
+    ef.save(tiny_gpt2, tmp_path / "q")
+    loaded = ef.load(tmp_path / "q")
+    assert loaded.get_input_embeddings().codebooks.dtype == torch.float16
+    assert torch.equal(loaded.get_input_embeddings().dense(), emb.dense())
+
+
+def test_cli_compress_pq_with_size_and_options(tiny_bert_dir, tmp_path, capsys):
+    from embfactor.cli.main import main
+
+    out = tmp_path / "pq"
+    code = main(["compress", str(tiny_bert_dir), "--method", "pq", "--size", "6x", "--method-option", "K=32",
+                 "--output", str(out), "--json", str(tmp_path / "r.json"), "-q", "--text", str(_text(tmp_path))])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "embedding bytes" in printed and "codebook" in printed
+    import json
+
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["format"] == "codebook" and r["format_config"]["K"] == 32 and r["bytes_ratio"] >= 6
+    loaded = ef.load(out)
+    assert isinstance(loaded.get_input_embeddings(), CodebookEmbedding)
+    assert main(["inspect", str(out)]) == 0
+    assert "codebook" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_size_and_options(tiny_bert_dir, tmp_path, capsys):
+    from embfactor.cli.main import main
+
+    assert main(["compress", str(tiny_bert_dir), "--size", "big", "--output", str(tmp_path / "o")]) == 2
+    assert "size must be" in capsys.readouterr().err
+    assert main(["compress", str(tiny_bert_dir), "--size", "4x", "--method", "pq", "--method-option", "K",
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def _text(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("the cat sat on the mat . a good movie is a very good film . the dog is bad\n" * 20)
+    return p

@@ -420,32 +420,34 @@ def codebook_bytes(vocab: int, d: int, *, sub_dim: int, K: int = 256, stages: in
 _SUB_DIMS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
-def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq", K: int = 256,
+def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq", K: int | None = None,
                   **fixed: Any) -> dict[str, Any]:
-    """The settings (sub_dim, stages) with the most bytes that fit ``budget_bytes`` (smaller sub-vectors first).
+    """The settings (sub_dim, K, stages) with the most bytes that fit ``budget_bytes`` (smaller sub-vectors first).
 
     PQ varies sub_dim; RVQ keeps 8-column sub-vectors (what measured best per byte on MiniLM) and varies stages,
-    falling back to wider sub-vectors at one stage. Raises ConfigError when even the smallest setting is too big.
+    falling back to wider sub-vectors at one stage. K is 256 unless given; only when nothing fits with K = 256
+    (small tables, where the codebooks dominate) smaller K are tried. Raises ConfigError when nothing fits.
 
     Example:
         >>> plan_codebook(30522, 384, 30522 * 384 * 4 / 16)
         {'sub_dim': 5, 'K': 256, 'stages': 1}
     """
     extra = {k: fixed[k] for k in ("rotation", "row_scale") if k in fixed}
-    cands: list[tuple[int, int]] = []
     if method == "rvq":
         cands = [(8, s) for s in range(16, 1, -1)] + [(sd, 1) for sd in _SUB_DIMS if sd >= 8]
     else:
         cands = [(sd, 1) for sd in _SUB_DIMS if sd <= d]
-    if "sub_dim" in fixed and fixed["sub_dim"] is not None:
+    if fixed.get("sub_dim") is not None:
         cands = [(fixed["sub_dim"], s) for s in range(16 if method == "rvq" else 1, 0, -1)]
-    for sd, st in cands:
-        if codebook_bytes(vocab, d, sub_dim=sd, K=K, stages=st, **extra) <= budget_bytes:
-            return {"sub_dim": sd, "K": K, "stages": st}
-    smallest = min(codebook_bytes(vocab, d, sub_dim=sd, K=K, stages=st, **extra) for sd, st in cands)
+    ks = [K] if K is not None else [256, 128, 64, 32, 16, 8, 4, 2]
+    for k in ks:
+        for sd, st in cands:
+            if codebook_bytes(vocab, d, sub_dim=sd, K=k, stages=st, **extra) <= budget_bytes:
+                return {"sub_dim": sd, "K": k, "stages": st}
+    smallest = min(codebook_bytes(vocab, d, sub_dim=sd, K=ks[-1], stages=st, **extra) for sd, st in cands)
     raise ConfigError(
-        f"no {method} setting fits {budget_bytes:,.0f} bytes for a {vocab} × {d} table (K={K}); the smallest "
-        f"takes {smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
+        f"no {method} setting fits {budget_bytes:,.0f} bytes for a {vocab} × {d} table; the smallest "
+        f"(K={ks[-1]}) takes {smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
     )
 
 
@@ -469,7 +471,7 @@ def _register(name: str, stages_default: int, description: str):
         explicit = any(options.get(k) is not None for k in ("sub_dim", "M")) or stages is not None
         budget = None if explicit else _budget(E, rank, budget_bytes)
         if budget is not None:
-            plan = plan_codebook(E.shape[0], E.shape[1], budget, method=name, K=options.pop("K", 256), **options)
+            plan = plan_codebook(E.shape[0], E.shape[1], budget, method=name, K=options.pop("K", None), **options)
             options.update(plan)
             stages = options.pop("stages")
         stages = stages if stages is not None else stages_default

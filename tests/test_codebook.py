@@ -342,3 +342,20 @@ def _text(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("the cat sat on the mat . a good movie is a very good film . the dog is bad\n" * 20)
     return p
+
+
+def test_fused_lut_kernel_matches_the_torch_path(monkeypatch):
+    """The batch-1 head's C kernel and the PyTorch gather-sum give the same logits (and grads use PyTorch)."""
+    from embfactor.formats import _lut_kernel
+
+    import shutil
+
+    emb = from_factors(residual_quantize(_table(), stages=2, sub_dim=4, K=32, row_scale=True), padding_idx=2)
+    h = torch.randn(1, 20)
+    if shutil.which("cc") or shutil.which("gcc"):  # with a compiler the kernel is really built and used
+        assert _lut_kernel.lut_sum(emb.codes.view(600, -1), torch.zeros(2 * 5, 32)) is not None
+    with torch.no_grad():
+        fast = emb.project(h)
+        monkeypatch.setattr(_lut_kernel, "lut_kernel", lambda: None)  # no compiler: the PyTorch path
+        slow = emb.project(h)
+    assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(slow, h @ emb.dense().T, atol=1e-5)

@@ -121,7 +121,7 @@ def render(r: dict[str, Any]) -> str:
                         f"{mb(r['embedding_bytes_after'])} ({r['bytes_ratio']:.2f}x)"])
         if r.get("head_bytes_after"):
             rows.insert(4, ["untied head bytes (kept dense)", "-", mb(r["head_bytes_after"])])
-    if r.get("format", "lowrank") in ("lowrank", "block", "quantized", ""):
+    if r.get("format") not in ("codebook", "intk"):  # formats with a rank (low rank, block, ...)
         rows.append([f"optimum for rank {r['rank']} (truncated SVD)", "-", r["optimal_relative_error"]])
         shape = f"rank {r['rank']}"
     else:

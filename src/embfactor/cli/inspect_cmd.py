@@ -69,7 +69,7 @@ def vocab_d_fp32(E: Any) -> int:
 def _describe(r: dict[str, Any]) -> str:
     if not r["factorized"]:
         return ""
-    if r.get("rank") is not None and r.get("format") in (None, "lowrank", "quantized"):
+    if r.get("rank") is not None and r.get("format") not in ("codebook", "intk"):
         return f" (factorized, rank {r['rank']})"
     cfg = ", ".join(f"{k}={v}" for k, v in (r.get("format_config") or {}).items() if k != "zero_padding_row")
     return f" ({r.get('format')}: {cfg})" if cfg else f" ({r.get('format')})"

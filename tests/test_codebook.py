@@ -165,7 +165,7 @@ def test_budget_picks_settings_that_fit():
         (lambda E: product_quantize(E, sub_dim=3, rotation="opq"), "needs sub_dim to divide"),
         (lambda E: int_quantize(E, bits=7), r"bits must be one of \(2, 3, 4, 5, 6, 8\)"),
         (lambda E: int_quantize(E, group=48), "group must be one of"),
-        (lambda E: ef.decompose(E, rank=1, method="int", bit=4), "unknown options for int"),
+        (lambda E: ef.decompose(E, rank=1, method="int", bit=4), r"unknown option\(s\) bit for method .int."),
         (lambda E: plan_codebook(600, 20, 10), "no pq setting fits 10 bytes"),
         (lambda E: plan_int(600, 20, 10), "no int-k setting fits 10 bytes"),
         (lambda E: product_quantize(E, token_weights=torch.ones(3)), "token_weights has 3 entries"),

@@ -461,30 +461,63 @@ def _budget(E: torch.Tensor, rank: int | None, budget_bytes: float | None) -> fl
     return 4.0 * rank * (E.shape[0] + E.shape[1])
 
 
-def _register(name: str, stages_default: int, description: str):
-    @register_method(name, description=description, data_aware=True)
-    def method(
-        E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False,
-        token_weights: Any = None, budget_bytes: float | None = None, **options: Any,
-    ) -> CodebookFactors:
-        stages = options.pop("stages", None)
-        explicit = any(options.get(k) is not None for k in ("sub_dim", "M")) or stages is not None
-        budget = None if explicit else _budget(E, rank, budget_bytes)
-        if budget is not None:
-            plan = plan_codebook(E.shape[0], E.shape[1], budget, method=name, K=options.pop("K", None), **options)
-            options.update(plan)
-            stages = options.pop("stages")
-        stages = stages if stages is not None else stages_default
-        if name == "pq" and stages != 1:
-            raise ConfigError(f"pq has one stage (use rvq for several), got stages={stages!r}")
-        if name == "rvq" and options.get("sub_dim") is None and options.get("M") is None:
-            options["sub_dim"] = 8
-        return quantize_table(E, stages=stages, token_weights=token_weights, seed=seed, method=name, **options)
+def _codebook_method(
+    name: str, E: torch.Tensor, rank: int | None, budget: float | None, options: dict[str, Any], stages: int | None,
+    token_weights: Any, seed: int,
+) -> CodebookFactors:
+    # options that do not depend on the size are checked first, so a bad one is named even when no size fits
+    if options.get("rotation") not in ROTATIONS:
+        raise ConfigError(f"rotation must be one of {ROTATIONS}, got {options.get('rotation')!r}")
+    if options.get("codebook_dtype") not in CODEBOOK_DTYPES:
+        raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {options.get('codebook_dtype')!r}")
+    if stages is not None:
+        _check_int("stages", stages, 1, 16)
+    explicit = options.get("sub_dim") is not None or options.get("M") is not None or stages is not None
+    if budget is None and not explicit:
+        budget = _budget(E, rank, None)
+    if budget is not None and not explicit:
+        fixed = {k: options[k] for k in ("rotation", "row_scale") if options.get(k) not in (None, False, "none")}
+        plan = plan_codebook(E.shape[0], E.shape[1], budget, method=name, K=options.get("K"), **fixed)
+        options = {**options, "sub_dim": plan["sub_dim"], "K": plan["K"]}
+        stages = plan["stages"]
+    if name == "pq" and stages not in (None, 1):
+        raise ConfigError(f"pq has one stage (use rvq for several), got stages={stages!r}")
+    if name == "rvq" and options.get("sub_dim") is None and options.get("M") is None:
+        options = {**options, "sub_dim": 8}
+    opts = {k: v for k, v in options.items() if v is not None}
+    return quantize_table(E, stages=stages or (2 if name == "rvq" else 1), token_weights=token_weights, seed=seed,
+                          method=name, **opts)
 
-    method.__name__ = name
-    method.__doc__ = description
-    return method
+
+@register_method("pq", description="product quantization: frequency-weighted k-means codebooks per sub-vector (faiss)",
+                 data_aware=True)
+def pq(
+    E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False, token_weights: Any = None,
+    budget_bytes: float | None = None, sub_dim: int | None = None, M: int | None = None, K: int | None = None,
+    rotation: str = "none", row_scale: bool = False, niter: int = 10, max_train_points: int | None = None,
+    codebook_dtype: str = "float16", threads: int | None = None,
+) -> CodebookFactors:
+    """Registered ``pq``: explicit ``sub_dim``/``M`` (K default 256), else the setting that fits the budget.
+
+    ``rank`` is read as a budget, the fp32 bytes of a rank-r U·V (so ``--ratio 16`` means ~16x fewer bytes than
+    fp32, as ``tt`` reads it as a parameter budget); ``budget_bytes`` (``--size``) overrides it. Other options as
+    :func:`quantize_table`.
+    """
+    options = dict(sub_dim=sub_dim, M=M, K=K, rotation=rotation, row_scale=row_scale, niter=niter,
+                   max_train_points=max_train_points, codebook_dtype=codebook_dtype, threads=threads)
+    return _codebook_method("pq", E, rank, budget_bytes, options, None, token_weights, seed)
 
 
-pq = _register("pq", 1, "product quantization: frequency-weighted k-means codebooks per sub-vector (faiss)")
-rvq = _register("rvq", 2, "residual vector quantization: stages of product quantization on the residuals (faiss)")
+@register_method("rvq", description="residual vector quantization: stages of product quantization on the residuals "
+                 "(faiss)", data_aware=True)
+def rvq(
+    E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False, token_weights: Any = None,
+    budget_bytes: float | None = None, stages: int | None = None, sub_dim: int | None = None, M: int | None = None,
+    K: int | None = None, rotation: str = "none", row_scale: bool = False, niter: int = 10,
+    max_train_points: int | None = None, codebook_dtype: str = "float16", threads: int | None = None,
+) -> CodebookFactors:
+    """Registered ``rvq``: explicit ``stages``/``sub_dim`` (default 2 stages of 8-column PQ, K = 256), else the
+    setting that fits the budget (``rank`` read as for ``pq``)."""
+    options = dict(sub_dim=sub_dim, M=M, K=K, rotation=rotation, row_scale=row_scale, niter=niter,
+                   max_train_points=max_train_points, codebook_dtype=codebook_dtype, threads=threads)
+    return _codebook_method("rvq", E, rank, budget_bytes, options, stages, token_weights, seed)

@@ -54,7 +54,8 @@ class IntFactors(Factors):
 
     @property
     def num_params(self) -> int:
-        return self.shape[0] * self.shape[1]
+        """Stored entries (packed bytes, scales, minima), as the format module counts them."""
+        return sum(t.numel() for t in (self.packed, self.scale, self.lo) if t is not None)
 
     @property
     def num_bytes(self) -> int:
@@ -139,17 +140,20 @@ def plan_int(vocab: int, d: int, budget_bytes: float, **fixed: Any) -> dict[str,
 @register_method("int", description="dense int-k (k = 2..8) per row or per group, packed, fp16 scales")
 def int_method(
     E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False,
-    budget_bytes: float | None = None, token_weights: Any = None, **options: Any,
+    budget_bytes: float | None = None, token_weights: Any = None, bits: int | None = None,
+    group: int | None | str = "auto", symmetric: bool = True,
 ) -> IntFactors:
-    """Registered ``int``: explicit ``bits``/``group`` options, else the setting that fits the budget.
+    """Registered ``int``: explicit ``bits`` (``group`` default 32; None = per row), else the setting that fits.
 
     ``rank`` is read as a budget, the fp32 bytes of a rank-r U·V (as pq/rvq read it). ``token_weights`` are
     accepted and unused (uniform rounding serves every row alike), so sweeps can pass them to every method.
     """
-    unknown = set(options) - {"bits", "group", "symmetric"}
-    if unknown:
-        raise ConfigError(f"unknown options for int: {sorted(unknown)}; valid: bits, group, symmetric")
-    if options.get("bits") is None and (budget_bytes is not None or rank is not None):
+    if bits is None and (budget_bytes is not None or rank is not None):
         budget = budget_bytes if budget_bytes is not None else 4.0 * rank * (E.shape[0] + E.shape[1])
-        options = plan_int(E.shape[0], E.shape[1], budget, **options)
-    return int_quantize(E, **options)
+        fixed: dict[str, Any] = {"symmetric": symmetric}
+        if group != "auto":
+            fixed["group"] = group
+        plan = plan_int(E.shape[0], E.shape[1], budget, **fixed)
+        bits, group = plan["bits"], plan["group"]
+    return int_quantize(E, bits=4 if bits is None else bits, group=32 if group == "auto" else group,
+                        symmetric=symmetric)

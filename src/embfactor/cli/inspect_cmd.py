@@ -11,13 +11,13 @@ from embfactor.cli.common import add_model_arg, check_outputs, table, write_json
 def inspect_model(model: str) -> dict[str, Any]:
     """Facts about a model's input embedding, with the singular-value energy kept at a few ranks."""
     from embfactor.decomposition import optimal_relative_error, spectrum
-    from embfactor.layers import FactorizedEmbedding
+    from embfactor.formats import is_row_format
     from embfactor.models import load_model
     from embfactor.surgery import count_params, find_embedding_and_head
 
     lm = load_model(model)
     emb = lm.model.get_input_embeddings()
-    factorized = isinstance(emb, FactorizedEmbedding)
+    factorized = is_row_format(emb)  # any embfactor storage format (low rank, codebook, int-k, tiered, ...)
     if factorized:
         E = emb.weight.detach()
         head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
@@ -43,7 +43,11 @@ def inspect_model(model: str) -> dict[str, Any]:
         "embedding_share": emb_params / total_params,
         "tied_head": bool(tied),
         "factorized": factorized,
-        "rank": emb.rank if factorized else None,
+        "rank": getattr(emb, "rank", None) if factorized else None,
+        "format": emb.format_name if factorized else None,
+        "format_config": emb.format_config() if factorized else None,
+        "embedding_bytes": emb.num_bytes() if factorized else E.numel() * E.element_size(),
+        "bytes_ratio": vocab_d_fp32(E) / (emb.num_bytes() if factorized else E.numel() * E.element_size()),
         "spectrum": [
             {
                 "rank": r,
@@ -58,14 +62,27 @@ def inspect_model(model: str) -> dict[str, Any]:
     }
 
 
+def vocab_d_fp32(E: Any) -> int:
+    return int(E.shape[0]) * int(E.shape[1]) * 4
+
+
+def _describe(r: dict[str, Any]) -> str:
+    if not r["factorized"]:
+        return ""
+    if r.get("rank") is not None and r.get("format") not in ("codebook", "intk"):
+        return f" (factorized, rank {r['rank']})"
+    cfg = ", ".join(f"{k}={v}" for k, v in (r.get("format_config") or {}).items() if k != "zero_padding_row")
+    return f" ({r.get('format')}: {cfg})" if cfg else f" ({r.get('format')})"
+
+
 def render(r: dict[str, Any]) -> str:
     head = table(
         [
             ["model", r["model"]],
             ["architecture", f"{r['architecture']} ({r['kind']})"],
-            ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}"
-             + (f" (factorized, rank {r['rank']})" if r["factorized"] else "")],
+            ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}" + _describe(r)],
             ["embedding parameters", r["embedding_params"]],
+            ["embedding bytes", f"{r['embedding_bytes']:,} ({r['bytes_ratio']:.2f}x fewer than fp32)"],
             ["model parameters", r["model_params"]],
             ["embedding share", f"{100 * r['embedding_share']:.1f}%"],
             ["output head tied", r["tied_head"]],

@@ -69,7 +69,7 @@ def save_compressed(
         "format_version": CONFIG_FORMAT_VERSION,
         "embfactor_version": __version__,
         "architecture": architecture,
-        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "torch_dtype": str(_model_dtype(model, layer)).removeprefix("torch."),
         **{k: meta[k] for k in _META_KEYS},
         "report": meta.get("report", {}),
         **(extra or meta.get("extra") or {}),
@@ -85,6 +85,15 @@ def save_compressed(
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return Path(directory)
+
+
+def _model_dtype(model: nn.Module, layer: nn.Module) -> torch.dtype:
+    """The dtype of the model's own weights: the embedding format may store its tensors narrower (fp16 codebooks)."""
+    own = {id(p) for p in layer.parameters()}
+    for p in model.parameters():
+        if id(p) not in own and p.is_floating_point():
+            return p.dtype
+    return getattr(layer, "out_dtype", torch.float32)
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:

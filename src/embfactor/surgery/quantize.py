@@ -50,7 +50,8 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
 
     Args:
         model: a factorized model.
-        bits: 8 / "int8" or 4 / "int4".
+        bits: 8 / "int8" or 4 / "int4". A codebook embedding (pq, rvq) has integer codes already: its codebooks,
+            rotation and row scales are stored in fp16 instead, whatever ``bits`` says.
 
     Returns:
         {"bits", "embedding_bytes", "fp32_embedding_bytes", "factor_fp32_bytes", "bytes_ratio"}.
@@ -63,7 +64,6 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
         >>> factorize_(model, ratio=6); quantize_(model, "int8")      # doctest: +SKIP
         >>> save(model, "out/")                                       # doctest: +SKIP
     """
-    b = parse_bits(bits)
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"quantize_ needs a torch nn.Module, got {type(model).__name__}")
     meta = getattr(model, META_ATTR, None)
@@ -73,6 +73,14 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
         )
     emb_fqn = meta["embedding_module"]
     layer = model.get_submodule(emb_fqn)
+    from embfactor.formats.codebook import CodebookEmbedding
+    from embfactor.formats.intk import IntKEmbedding
+
+    if isinstance(layer, CodebookEmbedding):
+        return _codebooks_to_fp16(layer, meta)
+    if isinstance(layer, IntKEmbedding):
+        raise SurgeryError(f"the embedding {emb_fqn!r} is already dense int{layer.bits} (method int)")
+    b = parse_bits(bits)
     if isinstance(layer, QuantizedFactorizedEmbedding):
         raise SurgeryError(f"the embedding {emb_fqn!r} is already quantized ({layer.bits} bits)")
     if not isinstance(layer, FactorizedEmbedding):
@@ -103,4 +111,30 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
     report["quantization"] = summary
     meta["report"] = report
     attach_quantization_config(model)  # the format changed: model.save_pretrained must describe the new one
+    return summary
+
+
+def _codebooks_to_fp16(layer: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """Store a CodebookEmbedding's float tensors (codebooks, rotation, row scales) as fp16, in place."""
+    import torch
+
+    vocab, d = layer.num_embeddings, layer.embedding_dim
+    # --- the model is mutated only below this line (nothing above can fail half-way) ---
+    with torch.no_grad():
+        layer.codebooks = nn.Parameter(layer.codebooks.detach().half())
+        if layer.row_scale is not None:
+            layer.row_scale = nn.Parameter(layer.row_scale.detach().half())
+        if layer.rotation is not None:
+            layer.rotation = layer.rotation.half()
+    layer.codebook_dtype = "float16"
+    summary = {
+        "bits": 16,
+        "embedding_bytes": layer.num_bytes(),
+        "fp32_embedding_bytes": dense_embedding_bytes(vocab, d),
+        "factor_fp32_bytes": None,
+        "bytes_ratio": dense_embedding_bytes(vocab, d) / layer.num_bytes(),
+    }
+    report = dict(meta.get("report") or {})
+    report["quantization"] = summary
+    meta["report"] = report
     return summary

@@ -92,14 +92,14 @@ class FormatChoice:
 
 
 def default_formats(d: int) -> list[FormatChoice]:
-    """The candidate formats: int8/6/5/4/3 per group of 32, PQ with 2..16-column sub-vectors (K = 256).
+    """The candidate formats: int8/6/5/4/3 per group of 32, PQ with 3..12-column sub-vectors (K = 256).
 
     Example:
         >>> [f.label for f in default_formats(384)][:2]
         ['int8 g32', 'int6 g32']
     """
     out = [FormatChoice("int", {"bits": b, "group": 32}) for b in (8, 6, 5, 4, 3)]
-    out += [FormatChoice("pq", {"sub_dim": s, "K": 256}) for s in (2, 3, 4, 5, 6, 8, 12, 16) if s <= d]
+    out += [FormatChoice("pq", {"sub_dim": s, "K": 256}) for s in (3, 4, 5, 6, 8, 12) if s <= d]
     return out
 
 
@@ -138,12 +138,23 @@ def mass_boundaries(counts: torch.Tensor, order: torch.Tensor, cuts: Sequence[fl
     return sorted(out)
 
 
-def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, seed: int = 0):
-    """The decomposition of ``E`` in format ``fmt`` (its Factors; ``.rows(a, b)`` reads reconstructed rows)."""
+# k-means settings of the proxy's whole-table fits: a quarter of the default training sample and 6 iterations cost
+# ~1/7 of a full fit; the proxy only ranks plans, and the chosen plan's codebooks are fitted in full.
+PROXY_KMEANS = {"niter": 6, "points_per_centroid": 16}
+
+
+def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, seed: int = 0, *, quick: bool = False):
+    """The decomposition of ``E`` in format ``fmt`` (its Factors; ``.rows(a, b)`` reads reconstructed rows).
+
+    ``quick``: cheaper k-means (:data:`PROXY_KMEANS`) for codebook formats.
+    """
     from embfactor.decomposition.registry import get_method
 
     info = get_method(fmt.method)
     opts = fmt.opts
+    if quick and fmt.method in ("pq", "rvq"):
+        opts.setdefault("niter", PROXY_KMEANS["niter"])
+        opts.setdefault("max_train_points", min(E.shape[0], PROXY_KMEANS["points_per_centroid"] * opts.get("K", 256)))
     if info.data_aware and weights is not None:
         opts["token_weights"] = weights
     return info.fn(E, None, seed=seed, **opts)
@@ -300,7 +311,7 @@ def candidate_plans(
     for f in formats:
         if progress:
             progress(f"fitting {f.label}")
-        fits[f] = fit_rows(E, f, w_fit, seed)
+        fits[f] = fit_rows(E, f, w_fit, seed, quick=True)
         errors[f] = row_errors(E, fits[f])
     plans: list[Plan] = []
     seen: set = set()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("embfactor.decomposition.codebook", reason="the planner's formats (int, pq) are not merged yet")
-
-from embfactor.errors import ConfigError  # noqa: E402
-from embfactor.plan import (  # noqa: E402
+from embfactor.errors import ConfigError
+from embfactor.plan import (
     FormatChoice,
     ModelScorer,
     candidate_plans,
@@ -18,7 +16,7 @@ from embfactor.plan import (  # noqa: E402
     token_order,
 )
 
-from .conftest import D, VOCAB  # noqa: E402
+from .conftest import D, VOCAB
 
 SMALL_FORMATS = [
     FormatChoice("int", {"bits": 8, "group": 32}),
@@ -136,3 +134,45 @@ def test_plan_model_encoder(tiny_bert):
     assert module.padding_idx == tiny_bert.get_input_embeddings().padding_idx
     d = plan.to_dict()
     assert d["bytes"] <= budget and d["tiers"] and all("label" in t and "token_mass" in t for t in d["tiers"])
+
+
+def test_compress_size_without_method_plans_saves_loads_and_inspect_shows_it(tiny_bert_dir, tmp_path, capsys):
+    import json
+
+    from embfactor.cli.main import main
+    from embfactor.models import load_model
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(["the cat sat on the mat", "a good movie", "the dog is very bad", "a film"] * 5))
+    out, rep = tmp_path / "planned", tmp_path / "rep.json"
+    args = ["compress", str(tiny_bert_dir), "--size", "5x", "--text", str(text), "-o", str(out), "--json", str(rep)]
+    assert main([*args, "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "plan (tiers by token frequency)" in printed and "checked on the model" in printed
+    r = json.loads(rep.read_text())
+    fp32 = r["vocab_size"] * r["hidden_size"] * 4
+    assert r["method"] == "auto" and r["embedding_bytes_after"] <= fp32 / 5
+    assert r["plan"]["bytes"] == r["embedding_bytes_after"]
+    assert sum(t["rows"] for t in r["plan"]["tiers"]) == r["vocab_size"]
+    assert sum(c.get("score") is not None for c in r["plan"]["checked"]) >= 1
+    # the folder is a model: it loads without planning again and gives the saved table back
+    original = load_model(str(tiny_bert_dir))
+    lm = load_model(str(out))
+    assert lm.record["report"]["plan"]["tiers"] == r["plan"]["tiers"]
+    ids = torch.arange(r["vocab_size"])
+    reloaded = lm.model.get_input_embeddings()(ids)
+    assert reloaded.shape == original.model.get_input_embeddings()(ids).shape
+    assert lm.model.get_input_embeddings().num_bytes() == r["embedding_bytes_after"]
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "planned:" in shown and "plan (tiers by token frequency)" in shown
+
+
+def test_auto_needs_a_size_and_refuses_quantize(tiny_bert_dir, tmp_path, capsys):
+    from embfactor.cli.main import main
+
+    assert main(["compress", str(tiny_bert_dir), "--ratio", "4", "--method", "auto", "-o", str(tmp_path / "a")]) == 2
+    assert "give size" in capsys.readouterr().err
+    assert main(["compress", str(tiny_bert_dir), "--size", "4x", "--quantize", "int8", "-o", str(tmp_path / "b")]) == 2
+    assert "--quantize does not apply to the planner" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

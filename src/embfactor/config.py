@@ -17,7 +17,8 @@ class FactorizationConfig:
     """How to factorize a model's token embedding.
 
     Args:
-        method: a registered decomposition name (``embfactor.available_methods()``); ``None`` picks the best
+        method: a registered decomposition name (``embfactor.available_methods()``), or ``"auto"``: the byte-budget
+            planner (:mod:`embfactor.plan`, tiers of formats by token frequency; needs ``size``); ``None`` picks the best
             default for the matrix shape.
         rank, ratio, energy, max_error, size: exactly one target (see :func:`embfactor.decomposition.resolve_rank`);
             ``size`` is a byte target, "16x" (x fewer embedding bytes than fp32) or "2.5MB", for which the
@@ -48,7 +49,14 @@ class FactorizationConfig:
         validate_target(self.rank, self.ratio, self.energy, self.max_error, self.size)
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a dict, got {type(self.method_options).__name__}")
-        if self.method is not None:
+        if self.method == "auto":
+            # the byte-budget planner (embfactor.plan): tiers of formats chosen on the model, for a size target
+            if self.size is None:
+                raise ConfigError("method 'auto' plans for a byte target: give size ('16x' or '2.5MB'), not a rank")
+            unknown = sorted(set(self.method_options) - {"formats"})
+            if unknown:
+                raise ConfigError(f"unknown option(s) {', '.join(unknown)} for method 'auto'; its options: formats")
+        elif self.method is not None:
             # UnknownMethodError listing the valid names; ConfigError naming an option the method does not take
             get_method(self.method).check_options(self.method_options)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

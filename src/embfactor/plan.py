@@ -20,6 +20,7 @@ reads a model, writes candidate tables into its embedding to score them and puts
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -528,6 +529,12 @@ def describe_plan(record: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def describe_checks(record: dict[str, Any]) -> list[list[Any]]:
+    """Rows (plan, alpha, bytes, proxy error, score) of the candidates a recorded plan's check scored."""
+    return [[c["label"], c["alpha"], f"{c['bytes']:,}", f"{c['proxy_error']:.4g}",
+             "-" if c.get("score") is None else f"{c['score']:.5f}"] for c in record.get("checked", []) if "label" in c]
+
+
 __all__ = [
     "FormatChoice", "Plan", "Tier", "ModelScorer", "default_formats", "token_order", "mass_boundaries",
     "search_plans", "candidate_plans", "assemble", "build_plan", "plan_model", "describe_plan", "asdict",
@@ -607,13 +614,17 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     emb = lm.model.get_input_embeddings()
     vocab, d = emb.weight.shape
     budget = budget_bytes(config.size, vocab, d)
+    scorer = None
     if texts is None:
         from embfactor.data import wiki_split
 
         texts = wiki_split("train")
+    elif check > 0:  # the user's text is the calibration text of the check too
+        scorer = ModelScorer(lm, texts=texts if lm.kind == "decoder" else list(texts)[:48])
     counts = token_counts(lm.tokenizer, texts, vocab_size=vocab)
-    plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress,
+    plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress, scorer=scorer,
                               formats=_formats_from_options(config.method_options, d))
+    config = dataclasses.replace(config, method=AUTO)
     return apply_plan_(lm.model, module, plan, config, seconds=time.perf_counter() - t0)
 
 

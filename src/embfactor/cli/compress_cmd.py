@@ -41,7 +41,10 @@ def compress(
     from embfactor.surgery import META_ATTR, factorize_, save_compressed
     from embfactor.surgery.io import WEIGHTS_FILE
 
+    from embfactor.plan import plan_compress_, wants_plan
+
     t0 = time.perf_counter()
+    auto = wants_plan(config)  # --size without --method, or --method auto: the byte-budget planner
     bits = _quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
     check_output_dir(output, inputs=(source_path(model),))  # cheap checks first: before the load and decomposition
     texts = read_texts(text_files) if text_files else None
@@ -52,13 +55,16 @@ def compress(
     stages.update()
     bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
     token_weights = None
-    if config.method is not None and get_method(config.method).data_aware:
+    if config.method is not None and not auto and get_method(config.method).data_aware:
         stages.set_postfix_str("counting token frequencies")
         vocab = lm.model.get_input_embeddings().num_embeddings
         token_weights = frequency_weights(lm.tokenizer, texts, vocab_size=vocab)
     stages.set_postfix_str("decomposing")
     dense = lm.model.get_input_embeddings()
-    rep = factorize_(lm.model, config, progress=progress, token_weights=token_weights)
+    if auto:
+        rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
+    else:
+        rep = factorize_(lm.model, config, progress=progress, token_weights=token_weights).to_dict()
     # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
     getattr(lm.model, META_ATTR)["report"]["bytes_before"] = bytes_before
     if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
@@ -76,14 +82,14 @@ def compress(
     )
     stages.update()
     stages.close()
-    d = rep.to_dict()
+    d = rep
     d.update(
         model=lm.name,
         output=str(out),
         kind=lm.kind,
         bytes_before=bytes_before,
         bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size,
-        decompose_seconds=rep.seconds,
+        decompose_seconds=rep["seconds"],
         seconds=time.perf_counter() - t0,
     )
     if quant is not None:
@@ -92,9 +98,14 @@ def compress(
 
 
 def _quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> int | None:
+    from embfactor.errors import ConfigError
+    from embfactor.plan import wants_plan
+
     if quantize is None:
         return None
-    from embfactor.errors import ConfigError
+    if wants_plan(config):
+        raise ConfigError("--quantize does not apply to the planner (--size without --method, or --method auto): "
+                          "its tiers are stored in int-k and codebook formats already")
     from embfactor.formats.quantized import parse_bits
 
     if config.method in ("pq", "rvq"):
@@ -123,7 +134,10 @@ def render(r: dict[str, Any]) -> str:
                         f"{mb(r['embedding_bytes_after'])} ({r['bytes_ratio']:.2f}x)"])
         if r.get("head_bytes_after"):
             rows.insert(4, ["untied head bytes (kept dense)", "-", mb(r["head_bytes_after"])])
-    if r.get("format") not in ("codebook", "intk"):  # formats with a rank (low rank, block, ...)
+    plan = r.get("plan")
+    if plan:
+        shape = f"{len(plan['tiers'])} tier(s) by token frequency"
+    elif r.get("format") not in ("codebook", "intk"):  # formats with a rank (low rank, block, ...)
         rows.append([f"optimum for rank {r['rank']} (truncated SVD)", "-", r["optimal_relative_error"]])
         shape = f"rank {r['rank']}"
     else:
@@ -141,7 +155,18 @@ def render(r: dict[str, Any]) -> str:
              f"{mb(q['embedding_bytes'])} ({q['bytes_ratio']:.1f}x)"]
         )
     tail = f"wall time: {r['seconds']:.1f} s (decomposition {r['decompose_seconds']:.2f} s); saved to {r['output']}"
-    return "\n".join([head, table(rows, ["", "before", "after"]), tail])
+    parts = [head, table(rows, ["", "before", "after"])]
+    if plan:
+        from embfactor.plan import describe_plan, describe_checks
+
+        parts += ["plan (tiers by token frequency):", table(describe_plan(plan), PLAN_COLUMNS),
+                  "candidate plans checked on the model (calibration text; higher is better):",
+                  table(describe_checks(plan), CHECK_COLUMNS)]
+    return "\n".join([*parts, tail])
+
+
+PLAN_COLUMNS = ["tier", "format", "rows", "token mass", "bytes"]
+CHECK_COLUMNS = ["plan", "alpha", "bytes", "proxy error", "score"]
 
 
 def run(args: argparse.Namespace) -> int:

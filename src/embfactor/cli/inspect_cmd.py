@@ -59,6 +59,8 @@ def inspect_model(model: str) -> dict[str, Any]:
             if r < min(vocab, d)
         ],
         "singular_values": sv.tolist(),
+        # the byte-budget planner's choice (compress --size without --method), as embfactor.json records it
+        "plan": (lm.record.get("report") or {}).get("plan") if lm.compressed else None,
     }
 
 
@@ -69,6 +71,8 @@ def vocab_d_fp32(E: Any) -> int:
 def _describe(r: dict[str, Any]) -> str:
     if not r["factorized"]:
         return ""
+    if r.get("plan"):
+        return f" (planned: {len(r['plan']['tiers'])} tier(s) by token frequency)"
     if r.get("rank") is not None and r.get("format") not in ("codebook", "intk"):
         return f" (factorized, rank {r['rank']})"
     cfg = ", ".join(f"{k}={v}" for k, v in (r.get("format_config") or {}).items() if k != "zero_padding_row")
@@ -92,7 +96,13 @@ def render(r: dict[str, Any]) -> str:
         [[s["rank"], f"{s['ratio']:.2f}x", s["energy"], s["optimal_relative_error"]] for s in r["spectrum"]],
         ["rank", "compression", "energy kept", "optimal rel. error"],
     )
-    return f"{head}\n\nsingular-value energy at a few ranks:\n{spec}"
+    out = f"{head}\n\nsingular-value energy at a few ranks:\n{spec}"
+    if r.get("plan"):
+        from embfactor.cli.compress_cmd import PLAN_COLUMNS
+        from embfactor.plan import describe_plan
+
+        out += "\n\nplan (tiers by token frequency):\n" + table(describe_plan(r["plan"]), PLAN_COLUMNS)
+    return out
 
 
 def plot_spectrum(r: dict[str, Any], path: str) -> None:

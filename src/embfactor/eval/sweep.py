@@ -122,6 +122,9 @@ def check_methods(methods: Sequence[str], *, skip_missing: bool) -> list[str]:
 
     out = []
     for m in methods:
+        if m == "auto":  # the byte-budget planner (embfactor.plan), not a registered decomposition
+            out.append(m)
+            continue
         try:
             get_method(m)
         except UnknownMethodError as e:
@@ -159,6 +162,7 @@ def sweep(
     progress: bool = True,
     task_options: dict[str, Any] | None = None,
     heal_options: dict[str, Any] | None = None,
+    sizes: Sequence[str] | str | None = None,
 ) -> dict[str, Any]:
     """Factorize, (heal,) evaluate at every (method, ratio, storage); return the table with reference points.
 
@@ -175,6 +179,8 @@ def sweep(
         progress: progress bars.
         task_options: passed to :func:`embfactor.eval.tasks.evaluate` (e.g. ``{"max_tokens": 4096}``).
         heal_options: passed to :func:`embfactor.train.heal.heal` (e.g. ``{"lr": 1e-3}``).
+        sizes: byte targets instead of ratios (``"8x,12x,16x"`` or ``"2.5MB"``): every method gets the bytes
+            (``auto`` = the planner, ``int`` = the dense int-k reference curve, pq/rvq/svd pick their settings).
 
     Returns:
         ``{"model", "task", "metric", "lower_is_better", "reference": [...], "points": [...], "settings": {...}}``;
@@ -197,8 +203,14 @@ def sweep(
     from embfactor.surgery import factorize_
 
     # --- validate everything before the (long) work ---
-    ratio_list = _parse_list(ratios, float, "ratios")
-    for r in ratio_list:
+    size_list = _parse_list(sizes, str, "sizes") if sizes is not None else None
+    if size_list is not None:
+        from embfactor.decomposition import parse_size
+
+        for sz in size_list:
+            parse_size(sz)  # ConfigError naming the bad size, before any work
+    ratio_list = _parse_list(ratios, float, "ratios") if size_list is None else size_list
+    for r in ([] if size_list is not None else ratio_list):
         if not (r > 1 and math.isfinite(r)):
             raise ConfigError(f"every ratio must be a finite number > 1, got {r}")
     method_list = check_methods(_parse_list(methods, str, "methods"), skip_missing=skip_missing)
@@ -227,7 +239,7 @@ def sweep(
     vocab, dim = int(emb.num_embeddings), int(emb.embedding_dim)
     dense_bytes = vocab * dim * 4
     weights = None
-    if any(get_method(m).data_aware for m in method_list):
+    if any(m != "auto" and get_method(m).data_aware for m in method_list):
         from embfactor.data.frequency import token_weights
 
         weights = token_weights(lm.tokenizer, vocab_size=vocab)
@@ -267,15 +279,21 @@ def sweep(
     for method in method_list:
         for ratio in ratio_list:
             t0 = time.perf_counter()
-            bar.set_postfix_str(f"{method} x{ratio:g}")
+            bar.set_postfix_str(f"{method} {_tag(ratio)}")
             student = clone_model(lm)
-            rep = factorize_(
-                student.model, ratio=ratio, method=method, seed=seed,
-                **({"token_weights": weights} if get_method(method).data_aware else {}),
-            )
+            nbytes_planned = None
+            if size_list is not None:
+                rep_d = _factorize_to_size(student, method, ratio, seed, weights)
+                rep = _Report(rep_d)
+                nbytes_planned = int(rep_d.get("embedding_bytes_after") or 0) or None
+            else:
+                rep = factorize_(
+                    student.model, ratio=ratio, method=method, seed=seed,
+                    **({"token_weights": weights} if get_method(method).data_aware else {}),
+                )
             heal_summary = None
             if heal is not None:
-                bar.set_postfix_str(f"{method} x{ratio:g} healing")
+                bar.set_postfix_str(f"{method} {_tag(ratio)} healing")
                 heal_summary = heal(student, lm, minutes=heal_minutes, progress=progress, **(heal_options or {}))
             factor_seconds = time.perf_counter() - t0
             for qmode in quant_list:
@@ -283,13 +301,15 @@ def sweep(
                 bits = QUANTIZE_MODES[qmode]
                 target = student if bits is None or qmode == quant_list[-1] else clone_model(student)
                 if bits is None:
-                    nbytes, impl = rep.embedding_params_after * 4, None
+                    nbytes, impl = nbytes_planned or rep.embedding_params_after * 4, None
                 else:
                     nbytes, impl = _quantize(target, bits)
                 res = run_eval(target, lm)
                 points.append({
                     "label": method + ("" if bits is None else f"+int{bits}") + (f"+heal{heal_minutes:g}m" if heal else ""),
-                    "method": method, "ratio": ratio, "actual_ratio": rep.ratio, "rank": rep.rank,
+                    "method": method, "ratio": ratio if size_list is None else dense_bytes / nbytes,
+                    "size": ratio if size_list is not None else None, "actual_ratio": rep.ratio, "rank": rep.rank,
+                    "plan": getattr(rep, "plan", None),
                     "quantize": qmode, "bits": bits or 32, "quantize_impl": impl,
                     "heal_minutes": heal_minutes, "heal": _heal_digest(heal_summary),
                     "embedding_params": rep.embedding_params_after, "embedding_bytes": nbytes,
@@ -317,6 +337,32 @@ def sweep(
         },
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _tag(ratio: float | str) -> str:
+    return ratio if isinstance(ratio, str) else f"x{ratio:g}"
+
+
+class _Report:
+    """Attribute access to a report dict (factorize_'s FactorizationReport fields)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self.plan = d.get("plan")
+
+
+def _factorize_to_size(student, method: str, size: str, seed: int, weights) -> dict[str, Any]:
+    """Store ``student``'s embedding within the byte target ``size`` with ``method`` (``auto``: the planner)."""
+    from embfactor.config import FactorizationConfig
+    from embfactor.decomposition.registry import get_method
+    from embfactor.plan import plan_compress_
+    from embfactor.surgery import factorize_
+
+    config = FactorizationConfig(method=method, size=size, seed=seed)
+    if method == "auto":
+        return plan_compress_(student, config)
+    data = {"token_weights": weights} if get_method(method).data_aware else {}
+    return factorize_(student.model, config, **data).to_dict()
 
 
 def _heal_digest(summary: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -119,7 +119,7 @@ def prepare(name: str, n: int, d: int, source: str) -> dict[str, Any]:
         np.save(tmp, E)
         tmp.replace(path)
     if not sv_path.is_file():
-        from embfactor.decompose import spectrum
+        from embfactor.decomposition import spectrum
 
         sv = spectrum(torch.from_numpy(np.load(path)))
         sv_path.write_text(json.dumps(sv.tolist()))
@@ -134,7 +134,7 @@ def _factorize(
     """Factors (U, V) with E ≈ U·V from one method; the timed part."""
     meta: dict[str, Any] = {}
     if method.startswith("ef-"):
-        from embfactor.decompose import get_method
+        from embfactor.decomposition import get_method
 
         f = get_method(method[3:]).fn(E, rank, seed=seed, progress=False, **(options or {}))
         meta = {k: v for k, v in f.meta.items() if isinstance(v, (int, float, str, bool))}
@@ -169,7 +169,7 @@ def measure(
     E: torch.Tensor, method: str, rank: int, seed: int = 0, options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Factorize E once with ``method``; time, relative error and peak RSS before/after."""
-    from embfactor.decompose import relative_error
+    from embfactor.decomposition import relative_error
 
     rss_before = peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()

@@ -51,7 +51,7 @@ def run(
 ) -> dict[str, Any]:
     import copy
 
-    from embfactor.decompose import decompose
+    from embfactor.decomposition import decompose
     from embfactor.eval.tasks import evaluate, input_embedding
     from embfactor.layers import FactorizedEmbedding, QuantizedFactorizedEmbedding
     from embfactor.models import LoadedModel, load_model
@@ -102,11 +102,11 @@ def run(
               padding_idx=emb0.padding_idx), quantized_bytes(vocab, d, bits))
     for r in ranks:
         f = decompose(E, rank=r, method="eig")
-        fe = FactorizedEmbedding.from_factors(f.U, f.V, emb0.padding_idx, zero_padding_row=False)
+        fe = FactorizedEmbedding.from_tensors(f.U, f.V, emb0.padding_idx, zero_padding_row=False)
         point(f"svd r={r} fp32", "factorized", r, 32, fe, 4 * r * (vocab + d))
         for bits in (8, 4):
             q = QuantizedFactorizedEmbedding.from_factorized(fe, bits)
-            point(f"svd r={r} int{bits}", "factorized", r, bits, q, q.storage_bytes)
+            point(f"svd r={r} int{bits}", "factorized", r, bits, q, q.num_bytes())
     for folder in extra or []:
         # an earlier compress output (e.g. a data-aware or healed factorization): its own U·V, then quantized
         student = load_model(folder)
@@ -123,7 +123,7 @@ def run(
         point(f"{name} r={fe.rank} fp32", "factorized", fe.rank, 32, fe, 4 * fe.num_params)
         for bits in (8, 4):
             q = QuantizedFactorizedEmbedding.from_factorized(fe, bits)
-            point(f"{name} r={fe.rank} int{bits}", "factorized", fe.rank, bits, q, q.storage_bytes)
+            point(f"{name} r={fe.rank} int{bits}", "factorized", fe.rank, bits, q, q.num_bytes())
     orig = rows[0]
     bar = {"spearman_min": orig["spearman"] * 0.99, "fidelity_min": 0.98}
     return {

@@ -159,7 +159,7 @@ FOLDER_CASES = [
     ("ef-json-wrong-version", "comp", _edit_json("embfactor.json", format_version=99), CorruptFileError,
      "embfactor.json", "format_version 99 is not supported"),
     ("ef-json-unknown-layer", "comp", _edit_json("embfactor.json", layer_type="magic"), CorruptFileError,
-     "embfactor.json", "unknown embedding layer type 'magic'; valid types:"),
+     "embfactor.json", "unknown storage format 'magic'; valid formats:"),
     ("ef-json-missing-field", "comp", _edit_json("embfactor.json", rank=KeyError), CorruptFileError,
      "embfactor.json", r"missing fields \['rank'\]"),
     ("ef-json-bad-rank", "comp", _edit_json("embfactor.json", rank=0), CorruptFileError, "embfactor.json",
@@ -168,6 +168,20 @@ FOLDER_CASES = [
      "embfactor.json", "does not match the model"),
     ("ef-json-rank-mismatch", "comp", _edit_json("embfactor.json", layer_config={"rank": 5}), CorruptFileError,
      "model.safetensors", "weights do not match the model structure"),
+    ("hf-config-zero-heads", "bert", _edit_json("config.json", num_attention_heads=0), CorruptFileError,
+     "config.json", "num_attention_heads must be a positive integer, got 0"),
+    ("hf-config-heads-not-dividing", "bert", _edit_json("config.json", num_attention_heads=3), CorruptFileError,
+     "config.json", "hidden_size 32 is not divisible by num_attention_heads 3"),
+    ("hf-config-fewer-layers", "bert", _edit_json("config.json", num_hidden_layers=0), CorruptFileError,
+     "model.safetensors", r"holds 16 tensors the model built from .*config.json does not have \(encoder\.layer\.0\."),
+    ("ef-config-zero-heads", "comp", _edit_json("config.json", num_attention_heads=0), CorruptFileError,
+     "config.json", "num_attention_heads must be a positive integer, got 0"),
+    ("ef-json-other-architecture", "comp", _edit_json("embfactor.json", architecture="GPT2LMHeadModel"),
+     CorruptFileError, "embfactor.json", "architecture 'GPT2LMHeadModel' takes a GPT2Config, but .* is a BertConfig"),
+    ("ef-json-top-rank-mismatch", "comp", _edit_json("embfactor.json", rank=7), CorruptFileError, "embfactor.json",
+     "rank 7 disagrees with the stored factors, which have rank 4"),
+    ("ef-json-vocab-mismatch", "comp", _edit_json("embfactor.json", vocab_size=999), CorruptFileError,
+     "embfactor.json", "vocab_size 999 disagrees with the stored embedding"),
     ("ef-json-not-a-class", "comp", _edit_json("embfactor.json", architecture="os.system"), CorruptFileError,
      "embfactor.json", "is not a transformers model class"),
     ("ef-json-bad-dtype", "comp", _edit_json("embfactor.json", torch_dtype="save"), CorruptFileError,
@@ -449,3 +463,173 @@ def test_source_never_enables_remote_code_or_pickles():
     hits = [f"{p.relative_to(SRC)}:{i}: {line.strip()}" for p in SRC.rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
     assert hits == []
+
+
+# ---------------------------------------------------------------- outputs: never delete or overwrite what is not ours
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Make any model load fail loudly: the checks under test must come before the (slow) load."""
+    import embfactor.models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(embfactor.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize(("input_rel", "output_rel", "message"), [
+    ("nest/hfmodel", "nest", "contains the input model"),                 # the input inside an earlier output
+    ("nest/hfmodel", "nest/hfmodel/..", "contains the input model"),      # the same through ".."
+    ("nest/hfmodel", "link", "contains the input model"),                 # the same through a symbolic link
+    ("bert", "bert/sub", "lies inside the input model's folder"),         # the output inside the input
+    ("bert", "bert-link", "is the input model's folder"),
+])
+def test_output_containing_or_inside_the_input_is_refused(work, capsys, no_load, input_rel, output_rel, message):
+    shutil.copytree(work / "comp", work / "nest")  # an earlier embfactor output: replacing it was allowed
+    shutil.copytree(work / "bert", work / "nest" / "hfmodel")
+    (work / "link").symlink_to(work / "nest")
+    (work / "bert-link").symlink_to(work / "bert")
+    before = snapshot(work)
+    assert main(["compress", str(work / input_rel), "--rank", "3", "-o", str(work / output_rel), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("embfactor compress: error: output folder ") and message in err, err
+    assert snapshot(work) == before
+
+
+def test_save_compressed_refuses_an_output_holding_the_input(tiny_bert, work):
+    ef.factorize_(tiny_bert, rank=4)
+    shutil.copytree(work / "bert", work / "comp" / "hf")
+    before = snapshot(work)
+    with pytest.raises(InvalidInputError, match=r"contains the input model .*comp/hf: replacing it would delete"):
+        save_compressed(tiny_bert, work / "comp", inputs=(work / "comp" / "hf",))
+    assert snapshot(work) == before
+
+
+def test_replacing_an_output_keeps_files_the_user_added(work, capsys):
+    out = work / "out"
+    assert main(["compress", str(work / "bert"), "--rank", "3", "-o", str(out), "-q"]) == 0
+    manifest = json.loads((out / "embfactor-manifest.json").read_text())["entries"]
+    assert sorted(manifest) == sorted(p.name for p in out.iterdir() if p.name != "embfactor-manifest.json")
+    assert main(["compress", str(work / "bert"), "--rank", "4", "-o", str(out), "-q"]) == 0  # only ours: replaced
+    assert json.loads((out / "embfactor.json").read_text())["rank"] == 4
+    (out / "my_results.txt").write_text("mine")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.png").write_bytes(b"png")
+    capsys.readouterr()
+    before = snapshot(work)
+    assert main(["compress", str(work / "bert"), "--rank", "5", "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "holds files embfactor did not write (my_results.txt, plots/)" in err, err
+    assert snapshot(work) == before and (out / "my_results.txt").read_text() == "mine"
+
+
+def test_a_file_added_to_a_listed_folder_or_during_a_save_is_kept(tmp_path):
+    from embfactor.fileio import MARKER_FILE, atomic_directory
+
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / MARKER_FILE).write_text("{}")
+        (tmp / "tok").mkdir()
+        (tmp / "tok" / "vocab.txt").write_text("a")
+    (out / "tok" / "notes.txt").write_text("mine")  # inside a folder embfactor wrote
+    with pytest.raises(InvalidInputError, match=r"did not write \(tok/notes.txt\)"), atomic_directory(out) as tmp:
+        pass
+    (out / "tok" / "notes.txt").unlink()
+    with pytest.raises(InvalidInputError, match=r"did not write \(late.txt\)"), atomic_directory(out) as tmp:
+        (tmp / MARKER_FILE).write_text("{}")
+        (out / "late.txt").write_text("added while the save ran")  # e.g. during a long heal
+    assert (out / "late.txt").read_text() == "added while the save ran" and (out / "tok" / "vocab.txt").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize(("extra", "refused"), [(None, False), ("my_results.txt", True), ("heal_state.json", False)])
+def test_output_without_manifest_is_replaced_only_with_known_files(work, capsys, extra, refused):
+    """An output of an earlier embfactor (no manifest) may hold only the files embfactor is known to write."""
+    (work / "comp" / "embfactor-manifest.json").unlink()
+    if extra:
+        (work / "comp" / extra).write_text("x")
+    before = snapshot(work)
+    code = main(["compress", str(work / "bert"), "--rank", "3", "-o", str(work / "comp"), "-q"])
+    err = capsys.readouterr().err
+    if refused:
+        assert code == 2 and f"holds files embfactor did not write ({extra})" in err, err
+        assert snapshot(work) == before
+    else:
+        assert code == 0, err
+        assert json.loads((work / "comp" / "embfactor.json").read_text())["rank"] == 3
+
+
+LONG = "n" * 300
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["compress", "{bert}", "--rank", "3", "-o", "/proc/x"], "cannot write output /proc/x: "),
+    (["compress", "{bert}", "--rank", "3", "-o", "{work}/afile.txt/sub"], "afile.txt is a file, not a folder"),
+    (["compress", "{bert}", "--rank", "3", "-o", "{work}/" + LONG], "a name in it is 300 bytes long"),
+    (["compress", "{bert}", "--rank", "3", "-o", "{work}/" + "n" * 240], "use at most"),  # too long with .tmp-...
+    (["compress", "{bert}", "--rank", "3", "-o", "{out}", "--json", "/proc/x.json"], "cannot write --json /proc/x"),
+    (["compress", "{bert}", "--rank", "3", "-o", "{out}", "--json", "{work}/" + LONG], "--json .* 300 bytes long"),
+    (["compress", "{bert}", "--rank", "3", "-o", "{out}", "--json", "{bert}/model.safetensors"], "inside the input"),
+    (["compress", "{bert}", "--rank", "3", "-o", "{out}", "--json", "{work}"], "is a folder"),
+    (["heal", "{comp}", "--reference", "{bert}", "-o", "/proc/x", "--steps", "1"], "cannot write output /proc/x"),
+    (["heal", "{comp}", "--reference", "{bert}", "-o", "{out}", "--steps", "1", "--json", "/proc/x.json"],
+     "cannot write --json"),
+    (["evaluate", "{bert}", "--task", "similarity", "--json", "/proc/x.json"], "cannot write --json /proc/x.json"),
+    (["inspect", "{bert}", "--json", "{work}/afile.txt/x.json"], "afile.txt is a file, not a folder"),
+    (["inspect", "{bert}", "--plot", "/proc/x.png"], "cannot write --plot /proc/x.png"),
+    (["sweep", "{bert}", "--json", "/proc/x.json"], "cannot write --json /proc/x.json"),
+    (["train", "--steps", "1", "--output", "/proc/x"], "cannot write --output /proc/x"),
+    (["bench", "--quick", "--json", "/proc/x.json"], "cannot write --json /proc/x.json"),
+])
+def test_unwritable_outputs_are_refused_before_loading(work, capsys, no_load, monkeypatch, argv, message):
+    import embfactor.train.scratch
+
+    monkeypatch.setattr(embfactor.train.scratch, "train_variants", lambda *a, **k: pytest.fail("trained"))
+    (work / "afile.txt").write_text("mine")
+    before = snapshot(work)
+    argv = [a.format(work=work, out=work / "out", bert=work / "bert", comp=work / "comp") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"embfactor {argv[0]}: error: ") and re.search(message, err), err
+    assert snapshot(work) == before
+
+
+# ---------------------------------------------------------------- labels files
+
+
+@pytest.mark.parametrize(("name", "data", "message"), [
+    ("binary.csv", b"text,label\n\x89PNG\r\n\x1a\n\x00\x00\xff\xfe,1\n", r"binary.csv:2: not UTF-8 text \(byte 0x89 at offset 11\)"),
+    ("latin1.csv", "text,label\ngood,1\ncaf\xe9 bad,0\n".encode("latin-1"), r"latin1.csv:3: not UTF-8 text"),
+    ("nul.csv", b"text,label\ngood\x00,1\nbad,0\n", r"nul.csv:2: holds NUL bytes: a binary file"),
+    ("unclosed.csv", b'text,label\ngood,1\n"bad movie,0\nworse,0\n', r"unclosed.csv:3: not valid CSV: .*never closed"),
+    ("commas.csv", b"text,label\ngood, very good,1\nbad,0\n", r"commas.csv:2: 2 columns expected"),
+    ("one-label.csv", b"text,label\ngood,1\nfine,1\n", r"one-label.csv: needs at least two different labels"),
+    ("one-label.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n', "needs at least two different"),
+    ("no-rows.csv", b"text,label\n", r"no-rows.csv: no labelled rows"),
+])
+def test_bad_labels_files(work, capsys, no_load, name, data, message):
+    """Refused with the file and line named, by the library and by both commands that read labels, before loading."""
+    from embfactor.data import read_labelled
+
+    f = work / name
+    f.write_bytes(data)
+    with pytest.raises(InvalidInputError, match=message):
+        read_labelled(f)
+    before = snapshot(work)
+    for argv in (["heal", str(work / "comp"), "--reference", str(work / "bert"), "-o", str(work / "out"),
+                  "--steps", "1", "--labels", str(f), "-q"],
+                 ["evaluate", str(work / "comp"), "--task", "classification", "--labels", str(f), "-q"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"embfactor {argv[0]}: error: ") and re.search(message, err), err
+    assert snapshot(work) == before
+
+
+def test_good_labels_file_with_quoted_commas_and_newlines(tmp_path):
+    from embfactor.data import read_labelled
+
+    f = tmp_path / "ok.csv"
+    f.write_text('text,label\n"good, very good",pos\n"two\nlines",neg\n')
+    assert read_labelled(f) == (["good, very good", "two\nlines"], ["pos", "neg"])

@@ -89,3 +89,56 @@ def test_missing_target_is_usage_error(tiny_bert_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["compress", str(tiny_bert_dir), "-o", str(tmp_path / "o")])
     assert e.value.code == 2
+
+
+def test_bert_folder_without_pooler_runs_every_command(tiny_bert_dir, tmp_path, capsys):
+    """Sentence-embedding exports saved with add_pooling_layer=False load, compress, heal, evaluate and serve."""
+    import shutil
+
+    import torch
+    from transformers import BertModel
+
+    import embfactor as ef
+
+    folder = tmp_path / "no-pooler"
+    shutil.copytree(tiny_bert_dir, folder)
+    torch.manual_seed(0)
+    BertModel(BertModel.config_class.from_pretrained(folder), add_pooling_layer=False).save_pretrained(folder)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+        assert not [k for k in fh.keys() if "pooler" in k]
+    lm = ef.load_model(folder)
+    assert lm.model.pooler is None and lm.kind == "encoder"
+    comp, healed, txt = tmp_path / "comp", tmp_path / "healed", tmp_path / "t.txt"
+    txt.write_text("the cat sat on the mat\n\na good film\n\na bad movie\n\nthe dog is very good")
+    assert main(["compress", str(folder), "--rank", "4", "-o", str(comp), "-q"]) == 0
+    assert ef.load_model(comp).model.pooler is None
+    assert main(["heal", str(comp), "--reference", str(folder), "-o", str(healed), "--text", str(txt), "--steps", "1",
+                 "--batch-size", "2", "--max-length", "8", "-q"]) == 0
+    assert main(["evaluate", str(healed), "--task", "similarity", "--reference", str(folder), "-q"]) == 0
+    assert "fidelity" in capsys.readouterr().out
+    from fastapi.testclient import TestClient
+
+    from embfactor.server import create_app
+
+    r = TestClient(create_app(ef.load_model(healed))).post("/embed", json={"texts": ["a good film"]})
+    assert r.status_code == 200, r.text
+
+
+def test_a_partial_pooler_is_still_refused(tiny_bert_dir, tmp_path):
+    """Only a wholly absent pooler is dropped: one that is half there means a damaged file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from embfactor.errors import CorruptFileError
+    from embfactor.models import load_model
+
+    folder = tmp_path / "half"
+    shutil.copytree(tiny_bert_dir, folder)
+    t = load_file(folder / "model.safetensors")
+    del t["pooler.dense.bias"]
+    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CorruptFileError, match=r"lacks 1 of the model's tensors \(pooler\.dense\.bias\)"):
+        load_model(folder)

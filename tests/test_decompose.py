@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import embfactor as ef
-from embfactor.decompose import optimal_relative_error, resolve_rank, spectrum
+from embfactor.decomposition import method_infos, optimal_relative_error, resolve_rank, spectrum
 from embfactor.errors import ConfigError, InvalidInputError, InvalidTypeError, UnknownMethodError
 from tests.conftest import decaying_matrix, low_rank_matrix
 
 # tt is a tensor train, not a U·V factorization; tests/test_tt.py covers it (full TT rank, monotone error, save/load).
 # Data-aware methods (wsvd, block) need token weights; tests/test_weighted.py covers them.
-METHODS = [i.name for i in ef.decompose.method_infos() if i.name != "tt" and not i.data_aware]
+METHODS = [i.name for i in method_infos() if i.name != "tt" and not i.data_aware]
 NEAR_OPTIMAL = {"svd": 0.01, "eig": 0.01, "rsvd": 0.01, "als": 0.02}
 
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import embfactor as ef
-from embfactor.decompose import get_method, optimal_relative_error, spectrum
-from embfactor.decompose._common import as_matrix, gram
+from embfactor.decomposition import get_method, optimal_relative_error, spectrum
+from embfactor.decomposition._common import as_matrix, gram
 from embfactor.errors import ConfigError, InvalidInputError
 from embfactor.layers import FactorizedEmbedding, FactorizedLMHead
 from tests.conftest import decaying_matrix, low_rank_matrix
@@ -176,7 +176,7 @@ def test_eig_in_place_scaling_matches_svd_for_every_split(split):
 def test_subset_eigh_path_matches_full_eigh(rank, monkeypatch):
     # ranks ≤ d/8 take LAPACK syevr for the top eigenpairs only (from d = 2,048 on; lowered here to keep the test
     # small), larger ones the full eigh
-    from embfactor.decompose import svd as svd_module
+    from embfactor.decomposition import eig as svd_module
 
     E = _embedding_like(n=3000, d=512, seed=rank)
     eig = get_method("eig").fn

@@ -154,7 +154,7 @@ def test_head_gradients_reach_shared_factors():
 
 
 def test_head_rejects_dense_embedding_and_bad_bias():
-    with pytest.raises(InvalidTypeError, match="ties to a FactorizedEmbedding"):
+    with pytest.raises(InvalidTypeError, match="ties to an embfactor storage format"):
         FactorizedLMHead(nn.Embedding(3, 3))
     with pytest.raises(ConfigError, match=r"bias must have shape \(30,\)"):
         FactorizedLMHead(FactorizedEmbedding(30, 8, rank=2), bias=torch.zeros(29))

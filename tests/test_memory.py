@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from embfactor.decompose._common import gram
-from embfactor.decompose.factors import relative_error
+from embfactor.decomposition._common import gram
+from embfactor.decomposition.factors import relative_error
 from embfactor.fileio import release_mapped_pages
 
 
@@ -80,7 +80,7 @@ def test_from_factors_copies_or_adopts_without_random_init(copy):
     U, V = torch.randn(50, 4, generator=g), torch.randn(4, 16, generator=g)
     U[3] = 0.5  # padding row, zeroed by the layer
     ref_U = U.clone()
-    emb = FactorizedEmbedding.from_factors(U, V, padding_idx=3, copy=copy)
+    emb = FactorizedEmbedding.from_tensors(U, V, padding_idx=3, copy=copy)
     assert emb.U.device.type == "cpu" and emb.U.is_contiguous() and emb.U.requires_grad
     assert (emb.U.data_ptr() == U.data_ptr()) is not copy  # copy=False adopts the caller's temporary
     assert torch.equal(emb.U[3], torch.zeros(4))
@@ -88,5 +88,5 @@ def test_from_factors_copies_or_adopts_without_random_init(copy):
     assert torch.equal(emb.U.detach()[rows], ref_U[rows]) and torch.equal(emb.V.detach(), V)
     assert torch.equal(U[3], ref_U[3]) is copy  # the caller's row is only touched when adopted
     # a half-precision V is converted to U's dtype either way
-    emb16 = FactorizedEmbedding.from_factors(U.double(), V.half(), copy=copy)
+    emb16 = FactorizedEmbedding.from_tensors(U.double(), V.half(), copy=copy)
     assert emb16.V.dtype == torch.float64

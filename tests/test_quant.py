@@ -65,7 +65,7 @@ def test_layer_forward_dequantizes_gathered_rows(bits):
     assert torch.count_nonzero(out[0, 0]) == 0  # a zero padding row stays zero
     h = torch.randn(2, D)
     assert torch.allclose(q.project(h), h @ (Uq @ Vq).T, atol=1e-5)
-    assert q.storage_bytes == factor_bytes(VOCAB, D, 6, bits)
+    assert q.num_bytes() == factor_bytes(VOCAB, D, 6, bits)
     assert not list(q.parameters())  # storage is integer buffers
 
 
@@ -88,8 +88,8 @@ def test_tied_model_quantize_save_load_bit_exact(bits, tiny_gpt2, tmp_path):
     assert head.embedding is emb  # the tied head reads the same quantized storage
     sd = tiny_gpt2.state_dict()
     assert not any(k.startswith("lm_head") and "U_q" in k for k in sd)  # stored once
-    assert summary["embedding_bytes"] == emb.storage_bytes
-    assert summary["bytes_ratio"] == pytest.approx(VOCAB * D * 4 / emb.storage_bytes)
+    assert summary["embedding_bytes"] == emb.num_bytes()
+    assert summary["bytes_ratio"] == pytest.approx(VOCAB * D * 4 / emb.num_bytes())
     with torch.no_grad():
         before = tiny_gpt2(x).logits
     assert (before - fp).abs().max() < (0.05 if bits == 8 else 0.5) * fp.abs().max()

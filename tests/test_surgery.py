@@ -189,7 +189,7 @@ def test_load_rejects_mismatched_rank(tiny_bert, tmp_path):
     with pytest.raises(CorruptFileError, match="weights do not match"):
         ef.load(out)
     (out / "embfactor.json").write_text(json.dumps({**rec, "layer_type": "hologram"}))
-    with pytest.raises(CorruptFileError, match="unknown embedding layer type 'hologram'"):
+    with pytest.raises(CorruptFileError, match="unknown storage format 'hologram'"):
         ef.load(out)
 
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-import embfactor.layers.tt as ttmod
+import embfactor.formats.tt as ttmod
 from embfactor import TTEmbedding, decompose, factorize_, load_compressed, save_compressed
-from embfactor.decompose.tt import TTFactors, tt_rank_for_budget, tt_svd
+from embfactor.decomposition.tt import TTFactors, tt_rank_for_budget, tt_svd
 from embfactor.errors import ConfigError, InvalidTypeError
-from embfactor.layers.tt import factorize_exact, factorize_padded, max_tt_ranks, tt_num_params, unique_ids
+from embfactor.decomposition.tt import factorize_exact, factorize_padded, max_tt_ranks, tt_num_params
+from embfactor.formats import from_factors
+from embfactor.formats.tt import unique_ids
 from tests.conftest import D, VOCAB, decaying_matrix
 
 
@@ -150,7 +152,7 @@ def test_tt_svd_error_monotone_and_module_matches():
     errs = [tt_svd(E, r).relative_error(E) for r in (1, 2, 4, 8, 16)]
     assert all(a >= b - 1e-9 for a, b in zip(errs, errs[1:]))
     f = tt_svd(E, 4)
-    emb = f.to_module()
+    emb = from_factors(f)
     assert isinstance(emb, TTEmbedding) and emb.num_params == f.num_params
     x = torch.arange(VOCAB)
     assert torch.allclose(emb(x), f.reconstruct(), atol=1e-6)
@@ -193,7 +195,7 @@ def test_save_load_round_trip(fixture, request, tmp_path):
     save_compressed(model, tmp_path / "out")
     loaded = load_compressed(tmp_path / "out")
     assert isinstance(loaded.get_input_embeddings(), TTEmbedding)
-    assert loaded.get_input_embeddings().layer_config() == emb.layer_config()
+    assert loaded.get_input_embeddings().format_config() == emb.format_config()
     with torch.no_grad():
         after = loaded(x)
     key = "logits" if fixture == "tiny_gpt2" else "last_hidden_state"

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import embfactor as ef
-from embfactor.decompose.weighted import weighted_error
+from embfactor.decomposition.wsvd import weighted_error
 from embfactor.errors import ConfigError, InvalidInputError
+from embfactor.formats import from_factors
 from embfactor.layers import BlockFactorizedEmbedding, FactorizedLMHead
 
 from .conftest import decaying_matrix
@@ -64,7 +65,7 @@ def test_block_matches_budget_and_beats_svd_on_weighted_error():
     assert f.meta["ranks"][0] >= f.meta["ranks"][-1]  # frequent tokens get more rank
     a = ef.decompose(E, rank=8, method="svd")
     assert weighted_error(E, f.U, f.V, w) < weighted_error(E, a.U, a.V, w)
-    m = f.to_module()
+    m = from_factors(f)
     assert isinstance(m, BlockFactorizedEmbedding) and m.num_params == f.num_params
     ids = torch.randint(0, 600, (3, 11))
     R = f.reconstruct()
@@ -77,8 +78,8 @@ def test_block_matches_budget_and_beats_svd_on_weighted_error():
 
 def test_block_layer_padding_and_bad_config():
     emb = BlockFactorizedEmbedding(20, 4, sizes=[5, 15], ranks=[3, 1], padding_idx=2)
-    torch.nn.init.normal_(emb.U[0])
-    torch.nn.init.normal_(emb.V[0])
+    torch.nn.init.normal_(emb.tiers[0].U)
+    torch.nn.init.normal_(emb.tiers[0].V)
     assert emb(torch.tensor([2])).abs().sum() == 0
     with pytest.raises(ConfigError, match="sum to num_embeddings=20"):
         BlockFactorizedEmbedding(20, 4, sizes=[5, 14], ranks=[3, 1])

@@ -4,52 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from embfactor.errors import ConfigError, CorruptFileError
 
 CONFIG_FORMAT_VERSION = 1
-
-_TARGETS = ("rank", "ratio", "energy", "max_error")
-
-
-def validate_target(
-    rank: int | None = None,
-    ratio: float | None = None,
-    energy: float | None = None,
-    max_error: float | None = None,
-) -> None:
-    """Check that exactly one rank target is given and that it is in range.
-
-    The upper bound of ``rank`` depends on the matrix and is checked by :func:`embfactor.decompose.resolve_rank`.
-
-    Raises:
-        ConfigError: none or several targets, or a value outside its allowed range.
-    """
-    given = {k: v for k, v in zip(_TARGETS, (rank, ratio, energy, max_error)) if v is not None}
-    if len(given) != 1:
-        raise ConfigError(
-            f"give exactly one of rank=, ratio=, energy=, max_error= (got {', '.join(given) or 'none'})"
-        )
-    if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise ConfigError(f"rank must be an integer >= 1, got {rank!r}")
-        if rank <= 0:
-            raise ConfigError(f"rank must be >= 1 and < min(vocab, d), got rank={rank}")
-    if ratio is not None and not (_is_number(ratio) and ratio > 1 and math.isfinite(ratio)):
-        raise ConfigError(f"ratio must be a finite number > 1 (embedding params before/after), got ratio={ratio!r}")
-    if energy is not None and not (_is_number(energy) and 0 < energy <= 1):
-        raise ConfigError(f"energy must be in (0, 1] (share of the squared spectrum kept), got energy={energy!r}")
-    if max_error is not None and not (_is_number(max_error) and 0 < max_error < 1):
-        raise ConfigError(
-            f"max_error must be in (0, 1) (relative Frobenius error ||E-UV||/||E||), got max_error={max_error!r}"
-        )
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -59,7 +19,7 @@ class FactorizationConfig:
     Args:
         method: a registered decomposition name (``embfactor.available_methods()``); ``None`` picks the best
             default for the matrix shape.
-        rank, ratio, energy, max_error: exactly one rank target (see :func:`embfactor.decompose.resolve_rank`).
+        rank, ratio, energy, max_error: exactly one rank target (see :func:`embfactor.decomposition.resolve_rank`).
         seed: seed for randomized methods; results are deterministic given it.
         method_options: extra keyword arguments passed to the method (e.g. ``{"power_iters": 6}`` for rsvd).
         factorize_head: when the output head is tied to the input embedding, share the factors with it.
@@ -79,10 +39,11 @@ class FactorizationConfig:
     factorize_head: bool = True
 
     def __post_init__(self) -> None:
+        # imported here, not at the top: the CLI imports this module to parse flags, before torch is needed
+        from embfactor.decomposition import get_method, validate_target
+
         validate_target(self.rank, self.ratio, self.energy, self.max_error)
         if self.method is not None:
-            from embfactor.decompose.registry import get_method
-
             get_method(self.method)  # raises UnknownMethodError listing valid names
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from embfactor.errors import InvalidInputError
+from embfactor.errors import InvalidInputError, some_names
 
 # A folder is an embfactor output (safe to replace) only when it holds this marker.
 MARKER_FILE = "embfactor.json"
@@ -76,24 +76,220 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
-def check_output_dir(target: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Refuse an output folder that would overwrite an input or a folder that is not ours.
+# Every folder atomic_directory writes lists its entries here; only a folder whose every entry is listed is replaced.
+MANIFEST_FILE = "embfactor-manifest.json"
 
-    An existing folder may be replaced only when it is empty or an earlier embfactor output (holds embfactor.json).
+# What embfactor wrote into output folders before it kept a manifest (model, config, marker, the tokenizer files
+# transformers writes, heal's classifier and resume state): an earlier output without a manifest is replaced only when
+# it holds nothing else.
+LEGACY_OUTPUT_FILES = frozenset({
+    MARKER_FILE, "model.safetensors", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "classifier.safetensors", "classifier.json", "heal_state.safetensors", "heal_state.json",
+})
+
+
+def resolved(path: str | os.PathLike) -> Path:
+    """The absolute path with ``~``, symbolic links and ``..`` resolved (also where it does not exist yet)."""
+    return Path(path).expanduser().resolve()
+
+
+def check_not_an_input(target: Path, inputs: tuple[str | os.PathLike | None, ...], *, what: str) -> None:
+    """Refuse an output ``target`` (resolved) that is an input, holds an input or lies inside an input's folder.
+
+    Replacing a folder deletes what is inside it, and writing inside the input model's folder changes the input.
     """
-    target = Path(target).resolve()
     for src in inputs:
-        if src is not None and Path(src).exists() and Path(src).resolve() == target:
-            raise InvalidInputError(f"output folder {target} is the input model's folder; choose another --output")
+        if src is None or not os.path.lexists(src):
+            continue
+        s = resolved(src)
+        if s == target:
+            raise InvalidInputError(f"{what} {target} is the input model's {'folder' if s.is_dir() else 'file'}; "
+                                    "choose another output")
+        if target in s.parents:
+            raise InvalidInputError(
+                f"{what} {target} contains the input model {s}: replacing it would delete the input; "
+                "choose an output outside the input"
+            )
+        if s.is_dir() and s in target.parents:
+            raise InvalidInputError(
+                f"{what} {target} lies inside the input model's folder {s}; choose an output outside the input"
+            )
+
+
+def check_output_dir(target: str | os.PathLike, *, inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """Refuse an output folder that would overwrite an input or a file that is not ours, or that cannot be written.
+
+    An existing folder may be replaced only when it is empty or an earlier embfactor output whose every entry
+    embfactor wrote (:func:`foreign_entries`). The input models may be neither the output, inside it, nor around it
+    (symbolic links and ``..`` resolved). Writability is probed by creating (and removing) the temporary folder
+    the save will use. Returns the resolved target.
+
+    Example:
+        >>> check_output_dir("out/minilm-r6", inputs=("models/minilm",))   # doctest: +SKIP
+        PosixPath('/home/me/out/minilm-r6')
+    """
+    target = resolved(target)
+    check_name_lengths(target, flag="output folder")
+    check_not_an_input(target, inputs, what="output folder")
     if target.exists():
         if not target.is_dir():
             raise InvalidInputError(f"output {target} exists and is not a folder")
-        if any(target.iterdir()) and not (target / MARKER_FILE).is_file():
+        entries = list(target.iterdir())
+        if entries and not (target / MARKER_FILE).is_file():
             raise InvalidInputError(
                 f"output folder {target} exists, is not empty and is not an embfactor output; "
                 "refusing to overwrite it (choose a new folder)"
             )
+        foreign = foreign_entries(target) if entries else []
+        if foreign:
+            raise InvalidInputError(
+                f"output folder {target} holds files embfactor did not write ({some_names(foreign)}); replacing the "
+                "folder would delete them: move them out or choose a new folder"
+            )
+    check_writable(target, folder=True)
     return target
+
+
+def check_output_file(
+    path: str | os.PathLike, *, inputs: tuple[str | os.PathLike | None, ...] = (), flag: str = "output file"
+) -> Path:
+    """Refuse an output file (``--json``, ``--plot``) that is a folder or an input, or that cannot be written.
+
+    Example:
+        >>> check_output_file("report.json", flag="--json")   # doctest: +SKIP
+    """
+    target = resolved(path)
+    check_name_lengths(target, flag=flag, file=True)
+    if target.is_dir():
+        raise InvalidInputError(f"{flag} {path} is a folder; give a file name")
+    check_not_an_input(target, inputs, what=flag)  # embfactor never writes into the models it reads
+    check_writable(target, folder=False, flag=flag)
+    return target
+
+
+def check_writable(target: Path, *, folder: bool, flag: str = "output") -> None:
+    """Check that ``target`` (resolved) can be written as :func:`atomic_directory` / :func:`atomic_write_bytes` do.
+
+    Permission bits say little (root ignores them; /proc, read-only mounts and immutable folders refuse anyway), so
+    the temporary file or folder the write will make beside ``target`` is really created, then removed; the name
+    length is checked with the temporary name's suffix included.
+    """
+    anchor = _existing_ancestor(target)
+    if not anchor.is_dir():
+        raise InvalidInputError(f"cannot write {flag} {target}: {anchor} is a file, not a folder")
+    missing = target.relative_to(anchor).parts
+    probe_file = not folder and len(missing) == 1  # the file goes straight into an existing folder
+    try:
+        if probe_file:
+            fd, probe = tempfile.mkstemp(prefix=f".{missing[0]}.tmp-{_writer_tag()}-", suffix=".tmp", dir=anchor)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{missing[0]}.tmp-{_writer_tag()}-", dir=anchor))
+    except OSError as e:
+        raise InvalidInputError(f"cannot write {flag} {target}: {e.strerror or e} (in {anchor})") from None
+
+
+def _existing_ancestor(target: Path) -> Path:
+    anchor = target.parent
+    while not os.path.lexists(anchor) and anchor != anchor.parent:
+        anchor = anchor.parent
+    return anchor
+
+
+def check_name_lengths(target: Path, *, flag: str = "output", file: bool = False) -> None:
+    """Refuse a path (resolved) with a name too long for its file system, its temporary name's suffix included.
+
+    Checked first: a stat() of such a path already fails (ENAMETOOLONG).
+    """
+    try:
+        name_max = os.pathconf(_existing_ancestor(target), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    overhead = len(f"..tmp-{_writer_tag()}-") + 8 + (4 if file else 0)
+    for i, part in enumerate(target.parts):
+        limit = name_max - overhead if i == len(target.parts) - 1 else name_max
+        if len(os.fsencode(part)) > limit:
+            raise InvalidInputError(
+                f"cannot write {flag} {str(target)[:80]}...: a name in it is {len(os.fsencode(part))} bytes long; "
+                f"this file system allows {name_max} per name and embfactor needs {overhead} more for its temporary "
+                f"name: use at most {limit} bytes"
+            )
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[str]:
+    """The entries of an earlier output folder that embfactor did not write (folder paths end in ``/``).
+
+    A folder written by :func:`atomic_directory` lists its entries in its manifest (``embfactor-manifest.json``); one
+    from an older embfactor without a manifest may hold only :data:`LEGACY_OUTPUT_FILES`. The hidden temporary file
+    of an interrupted :func:`atomic_write_bytes` of one of these names counts as embfactor's too.
+
+    Example:
+        >>> foreign_entries("out/minilm-r6")   # doctest: +SKIP
+        ['my_results.txt']
+    """
+    folder = Path(folder)
+    listed = read_manifest(folder)
+    allowed = set(LEGACY_OUTPUT_FILES) if listed is None else listed
+    allowed.add(MANIFEST_FILE)
+    foreign: list[str] = []
+
+    def walk(d: Path, prefix: str) -> None:
+        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+            rel = prefix + entry.name
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if rel + ("/" if is_dir else "") in allowed or (not is_dir and _is_temporary_of(rel, allowed)):
+                if is_dir:
+                    walk(Path(entry.path), rel + "/")
+            else:
+                foreign.append(rel + ("/" if is_dir else ""))
+
+    walk(folder, "")
+    return foreign
+
+
+def _is_temporary_of(rel: str, allowed: set[str]) -> bool:
+    head, _, name = rel.rpartition("/")
+    m = re.fullmatch(r"\.(?P<name>.+)\.tmp-[1-9][0-9]*-[0-9a-f]{8}-[a-z0-9_]{8}\.tmp", name)
+    return m is not None and (f"{head}/" if head else "") + m["name"] in allowed
+
+
+def read_manifest(folder: str | os.PathLike) -> set[str] | None:
+    """The entries an output folder's manifest lists (folders end in ``/``), or None when it has no manifest."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()  # unreadable: nothing counts as ours, so the folder is never replaced blindly
+    return {e for e in entries if isinstance(e, str)} if isinstance(entries, list) else set()
+
+
+def _manifest_entries(folder: Path) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        out += [prefix + d + "/" for d in dirs] + [prefix + f for f in files if prefix or f != MANIFEST_FILE]
+    return sorted(out)
+
+
+def _manifest_json(entries: list[str]) -> str:
+    return json.dumps({"embfactor_manifest": 1, "entries": sorted(set(entries))}, indent=1) + "\n"
+
+
+def add_to_manifest(folder: str | os.PathLike, names: list[str]) -> None:
+    """Record files embfactor wrote into an existing output folder after its atomic save (e.g. heal's state).
+
+    Example:
+        >>> add_to_manifest("out/minilm-r6-healed", ["heal_state.json"])   # doctest: +SKIP
+    """
+    folder = Path(folder)
+    atomic_write_text(folder / MANIFEST_FILE, _manifest_json(sorted((read_manifest(folder) or set()) | set(names))))
 
 
 def is_temporary_dir(path: str | os.PathLike) -> bool:
@@ -122,6 +318,7 @@ def atomic_directory(target: str | os.PathLike, *, inputs: tuple[str | os.PathLi
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_writer_tag()}-", dir=target.parent))
     try:
         yield tmp
+        (tmp / MANIFEST_FILE).write_text(_manifest_json(_manifest_entries(tmp)), encoding="utf-8")
         umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output should look like any folder the user makes
         for f in tmp.iterdir():  # flush file contents before the rename makes them visible
@@ -130,6 +327,8 @@ def atomic_directory(target: str | os.PathLike, *, inputs: tuple[str | os.PathLi
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if target.exists():
+            # Again, just before the swap: a long run (heal) may find files the user added since it started.
+            check_output_dir(target, inputs=inputs)
             if rename_exchange(tmp, target):
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the earlier output
             else:

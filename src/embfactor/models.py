@@ -77,14 +77,16 @@ def kind_of(model: nn.Module) -> str:
 
 def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel
 
-    from safetensors import SafetensorError
+    from embfactor.surgery.io import check_model_config, without_absent_pooler
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub raise many types for a bad config
         raise CorruptFileError(f"{path / 'config.json'}: cannot be read as a transformers config ({e})") from None
+    check_model_config(config, path / "config.json")
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     loader = cls if isinstance(cls, type) else AutoModel
@@ -109,7 +111,19 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
         raise ModelNotFoundError(f"{path}: no usable weights ({e})") from None
     except RuntimeError as e:  # shape mismatches between config.json and the weights
         raise CorruptFileError(f"{weights}: the weights do not match {path / 'config.json'} ({e})") from None
-    missing = missing_weights(model, info)
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError, IndexError, KeyError) as e:
+        # the model's constructor rejects the config (transformers checks little before building)
+        raise CorruptFileError(
+            f"{path / 'config.json'}: no model can be built from it ({type(e).__name__}: {e})"
+        ) from None
+    missing = without_absent_pooler(model, missing_weights(model, info))
+    unexpected = unexpected_weights(model, info)
+    if unexpected and not missing:
+        raise CorruptFileError(
+            f"{weights}: holds {len(unexpected)} tensors the model built from {path / 'config.json'} does not have "
+            f"({some_names(unexpected)}); loading would silently drop them. config.json declares a smaller model "
+            "than the weights (fewer layers?) or another architecture"
+        )
     if missing:
         raise CorruptFileError(
             f"{weights}: lacks {len(missing)} of the model's tensors ({some_names(missing)}); transformers would fill "
@@ -147,6 +161,23 @@ def missing_weights(model: nn.Module, info: dict[str, Any]) -> list[str]:
         ignore = re.compile("|".join(f"({p})" for p in patterns))
         missing = {k for k in missing if ignore.search(k) is None}
     return sorted(missing)
+
+
+def unexpected_weights(model: nn.Module, info: dict[str, Any]) -> list[str]:
+    """The tensors of the checkpoint the model has no place for, less those the model declares as ignorable.
+
+    Example:
+        >>> unexpected_weights(model, {"unexpected_keys": {"encoder.layer.6.output.dense.bias"}})  # doctest: +SKIP
+        ['encoder.layer.6.output.dense.bias']
+    """
+    import re
+
+    unexpected = set(info.get("unexpected_keys") or ())
+    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+    if patterns:
+        ignore = re.compile("|".join(f"({p})" for p in patterns))
+        unexpected = {k for k in unexpected if ignore.search(k) is None}
+    return sorted(unexpected)
 
 
 # Without one of these, transformers 5 silently builds an empty-vocabulary tokenizer that maps every word to [UNK].
@@ -193,6 +224,29 @@ def _load_gguf(path: Path, *, fix: str = "replace it with a complete copy") -> t
             f"tokenizer, or is corrupt or truncated: {fix}"
         ) from None
     return load_gguf_causal_lm(path), tokenizer
+
+
+def source_path(name: str | os.PathLike | None) -> Path | None:
+    """Where ``load_model(name)`` would read from, without loading anything (None when unknown or absent).
+
+    Lets commands refuse an output that would overwrite or contain the input before the (slow) load.
+
+    Example:
+        >>> source_path("minilm").name   # doctest: +SKIP
+        'model'
+    """
+    if name is None:
+        return None
+    name = str(name)
+    try:
+        if name == "minilm":
+            return minilm_path()
+        if name == "smollm2":
+            return smollm2_path()
+    except ModelNotFoundError:
+        return None
+    path = Path(name).expanduser()
+    return path if os.path.lexists(path) else None
 
 
 def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:

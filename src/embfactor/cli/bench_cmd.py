@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from embfactor.cli.common import table, write_json
+from embfactor.cli.common import check_outputs, table, write_json
 from embfactor.errors import ConfigError
 
 SUITES = ("decompose", "runtime", "memory")
@@ -82,6 +82,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(files=[("--json", args.json)], write_into=[("--output", args.output)])
     results = bench(parse_suites(args.suite), quick=args.quick, output=args.output, progress=not args.quiet,
                     huge=args.huge)
     print(render(results))

@@ -49,6 +49,50 @@ def mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:,.2f} MB"
 
 
+def check_outputs(
+    *,
+    folder: str | os.PathLike | None = None,
+    files: Sequence[tuple[str, str | os.PathLike | None]] = (),
+    inputs: Sequence[str | os.PathLike | None] = (),
+    write_into: Sequence[tuple[str, str | os.PathLike | None]] = (),
+) -> None:
+    """The one check of every command that writes, run before anything is loaded or computed.
+
+    Refuses an output folder or file that cannot be written (no permission, /proc, under a file, a name too long),
+    that is, contains or lies inside an input model (``inputs``: model names or paths), or an existing folder holding
+    files embfactor did not write.
+
+    Args:
+        folder: the ``--output`` folder, if the command writes one.
+        files: ``(flag, path)`` pairs such as ``("--json", args.json)``; None paths are skipped.
+        write_into: ``(flag, path)`` pairs of folders files are written into (not replaced): checked to be writable.
+        inputs: the models the command reads (built-in names are mapped to their installed folders).
+
+    Example:
+        >>> check_outputs(folder="out/m6", files=[("--json", "r.json")], inputs=["minilm"])   # doctest: +SKIP
+    """
+    from embfactor.errors import InvalidInputError
+    from embfactor.fileio import check_not_an_input, check_output_dir, check_output_file, check_writable, resolved
+    from embfactor.models import source_path
+
+    sources = tuple(source_path(m) for m in inputs)
+    out = check_output_dir(folder, inputs=sources) if folder is not None else None
+    for flag, path in files:
+        if path is None or path == "":
+            continue
+        target = check_output_file(path, inputs=sources, flag=flag)
+        if out is not None and target == out:
+            raise InvalidInputError(f"{flag} {path} is the --output folder; give a file name outside it")
+    for flag, path in write_into:
+        if path is None or path == "":
+            continue
+        target = resolved(path)
+        check_not_an_input(target, sources, what=flag)
+        if target.exists() and not target.is_dir():
+            raise InvalidInputError(f"{flag} {path} exists and is not a folder")
+        check_writable(target / "x", folder=False, flag=flag)
+
+
 def write_json(path: str | os.PathLike | None, obj: Any) -> None:
     if path:
         atomic_write_json(path, obj)

@@ -9,7 +9,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from embfactor.cli.common import add_method_arg, add_model_arg, add_target_args, mb, table, write_json
+from embfactor.cli.common import (
+    add_method_arg, add_model_arg, add_target_args, check_outputs, mb, table, write_json,
+)
 from embfactor.config import FactorizationConfig
 
 
@@ -33,24 +35,25 @@ def compress(
     from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
     from embfactor.data import read_texts
     from embfactor.data.frequency import token_weights as frequency_weights
-    from embfactor.decompose import get_method
+    from embfactor.decomposition import get_method
     from embfactor.fileio import check_output_dir, release_mapped_pages
-    from embfactor.models import load_model
+    from embfactor.models import load_model, source_path
     from embfactor.surgery import factorize_, save_compressed
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
     bits = _quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
+    check_output_dir(output, inputs=(source_path(model),))  # cheap checks first: before the load and decomposition
+    texts = read_texts(text_files) if text_files else None
     stages = tqdm(total=3, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model}")
     lm = load_model(model)
-    check_output_dir(output, inputs=(lm.source,))  # fail before the (long) decomposition, not after
+    check_output_dir(output, inputs=(lm.source,))
     stages.update()
     bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
     token_weights = None
     if config.method is not None and get_method(config.method).data_aware:
         stages.set_postfix_str("counting token frequencies")
-        texts = read_texts(text_files) if text_files else None
         vocab = lm.model.get_input_embeddings().num_embeddings
         token_weights = frequency_weights(lm.tokenizer, texts, vocab_size=vocab)
     stages.set_postfix_str("decomposing")
@@ -90,7 +93,7 @@ def _quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> i
     if quantize is None:
         return None
     from embfactor.errors import ConfigError
-    from embfactor.layers.quantized import parse_bits
+    from embfactor.formats.quantized import parse_bits
 
     bits = parse_bits(quantize)
     if config.method in ("tt", "block"):
@@ -125,6 +128,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(folder=args.output, files=[("--json", args.json)], inputs=[args.model])
     config = FactorizationConfig(
         method=args.method, rank=args.rank, ratio=args.ratio, energy=args.energy, max_error=args.max_error,
         seed=args.seed,

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from embfactor.cli.common import add_model_arg, fmt, table, write_json
+from embfactor.cli.common import add_model_arg, check_outputs, fmt, table, write_json
 
 # Task options the CLI exposes, with the task they belong to (others are rejected with a clear message).
 _OPTION_TASKS = {
@@ -47,6 +47,10 @@ def evaluate_model(
             flag = "--labels" if k == "labels_file" else "--" + k.replace("_", "-")
             raise InvalidInputError(f"{flag} applies to the {' / '.join(_OPTION_TASKS[k])} task, not {task!r}")
     opts = {k: v for k, v in opts.items() if v is not None}
+    if "labels_file" in opts:  # a bad labels file fails before the model loads
+        from embfactor.data import read_labelled
+
+        read_labelled(opts["labels_file"])
     t0 = time.perf_counter()
     lm = load_model(model)
     if lm.kind not in info.kinds:  # before loading a (slow) reference
@@ -91,6 +95,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(files=[("--json", args.json)], inputs=[args.model, args.reference])
     r = evaluate_model(
         args.model,
         args.task,

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from embfactor.cli.common import table, write_json
+from embfactor.cli.common import check_outputs, table, write_json
 
 
 def heal_model(
@@ -32,13 +32,13 @@ def heal_model(
     from embfactor.data import read_labelled, read_texts
     from embfactor.errors import ConfigError
     from embfactor.fileio import check_output_dir
-    from embfactor.models import load_model
+    from embfactor.models import load_model, source_path
     from embfactor.train.heal import heal
 
     texts = read_texts(text_files) if text_files else None
     if labels is not None:
         read_labelled(labels)  # fail on a bad labels file before loading anything
-    check_output_dir(output, inputs=tuple(p for p in (compressed, reference) if Path(p).exists()))
+    check_output_dir(output, inputs=(source_path(compressed), source_path(reference)))
     if minutes is None and steps is None:
         raise ConfigError("give --minutes M or --steps N")
     student = load_model(compressed)
@@ -62,6 +62,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(folder=args.output, files=[("--json", args.json)], inputs=[args.compressed, args.reference])
     minutes = args.minutes
     if minutes is None and args.steps is None:
         minutes = 10.0

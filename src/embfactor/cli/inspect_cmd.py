@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from embfactor.cli.common import add_model_arg, table, write_json
+from embfactor.cli.common import add_model_arg, check_outputs, table, write_json
 
 
 def inspect_model(model: str) -> dict[str, Any]:
     """Facts about a model's input embedding, with the singular-value energy kept at a few ranks."""
-    from embfactor.decompose import optimal_relative_error, spectrum
+    from embfactor.decomposition import optimal_relative_error, spectrum
     from embfactor.layers import FactorizedEmbedding
     from embfactor.models import load_model
     from embfactor.surgery import count_params, find_embedding_and_head
@@ -107,10 +107,11 @@ def plot_spectrum(r: dict[str, Any], path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.methods:
-        from embfactor.decompose import method_infos
+        from embfactor.decomposition import method_infos
 
         print(table([[m.name, m.description] for m in method_infos()], ["method", "description"]))
         return 0
+    check_outputs(files=[("--plot", args.plot), ("--json", args.json)], inputs=[args.model])
     r = inspect_model(args.model)
     print(render(r))
     if args.plot:

@@ -7,22 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from embfactor.cli.common import add_model_arg, fmt, table
+from embfactor.cli.common import add_model_arg, check_outputs, fmt, table
 from embfactor.errors import InvalidInputError
 
 
-def check_outputs(plot: str | None, json_path: str | None, model: str | None = None) -> None:
+def check_sweep_outputs(plot: str | None, json_path: str | None, model: str | None = None) -> None:
     """Refuse output paths that cannot be written (a folder, a non-.png plot, the model itself) before any work."""
-    for flag, path in (("--plot", plot), ("--json", json_path)):
-        if path is None:
-            continue
-        p = Path(path)
-        if p.is_dir():
-            raise InvalidInputError(f"{flag} {p} is a folder; give a file name")
-        if model is not None and Path(model).exists() and p.resolve() == Path(model).resolve():
-            raise InvalidInputError(f"{flag} {p} is the input model; choose another file")
     if plot is not None and Path(plot).suffix.lower() != ".png":
         raise InvalidInputError(f"--plot {plot}: the plot is written as PNG; give a file name ending in .png")
+    check_outputs(files=[("--plot", plot), ("--json", json_path)], inputs=[model])
 
 
 def run_sweep(
@@ -40,7 +33,7 @@ def run_sweep(
     from embfactor.eval.sweep import plot_sweep, sweep
     from embfactor.fileio import atomic_write_bytes, atomic_write_json
 
-    check_outputs(plot, json_path, model)
+    check_sweep_outputs(plot, json_path, model)
     result = sweep(model, **kwargs)
     png = plot_sweep(result) if plot else None  # render before writing anything: no partial outputs
     if png is not None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from embfactor.cli.common import table, write_json
+from embfactor.cli.common import check_outputs, table, write_json
 
 HEADERS = ["variant", "emb params", "total params", "final val ppl", "train s", "tokens/s", "note"]
 
@@ -41,6 +41,7 @@ def train_compare(
     cfg = TrainConfig(**{k: v for k, v in config.items() if v is not None})
     if plot and not str(plot).lower().endswith(".png"):
         raise InvalidInputError(f"--plot writes a PNG; give a file name ending in .png, got {plot!r}")
+    check_outputs(files=[("--plot", plot), ("--json", json_path)], write_into=[("--output", output)])
     if output:  # refuse a bad output folder before spending minutes on training
         from pathlib import Path
 

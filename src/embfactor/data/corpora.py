@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import re
 from pathlib import Path
@@ -153,9 +154,21 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[str]]:
     p = Path(path)
     if not p.is_file():
         raise InvalidInputError(f"labels file {p} does not exist")
+    raw = p.read_bytes()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InvalidInputError(
+            f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); the labels file must be a "
+            "UTF-8 CSV with columns text,label or JSONL with keys text and label"
+        ) from None
+    if "\x00" in content:
+        line = content[: content.index("\x00")].count("\n") + 1
+        raise InvalidInputError(f"{p}:{line}: holds NUL bytes: a binary file, not a CSV or JSONL labels file")
     texts, labels = [], []
     if p.suffix.lower() in (".jsonl", ".json"):
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -167,16 +180,32 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[str]]:
             texts.append(str(row["text"]))
             labels.append(str(row["label"]))
     else:
-        with p.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
+        reader = csv.DictReader(io.StringIO(content, newline=""), strict=True)
+        try:
             cols = reader.fieldnames or []
-            for col in ("text", "label"):
-                if col not in cols:
-                    raise InvalidInputError(f"{p}: no '{col}' column (found columns: {', '.join(cols) or 'none'})")
-            for row in reader:
-                if row["text"] and row["label"] not in (None, ""):
-                    texts.append(row["text"])
-                    labels.append(row["label"])
+        except csv.Error as e:
+            raise InvalidInputError(f"{p}:1: not a valid CSV header ({e})") from None
+        for col in ("text", "label"):
+            if col not in cols:
+                raise InvalidInputError(f"{p}: no '{col}' column (found columns: {', '.join(cols) or 'none'})")
+        start = reader.line_num + 1
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                hint = " (a quote opened here is never closed)" if "end of data" in str(e) or "EOF" in str(e) else ""
+                raise InvalidInputError(f"{p}:{start}: not valid CSV: {e}{hint}") from None
+            if None in row or None in row.values():
+                raise InvalidInputError(
+                    f"{p}:{start}: {len(cols)} columns expected ({', '.join(cols)}), the row has a different number"
+                    " (a text with a comma needs quotes)"
+                )
+            if row["text"] and row["label"] not in (None, ""):
+                texts.append(row["text"])
+                labels.append(row["label"])
+            start = reader.line_num + 1
     if not texts:
         raise InvalidInputError(f"{p}: no labelled rows")
     if len(set(labels)) < 2:

@@ -117,7 +117,7 @@ def _parse_list(value: str | Sequence, kind: type, what: str) -> list:
 
 def check_methods(methods: Sequence[str], *, skip_missing: bool) -> list[str]:
     """Registered methods among ``methods``; unknown ones raise UnknownMethodError (or warn with skip_missing)."""
-    from embfactor.decompose.registry import get_method
+    from embfactor.decomposition.registry import get_method
     from embfactor.errors import UnknownMethodError
 
     out = []
@@ -190,7 +190,7 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    from embfactor.decompose.registry import get_method
+    from embfactor.decomposition.registry import get_method
     from embfactor.eval.tasks import evaluate, get_task, input_embedding
     from embfactor.models import load_model
     from embfactor.quant import fake_quantize_rows, quantized_bytes

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from embfactor.errors import InvalidTypeError, TokenIndexError, UnknownMethodError
+from embfactor.errors import ConfigError, InvalidTypeError, TokenIndexError, UnknownMethodError
 
 # rows per chunk of the generic dense()/project(): a 16,384 × d float32 block (24 MB at d = 384)
 _CHUNK_ROWS = 16384
@@ -41,15 +41,32 @@ def check_token_ids(ids: torch.Tensor, vocab: int) -> None:
         raise TokenIndexError(f"token id {bad} is out of range for a vocabulary of {vocab} (valid ids: 0..{vocab - 1})")
 
 
+def check_format_args(
+    num_embeddings: int, embedding_dim: int, padding_idx: int | None, **sizes: int
+) -> int | None:
+    """Validate the arguments every format shares; return padding_idx normalized to [0, vocab).
+
+    ``sizes`` are further arguments that must be positive integers (e.g. ``rank=16``).
+    """
+    for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim), *sizes.items()):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ConfigError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+    return padding_idx % num_embeddings
+
+
 class RowFormat(nn.Module):
     """Base class of a stored embedding table (vocab × d); subclasses implement gather, num_bytes, config, empty.
 
     Attributes every subclass sets in ``__init__``: ``num_embeddings``, ``embedding_dim``, ``padding_idx``.
 
     Example:
-        >>> from embfactor.layers import FactorizedEmbedding        # doctest: +SKIP
-        >>> emb = FactorizedEmbedding(1000, 64, rank=16)             # doctest: +SKIP
-        >>> emb(torch.tensor([[1, 2]])).shape, emb.num_bytes()       # doctest: +SKIP
+        >>> from embfactor.formats.lowrank import FactorizedEmbedding
+        >>> emb = FactorizedEmbedding(1000, 64, rank=16)
+        >>> emb(torch.tensor([[1, 2]])).shape, emb.num_bytes()
         (torch.Size([1, 2, 64]), 68096)
     """
 
@@ -78,6 +95,16 @@ class RowFormat(nn.Module):
     ) -> RowFormat:
         """An instance with the right tensor shapes (values to be filled by ``load_state_dict``)."""
         raise NotImplementedError
+
+    @classmethod
+    def from_factors(cls, f: Any, padding_idx: int | None = None, **kw: Any) -> RowFormat:
+        """The format holding a decomposition's result (formats registered with ``factors=`` implement it).
+
+        Keywords every implementation accepts (and may ignore when they do not apply): ``zero_padding_row``
+        (False keeps a pretrained non-zero padding row's approximation), ``copy`` (False lets the module adopt
+        the factor tensors of a temporary Factors), ``sparse`` (sparse gradients, where the format has them).
+        """
+        raise NotImplementedError(f"{cls.__name__} is not built from a decomposition's Factors")
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) times the table's transpose: (..., vocab) logits for a tied head.
@@ -147,7 +174,7 @@ def register_format(name: str, *, factors: type | None = None):
 
 
 def _ensure_builtin_formats() -> None:
-    import embfactor.layers  # noqa: F401 - registers the built-in formats
+    import embfactor.formats  # noqa: F401 - the package registers the built-in formats
 
 
 def get_format(name: str) -> type[RowFormat]:
@@ -166,8 +193,8 @@ def available_formats() -> list[str]:
 
 
 def is_row_format(module: nn.Module) -> bool:
-    """True for any registered embfactor storage format (i.e. an embfactor embedding layer)."""
-    return isinstance(module, RowFormat) or type(module) in _FORMATS.values()
+    """True for any embfactor storage format (i.e. an embfactor embedding layer)."""
+    return isinstance(module, RowFormat)
 
 
 def from_factors(f: Any, padding_idx: int | None = None, **kw: Any) -> RowFormat:

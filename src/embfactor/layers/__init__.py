@@ -1,11 +1,18 @@
-"""PyTorch layers that wrap the decompositions: factorized embeddings, tied heads, positional encodings."""
+"""nn.Modules built on the storage formats: the tied output head and positional encodings.
 
-from embfactor.layers.block import BlockFactorizedEmbedding
-from embfactor.layers.embedding import FactorizedEmbedding, FactorizedLMHead, check_token_ids
-from embfactor.layers.registry import available_layers, get_layer, is_factorized_layer, register_layer
+The embedding formats themselves live in :mod:`embfactor.formats`; they are re-exported here because a
+factorized embedding is the layer users put in their models.
+"""
+
+from embfactor.formats import (
+    BlockFactorizedEmbedding,
+    FactorizedEmbedding,
+    QuantizedFactorizedEmbedding,
+    TieredFormat,
+    TTEmbedding,
+)
+from embfactor.layers.head import FactorizedLMHead
 from embfactor.layers.positional import LearnedPositionalEncoding, SinusoidalPositionalEncoding, TransformerEmbedding
-from embfactor.layers.quantized import QuantizedFactorizedEmbedding
-from embfactor.layers.tt import TTEmbedding
 
 __all__ = [
     "BlockFactorizedEmbedding",
@@ -15,10 +22,6 @@ __all__ = [
     "QuantizedFactorizedEmbedding",
     "SinusoidalPositionalEncoding",
     "TTEmbedding",
+    "TieredFormat",
     "TransformerEmbedding",
-    "available_layers",
-    "check_token_ids",
-    "get_layer",
-    "is_factorized_layer",
-    "register_layer",
 ]

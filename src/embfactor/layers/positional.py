@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from embfactor.errors import ConfigError, InvalidInputError
-from embfactor.layers.embedding import FactorizedEmbedding
+from embfactor.formats.lowrank import FactorizedEmbedding
 
 
 def _check_length(seq_len: int, offset: int, max_len: int) -> None:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from embfactor.config import FactorizationConfig
-from embfactor.decompose import decompose, get_method, optimal_relative_error, resolve_rank, spectrum
+from embfactor.decomposition import decompose, get_method, optimal_relative_error, resolve_rank, spectrum
 from embfactor.errors import InvalidTypeError, SurgeryError
+from embfactor.formats import from_factors, is_row_format
 from embfactor.layers import FactorizedLMHead
-from embfactor.layers.registry import is_factorized_layer
 from embfactor.surgery.replace import fqn_of, replace_modules_
 
 # The metadata a factorized model carries (and save_compressed writes) to be rebuilt without re-decomposing.
@@ -74,7 +74,7 @@ def find_embedding_and_head(
             f"{type(model).__name__} has no get_input_embeddings(); pass module_name= (e.g. 'embed') to say which "
             "nn.Embedding to factorize"
         )
-    if is_factorized_layer(emb):
+    if is_row_format(emb):
         raise SurgeryError(
             f"the input embedding of {type(model).__name__} is already factorized ({type(emb).__name__})"
         )
@@ -192,7 +192,7 @@ def factorize_(
     pad_is_zero = pad is None or not bool(E[pad].any())
     # --- the model is mutated only below this line ---
     # copy=False: f is this call's own temporary, so the layer adopts its U (one vocab × r block less at the peak)
-    new = f.to_module(pad, sparse=emb.sparse, zero_padding_row=pad_is_zero, copy=False).to(emb.weight.device)
+    new = from_factors(f, pad, sparse=emb.sparse, zero_padding_row=pad_is_zero, copy=False).to(emb.weight.device)
     apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tie, head_module=head_fqn)
     del E
     report = FactorizationReport(

@@ -13,7 +13,7 @@ from torch import nn
 from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
 from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
 from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
-from embfactor.layers.registry import get_layer
+from embfactor.formats import get_format
 from embfactor.surgery.factorize import META_ATTR, apply_structure_
 
 WEIGHTS_FILE = "model.safetensors"
@@ -60,7 +60,7 @@ def save_compressed(
     layer = model.get_submodule(meta["embedding_module"])
     record = {
         "layer_type": layer.layer_type,
-        "layer_config": layer.layer_config(),
+        "layer_config": layer.format_config(),
         "vocab_size": layer.num_embeddings,
         "hidden_size": layer.embedding_dim,
         "padding_idx": layer.padding_idx,
@@ -126,6 +126,61 @@ def model_class(architecture: str) -> type:
     return cls
 
 
+def check_model_config(config: Any, path: str | os.PathLike) -> None:
+    """Refuse a transformers config whose attention shape cannot build a model, with a message naming ``path``.
+
+    transformers fails deep inside the model's constructor (ZeroDivisionError, ValueError) on these.
+    """
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if heads is None:
+        return
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise CorruptFileError(f"{path}: num_attention_heads must be a positive integer, got {heads!r}")
+    explicit_head_dim = getattr(config, "head_dim", None) is not None or hasattr(config, "embedding_size")
+    if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden % heads and not explicit_head_dim:
+        raise CorruptFileError(
+            f"{path}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; each head needs an equal "
+            f"share of the hidden size (e.g. num_attention_heads {max(d for d in range(1, heads + 1) if hidden % d == 0)})"
+        )
+
+
+def without_absent_pooler(model: nn.Module, missing: set[str] | list[str]) -> list[str]:
+    """Drop a base model's pooler when the checkpoint has none of its tensors; return the tensors still missing.
+
+    Sentence-embedding exports are often saved with ``add_pooling_layer=False``: their pooler was never trained and
+    mean pooling never uses it. A model whose class takes ``add_pooling_layer`` runs without one (``pooler`` None),
+    exactly as transformers builds it with ``add_pooling_layer=False``. A pooler that is only partly in the
+    checkpoint, or one inside a task model (whose forward uses it), stays missing.
+
+    Example:
+        >>> without_absent_pooler(bert, {"pooler.dense.weight", "pooler.dense.bias"})   # doctest: +SKIP
+        []
+    """
+    import inspect
+
+    missing = set(missing)
+    pooler = getattr(model, "pooler", None)
+    if not isinstance(pooler, nn.Module):
+        return sorted(missing)
+    try:
+        takes_flag = "add_pooling_layer" in inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):
+        takes_flag = False
+    keys = {f"pooler.{k}" for k in pooler.state_dict()}
+    if takes_flag and keys and keys <= missing:
+        model.pooler = None
+        missing -= keys
+    return sorted(missing)
+
+
+def _layer_rank(layer: nn.Module) -> int | None:
+    # The rank the stored tensors have (strict loading has checked them against layer_config).
+    if "rank" in getattr(layer, "layer_config", lambda: {})():
+        return int(layer.layer_config()["rank"])
+    return None
+
+
 def load_compressed(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed` and load its weights (strict; safetensors only).
 
@@ -134,7 +189,7 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     Example:
         >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
     from transformers import AutoConfig
 
@@ -155,9 +210,22 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     if not isinstance(dtype, torch.dtype):
         bad = record.get("torch_dtype")
         raise CorruptFileError(f"{directory / MARKER_FILE}: torch_dtype {bad!r} is not a torch dtype")
-    model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
+    config_class = getattr(cls, "config_class", None)
+    if isinstance(config_class, type) and not isinstance(config, config_class):
+        raise CorruptFileError(
+            f"{directory / MARKER_FILE}: architecture {record['architecture']!r} takes a {config_class.__name__}, but "
+            f"{directory / HF_CONFIG_FILE} is a {type(config).__name__} (model_type {config.model_type!r}); the two "
+            "files belong to different models"
+        )
+    check_model_config(config, directory / HF_CONFIG_FILE)
     try:
-        layer_cls = get_layer(record["layer_type"])
+        model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError, IndexError, KeyError) as e:
+        raise CorruptFileError(
+            f"{directory / HF_CONFIG_FILE}: {record['architecture']} cannot be built from it ({type(e).__name__}: {e})"
+        ) from None
+    try:
+        layer_cls = get_format(record["layer_type"])
         dense = model.get_submodule(record["embedding_module"])
         new = layer_cls.empty(
             dense.num_embeddings, dense.embedding_dim, dense.padding_idx, **record["layer_config"], dtype=dtype
@@ -172,11 +240,26 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     except (SurgeryError, AttributeError, TypeError, UnknownMethodError) as e:
         raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None
     try:
+        with safe_open(str(directory / WEIGHTS_FILE), "pt") as fh:
+            stored = set(fh.keys())
+        without_absent_pooler(model, set(model.state_dict()) - stored)
         load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
     except (SafetensorError, OSError) as e:
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: corrupt or truncated safetensors file ({e})") from None
     except RuntimeError as e:
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
+    layer = model.get_submodule(record["embedding_module"])
+    stored_rank = _layer_rank(layer)
+    if stored_rank is not None and stored_rank != record["rank"]:
+        raise CorruptFileError(
+            f"{directory / MARKER_FILE}: rank {record['rank']} disagrees with the stored factors, which have rank "
+            f"{stored_rank} ({directory / WEIGHTS_FILE}); the files belong to different saves"
+        )
+    for key, actual in (("vocab_size", layer.num_embeddings), ("hidden_size", layer.embedding_dim)):
+        if key in record and record[key] != actual:
+            raise CorruptFileError(
+                f"{directory / MARKER_FILE}: {key} {record[key]!r} disagrees with the stored embedding ({actual})"
+            )
     model.to(device)
     model.eval()
     setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")})

@@ -7,8 +7,9 @@ from typing import Any
 from torch import nn
 
 from embfactor.errors import InvalidTypeError, SurgeryError
-from embfactor.layers.embedding import FactorizedEmbedding, FactorizedLMHead
-from embfactor.layers.quantized import QuantizedFactorizedEmbedding, parse_bits
+from embfactor.formats.lowrank import FactorizedEmbedding
+from embfactor.formats.quantized import QuantizedFactorizedEmbedding, parse_bits
+from embfactor.layers.head import FactorizedLMHead
 from embfactor.surgery.factorize import META_ATTR
 from embfactor.surgery.replace import replace_modules_
 
@@ -92,10 +93,10 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
     vocab, d, r = new.num_embeddings, new.embedding_dim, new.rank
     summary = {
         "bits": b,
-        "embedding_bytes": new.storage_bytes,
+        "embedding_bytes": new.num_bytes(),
         "fp32_embedding_bytes": dense_embedding_bytes(vocab, d),
         "factor_fp32_bytes": factor_bytes(vocab, d, r),
-        "bytes_ratio": dense_embedding_bytes(vocab, d) / new.storage_bytes,
+        "bytes_ratio": dense_embedding_bytes(vocab, d) / new.num_bytes(),
     }
     report = dict(meta.get("report") or {})
     report["quantization"] = summary

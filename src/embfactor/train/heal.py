@@ -146,10 +146,10 @@ def trainable_parameters(
 ) -> dict[str, nn.Parameter]:
     """Freeze everything but the factorized embedding (optionally also the norms, or nothing at all with
     ``train_all``); return the trainable parameters by name (a tied head's shared factors appear once)."""
-    from embfactor.layers.registry import is_factorized_layer
+    from embfactor.formats import is_row_format
 
     emb = model.get_input_embeddings()
-    if not is_factorized_layer(emb):
+    if not is_row_format(emb):
         raise SurgeryError(
             f"the model to heal has a plain {type(emb).__name__} input embedding; compress it first "
             "(embfactor compress / embfactor.factorize_) and heal the compressed model"

@@ -1,27 +1,14 @@
-"""Exact truncated SVD and its Gram-matrix twin (eigendecomposition of Eᵀ·E)."""
+"""Truncated SVD through the Gram matrix (eigendecomposition of Eᵀ·E), registered as ``eig``."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from embfactor.decompose._common import GRAM_BLOCK_ROWS, from_svd, gram
-from embfactor.decompose.factors import Factors
-from embfactor.decompose.registry import register_method
+from embfactor.decomposition._common import GRAM_BLOCK_ROWS, from_svd, gram
+from embfactor.decomposition.factors import Factors
+from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError
-
-
-@register_method("svd", description="exact truncated SVD (LAPACK gesdd on the whole matrix)")
-def svd(E: torch.Tensor, rank: int, *, seed: int = 0, progress: bool = False, split: str = "symmetric") -> Factors:
-    """Exact truncated SVD: the Eckart–Young optimum for the rank.
-
-    Example:
-        >>> f = svd(torch.randn(50, 8), 3)
-        >>> f.U.shape, f.V.shape
-        (torch.Size([50, 3]), torch.Size([3, 8]))
-    """
-    Us, S, Vh = torch.linalg.svd(E, full_matrices=False)
-    return from_svd(Us[:, :rank], S[:rank], Vh[:rank].T, method="svd", split=split)
 
 
 @register_method("eig", description="eigendecomposition of the d×d Gram matrix (blockwise, float64 sums), then U = E·V")

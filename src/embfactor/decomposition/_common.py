@@ -132,7 +132,7 @@ def from_svd(
     same factors whatever LAPACK or random start produced them. ``inplace=True`` lets the function scale ``Us``
     in place (the caller's own temporary), which saves two vocab × r copies at peak.
     """
-    from embfactor.decompose.factors import Factors
+    from embfactor.decomposition.factors import Factors
 
     if split not in SPLITS:
         raise InvalidInputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

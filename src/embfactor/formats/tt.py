@@ -19,129 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from embfactor.decomposition.tt import TTFactors, resolve_tt_shapes
 from embfactor.errors import ConfigError
-from embfactor.layers.embedding import check_token_ids
-from embfactor.layers.registry import check_layer_args, register_layer
+from embfactor.formats.base import RowFormat, check_format_args, register_format
 
 # block mode when the asked ids are at least 1/_DENSE_SHARE of the rows under their prefixes
 _DENSE_SHARE = 3
 _BLOCK_ROWS = 8192  # rows per block of prefixes in block mode (bounded memory)
-
-
-def factorize_exact(n: int, k: int) -> list[int]:
-    """The most balanced k integers (ascending) whose product is exactly n (1s allowed for awkward n).
-
-    Example:
-        >>> factorize_exact(384, 3)
-        [6, 8, 8]
-    """
-    if n < 1 or k < 1:
-        raise ConfigError(f"cannot factor {n} into {k} factors")
-    best: list[int] | None = None
-
-    def rec(rest: int, parts: list[int], lo: int) -> None:
-        nonlocal best
-        if len(parts) == k - 1:
-            if rest >= lo:
-                cand = [*parts, rest]
-                if best is None or (max(cand), -min(cand)) < (max(best), -min(best)):
-                    best = cand
-            return
-        f = lo
-        while f ** (k - len(parts)) <= rest:
-            if rest % f == 0:
-                rec(rest // f, [*parts, f], f)
-            f += 1
-
-    rec(n, [], 1)
-    assert best is not None  # n itself with 1s always qualifies
-    return best
-
-
-def factorize_padded(n: int, k: int) -> list[int]:
-    """k balanced integers whose product is the smallest number ≥ n reachable near n^(1/k) (vocab padding).
-
-    Example:
-        >>> factorize_padded(30522, 3)
-        [27, 29, 39]
-    """
-    if n < 1 or k < 1:
-        raise ConfigError(f"cannot factor {n} into {k} factors")
-    if k == 1:
-        return [n]
-    base = max(1, round(n ** (1.0 / k)))
-    span = range(max(1, base - 4), base + 5)
-    best: tuple[int, int, list[int]] | None = None
-
-    def rec(parts: list[int]) -> None:
-        nonlocal best
-        if len(parts) == k - 1:
-            last = -(-n // math.prod(parts))
-            cand = sorted([*parts, last])
-            key = (math.prod(cand), max(cand) - min(cand), cand)
-            if best is None or key < best:
-                best = key
-            return
-        for f in span:
-            rec([*parts, f])
-
-    rec([])
-    assert best is not None
-    return best[2]
-
-
-def max_tt_ranks(vocab_shape: Sequence[int], dim_shape: Sequence[int]) -> list[int]:
-    """The exact (full) TT ranks r_1..r_{k-1}: no larger rank can add anything."""
-    modes = [n * m for n, m in zip(vocab_shape, dim_shape)]
-    return [min(math.prod(modes[: t + 1]), math.prod(modes[t + 1 :])) for t in range(len(modes) - 1)]
-
-
-def tt_num_params(vocab_shape: Sequence[int], dim_shape: Sequence[int], ranks: Sequence[int]) -> int:
-    """Parameters of the cores: Σ_t r_{t-1}·n_t·m_t·r_t."""
-    r = [1, *ranks, 1]
-    return sum(r[t] * n * m * r[t + 1] for t, (n, m) in enumerate(zip(vocab_shape, dim_shape)))
-
-
-def resolve_tt_shapes(
-    num_embeddings: int,
-    embedding_dim: int,
-    tt_rank: int | Sequence[int],
-    *,
-    num_cores: int = 3,
-    vocab_shape: Sequence[int] | None = None,
-    dim_shape: Sequence[int] | None = None,
-) -> tuple[list[int], list[int], list[int]]:
-    """Validate/choose (vocab_shape, dim_shape, ranks); ranks above the exact TT ranks are clamped to them."""
-    if isinstance(num_cores, bool) or not isinstance(num_cores, int) or num_cores < 2:
-        raise ConfigError(f"num_cores must be an integer >= 2, got {num_cores!r}")
-    if vocab_shape is None:
-        vocab_shape = factorize_padded(num_embeddings, num_cores)
-    if dim_shape is None:
-        dim_shape = factorize_exact(embedding_dim, len(vocab_shape))
-    vocab_shape, dim_shape = [int(v) for v in vocab_shape], [int(v) for v in dim_shape]
-    if len(vocab_shape) != len(dim_shape) or len(vocab_shape) < 2:
-        raise ConfigError(
-            f"vocab_shape and dim_shape must have the same length >= 2, got {vocab_shape} and {dim_shape}"
-        )
-    if min(vocab_shape) < 1 or min(dim_shape) < 1:
-        raise ConfigError(f"vocab_shape and dim_shape must be positive, got {vocab_shape} and {dim_shape}")
-    if math.prod(vocab_shape) < num_embeddings:
-        raise ConfigError(
-            f"vocab_shape {vocab_shape} covers {math.prod(vocab_shape)} rows < num_embeddings={num_embeddings}"
-        )
-    if math.prod(dim_shape) != embedding_dim:
-        raise ConfigError(f"dim_shape {dim_shape} multiplies to {math.prod(dim_shape)}, not embedding_dim={embedding_dim}")
-    k = len(vocab_shape)
-    if isinstance(tt_rank, (int,)) and not isinstance(tt_rank, bool):
-        ranks = [tt_rank] * (k - 1)
-    elif isinstance(tt_rank, (list, tuple)) and len(tt_rank) == k - 1:
-        ranks = list(tt_rank)
-    else:
-        raise ConfigError(f"tt_rank must be a positive integer or a list of {k - 1} of them, got {tt_rank!r}")
-    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
-        raise ConfigError(f"tt_rank must be >= 1, got {tt_rank!r}")
-    ranks = [min(r, top) for r, top in zip(ranks, max_tt_ranks(vocab_shape, dim_shape))]
-    return vocab_shape, dim_shape, ranks
 
 
 def unique_ids(ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +43,8 @@ def unique_ids(ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tenso
     return uniq, pos.index_select(0, ids)
 
 
-@register_layer("tt")
-class TTEmbedding(nn.Module):
+@register_format("tt", factors=TTFactors)
+class TTEmbedding(RowFormat):
     """A drop-in nn.Embedding stored as a tensor train; the forward contracts only the requested rows.
 
     Args:
@@ -198,7 +82,7 @@ class TTEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx)
+        padding_idx = check_format_args(num_embeddings, embedding_dim, padding_idx)
         self.vocab_shape, self.dim_shape, self.tt_ranks = resolve_tt_shapes(
             num_embeddings, embedding_dim, tt_rank, num_cores=num_cores, vocab_shape=vocab_shape, dim_shape=dim_shape
         )
@@ -316,9 +200,7 @@ class TTEmbedding(nn.Module):
         keep = (ids != self.padding_idx).unsqueeze(-1)
         return rows * keep.to(rows.dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_token_ids(input, self.num_embeddings)
-        flat = input.reshape(-1).long()
+    def gather(self, flat: torch.Tensor) -> torch.Tensor:
         uniq, inverse = unique_ids(flat, self.num_embeddings)
         prefix, parent = self._prefixes(uniq)
         digit = uniq % self.vocab_shape[-1]
@@ -334,15 +216,10 @@ class TTEmbedding(nn.Module):
         else:
             rows = self._mask_padding(self._last_level(prefix, parent, digit), uniq)
             out = rows.index_select(0, inverse)
-        return out.reshape(*input.shape, self.embedding_dim)
+        return out
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of the table for a 1-D tensor of ids (any order, repeats allowed)."""
-        return self.forward(ids.reshape(-1))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense (vocab × d) table, materialized on each read (costs vocab × d memory)."""
+    def dense(self) -> torch.Tensor:
+        """The dense (vocab × d) table (costs vocab × d memory)."""
         return self.materialize()
 
     def materialize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -367,7 +244,7 @@ class TTEmbedding(nn.Module):
             emb.weight.copy_(self.materialize())
         return emb
 
-    def layer_config(self) -> dict[str, Any]:
+    def format_config(self) -> dict[str, Any]:
         return {
             "tt_rank": list(self.tt_ranks),
             "vocab_shape": list(self.vocab_shape),
@@ -394,6 +271,13 @@ class TTEmbedding(nn.Module):
             num_embeddings, embedding_dim, list(tt_rank) if not isinstance(tt_rank, int) else tt_rank, padding_idx,
             vocab_shape=vocab_shape, dim_shape=dim_shape, zero_padding_row=zero_padding_row, device=device, dtype=dtype,
         )
+
+    @classmethod
+    def from_factors(
+        cls, f: TTFactors, padding_idx: int | None = None, *, zero_padding_row: bool = True, **_: Any
+    ) -> TTEmbedding:
+        """The layer holding a TT decomposition's cores (``sparse`` and ``copy`` do not apply: cores are copied)."""
+        return cls.from_cores(f.cores, f.shape[0], padding_idx, zero_padding_row=zero_padding_row)
 
     @classmethod
     def from_cores(
@@ -423,19 +307,19 @@ class TTEmbedding(nn.Module):
     def from_embedding(
         cls, embedding: nn.Embedding, tt_rank: int | Sequence[int], *, num_cores: int = 3, **shapes: Any
     ) -> TTEmbedding:
-        """TT-SVD of a trained nn.Embedding (see :func:`embfactor.decompose.tt.tt_svd`).
+        """TT-SVD of a trained nn.Embedding (see :func:`embfactor.decomposition.tt.tt_svd`).
 
         Example:
             >>> TTEmbedding.from_embedding(nn.Embedding(100, 16), tt_rank=4).tt_ranks
             [4, 4]
         """
-        from embfactor.decompose.tt import tt_svd
+        from embfactor.decomposition.tt import tt_svd
 
         E = embedding.weight.detach()
         f = tt_svd(E, tt_rank, num_cores=num_cores, **shapes)
         pad = embedding.padding_idx
         pad_is_zero = pad is None or not bool(E[pad].any())
-        return f.to_module(pad, zero_padding_row=pad_is_zero)
+        return cls.from_factors(f, pad, zero_padding_row=pad_is_zero)
 
     def extra_repr(self) -> str:
         s = (

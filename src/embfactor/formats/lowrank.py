@@ -8,24 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embfactor.errors import ConfigError, InvalidTypeError, TokenIndexError
-from embfactor.layers.registry import check_layer_args, is_factorized_layer, register_layer
+from embfactor.decomposition.factors import Factors
+from embfactor.errors import InvalidTypeError
+from embfactor.formats.base import RowFormat, check_format_args, register_format
 
 
-def check_token_ids(ids: torch.Tensor, vocab: int) -> None:
-    """Raise TokenIndexError naming the first id outside [0, vocab)."""
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise InvalidTypeError(f"token ids must be an integer tensor (LongTensor), got dtype {ids.dtype}")
-    if ids.numel() == 0:
-        return
-    lo, hi = torch.aminmax(ids)
-    if int(lo) < 0 or int(hi) >= vocab:
-        bad = int(lo) if int(lo) < 0 else int(hi)
-        raise TokenIndexError(f"token id {bad} is out of range for a vocabulary of {vocab} (valid ids: 0..{vocab - 1})")
-
-
-@register_layer("factorized")
-class FactorizedEmbedding(nn.Module):
+@register_format("factorized", factors=Factors)
+class FactorizedEmbedding(RowFormat):
     """An embedding table E = U·V (U: vocab × r, V: r × d) that never builds the vocab × d table.
 
     Forward gathers the rows of U for the ids, then multiplies by V: ``F.embedding(x, U) @ V``, which costs
@@ -58,7 +47,7 @@ class FactorizedEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx, rank=rank)
+        padding_idx = check_format_args(num_embeddings, embedding_dim, padding_idx, rank=rank)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.rank = rank
@@ -82,15 +71,10 @@ class FactorizedEmbedding(nn.Module):
             with torch.no_grad():
                 self.U[self.padding_idx].zero_()
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_token_ids(input, self.num_embeddings)
-        # Gather r-wide rows of U for the flattened ids, then one 2-D GEMM with V: no batched-matmul dispatch
-        # and no int64 copy of ids that already are int64 (benchmarks/runtime.py measures this path).
-        flat = input.reshape(-1)
-        if flat.dtype != torch.long:
-            flat = flat.long()
-        rows = F.embedding(flat, self.U, self.padding_idx, sparse=self.sparse)
-        return torch.mm(rows, self.V).view(*input.shape, self.embedding_dim)
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        # Gather r-wide rows of U, then one 2-D GEMM with V (benchmarks/runtime.py measures this path); the
+        # padding row gets no gradient, as in nn.Embedding.
+        return torch.mm(F.embedding(ids, self.U, self.padding_idx, sparse=self.sparse), self.V)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -111,7 +95,13 @@ class FactorizedEmbedding(nn.Module):
         """hidden · (U·V)ᵀ computed as (hidden·Vᵀ)·Uᵀ: r·(d + vocab) multiply-adds per row instead of d·vocab."""
         return F.linear(F.linear(hidden, self.V), self.U)
 
-    def layer_config(self) -> dict[str, Any]:
+    def num_bytes(self) -> int:
+        return self.U.numel() * self.U.element_size() + self.V.numel() * self.V.element_size()
+
+    def dense(self) -> torch.Tensor:
+        return self.U @ self.V
+
+    def format_config(self) -> dict[str, Any]:
         return {"rank": self.rank, "sparse": self.sparse}
 
     @classmethod
@@ -124,6 +114,19 @@ class FactorizedEmbedding(nn.Module):
 
     @classmethod
     def from_factors(
+        cls,
+        f: Factors,
+        padding_idx: int | None = None,
+        *,
+        sparse: bool = False,
+        zero_padding_row: bool = True,
+        copy: bool = True,
+    ) -> FactorizedEmbedding:
+        """The layer holding a decomposition's U and V (see :meth:`from_tensors` for the keywords)."""
+        return cls.from_tensors(f.U, f.V, padding_idx, sparse=sparse, zero_padding_row=zero_padding_row, copy=copy)
+
+    @classmethod
+    def from_tensors(
         cls,
         U: torch.Tensor,
         V: torch.Tensor,
@@ -162,7 +165,7 @@ class FactorizedEmbedding(nn.Module):
         progress: bool = False,
         **options: Any,
     ) -> FactorizedEmbedding:
-        """Factorize a trained nn.Embedding (see :func:`embfactor.decompose.decompose` for the arguments).
+        """Factorize a trained nn.Embedding (see :func:`embfactor.decomposition.decompose` for the arguments).
 
         A padding row that is zero in the original stays exactly zero; a non-zero one keeps its approximation.
 
@@ -170,7 +173,7 @@ class FactorizedEmbedding(nn.Module):
             >>> FactorizedEmbedding.from_embedding(nn.Embedding(100, 16), rank=4).rank
             4
         """
-        from embfactor.decompose import decompose
+        from embfactor.decomposition import decompose  # the decompositions package is loaded on first use only
 
         if not isinstance(embedding, nn.Embedding):
             raise InvalidTypeError(f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
@@ -187,7 +190,7 @@ class FactorizedEmbedding(nn.Module):
         )
         pad = embedding.padding_idx
         pad_is_zero = pad is None or not bool(embedding.weight[pad].any())
-        emb = cls.from_factors(f.U, f.V, pad, sparse=embedding.sparse, zero_padding_row=pad_is_zero, copy=False)
+        emb = cls.from_factors(f, pad, sparse=embedding.sparse, zero_padding_row=pad_is_zero, copy=False)
         emb.factors_meta = {"method": f.method, **f.meta}
         return emb
 
@@ -210,71 +213,6 @@ class FactorizedEmbedding(nn.Module):
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
         return s + (", sparse=True" if self.sparse else "")
-
-
-class FactorizedLMHead(nn.Module):
-    """Output projection tied to a factorized embedding: logits = (h·Vᵀ)·Uᵀ (+ bias).
-
-    The head holds *no parameters of its own* besides the optional bias: it calls ``project`` of the embedding
-    it is tied to, so both always use the same tensors and a state dict lists them once. With a
-    FactorizedEmbedding this costs r·(d + vocab) multiply-adds per token instead of d·vocab. Any registered
-    embedding layer type (block-wise, quantized, tensor-train) can be tied the same way.
-
-    Example:
-        >>> emb = FactorizedEmbedding(1000, 64, rank=16)
-        >>> head = FactorizedLMHead(emb)
-        >>> head(torch.randn(2, 64)).shape
-        torch.Size([2, 1000])
-        >>> head.U is emb.U
-        True
-    """
-
-    def __init__(self, embedding: nn.Module, bias: torch.Tensor | nn.Parameter | None = None) -> None:
-        super().__init__()
-        if not is_factorized_layer(embedding):
-            raise InvalidTypeError(
-                f"FactorizedLMHead ties to a FactorizedEmbedding (or another embfactor layer), got {type(embedding).__name__}"
-            )
-        # Stored outside the module tree (a plain tuple), so the factors are not registered twice.
-        self._tied = (embedding,)
-        if bias is not None:
-            if bias.shape != (embedding.num_embeddings,):
-                raise ConfigError(f"bias must have shape ({embedding.num_embeddings},), got {tuple(bias.shape)}")
-            bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
-        self.bias = bias
-
-    @property
-    def embedding(self) -> nn.Module:
-        return self._tied[0]
-
-    @property
-    def U(self) -> nn.Parameter:
-        return self.embedding.U
-
-    @property
-    def V(self) -> nn.Parameter:
-        return self.embedding.V
-
-    @property
-    def in_features(self) -> int:
-        return self.embedding.embedding_dim
-
-    @property
-    def out_features(self) -> int:
-        return self.embedding.num_embeddings
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense (vocab × d) weight, materialized on read."""
-        return self.embedding.weight
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.embedding.project(hidden)
-        return logits + self.bias if self.bias is not None else logits
-
-    def extra_repr(self) -> str:
-        e = self.embedding
-        return f"in_features={e.embedding_dim}, out_features={e.num_embeddings}, tied to {type(e).__name__}, bias={self.bias is not None}"
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype, copy: bool) -> torch.Tensor:

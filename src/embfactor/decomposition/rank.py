@@ -3,11 +3,50 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from embfactor.config import validate_target
 from embfactor.errors import ConfigError, InvalidInputError
+
+_TARGETS = ("rank", "ratio", "energy", "max_error")
+
+
+def validate_target(
+    rank: int | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+) -> None:
+    """Check that exactly one rank target is given and that it is in range.
+
+    The upper bound of ``rank`` depends on the matrix and is checked by :func:`resolve_rank`.
+
+    Raises:
+        ConfigError: none or several targets, or a value outside its allowed range.
+    """
+    given = {k: v for k, v in zip(_TARGETS, (rank, ratio, energy, max_error)) if v is not None}
+    if len(given) != 1:
+        raise ConfigError(
+            f"give exactly one of rank=, ratio=, energy=, max_error= (got {', '.join(given) or 'none'})"
+        )
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise ConfigError(f"rank must be an integer >= 1, got {rank!r}")
+        if rank <= 0:
+            raise ConfigError(f"rank must be >= 1 and < min(vocab, d), got rank={rank}")
+    if ratio is not None and not (_is_number(ratio) and ratio > 1 and math.isfinite(ratio)):
+        raise ConfigError(f"ratio must be a finite number > 1 (embedding params before/after), got ratio={ratio!r}")
+    if energy is not None and not (_is_number(energy) and 0 < energy <= 1):
+        raise ConfigError(f"energy must be in (0, 1] (share of the squared spectrum kept), got energy={energy!r}")
+    if max_error is not None and not (_is_number(max_error) and 0 < max_error < 1):
+        raise ConfigError(
+            f"max_error must be in (0, 1) (relative Frobenius error ||E-UV||/||E||), got max_error={max_error!r}"
+        )
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def max_rank(vocab: int, d: int) -> int:

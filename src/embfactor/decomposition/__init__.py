@@ -1,4 +1,6 @@
-"""Decompositions of a trained embedding matrix E ≈ U·V, registered by name.
+"""Decompositions of a trained embedding matrix E ≈ U·V, registered by name: pure tensor maths, no nn.Module.
+
+``embfactor.decomposition`` is the package; ``embfactor.decompose`` (this package's :func:`decompose`) the function.
 
 Example:
     >>> import torch, embfactor as ef
@@ -14,13 +16,12 @@ from typing import Any
 
 import torch
 
-from embfactor.decompose import als, gd, rsvd, svd  # noqa: F401 - registers the built-in methods
-from embfactor.decompose import tt  # noqa: F401 - registers tt (tensor train, TT-SVD)
-from embfactor.decompose import blockwise, weighted  # noqa: F401 - registers wsvd and block (data-aware)
-from embfactor.decompose._common import as_matrix, optimal_relative_error, spectrum, working_dtype
-from embfactor.decompose.factors import Factors, relative_error
-from embfactor.decompose.rank import max_rank, rank_for_ratio, resolve_rank
-from embfactor.decompose.registry import available_methods, get_method, method_infos, register_method
+# each module registers the method it is named after
+from embfactor.decomposition import als, block, eig, gd, rsvd, svd, tt, wsvd  # noqa: F401
+from embfactor.decomposition._common import as_matrix, optimal_relative_error, spectrum, working_dtype
+from embfactor.decomposition.factors import Factors, relative_error
+from embfactor.decomposition.rank import max_rank, rank_for_ratio, resolve_rank, validate_target
+from embfactor.decomposition.registry import available_methods, get_method, method_infos, register_method
 
 __all__ = [
     "Factors",
@@ -36,6 +37,7 @@ __all__ = [
     "relative_error",
     "resolve_rank",
     "spectrum",
+    "validate_target",
 ]
 
 
@@ -107,13 +109,3 @@ def decompose(
     if f.U.dtype != E.dtype:
         f = f.to(E.dtype)
     return f
-
-
-class _CallableModule(type(__import__("sys"))):
-    """Lets ``embfactor.decompose`` be both this package and the function: ``ef.decompose(E, rank=8)``."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Factors:
-        return decompose(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule

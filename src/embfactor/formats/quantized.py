@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embfactor.errors import ConfigError, InvalidTypeError
-from embfactor.layers.embedding import check_token_ids
-from embfactor.layers.registry import check_layer_args, register_layer
+from embfactor.formats.base import RowFormat, check_format_args, register_format
 from embfactor.quant import BITS, dequantize_rows, quantize_rows
 
 _PROJECT_CHUNK = 16384
@@ -34,8 +33,8 @@ def _packed_cols(cols: int, bits: int) -> int:
     return cols if bits == 8 else (cols + 1) // 2
 
 
-@register_layer("quantized")
-class QuantizedFactorizedEmbedding(nn.Module):
+@register_format("quantized")
+class QuantizedFactorizedEmbedding(RowFormat):
     """A factorized embedding U·V whose factors are stored as per-row symmetric integers (int8 or packed int4).
 
     Storage: U_q (vocab × r int8, or vocab × ⌈r/2⌉ uint8 for int4), U_scale (vocab float32), V_q, V_scale (per row
@@ -50,7 +49,7 @@ class QuantizedFactorizedEmbedding(nn.Module):
     Example:
         >>> from embfactor.layers import FactorizedEmbedding
         >>> q = QuantizedFactorizedEmbedding.from_factorized(FactorizedEmbedding(1000, 64, rank=16), bits=8)
-        >>> q(torch.tensor([[1, 2, 3]])).shape, q.storage_bytes
+        >>> q(torch.tensor([[1, 2, 3]])).shape, q.num_bytes()
         (torch.Size([1, 3, 64]), 21088)
     """
 
@@ -66,7 +65,7 @@ class QuantizedFactorizedEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        padding_idx = check_layer_args(num_embeddings, embedding_dim, padding_idx, rank=rank)
+        padding_idx = check_format_args(num_embeddings, embedding_dim, padding_idx, rank=rank)
         self.bits = parse_bits(bits)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -82,6 +81,15 @@ class QuantizedFactorizedEmbedding(nn.Module):
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_factors(
+        cls, f: Any, padding_idx: int | None = None, *, bits: int | str = 8, dtype: torch.dtype | None = None,
+        **_: Any,
+    ) -> QuantizedFactorizedEmbedding:
+        """Quantize a decomposition's U and V (the shared keywords ``zero_padding_row``/``copy``/``sparse`` do
+        not apply: a zero padding row of U stays exactly zero, and integers are always a new tensor)."""
+        return cls.from_tensors(f.U, f.V, padding_idx, bits=bits, dtype=dtype)
+
+    @classmethod
+    def from_tensors(
         cls, U: torch.Tensor, V: torch.Tensor, padding_idx: int | None = None, *, bits: int | str = 8,
         dtype: torch.dtype | None = None,
     ) -> QuantizedFactorizedEmbedding:
@@ -103,13 +111,13 @@ class QuantizedFactorizedEmbedding(nn.Module):
     @classmethod
     def from_factorized(cls, layer: nn.Module, bits: int | str = 8) -> QuantizedFactorizedEmbedding:
         """Quantize a FactorizedEmbedding (its U and V)."""
-        from embfactor.layers.embedding import FactorizedEmbedding
+        from embfactor.formats.lowrank import FactorizedEmbedding
 
         if not isinstance(layer, FactorizedEmbedding):
             raise InvalidTypeError(
                 f"only a FactorizedEmbedding (U·V) can be quantized this way, got {type(layer).__name__}"
             )
-        return cls.from_factors(layer.U.detach(), layer.V.detach(), layer.padding_idx, bits=bits, dtype=layer.U.dtype)
+        return cls.from_tensors(layer.U.detach(), layer.V.detach(), layer.padding_idx, bits=bits, dtype=layer.U.dtype)
 
     @classmethod
     def empty(
@@ -119,7 +127,7 @@ class QuantizedFactorizedEmbedding(nn.Module):
         """Right shapes, values to be loaded (used when rebuilding a saved model)."""
         return cls(num_embeddings, embedding_dim, rank, padding_idx, bits=bits, device=device, dtype=dtype)
 
-    def layer_config(self) -> dict[str, Any]:
+    def format_config(self) -> dict[str, Any]:
         return {"rank": self.rank, "bits": self.bits}
 
     # --- dequantization -----------------------------------------------------------------------------------
@@ -132,14 +140,12 @@ class QuantizedFactorizedEmbedding(nn.Module):
         sl = slice(start, stop)
         return dequantize_rows(self.U_q[sl], self.U_scale[sl], bits=self.bits, cols=self.rank)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_token_ids(input, self.num_embeddings)
-        flat = input.reshape(-1).long()
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        # only the asked rows of U are dequantized; V (r × d) is small and rebuilt on each call
         rows = dequantize_rows(
-            self.U_q.index_select(0, flat), self.U_scale.index_select(0, flat), bits=self.bits, cols=self.rank
+            self.U_q.index_select(0, ids), self.U_scale.index_select(0, ids), bits=self.bits, cols=self.rank
         )
-        out = rows @ self.dequantized_V()
-        return out.to(self.out_dtype).reshape(*input.shape, self.embedding_dim)
+        return (rows @ self.dequantized_V()).to(self.out_dtype)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden · (U·V)ᵀ = (hidden·Vᵀ)·Uᵀ, with U dequantized a chunk of rows at a time."""
@@ -150,16 +156,15 @@ class QuantizedFactorizedEmbedding(nn.Module):
         ]
         return torch.cat(outs, dim=-1).to(hidden.dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense dequantized table U·V (materialized on each read)."""
+    def dense(self) -> torch.Tensor:
+        """The dense dequantized table U·V."""
         return (self.dequantized_U() @ self.dequantized_V()).to(self.out_dtype)
 
     def to_factorized(self):
         """A trainable FactorizedEmbedding holding the dequantized factors."""
-        from embfactor.layers.embedding import FactorizedEmbedding
+        from embfactor.formats.lowrank import FactorizedEmbedding
 
-        return FactorizedEmbedding.from_factors(
+        return FactorizedEmbedding.from_tensors(
             self.dequantized_U().to(self.out_dtype), self.dequantized_V().to(self.out_dtype), self.padding_idx,
             zero_padding_row=False,
         )
@@ -170,8 +175,7 @@ class QuantizedFactorizedEmbedding(nn.Module):
         """Logical entries of the factors (vocab·r + r·d), whatever their storage width."""
         return self.num_embeddings * self.rank + self.rank * self.embedding_dim
 
-    @property
-    def storage_bytes(self) -> int:
+    def num_bytes(self) -> int:
         """Bytes of the stored factors: the integers plus the float32 scales."""
         return sum(b.numel() * b.element_size() for b in (self.U_q, self.U_scale, self.V_q, self.V_scale))
 

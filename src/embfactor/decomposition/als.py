@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from embfactor.decompose._common import canonicalize
-from embfactor.decompose.factors import Factors
-from embfactor.decompose.registry import register_method
+from embfactor.decomposition._common import canonicalize
+from embfactor.decomposition.factors import Factors
+from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError
 
 

@@ -62,19 +62,6 @@ class Factors:
     def to(self, dtype: torch.dtype) -> Factors:
         return Factors(self.U.to(dtype), self.V.to(dtype), self.method, self.singular_values, dict(self.meta))
 
-    def to_module(
-        self, padding_idx: int | None = None, *, sparse: bool = False, zero_padding_row: bool = True, copy: bool = True
-    ):
-        """The embedding layer that holds these factors (a FactorizedEmbedding; richer Factors return their own).
-
-        ``copy=False`` lets the layer adopt the factor tensors themselves (for Factors that are about to be dropped).
-        """
-        from embfactor.layers import FactorizedEmbedding
-
-        return FactorizedEmbedding.from_factors(
-            self.U, self.V, padding_idx, sparse=sparse, zero_padding_row=zero_padding_row, copy=copy
-        )
-
     def relative_error(self, E: torch.Tensor) -> float:
         """‖E − U·V‖_F / ‖E‖_F, computed in row blocks so the full product is never held in memory."""
         return relative_error(E, self.U, self.V)

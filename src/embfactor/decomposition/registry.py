@@ -23,7 +23,7 @@ def register_method(name: str, *, description: str = "", data_aware: bool = Fals
     """Register a decomposition ``fn(E, rank, *, seed, progress, **options) -> Factors`` under ``name``.
 
     ``E`` arrives validated (2-D, finite, float32 or float64); the result is cast back to the input dtype by
-    :func:`embfactor.decompose.decompose`.
+    :func:`embfactor.decomposition.decompose`.
 
     Example:
         >>> @register_method("mine")                                   # doctest: +SKIP
@@ -62,4 +62,4 @@ def method_infos() -> list[MethodInfo]:
 
 def _ensure_builtin_methods() -> None:
     # Importing the package registers the built-in methods (svd, rsvd, eig, als, gd and later ones).
-    import embfactor.decompose  # noqa: F401
+    import embfactor.decomposition  # noqa: F401

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from embfactor.decompose._common import GRAM_BLOCK_ROWS, canonicalize
-from embfactor.decompose.factors import Factors
-from embfactor.decompose.registry import register_method
+from embfactor.decomposition._common import GRAM_BLOCK_ROWS, canonicalize
+from embfactor.decomposition.factors import Factors
+from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
 
 _HOW_TO_PASS = (

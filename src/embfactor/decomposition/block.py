@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from embfactor.decompose.factors import Factors
-from embfactor.decompose.registry import register_method
-from embfactor.decompose.weighted import check_token_weights, weighted_error, weighted_gram
+from embfactor.decomposition.factors import Factors
+from embfactor.decomposition.registry import register_method
+from embfactor.decomposition.wsvd import check_token_weights, weighted_error, weighted_gram
 from embfactor.errors import ConfigError
 
 
@@ -27,8 +27,8 @@ class BlockFactors(Factors):
     """Factors of a bucketed embedding: bucket b is U_b (n_b × r_b) · V_b (r_b × d).
 
     ``U``/``V`` hold the equivalent plain factorization (U block-sparse, vocab × Σr_b; V the stacked V_b), so
-    ``reconstruct()`` and ``relative_error()`` work as for any Factors; ``to_module()`` builds the compact
-    :class:`~embfactor.layers.block.BlockFactorizedEmbedding` (Σ r_b·(n_b + d) parameters).
+    ``reconstruct()`` and ``relative_error()`` work as for any Factors; ``embfactor.formats.from_factors`` builds
+    the compact :class:`~embfactor.formats.block.BlockFactorizedEmbedding` (Σ r_b·(n_b + d) parameters).
     """
 
     blocks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -50,19 +50,6 @@ class BlockFactors(Factors):
         return BlockFactors(
             self.U.to(dtype), self.V.to(dtype), self.method, self.singular_values, dict(self.meta),
             blocks=[(U.to(dtype), V.to(dtype)) for U, V in self.blocks], position=self.position,
-        )
-
-    def to_module(
-        self, padding_idx: int | None = None, *, sparse: bool = False, zero_padding_row: bool = True, copy: bool = True
-    ):
-        """A BlockFactorizedEmbedding holding the buckets' factors.
-
-        ``sparse`` is not supported and ignored; the layer always holds its own copies, whatever ``copy`` says.
-        """
-        from embfactor.layers.block import BlockFactorizedEmbedding
-
-        return BlockFactorizedEmbedding.from_blocks(
-            self.blocks, self.position, padding_idx, zero_padding=zero_padding_row
         )
 
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from embfactor.decompose.factors import Factors
-from embfactor.decompose.registry import register_method
+from embfactor.decomposition.factors import Factors
+from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError
 
 LossTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,7 +51,7 @@ def gd(
     gen = torch.Generator().manual_seed(seed)
     scale = float(E.double().pow(2).sum()) or 1.0
     if init == "spectral":
-        from embfactor.decompose.rsvd import rsvd
+        from embfactor.decomposition.rsvd import rsvd
 
         f0 = rsvd(E, rank, seed=seed, power_iters=2, split=split)
         U0, V0 = f0.U, f0.V

@@ -1,0 +1,133 @@
+"""TieredFormat (``tiered``): the rows of a table split into tiers, each tier stored in its own format.
+
+Token ids map to a row of the tier-concatenated order through the ``position`` buffer (a permutation of
+range(vocab)): tier 0 holds positions [0, n_0), tier 1 the next n_1, and so on. Frequent tokens can get a rich
+format and rare ones a cheap one (GroupReduce's buckets, or a codebook for the tail). ``gather`` asks each tier
+for its own rows; ``project`` asks each tier for its logits (each child's ``project``, so no table is built where
+the children do not build one) and puts them in token order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from embfactor.errors import ConfigError, InvalidInputError
+from embfactor.formats.base import RowFormat, check_format_args, get_format, is_row_format, register_format
+
+
+@register_format("tiered")
+class TieredFormat(RowFormat):
+    """A vocab × d table whose rows are split into tiers stored in any formats.
+
+    Args:
+        tiers: one RowFormat per tier (same embedding_dim); their row counts sum to the vocabulary.
+        position: token id → row in the tier-concatenated order (a permutation of range(vocab)); identity if None.
+        padding_idx: this token id embeds to zero (when ``zero_padding``) and gets no gradient.
+        zero_padding: False keeps a pretrained non-zero padding row (its approximation), as nn.Embedding would.
+
+    Example:
+        >>> from embfactor.formats import FactorizedEmbedding, ZeroRows
+        >>> emb = TieredFormat([FactorizedEmbedding(10, 16, rank=8), ZeroRows(90, 16)])
+        >>> emb(torch.tensor([[0, 50]])).shape, emb.num_params, emb.num_bytes()
+        (torch.Size([1, 2, 16]), 208, 1632)
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[RowFormat],
+        position: torch.Tensor | None = None,
+        padding_idx: int | None = None,
+        *,
+        zero_padding: bool = True,
+    ) -> None:
+        super().__init__()
+        if not tiers or not all(is_row_format(t) for t in tiers):
+            raise ConfigError(f"tiers must be a non-empty list of storage formats, got {[type(t).__name__ for t in tiers]}")
+        dims = {t.embedding_dim for t in tiers}
+        if len(dims) != 1:
+            raise ConfigError(f"all tiers must have the same embedding_dim, got {sorted(dims)}")
+        sizes = [t.num_embeddings for t in tiers]
+        vocab, d = sum(sizes), dims.pop()
+        self.padding_idx = check_format_args(vocab, d, padding_idx)
+        self.num_embeddings, self.embedding_dim, self.zero_padding = vocab, d, bool(zero_padding)
+        self.tiers = nn.ModuleList(tiers)
+        device = next((x.device for x in (*self.tiers.parameters(), *self.tiers.buffers())), None)
+        if position is None:
+            position = torch.arange(vocab)
+        position = torch.as_tensor(position, dtype=torch.int64, device=device)
+        if position.shape != (vocab,) or not torch.equal(torch.sort(position.cpu()).values, torch.arange(vocab)):
+            raise InvalidInputError(f"position must be a permutation of range({vocab}) (one row per token id)")
+        self.register_buffer("position", position)
+        self.register_buffer("starts", torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()]), persistent=False)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Rows per tier."""
+        return [t.num_embeddings for t in self.tiers]
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = self.position.index_select(0, ids)
+        out: torch.Tensor | None = None
+        for t, child in enumerate(self.tiers):
+            lo, hi = int(self.starts[t]), int(self.starts[t + 1])
+            sel = ((pos >= lo) & (pos < hi)).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            rows = child.gather(pos.index_select(0, sel) - lo)
+            if out is None:
+                out = rows.new_zeros(ids.shape[0], self.embedding_dim)
+            out = out.index_copy(0, sel, rows.to(out.dtype))  # out of place: autograd reaches every tier
+        if out is None:  # no ids: an empty block of the first tier's dtype
+            return self.tiers[0].gather(ids[:0])
+        return self._mask_padding(out, ids)
+
+    def _mask_padding(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.padding_idx is None or not self.zero_padding:
+            return rows
+        return rows * (ids != self.padding_idx).unsqueeze(-1).to(rows.dtype)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each tier's logits from its own ``project``, concatenated, then put in token order."""
+        parts = [child.project(hidden) for child in self.tiers]
+        logits = torch.cat([p.to(parts[0].dtype) for p in parts], -1).index_select(-1, self.position)
+        if self.padding_idx is not None and self.zero_padding:
+            logits = logits.index_fill(-1, torch.tensor([self.padding_idx], device=logits.device), 0.0)
+        return logits
+
+    @property
+    def num_params(self) -> int:
+        """Entries of the tiers (the index map is bookkeeping; ``num_bytes`` counts it)."""
+        return sum(t.num_params for t in self.tiers)
+
+    def num_bytes(self) -> int:
+        """The tiers' bytes plus the token → row index map."""
+        return sum(t.num_bytes() for t in self.tiers) + self.position.numel() * self.position.element_size()
+
+    def format_config(self) -> dict[str, Any]:
+        tiers = [{"format": t.format_name, "rows": t.num_embeddings, "config": t.format_config()} for t in self.tiers]
+        return {"tiers": tiers, "zero_padding": self.zero_padding}
+
+    @classmethod
+    def empty(
+        cls, num_embeddings: int, embedding_dim: int, padding_idx: int | None, *, tiers: Sequence[dict[str, Any]],
+        zero_padding: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> TieredFormat:
+        """Tiers rebuilt from their saved specs ``{"format", "rows", "config"}``; values and position to be loaded."""
+        children = []
+        for i, spec in enumerate(tiers):
+            if not isinstance(spec, dict) or not {"format", "rows", "config"} <= set(spec):
+                raise ConfigError(f"tier {i} must be a dict with 'format', 'rows' and 'config', got {spec!r}")
+            fmt = get_format(spec["format"])
+            children.append(fmt.empty(spec["rows"], embedding_dim, None, device=device, dtype=dtype, **spec["config"]))
+        emb = cls(children, padding_idx=padding_idx, zero_padding=zero_padding)
+        if emb.num_embeddings != num_embeddings:
+            raise ConfigError(f"the tiers hold {emb.num_embeddings} rows, not num_embeddings={num_embeddings}")
+        return emb
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}, sizes={self.sizes}"
+        return s + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")

@@ -176,8 +176,8 @@ def without_absent_pooler(model: nn.Module, missing: set[str] | list[str]) -> li
 
 def _layer_rank(layer: nn.Module) -> int | None:
     # The rank the stored tensors have (strict loading has checked them against layer_config).
-    if "rank" in getattr(layer, "layer_config", lambda: {})():
-        return int(layer.layer_config()["rank"])
+    if "rank" in getattr(layer, "format_config", lambda: {})():
+        return int(layer.format_config()["rank"])
     return None
 
 

@@ -174,13 +174,6 @@ def without_absent_pooler(model: nn.Module, missing: set[str] | list[str]) -> li
     return sorted(missing)
 
 
-def _layer_rank(layer: nn.Module) -> int | None:
-    # The rank the stored tensors have (strict loading has checked them against layer_config).
-    if "rank" in getattr(layer, "format_config", lambda: {})():
-        return int(layer.format_config()["rank"])
-    return None
-
-
 def load_compressed(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed` and load its weights (strict; safetensors only).
 
@@ -249,7 +242,8 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     except RuntimeError as e:
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
     layer = model.get_submodule(record["embedding_module"])
-    stored_rank = _layer_rank(layer)
+    # strict loading has checked the tensors' shapes against layer_config, so its rank is the stored factors' rank
+    stored_rank = record["layer_config"].get("rank") if isinstance(record["layer_config"], dict) else None
     if stored_rank is not None and stored_rank != record["rank"]:
         raise CorruptFileError(
             f"{directory / MARKER_FILE}: rank {record['rank']} disagrees with the stored factors, which have rank "

@@ -214,9 +214,25 @@ def write_result_files(prefix: str | os.PathLike, data: Any, markdown: str) -> d
     return {"json": str(jp), "markdown": str(mp)}
 
 
+def results_prefix(name: str, quick: bool, output: str | os.PathLike | None = None) -> Path:
+    """Where a suite's results go: ``<output>/bench_<name>`` (``output`` defaults to benchmarks/results).
+
+    A quick run's files are always named ``bench_<name>_quick.*``, whatever the folder: its tiny figures must never
+    replace the committed full results (and ``*_quick.*`` is git-ignored).
+
+    Example:
+        >>> results_prefix("runtime", quick=True, output="/tmp/b").name
+        'bench_runtime_quick'
+    """
+    return Path(output if output is not None else RESULTS_DIR) / f"bench_{name}{'_quick' if quick else ''}"
+
+
 def write_results(name: str, data: dict[str, Any], markdown: str, output: str | os.PathLike | None) -> dict[str, str]:
-    """Write ``bench_<name>.json`` and ``bench_<name>.md`` atomically into ``output``; return their paths."""
-    return write_result_files(Path(output if output is not None else RESULTS_DIR) / f"bench_{name}", data, markdown)
+    """Write ``bench_<name>[_quick].json`` and ``.md`` atomically into ``output``; return their paths.
+
+    ``data["quick"]`` selects the ``_quick`` names (see :func:`results_prefix`).
+    """
+    return write_result_files(results_prefix(name, bool(data.get("quick")), output), data, markdown)
 
 
 def header(title: str, env: dict[str, Any], limits: dict[str, float] | None, command: str) -> str:

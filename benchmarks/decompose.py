@@ -247,7 +247,7 @@ def run(
     progress: bool = True, limits: dict[str, float] | None = None, isolate: bool | None = None,
     only_shapes: list[str] | None = None, only_methods: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the decomposition suite; write ``bench_decompose.json``/``.md``; return the data.
+    """Run the decomposition suite; write ``bench_decompose.json``/``.md`` (``bench_decompose_quick.*`` when quick); return the data.
 
     Args:
         quick: two small synthetic shapes (seconds), for CI.

@@ -91,12 +91,13 @@ class RssSampler(threading.Thread):
             self.stop.wait(self.period)
 
 
-def make_requests(n: int, texts: list[str], seed: int = 0) -> list[dict[str, Any]]:
-    """A seeded mix: ~60% valid (/embed batches, /info, /health), ~40% invalid of many kinds."""
-    rng = random.Random(seed)
-    long_text = " ".join(rng.choice(texts) for _ in range(60))  # far over MAX_TOKENS tokens
+def invalid_requests(long_text: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """Every kind of bad request the load test sends: (label, method, path, httpx keyword arguments).
+
+    ``{"chunked": n}`` stands for an n-byte body sent without Content-Length (see :func:`chunks`).
+    """
     as_json = {"content-type": "application/json"}
-    invalid = [
+    return [
         ("empty texts", "POST", "/embed", {"json": {"texts": []}}),
         ("too many texts", "POST", "/embed", {"json": {"texts": ["a text"] * (MAX_TEXTS + 1)}}),
         ("text over token limit", "POST", "/embed", {"json": {"texts": [long_text]}}),
@@ -109,11 +110,23 @@ def make_requests(n: int, texts: list[str], seed: int = 0) -> list[dict[str, Any
         ("invalid UTF-8", "POST", "/embed", {"content": b"\xff\xfe\xfd", "headers": as_json}),
         ("body not an object", "POST", "/embed", {"json": [1, 2, 3]}),
         ("body too large", "POST", "/embed", {"content": b"x" * 2_100_000, "headers": as_json}),
+        ("chunked body too large", "POST", "/embed", {"chunked": 2_100_000, "headers": as_json}),
+        ("NaN as text", "POST", "/embed", {"content": b'{"texts": [NaN]}', "headers": as_json}),
+        ("lone surrogate", "POST", "/embed", {"content": b'{"texts": ["\\ud800"]}', "headers": as_json}),
+        ("Infinity as normalize", "POST", "/embed", {"content": b'{"texts": ["a"], "normalize": Infinity}',
+                                                     "headers": as_json}),
         ("wrong endpoint kind", "POST", "/generate", {"json": {"prompt": "hello", "max_new_tokens": 4}}),
         ("wrong endpoint kind", "POST", "/score", {"json": {"texts": ["hello there"]}}),
         ("wrong method", "GET", "/embed", {}),
         ("unknown path", "POST", "/v1/embeddings", {"json": {"input": ["a"]}}),
     ]
+
+
+def make_requests(n: int, texts: list[str], seed: int = 0) -> list[dict[str, Any]]:
+    """A seeded mix: ~60% valid (/embed batches, /info, /health), ~40% invalid of many kinds."""
+    rng = random.Random(seed)
+    long_text = " ".join(rng.choice(texts) for _ in range(60))  # far over MAX_TOKENS tokens
+    invalid = invalid_requests(long_text)
     # Warm-up: the run starts with the largest requests the limits allow (MAX_TEXTS of the longest texts), so the
     # allocator has seen the peak shapes inside the warm-up window; later growth would then be a leak.
     longest = sorted(texts, key=len)[-4 * MAX_TEXTS:]
@@ -137,6 +150,12 @@ def make_requests(n: int, texts: list[str], seed: int = 0) -> list[dict[str, Any
     return reqs
 
 
+async def chunks(total: int, size: int = 65536) -> Any:
+    """``total`` bytes in pieces: httpx sends an async iterable with Transfer-Encoding: chunked."""
+    for start in range(0, total, size):
+        yield b"x" * min(size, total - start)
+
+
 async def fire(base: str, reqs: list[dict[str, Any]], concurrency: int, sampler: RssSampler) -> list[dict[str, Any]]:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(reqs)):
@@ -153,6 +172,8 @@ async def fire(base: str, reqs: list[dict[str, Any]], concurrency: int, sampler:
                     return
                 r = reqs[i]
                 kw = {k: r[k] for k in ("json", "content", "headers") if k in r}
+                if "chunked" in r:  # a body without Content-Length: the server must stop reading at its limit
+                    kw["content"] = chunks(r["chunked"])
                 t0 = time.perf_counter()
                 try:
                     resp = await client.request(r["method"], r["path"], **kw)

@@ -82,7 +82,7 @@ def _tiny_model_dir(folder: Path) -> Path:
 
 def run(*, quick: bool = False, output: str | Path | None = None, progress: bool = True,
         timeout: float = 600.0, models: list[str] | None = None) -> dict[str, Any]:
-    """Run the memory suite; write ``bench_memory.json``/``.md``; return the data.
+    """Run the memory suite; write ``bench_memory.json``/``.md`` (``bench_memory_quick.*`` when quick); return the data.
 
     Args:
         models: a subset of the bundled models (default: all of :data:`FULL_MODELS`).

@@ -157,7 +157,7 @@ def bench_generation(*, quick: bool, new_tokens: int = 32) -> list[dict[str, Any
 
 
 def run(*, quick: bool = False, output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the runtime suite; write ``bench_runtime.json``/``.md``; return the data.
+    """Run the runtime suite; write ``bench_runtime.json``/``.md`` (``bench_runtime_quick.*`` when quick); return the data.
 
     Timings are CPU time with torch on one thread (restored afterwards): on a shared machine wall-clock times of
     millisecond kernels were dominated by thread synchronization waiting for a core, not by the kernels.

@@ -22,7 +22,7 @@ METHODS = {f"ef-{m}" for m in decompose_bench.EF_METHODS} | set(decompose_bench.
 def test_bench_cli_quick_decompose_writes_json_and_markdown(tmp_path, capsys):
     assert main(["bench", "--quick", "--suite", "decompose", "--output", str(tmp_path), "--quiet",
                  "--json", str(tmp_path / "all.json")]) == 0
-    data = json.loads((tmp_path / "bench_decompose.json").read_text())
+    data = json.loads((tmp_path / "bench_decompose_quick.json").read_text())
     assert data["suite"] == "decompose" and data["quick"] is True
     limits = {"copy_bandwidth_gbs", "gemm_fp32_gflops", "gemm_fp64_gflops", "gemm_bf16_gflops"}
     assert limits <= set(data["machine_limits"])
@@ -37,11 +37,12 @@ def test_bench_cli_quick_decompose_writes_json_and_markdown(tmp_path, capsys):
         assert "speedup_vs_sklearn" in c
     exact = [c for c in cases if c["method"] in ("ef-eig", "ef-svd")]
     assert all(c["excess_error"] < 1e-4 for c in exact)
-    md = (tmp_path / "bench_decompose.md").read_text()
+    md = (tmp_path / "bench_decompose_quick.md").read_text()
     assert "| method | rank | seconds | vs sklearn | x bound |" in md
     assert md.count("| ef-eig |") == 3
     assert "decompose" in json.loads((tmp_path / "all.json").read_text())
-    assert "bench_decompose.md" in capsys.readouterr().out
+    assert "bench_decompose_quick.md" in capsys.readouterr().out
+    assert not (tmp_path / "bench_decompose.json").exists()
 
 
 def test_runtime_quick_structure(tmp_path):
@@ -65,9 +66,33 @@ def test_runtime_quick_structure(tmp_path):
     assert h["ideal_speedup"] == pytest.approx(h["vocab"] * h["d"] / (h["rank"] * (h["vocab"] + h["d"])))
     assert {g["head"].split()[0] for g in data["generation"]} == {"dense", "factorized"}
     assert all(g["tokens_per_s"] > 0 for g in data["generation"])
-    md = (tmp_path / "bench_runtime.md").read_text()
+    md = (tmp_path / "bench_runtime_quick.md").read_text()
     assert "### LM head logits" in md and "### Greedy generation" in md and "### Embedding lookup" in md
-    assert json.loads((tmp_path / "bench_runtime.json").read_text())["suite"] == "runtime"
+    assert json.loads((tmp_path / "bench_runtime_quick.json").read_text())["suite"] == "runtime"
+
+
+def test_quick_bench_never_overwrites_committed_results(tmp_path, monkeypatch, capsys):
+    """`embfactor bench --quick` with the default output writes bench_*_quick.*, beside the committed full results."""
+    results = tmp_path / "results"
+    results.mkdir()
+    committed = {}
+    for suite in SUITES:
+        for ext in ("json", "md"):
+            path = results / f"bench_{suite}.{ext}"
+            path.write_text(f"committed full {suite} results\n")
+            committed[path] = path.read_bytes()
+    monkeypatch.setattr(common, "RESULTS_DIR", results)  # the checkout's benchmarks/results, as a copy
+    assert main(["bench", "--quick", "--suite", "decompose", "--quiet"]) == 0
+    assert {p: p.read_bytes() for p in committed} == committed
+    assert json.loads((results / "bench_decompose_quick.json").read_text())["quick"] is True
+    assert str(results / "bench_decompose_quick.md") in capsys.readouterr().out
+    # the one writer every suite uses names quick data *_quick, whatever the folder; full runs keep their names
+    for suite in SUITES:
+        files = common.write_results(suite, {"quick": True}, "x", results)
+        assert files == {"json": str(results / f"bench_{suite}_quick.json"),
+                         "markdown": str(results / f"bench_{suite}_quick.md")}
+        assert common.write_results(suite, {"quick": False}, "x", tmp_path)["json"] == str(tmp_path / f"bench_{suite}.json")
+    assert {p: p.read_bytes() for p in committed} == committed
 
 
 def test_memory_measurement_counts_child_peak_rss():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import socket
 import threading
 import time
@@ -49,7 +52,8 @@ def encoder_lm(tmp_path_factory) -> LoadedModel:
     vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
     (root / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(root / "bert" / "vocab.txt")).save_pretrained(root / "bert")
-    assert main(["compress", str(root / "bert"), "--rank", "8", "--output", str(root / "enc-r8"), "-q"]) == 0
+    assert main(["compress", str(root / "bert"), "--rank", "8", "--output", str(root / "enc-r8"), "-q",
+                 "--json", str(root / "enc-r8.json")]) == 0
     return load_model(root / "enc-r8")
 
 
@@ -83,6 +87,11 @@ def test_health_info_and_docs(enc, encoder_lm):
     assert info["params_before"] - info["params_after"] == VOCAB * 32 - 8 * (VOCAB + 32)
     assert info["bytes_after"] == (encoder_lm.source / "model.safetensors").stat().st_size
     assert info["bytes_after"] < info["bytes_before"]
+    # /info and compress --json state the same sizes (they disagreed by the source file's safetensors header)
+    report = json.loads(encoder_lm.source.with_suffix(".json").read_text())
+    source_file = encoder_lm.source.parent / "bert" / "model.safetensors"
+    assert info["bytes_before"] == report["bytes_before"] == source_file.stat().st_size
+    assert info["bytes_after"] == report["bytes_after"]
     assert enc.get("/docs").status_code == 200
     assert "/embed" in enc.get("/openapi.json").json()["paths"]
 
@@ -157,6 +166,58 @@ def test_malformed_bodies_are_4xx(enc, dec):
     assert big.status_code == 413 and "max_body_bytes" in big.text
     assert enc.get("/embed").status_code == 405
     assert enc.post("/nope", json={}).status_code == 404
+
+
+SCHEMA_MESSAGES = ("less than or equal to", "greater than or equal to", "valid string")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"texts": [NaN]}', "NaN is not a JSON value"),
+        (b'{"texts": ["\\ud800"]}', "body.texts[0] contains a lone UTF-16 surrogate (\\ud800"),
+        (b'{"texts": ["ok", "a\\udc00b"]}', "body.texts[1] contains a lone UTF-16 surrogate (\\udc00 at character 1)"),
+        (b'{"prompt": "\\udfff"}', "body.prompt contains a lone UTF-16 surrogate"),
+        (b'{"texts": ["a"], "normalize": Infinity}', "Infinity is not a JSON value"),
+        (b'{"prompt": "the", "temperature": -Infinity}', "-Infinity is not a JSON value"),
+        (b'{"prompt": "the", "seed": 1e400}', "1e400 is too large for a 64-bit float"),
+        (b'{"prompt": "the", "max_new_tokens": 1' + b"0" * 5000 + b"}", "integer of more than 4,300 digits"),
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        (b'{"texts": [{"\\ud800": 1}]}', "a key of body.texts[0] contains a lone UTF-16 surrogate"),
+        (b'{"texts": ["a"]} trailing', "JSON decode error"),
+        (b'{"texts": ["a"', "JSON decode error"),
+        (b"\xff\xfe\xfd", ""),
+        (b'{"prompt": "the", "seed": 99999999999999999999999999}', "less than or equal to 18446744073709551615"),
+        (b'{"prompt": "the", "seed": -1}', "greater than or equal to 0"),
+        (b"null", "valid dictionary"),
+        (b'"texts"', "valid dictionary"),
+        (b"", "Field required"),
+        (b'{"texts": [null]}', "valid string"),
+        (b'{"texts": [["nested"]]}', "valid string"),
+        (b'{"texts": ["a"], "texts": {"b": NaN}}', "NaN is not a JSON value"),
+    ],
+)
+def test_malformed_json_is_4xx_never_500(enc, dec, body, message):
+    """What Python's json module accepts but JSON does not (NaN, Infinity, 1e400, lone surrogates), and other junk:
+    every endpoint answers 4xx with a message (these were 500s: the error could not be rendered, or the tokenizer
+    failed on the surrogate)."""
+    headers = {"content-type": "application/json"}
+    for client, path in ((enc, "/embed"), (dec, "/generate"), (dec, "/score")):
+        r = client.post(path, content=body, headers=headers)
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+        detail = r.json()["detail"]
+        # refused while parsing: the same message everywhere; a schema error names the endpoint's own fields
+        if any(m in message for m in SCHEMA_MESSAGES) and (path == "/generate") != (b'"prompt"' in body):
+            continue
+        assert message in (detail if isinstance(detail, str) else r.text), (path, r.text)
+
+
+def test_valid_surrogate_pairs_and_odd_characters_are_served(enc):
+    """Escaped surrogate *pairs* are ordinary characters (an emoji), NUL and U+FFFF are text: 200, not refused."""
+    headers = {"content-type": "application/json"}
+    r = enc.post("/embed", content=b'{"texts": ["the cat \\ud83d\\ude00", "a\\u0000b", "\\uffff dog"]}', headers=headers)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["embeddings"]) == 3
 
 
 def test_wrong_kind_is_400(enc, dec):
@@ -279,46 +340,211 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_real_uvicorn_server_over_loopback(encoder_lm):
-    import httpx
+@contextlib.contextmanager
+def live_server(app, **config):
+    """``app`` served as `embfactor serve` serves it (runner: bound socket, TimedH11Protocol), in a thread."""
     import uvicorn
 
-    port = _free_port()
-    config = uvicorn.Config(create_app(encoder_lm, Limits(max_texts=4)), host="127.0.0.1", port=port,
-                            log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    from embfactor.server.runner import bind_socket, make_config
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(make_config(app, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 20
         while not server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, timeout=10) as c:
+        yield sock.getsockname()[:2]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+    assert not thread.is_alive()
+
+
+def read_until_closed(conn: socket.socket, limit: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds that took (fails past limit)."""
+    t0 = time.monotonic()
+    conn.settimeout(limit)
+    data = b""
+    while True:
+        try:
+            chunk = conn.recv(65536)
+        except ConnectionResetError:
+            break
+        except TimeoutError:
+            pytest.fail(f"the server kept the connection open for more than {limit} s (got {data[:80]!r})")
+        if not chunk:
+            break
+        data += chunk
+    return data, time.monotonic() - t0
+
+
+def test_real_uvicorn_server_over_loopback(encoder_lm):
+    import httpx
+
+    with live_server(create_app(encoder_lm, Limits(max_texts=4))) as (host, port):
+        with httpx.Client(base_url=f"http://{host}:{port}", timeout=10) as c:
             assert c.get("/health").json()["status"] == "ok"
             r = c.post("/embed", json={"texts": ["the cat", "the dog"]})
             assert r.status_code == 200 and r.json()["dim"] == 32
             assert c.post("/embed", json={"texts": ["x"] * 5}).status_code == 413
             assert c.post("/generate", json={"prompt": "x"}).status_code == 400
             assert c.get("/docs").status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    assert not thread.is_alive()
+            r = c.post("/embed", content=b'{"texts": ["\\ud800", NaN]}', headers={"content-type": "application/json"})
+            assert r.status_code == 422
+
+
+def test_chunked_body_over_the_limit_is_refused_while_streaming(encoder_lm):
+    """A chunked body (no Content-Length) over max_body_bytes gets its 413 before the body has even ended: the
+    server stops reading at the limit instead of buffering and parsing the whole body (100 MB each, before)."""
+    import httpx
+
+    limit = 64 * 1024
+    with live_server(create_app(encoder_lm, Limits(max_body_bytes=limit)), request_timeout=2) as (host, port):
+        with socket.create_connection((host, port), timeout=10) as conn:
+            conn.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            chunk = b"x" * 16384
+            for _ in range(2 * limit // len(chunk)):  # twice the limit, and never the final zero-length chunk
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            reply, seconds = read_until_closed(conn, limit=15)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"max_body_bytes=65536" in body
+        # the same through an HTTP client, with a generator body (chunked) of 20x the limit; the server still serves
+        with httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as c:
+            r = c.post("/embed", content=(chunk for _ in range(80)), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "max_body_bytes=65536" in r.json()["detail"]
+            assert r.request.headers["transfer-encoding"] == "chunked" and "content-length" not in r.request.headers
+            r = c.post("/embed", content=b'{"texts": ["the cat"]}', headers={"transfer-encoding": "chunked",
+                                                                            "content-type": "application/json"})
+            assert r.status_code == 200, r.text  # a chunked body under the limit is served
+            assert c.get("/health").status_code == 200
+
+
+def test_load_test_invalid_requests_are_all_4xx_over_loopback(encoder_lm):
+    """Every kind of bad request benchmarks/load_test.py sends (NaN, lone surrogate, chunked 2.1 MB, ...) through
+    its own client code against a real server: each gets a 4xx, none a 5xx or a dropped connection."""
+    from embfactor.cli.bench_cmd import _import_suite
+
+    load_test = _import_suite("load_test")
+    reqs = [{"kind": "invalid", "label": label, "method": method, "path": path, **kw}
+            for label, method, path, kw in load_test.invalid_requests("the cat sat " * 200)]
+    assert {"NaN as text", "lone surrogate", "chunked body too large"} <= {r["label"] for r in reqs}
+    limits = Limits(max_texts=load_test.MAX_TEXTS, max_tokens=load_test.MAX_TOKENS)
+
+    class Counter:
+        done_requests = 0
+
+    with live_server(create_app(encoder_lm, limits)) as (host, port):
+        results = asyncio.run(load_test.fire(f"http://{host}:{port}", reqs, 4, Counter()))
+    bad = [(q["label"], r["status"], r["body"]) for q, r in zip(reqs, results) if not 400 <= r["status"] < 500]
+    assert not bad
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connects and says nothing
+        b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-ty",  # half the headers
+        b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"te",
+        b"POST /embed HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"te\r\n",  # half a chunked body
+    ],
+    ids=["nothing", "half-headers", "half-body", "half-chunked"],
+)
+def test_half_sent_requests_are_closed_after_the_request_timeout(encoder_lm, sent):
+    """A client that sends part of a request and then nothing is answered 408 and disconnected after
+    --request-timeout (uvicorn alone kept such connections open forever)."""
+    with live_server(create_app(encoder_lm), request_timeout=1, keep_alive=1) as (host, port):
+        with socket.create_connection((host, port), timeout=10) as conn:
+            conn.sendall(sent)
+            reply, seconds = read_until_closed(conn, limit=10)
+    assert reply.startswith(b"HTTP/1.1 408") and b"within 1 seconds" in reply, reply
+    assert 0.9 < seconds < 5
+
+
+def test_keep_alive_and_slow_but_complete_requests(encoder_lm):
+    """An idle keep-alive connection closes after --keep-alive; a request that arrives slowly but within the
+    request timeout is served, and so is one whose work takes longer than the request timeout."""
+    app = create_app(encoder_lm)
+
+    @app.get("/slow-test-endpoint")
+    async def slow() -> dict:
+        await asyncio.sleep(1.5)
+        return {"ok": True}
+
+    with live_server(app, request_timeout=1, keep_alive=1) as (host, port):
+        with socket.create_connection((host, port), timeout=10) as conn:
+            conn.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n")
+            time.sleep(0.3)
+            conn.sendall(b"content-length: 22\r\n\r\n{\"texts\": ")
+            time.sleep(0.3)
+            conn.sendall(b'["the cat"]}')
+            reply, seconds = read_until_closed(conn, limit=10)  # idle after the response: keep-alive ends it
+            assert reply.startswith(b"HTTP/1.1 200") and b'"tokens":[4]' in reply, reply[:200]
+            assert seconds < 5
+        with socket.create_connection((host, port), timeout=10) as conn:
+            conn.sendall(b"GET /slow-test-endpoint HTTP/1.1\r\nhost: x\r\n\r\n")
+            reply, _ = read_until_closed(conn, limit=10)
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"ok":true}'), reply
 
 
 def test_serve_cli_parses_and_defaults_to_loopback(monkeypatch, tiny_bert_dir, capsys):
-    import uvicorn
+    from embfactor.server import runner
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
-    assert main(["serve", str(tiny_bert_dir), "--max-texts", "3", "--port", "0"]) == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 0
+    monkeypatch.setattr(runner, "serve", lambda app, sock, **kw: seen.update(app=app, addr=sock.getsockname(), **kw))
+    assert main(["serve", str(tiny_bert_dir), "--max-texts", "3", "--port", "0", "--request-timeout", "7"]) == 0
+    assert seen["addr"][0] == "127.0.0.1" and seen["addr"][1] > 0  # bound (port 0: the OS chose one)
     assert seen["app"].state.limits.max_texts == 3
-    assert "serving" in capsys.readouterr().err
+    assert (seen["request_timeout"], seen["keep_alive"]) == (7.0, 5.0)
+    assert f"serving {tiny_bert_dir} (encoder) on http://127.0.0.1:{seen['addr'][1]}" in capsys.readouterr().err
     assert main(["serve", str(tiny_bert_dir), "--max-texts", "0"]) == 2
     assert "max_texts must be an integer >= 1" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bert_dir), "--request-timeout", "0"]) == 2
+    assert "request_timeout must be a number of seconds in (0, 86400), got 0.0" in capsys.readouterr().err
+
+
+def test_serve_on_a_busy_port_exits_2_before_loading_or_announcing(monkeypatch, tiny_bert_dir, capsys):
+    from embfactor.cli import serve_cmd
+
+    monkeypatch.setattr(serve_cmd, "build_app", lambda *a, **k: pytest.fail("loaded the model before binding"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tiny_bert_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is in use" in err
+    assert "serving" not in err and "Traceback" not in err
+    assert main(["serve", str(tiny_bert_dir), "--port", "70000"]) == 2
+    assert "--port must be in 0..65535, got 70000" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bert_dir), "--host", "no-such-host.invalid"]) == 2
+    assert "--host 'no-such-host.invalid' is not an address" in capsys.readouterr().err
+
+
+def test_serve_subprocess_announces_the_bound_url_which_answers(tiny_bert_dir):
+    """`embfactor serve --port 0` in its own process: the URL it announces (after binding) serves /health."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embfactor.cli.main", "serve", str(tiny_bert_dir), "--port", "0", "--log-level",
+         "warning"], stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("serving "), line
+        url = line.split(" on ")[1].split()[0]
+        assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok", "kind": "encoder"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_compressed_tied_llama_folder_serves(tiny_llama_tied, tmp_path):

@@ -1,4 +1,7 @@
-"""``embfactor bench``: decomposition, runtime and memory benchmarks; JSON + markdown in benchmarks/results/."""
+"""``embfactor bench``: decomposition, runtime and memory benchmarks; JSON + markdown in benchmarks/results/.
+
+``--quick`` runs write ``bench_<suite>_quick.*`` (git-ignored), so they never replace the committed full results.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ def bench(
 
     Args:
         suites: any of ``decompose``, ``runtime``, ``memory``.
-        quick: tiny shapes, in-process where possible (seconds; what CI runs).
+        quick: tiny shapes, in-process where possible (seconds; what CI runs); the files are then named
+            ``bench_<suite>_quick.*`` so the committed full results are never overwritten.
         output: folder for the results (default ``benchmarks/results`` of the checkout).
         huge: decomposition suite also runs 128,256×4,096 (≈2 GB float32).
 
@@ -62,11 +66,11 @@ def bench(
     Example:
         >>> bench(["decompose"], quick=True, output="/tmp/b")   # doctest: +SKIP
     """
-    out = Path(output) if output is not None else _benchmarks_root() / "benchmarks" / "results"
     results: dict[str, Any] = {}
     for name in suites:
         mod = _import_suite(name)
-        kw: dict[str, Any] = {"quick": quick, "output": out, "progress": progress}
+        # None: the suites' own default, benchmarks/results (benchmarks.common.RESULTS_DIR)
+        kw: dict[str, Any] = {"quick": quick, "output": output, "progress": progress}
         if name == "decompose":
             kw["huge"] = huge
         results[name] = mod.run(**kw)
@@ -94,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: decomposition vs peers, layer runtime, compress memory")
     p.add_argument("--quick", action="store_true", help="tiny shapes, seconds (what CI runs)")
     p.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
-    p.add_argument("--output", "-o", default=None, help="results folder (default: benchmarks/results)")
+    p.add_argument("--output", "-o", default=None, help="results folder (default: benchmarks/results; --quick writes bench_*_quick.* files)")
     p.add_argument("--huge", action="store_true", help="decompose suite: also 128,256x4,096 (2 GB, slow)")
     p.add_argument("--json", help="also write all results as one JSON file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")

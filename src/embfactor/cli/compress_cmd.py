@@ -38,7 +38,7 @@ def compress(
     from embfactor.decomposition import get_method
     from embfactor.fileio import check_output_dir, release_mapped_pages
     from embfactor.models import load_model, source_path
-    from embfactor.surgery import factorize_, save_compressed
+    from embfactor.surgery import META_ATTR, factorize_, save_compressed
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
@@ -59,6 +59,8 @@ def compress(
     stages.set_postfix_str("decomposing")
     dense = lm.model.get_input_embeddings()
     rep = factorize_(lm.model, config, progress=progress, token_weights=token_weights)
+    # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
+    getattr(lm.model, META_ATTR)["report"]["bytes_before"] = bytes_before
     if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
         release_mapped_pages(dense.weight)
     del dense

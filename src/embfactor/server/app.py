@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -39,6 +41,7 @@ from embfactor.server.schemas import (
     ScoreResponse,
     TextScore,
 )
+from embfactor.server.body import route_class
 
 T = TypeVar("T")
 
@@ -105,8 +108,10 @@ def model_info(lm: LoadedModel, limits: Limits) -> dict[str, Any]:
         "params_after": params_now,
         "embedding_params_before": int(report.get("embedding_params_before", emb_now)),
         "embedding_params_after": emb_now,
-        # The source model's file may be gone (or be a GGUF); its float32 size is what the factorization saves on.
-        "bytes_before": params_before * 4 if report else (on_disk or tensor_bytes(model)),
+        # compress records the figure it reported (the source's weights files, or its float32 tensors for a GGUF);
+        # older outputs lack it: their source may be gone, and its float32 size is what the factorization saves on
+        "bytes_before": int(report.get("bytes_before", params_before * 4)) if report
+        else (on_disk or tensor_bytes(model)),
         "bytes_after": on_disk or tensor_bytes(model),
         "limits": {k: float(v) for k, v in vars(limits).items()},
     }
@@ -212,6 +217,9 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
         docs_url=None,  # replaced by add_offline_docs: FastAPI's pages load Swagger UI / ReDoc from a CDN
         redoc_url=None,
     )
+    # bodies are counted while they stream in (413 at the limit, chunked or not) and parsed as strict JSON (422 for
+    # NaN, Infinity, lone surrogates); body.py says why
+    app.router.route_class = route_class(limits.max_body_bytes)
     add_offline_docs(app)
     app.state.lm = lm
     app.state.worker = worker
@@ -247,14 +255,10 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
             a = "an" if kind == "encoder" else "a"
             raise RequestError(400, f"{endpoint} needs {a} {kind} model; {lm.name} is not one (use {other})")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
-            return JSONResponse(
-                {"detail": f"request body of {size} bytes > max_body_bytes={limits.max_body_bytes}"}, status_code=413
-            )
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI's handler echoes the bad input, which may not be JSON-renderable (a 500 instead of this 422)
+        return JSONResponse({"detail": json_safe(jsonable_encoder(e.errors()))}, status_code=422)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -339,6 +343,24 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     return app
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as strings and strings made valid UTF-8, so JSONResponse can render it.
+
+    Example:
+        >>> json_safe({"input": [float("nan"), "a\\ud800"]})
+        {'input': ['nan', 'a\\\\ud800']}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def docs_assets_dir() -> Path:
     """The folder of Swagger UI's and ReDoc's dist files, shipped by ``fastapi-offline`` (the [server] extra)."""
     try:
@@ -411,6 +433,7 @@ __all__ = [
     "create_app",
     "docs_assets_dir",
     "generate_text",
+    "json_safe",
     "model_info",
     "text_perplexities",
 ]

@@ -69,7 +69,9 @@ class GenerateRequest(_Strict):
     prompt: Annotated[StrictStr, Field(min_length=1)]
     max_new_tokens: Annotated[StrictInt | None, Field(ge=1, description="default: min(32, the server's cap)")] = None
     temperature: Annotated[StrictFloat | StrictInt, Field(ge=0)] = 0.0
-    seed: StrictInt = Field(0, description="seed of the sampler when temperature > 0 (same seed, same text)")
+    seed: StrictInt = Field(
+        0, ge=0, le=2**64 - 1, description="seed of the sampler when temperature > 0 (same seed, same text)"
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -115,6 +117,8 @@ class InfoResponse(BaseModel):
     params_after: int
     embedding_params_before: int
     embedding_params_after: int
-    bytes_before: int = Field(description="float32 bytes of the uncompressed model's parameters")
+    bytes_before: int = Field(
+        description="bytes of the source model's weights, as `compress` reported them (float32 size if unrecorded)"
+    )
     bytes_after: int = Field(description="bytes of the served weights (model.safetensors when compressed)")
     limits: dict[str, float]

@@ -48,6 +48,12 @@ _LAZY = {
 
 __all__ = ["__version__", *sorted(_LAZY)]
 
+# Compressed folders load with transformers' from_pretrained once embfactor is imported: register embfactor's
+# quantization method when transformers' quantizer registry is imported (a finder on sys.meta_path; no import now).
+from embfactor.hf.hook import install_registration_hook as _install_hook  # noqa: E402
+
+_install_hook()
+
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:

@@ -16,6 +16,7 @@ from torch import nn
 
 from embfactor.errors import CorruptFileError, ModelNotFoundError, some_names
 from embfactor.fileio import MARKER_FILE, is_temporary_dir
+from embfactor.hf.st_folder import SOURCE_ATTR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,7 +81,10 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel
 
+    from embfactor.hf import register
     from embfactor.surgery.io import check_model_config, without_absent_pooler
+
+    register()  # a folder written by save_pretrained of a compressed model needs embfactor's quantizer
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -263,6 +267,14 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
         >>> lm.kind, lm.model.config.vocab_size  # doctest: +SKIP
         ('encoder', 30522)
     """
+    lm = _load_model(name)
+    # recorded so that saving a compressed copy keeps a sentence-transformers folder's modules (embfactor.hf.st_folder)
+    setattr(lm.model, SOURCE_ATTR, str(lm.source))
+    return lm
+
+
+def _load_model(name: str | os.PathLike) -> LoadedModel:
+    from embfactor.hf.loading import embfactor_quantization_config, record_from_quantization_config
     from embfactor.surgery.io import load_compressed, read_record
 
     _quiet_transformers()
@@ -298,6 +310,10 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
     model, tok = _load_hf_folder(path)
+    qconfig = embfactor_quantization_config(path)
+    if qconfig is not None:  # save_pretrained of a compressed model: from_pretrained rebuilt it through embfactor
+        return LoadedModel(name, model.eval(), tok, kind_of(model), path, compressed=True,
+                           record=record_from_quantization_config(qconfig))
     return LoadedModel(name, model.eval(), tok, kind_of(model), path)
 
 

@@ -13,6 +13,7 @@ from embfactor.config import FactorizationConfig
 from embfactor.decomposition import decompose, get_method, optimal_relative_error, resolve_rank, spectrum
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.formats import from_factors, is_row_format
+from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers import FactorizedLMHead
 from embfactor.surgery.replace import fqn_of, replace_modules_
 
@@ -226,4 +227,5 @@ def factorize_(
             "report": report.to_dict(),
         },
     )
+    attach_quantization_config(model)  # so that model.save_pretrained writes a folder from_pretrained rebuilds
     return report

@@ -28,6 +28,7 @@ def save_compressed(
     tokenizer: Any = None,
     extra: dict[str, Any] | None = None,
     inputs: tuple[str | os.PathLike, ...] = (),
+    modules_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
 
@@ -39,6 +40,8 @@ def save_compressed(
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
+        modules_from: a sentence-transformers folder whose modules (modules.json, pooling, normalization, prompts)
+            the output keeps; default: the folder :func:`embfactor.load_model` loaded the model from.
 
     Example:
         >>> save_compressed(model, "out/minilm-r6", tokenizer=tok)   # doctest: +SKIP
@@ -46,6 +49,8 @@ def save_compressed(
     from safetensors.torch import save_model
 
     from embfactor import __version__
+    from embfactor.hf.integration import attach_quantization_config
+    from embfactor.hf.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
 
     meta = getattr(model, META_ATTR, None)
     if meta is None:
@@ -72,9 +77,12 @@ def save_compressed(
     with atomic_directory(directory, inputs=inputs) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
         config.architectures = [architecture]
+        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf)
+        attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return Path(directory)
 
@@ -170,20 +178,40 @@ def without_absent_pooler(model: nn.Module, missing: set[str] | list[str]) -> li
 def load_compressed(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed` and load its weights (strict; safetensors only).
 
-    The factorized structure is rebuilt from embfactor.json; nothing is decomposed again.
+    The model is loaded by transformers' ``from_pretrained`` through embfactor's registered quantizer (the same path
+    ``AutoModel.from_pretrained(directory)`` takes), with the structure read from embfactor.json. Folders written
+    before config.json carried a ``quantization_config`` (embfactor 0.1.0) are rebuilt as 0.1.0 did. Nothing is
+    decomposed again.
 
     Example:
         >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
     """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
-    from transformers import AutoConfig
+    from embfactor.hf.loading import embfactor_quantization_config, from_pretrained_compressed
 
     directory = Path(directory)
     record = read_record(directory)
     for name in (WEIGHTS_FILE, HF_CONFIG_FILE):
         if not (directory / name).is_file():
             raise ModelNotFoundError(f"{directory / name} is missing; the folder is not a complete embfactor output")
+    if embfactor_quantization_config(directory) is not None:
+        model = from_pretrained_compressed(directory, record)
+    else:  # written by embfactor 0.1.0, before config.json carried a quantization_config
+        model = _load_without_quantization_config(directory, record, device)
+    check_record_against_model(directory, record, model)
+    model.to(device)
+    model.eval()
+    setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")})
+    return model
+
+
+def read_model_config(directory: Path, record: dict[str, Any]) -> tuple[Any, type, torch.dtype]:
+    """config.json, the model class embfactor.json names and its dtype, each checked (errors name the file).
+
+    Shared by both loaders: a config of another model type than the architecture, or one that cannot build a
+    model, is refused before anything is built.
+    """
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub raise many types for a bad config
@@ -204,6 +232,37 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
             "files belong to different models"
         )
     check_model_config(config, directory / HF_CONFIG_FILE)
+    return config, cls, dtype
+
+
+def check_record_against_model(directory: Path, record: dict[str, Any], model: nn.Module) -> None:
+    """Refuse an embfactor.json whose rank or sizes disagree with the embedding the weights built."""
+    layer = model.get_submodule(record["embedding_module"])
+    # strict loading has checked the tensors' shapes against layer_config, so its rank is the stored factors' rank
+    stored_rank = record["layer_config"].get("rank") if isinstance(record["layer_config"], dict) else None
+    if stored_rank is not None and stored_rank != record["rank"]:
+        raise CorruptFileError(
+            f"{directory / MARKER_FILE}: rank {record['rank']} disagrees with the stored factors, which have rank "
+            f"{stored_rank} ({directory / WEIGHTS_FILE}); the files belong to different saves"
+        )
+    for key, actual in (("vocab_size", layer.num_embeddings), ("hidden_size", layer.embedding_dim)):
+        if key in record and record[key] != actual:
+            raise CorruptFileError(
+                f"{directory / MARKER_FILE}: {key} {record[key]!r} disagrees with the stored embedding ({actual})"
+            )
+
+
+def _load_without_quantization_config(directory: Path, record: dict[str, Any], device: str | torch.device) -> nn.Module:
+    """Rebuild the model from embfactor.json alone and load_state_dict (strict), as embfactor 0.1.0 did.
+
+    Kept for folders written before config.json carried a ``quantization_config``: ``load_state_dict`` lets a
+    format map its older tensor names (the block format's ``U.<b>`` keys). ``embfactor.hf.loading.upgrade_folder``
+    rewrites such a folder so that transformers' ``from_pretrained`` loads it too.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_model
+
+    config, cls, dtype = read_model_config(directory, record)
     try:
         model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
     except (ValueError, TypeError, AttributeError, ZeroDivisionError, IndexError, KeyError) as e:
@@ -234,22 +293,6 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: corrupt or truncated safetensors file ({e})") from None
     except RuntimeError as e:
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
-    layer = model.get_submodule(record["embedding_module"])
-    # strict loading has checked the tensors' shapes against layer_config, so its rank is the stored factors' rank
-    stored_rank = record["layer_config"].get("rank") if isinstance(record["layer_config"], dict) else None
-    if stored_rank is not None and stored_rank != record["rank"]:
-        raise CorruptFileError(
-            f"{directory / MARKER_FILE}: rank {record['rank']} disagrees with the stored factors, which have rank "
-            f"{stored_rank} ({directory / WEIGHTS_FILE}); the files belong to different saves"
-        )
-    for key, actual in (("vocab_size", layer.num_embeddings), ("hidden_size", layer.embedding_dim)):
-        if key in record and record[key] != actual:
-            raise CorruptFileError(
-                f"{directory / MARKER_FILE}: {key} {record[key]!r} disagrees with the stored embedding ({actual})"
-            )
-    model.to(device)
-    model.eval()
-    setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")})
     return model
 
 

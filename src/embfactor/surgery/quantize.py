@@ -9,6 +9,7 @@ from torch import nn
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.formats.lowrank import FactorizedEmbedding
 from embfactor.formats.quantized import QuantizedFactorizedEmbedding, parse_bits
+from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers.head import FactorizedLMHead
 from embfactor.surgery.factorize import META_ATTR
 from embfactor.surgery.replace import replace_modules_
@@ -101,4 +102,5 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
     report = dict(meta.get("report") or {})
     report["quantization"] = summary
     meta["report"] = report
+    attach_quantization_config(model)  # the format changed: model.save_pretrained must describe the new one
     return summary

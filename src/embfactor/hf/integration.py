@@ -1,0 +1,38 @@
+"""Keep a factorized model's ``config.quantization_config`` in step with its embedding, so ``save_pretrained`` works.
+
+``factorize_``, ``quantize_`` and ``save_compressed`` call :func:`attach_quantization_config`; a model loaded by
+``from_pretrained`` already carries it (the quantizer's postprocess sets it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def attach_quantization_config(model: nn.Module) -> Any:
+    """Set ``model.config.quantization_config`` to the embfactor config describing its current embedding.
+
+    Does nothing (returns None) for a model without a transformers config or without embfactor metadata.
+
+    Example:
+        >>> factorize_(model, rank=8)                        # calls this
+        >>> model.save_pretrained("out")                     # doctest: +SKIP
+    """
+    from embfactor.surgery.factorize import META_ATTR
+
+    meta = getattr(model, META_ATTR, None)
+    config = getattr(model, "config", None)
+    if meta is None or config is None or not hasattr(config, "to_json_file"):
+        return None
+    from embfactor.hf.hook import register
+    from embfactor.hf.quantizer import EmbfactorConfig
+
+    register()
+    qconfig = EmbfactorConfig.from_model(model, meta)
+    config.quantization_config = qconfig
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == qconfig.quant_method:
+        quantizer.quantization_config = qconfig
+    return qconfig

@@ -22,7 +22,7 @@ def test_compact_index_matches_the_position_map_and_costs_one_byte_per_token():
     compact = Tiered(_tiers(), position, compact_index=True)
     ids = torch.arange(10)
     assert torch.equal(compact(ids), full(ids))
-    assert torch.equal(compact.position, position)
+    assert torch.equal(compact.token_positions(), position)
     h = torch.randn(3, 8)
     assert torch.allclose(compact.project(h), full.project(h))
     assert full.num_bytes() - compact.num_bytes() == 10 * 8 - 10
@@ -32,7 +32,7 @@ def test_compact_index_matches_the_position_map_and_costs_one_byte_per_token():
     assert cfg["compact_index"] is True
     again = Tiered.empty(10, 8, None, **cfg)
     again.load_state_dict(compact.state_dict(), strict=True)
-    assert torch.equal(again.position, position) and torch.equal(again(ids), compact(ids))
+    assert torch.equal(again.token_positions(), position) and torch.equal(again(ids), compact(ids))
     assert "compact_index" not in full.format_config()  # the default layout is unchanged
 
 

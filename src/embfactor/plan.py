@@ -314,18 +314,22 @@ def candidate_plans(
             progress(f"fitting {f.label}")
         fits[f] = fit_rows(E, f, w_fit, seed, quick=True)
         errors[f] = row_errors(E, fits[f])
-    plans: list[Plan] = []
+    ranked: list[list[Plan]] = []
     seen: set = set()
     for a in alphas:
+        mine: list[Plan] = []
         for p in search_plans(errors, weights_for(counts, a), order, bounds, budget_bytes, d, max_tiers=max_tiers,
                               top=per_alpha * 4):
             if p.key() in seen:
                 continue
             seen.add(p.key())
             p.alpha = a
-            plans.append(p)
-            if sum(q.alpha == a for q in plans) >= per_alpha:
+            mine.append(p)
+            if len(mine) >= per_alpha:
                 break
+        ranked.append(mine)
+    # best plan of every alpha first, then the second of each: a check of the first few covers every weighting
+    plans = [p for i in range(per_alpha) for mine in ranked for p in mine[i:i + 1]]
     total = float(counts.sum()) or 1.0
     for p in plans:
         for t in p.tiers:

@@ -71,8 +71,8 @@ class TieredFormat(RowFormat):
                 raise ConfigError(f"compact_index holds at most 255 tiers, got {len(tiers)}")
             tier_of = (torch.searchsorted(self.starts.to(position.device), position, right=True) - 1).to(torch.uint8)
             self.register_buffer("tier_of", tier_of)
-            self.register_buffer("position", self._positions_from_tiers(), persistent=False)
-            if not torch.equal(self.position, position):
+            self._pos_cache: tuple[Any, torch.Tensor] | None = None
+            if not torch.equal(self.token_positions(), position):
                 raise InvalidInputError(
                     "compact_index needs each tier's tokens in increasing id order (position increasing within a "
                     "tier); pass compact_index=False for any other permutation"
@@ -84,12 +84,22 @@ class TieredFormat(RowFormat):
         t = self.tier_of.long()
         onehot = torch.nn.functional.one_hot(t, len(self.tiers))
         rank = (onehot.cumsum(0) - 1).gather(1, t[:, None]).squeeze(1)  # index of each token within its tier
-        return self.starts.to(t.device)[t] + rank
+        starts = torch.tensor([0, *torch.tensor(self.sizes).cumsum(0).tolist()], device=t.device)
+        return starts[t] + rank
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.compact_index:
-            self.position = self._positions_from_tiers()
+    def token_positions(self) -> torch.Tensor:
+        """token id → row in the tier-concatenated order.
+
+        With ``compact_index`` the map is derived from ``tier_of`` and cached until ``tier_of`` changes (by
+        identity and version: loaders such as transformers' ``from_pretrained`` fill buffers without
+        ``load_state_dict``, so a map built at construction would go stale).
+        """
+        if not self.compact_index:
+            return self.position
+        key = (self.tier_of.data_ptr(), self.tier_of._version, self.tier_of.device)
+        if self._pos_cache is None or self._pos_cache[0] != key:
+            self._pos_cache = (key, self._positions_from_tiers())
+        return self._pos_cache[1]
 
     @property
     def sizes(self) -> list[int]:
@@ -97,7 +107,7 @@ class TieredFormat(RowFormat):
         return [t.num_embeddings for t in self.tiers]
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = self.position.index_select(0, ids)
+        pos = self.token_positions().index_select(0, ids)
         out: torch.Tensor | None = None
         for t, child in enumerate(self.tiers):
             lo, hi = int(self.starts[t]), int(self.starts[t + 1])
@@ -120,7 +130,7 @@ class TieredFormat(RowFormat):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each tier's logits from its own ``project``, concatenated, then put in token order."""
         parts = [child.project(hidden) for child in self.tiers]
-        logits = torch.cat([p.to(parts[0].dtype) for p in parts], -1).index_select(-1, self.position)
+        logits = torch.cat([p.to(parts[0].dtype) for p in parts], -1).index_select(-1, self.token_positions())
         if self.padding_idx is not None and self.zero_padding:
             logits = logits.index_fill(-1, torch.tensor([self.padding_idx], device=logits.device), 0.0)
         return logits

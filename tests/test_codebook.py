@@ -345,7 +345,7 @@ def _text(tmp_path):
 
 
 def test_fused_lut_kernel_matches_the_torch_path(monkeypatch):
-    """The batch-1 head's C kernel and the PyTorch gather-sum give the same logits (and grads use PyTorch)."""
+    """The C kernels (batch-1 head, row gather) and the PyTorch paths give the same logits and rows."""
     from embfactor.formats import _lut_kernel
 
     import shutil
@@ -354,8 +354,10 @@ def test_fused_lut_kernel_matches_the_torch_path(monkeypatch):
     h = torch.randn(1, 20)
     if shutil.which("cc") or shutil.which("gcc"):  # with a compiler the kernel is really built and used
         assert _lut_kernel.lut_sum(emb.codes.view(600, -1), torch.zeros(2 * 5, 32)) is not None
+    ids = torch.randint(0, 600, (50,))
     with torch.no_grad():
-        fast = emb.project(h)
+        fast, rows_fast = emb.project(h), emb(ids)
         monkeypatch.setattr(_lut_kernel, "lut_kernel", lambda: None)  # no compiler: the PyTorch path
-        slow = emb.project(h)
+        slow, rows_slow = emb.project(h), emb(ids)
     assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(slow, h @ emb.dense().T, atol=1e-5)
+    assert torch.allclose(rows_fast, rows_slow, atol=1e-6) and not rows_fast[ids == 2].any()

@@ -19,7 +19,7 @@ def inspect_model(model: str) -> dict[str, Any]:
 
     lm = load_model(model)
     emb = lm.model.get_input_embeddings()
-    factorized = is_row_format(emb)  # any stored format: low rank, quantized, TT, block, codebook, int-k, tiered
+    factorized = is_row_format(emb)  # any stored format: low rank, quantized, TT, block, tiered
     rank = matrix_rank = None
     if factorized:
         with torch.no_grad():
@@ -29,6 +29,8 @@ def inspect_model(model: str) -> dict[str, Any]:
         emb_params = emb.num_params
         matrix_rank = emb.format_config().get("rank")  # U·V formats; TT and block tables have higher matrix rank
         rank = matrix_rank if isinstance(matrix_rank, int) else lm.record.get("rank")
+        if emb.format_name in ("codebook", "intk"):  # no rank: the record's rank is only the registry's target
+            rank = None
     else:
         _, emb, _, _, tied = find_embedding_and_head(lm.model)
         E = emb.weight.detach()
@@ -55,7 +57,7 @@ def inspect_model(model: str) -> dict[str, Any]:
         "format": getattr(emb, "format_name", None) if factorized else None,
         "format_config": emb.format_config() if factorized else None,
         "embedding_bytes": emb.num_bytes() if factorized else E.numel() * E.element_size(),
-        "bytes_ratio": vocab_d_fp32(E) / (emb.num_bytes() if factorized else E.numel() * E.element_size()),
+        "bytes_ratio": vocab * d * 4 / (emb.num_bytes() if factorized else E.numel() * E.element_size()),
         "spectrum": [
             {
                 "rank": r,
@@ -72,21 +74,16 @@ def inspect_model(model: str) -> dict[str, Any]:
     }
 
 
-def vocab_d_fp32(E: Any) -> int:
-    return int(E.shape[0]) * int(E.shape[1]) * 4
-
-
 def _stored_as(r: dict[str, Any]) -> str:
     if not r["factorized"]:
         return ""
     if r.get("plan"):
         return f" (planned: {len(r['plan']['tiers'])} tier(s) by token frequency)"
     fmt_name = r.get("format")
-    if fmt_name in ("codebook", "intk"):
-        cfg = ", ".join(f"{k}={v}" for k, v in (r.get("format_config") or {}).items() if k != "zero_padding_row")
-        return f" ({fmt_name}: {cfg})" if cfg else f" ({fmt_name})"
     facts = [f"rank {r['rank']}"] if r.get("rank") else []
     facts += [f"{fmt_name} format"] if fmt_name and fmt_name != "factorized" else []
+    if fmt_name in ("codebook", "intk"):
+        facts += [f"{k}={v}" for k, v in (r.get("format_config") or {}).items() if k != "zero_padding_row"]
     return f" (factorized{', ' if facts else ''}{', '.join(facts)})"
 
 

@@ -117,10 +117,16 @@ class CodebookEmbedding(RowFormat):
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]
-        idx = codes_as_long(self.codes.index_select(0, ids)) + self._offsets()  # n × S × M
-        flat = self.codebooks.view(-1, self.sub_dim)
-        rows = F.embedding(idx.view(n, -1), flat).to(self.out_dtype).view(n, self.stages, self.M * self.sub_dim)
-        out = rows.sum(1) if self.stages > 1 else rows[:, 0]
+        out = None
+        if not (torch.is_grad_enabled() and self.codebooks.requires_grad) and self.out_dtype == torch.float32:
+            from embfactor.formats._lut_kernel import pq_gather
+
+            out = pq_gather(self.codes, ids, self.codebooks)  # fused C loop (inference); None without a compiler
+        if out is None:
+            idx = codes_as_long(self.codes.index_select(0, ids)) + self._offsets()  # n × S × M
+            flat = self.codebooks.view(-1, self.sub_dim)
+            rows = F.embedding(idx.view(n, -1), flat).to(self.out_dtype).view(n, self.stages, self.M * self.sub_dim)
+            out = rows.sum(1) if self.stages > 1 else rows[:, 0]
         if self.M * self.sub_dim != self.embedding_dim:
             out = out[:, : self.embedding_dim]
         if self.rotation is not None:

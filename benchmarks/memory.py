@@ -28,7 +28,7 @@ FULL_MODELS = {"minilm": ["--ratio", "6"], "smollm2": ["--ratio", "4"]}
 # still counts as model memory.
 IMPORTS_ONLY = (
     "import torch, transformers, transformers.modeling_utils, embfactor.models, embfactor.surgery, "
-    "embfactor.cli.compress_cmd"
+    "embfactor.pipeline"
 )
 LOAD_ONLY = (
     "import sys; from embfactor.models import load_model; lm = load_model(sys.argv[1]); "

@@ -9,53 +9,14 @@ from embfactor.cli.common import add_model_arg, check_outputs, table, write_json
 
 
 def inspect_model(model: str) -> dict[str, Any]:
-    """Facts about a model's input embedding, with the singular-value energy kept at a few ranks."""
-    from embfactor.decomposition import optimal_relative_error, spectrum
-    from embfactor.layers import FactorizedEmbedding
+    """:func:`embfactor.pipeline.describe` of ``model``, with the singular-value energy kept at a few ranks."""
     from embfactor.models import load_model
-    from embfactor.surgery import count_params, find_embedding_and_head
+    from embfactor.pipeline import describe, spectrum_facts
 
     lm = load_model(model)
-    emb = lm.model.get_input_embeddings()
-    factorized = isinstance(emb, FactorizedEmbedding)
-    if factorized:
-        E = emb.weight.detach()
-        head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
-        tied = head is not None and getattr(head, "embedding", None) is emb
-        emb_params = emb.num_params
-    else:
-        _, emb, _, _, tied = find_embedding_and_head(lm.model)
-        E = emb.weight.detach()
-        emb_params = E.numel()
-    vocab, d = E.shape
-    sv = spectrum(E)
-    e = sv.pow(2)
-    ranks = sorted({max(1, d * k // 16) for k in (1, 2, 4, 8, 12)})
-    total_params = count_params(lm.model)
-    return {
-        "model": lm.name,
-        "kind": lm.kind,
-        "architecture": type(lm.model).__name__,
-        "vocab_size": int(vocab),
-        "hidden_size": int(d),
-        "embedding_params": int(emb_params),
-        "model_params": int(total_params),
-        "embedding_share": emb_params / total_params,
-        "tied_head": bool(tied),
-        "factorized": factorized,
-        "rank": emb.rank if factorized else None,
-        "spectrum": [
-            {
-                "rank": r,
-                "ratio": vocab * d / (r * (vocab + d)),
-                "energy": float(e[:r].sum() / e.sum()),
-                "optimal_relative_error": optimal_relative_error(sv, r),
-            }
-            for r in ranks
-            if r < min(vocab, d)
-        ],
-        "singular_values": sv.tolist(),
-    }
+    facts = describe(lm)
+    E = lm.model.get_input_embeddings().weight.detach()
+    return {**facts.to_dict(), **spectrum_facts(E)}
 
 
 def render(r: dict[str, Any]) -> str:
@@ -64,9 +25,9 @@ def render(r: dict[str, Any]) -> str:
             ["model", r["model"]],
             ["architecture", f"{r['architecture']} ({r['kind']})"],
             ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}"
-             + (f" (factorized, rank {r['rank']})" if r["factorized"] else "")],
-            ["embedding parameters", r["embedding_params"]],
-            ["model parameters", r["model_params"]],
+             + (f" ({r['format']}, rank {r['rank']})" if r["compressed"] else "")],
+            ["embedding parameters", r["embedding_params_after"]],
+            ["model parameters", r["params_after"]],
             ["embedding share", f"{100 * r['embedding_share']:.1f}%"],
             ["output head tied", r["tied_head"]],
         ]

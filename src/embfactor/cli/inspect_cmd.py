@@ -10,13 +10,28 @@ from embfactor.cli.common import add_model_arg, check_outputs, table, write_json
 
 def inspect_model(model: str) -> dict[str, Any]:
     """:func:`embfactor.pipeline.describe` of ``model``, with the singular-value energy kept at a few ranks."""
+    import torch
+
     from embfactor.models import load_model
     from embfactor.pipeline import describe, spectrum_facts
 
     lm = load_model(model)
     facts = describe(lm)
-    E = lm.model.get_input_embeddings().weight.detach()
-    return {**facts.to_dict(), **spectrum_facts(E)}
+    emb = lm.model.get_input_embeddings()
+    with torch.no_grad():
+        E = (emb.dense() if facts.compressed else emb.weight).detach().float()
+    # a U·V format's table has matrix rank r: above it every row would say "energy kept 1.0000"
+    matrix_rank = emb.format_config().get("rank") if facts.compressed else None
+    return {**facts.to_dict(), **spectrum_facts(E, top_rank=matrix_rank if isinstance(matrix_rank, int) else None)}
+
+
+def _stored_as(r: dict[str, Any]) -> str:
+    if not r["compressed"]:
+        return ""
+    fmt_name = r.get("format")
+    facts = [f"rank {r['rank']}"] if r.get("rank") else []
+    facts += [f"{fmt_name} format"] if fmt_name and fmt_name != "factorized" else []
+    return f" (factorized{', ' if facts else ''}{', '.join(facts)})"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -24,8 +39,7 @@ def render(r: dict[str, Any]) -> str:
         [
             ["model", r["model"]],
             ["architecture", f"{r['architecture']} ({r['kind']})"],
-            ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}"
-             + (f" ({r['format']}, rank {r['rank']})" if r["compressed"] else "")],
+            ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}{_stored_as(r)}"],
             ["embedding parameters", r["embedding_params_after"]],
             ["model parameters", r["params_after"]],
             ["embedding share", f"{100 * r['embedding_share']:.1f}%"],

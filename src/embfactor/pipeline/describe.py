@@ -98,14 +98,21 @@ def describe(lm: Any) -> ModelFacts:
     )
 
 
-def spectrum_facts(E: torch.Tensor, fractions: tuple[int, ...] = (1, 2, 4, 8, 12)) -> dict[str, Any]:
-    """Singular values of E and, at ranks d·k/16, the compression, energy kept and optimal relative error."""
+def spectrum_facts(
+    E: torch.Tensor, fractions: tuple[int, ...] = (1, 2, 4, 8, 12), *, top_rank: int | None = None
+) -> dict[str, Any]:
+    """Singular values of E and, at ranks d·k/16, the compression, energy kept and optimal relative error.
+
+    ``top_rank``: E's known matrix rank (a U·V table's r): the ranks listed stop there.
+    """
     from embfactor.decomposition import optimal_relative_error, spectrum
 
     vocab, d = E.shape
     sv = spectrum(E)
     e = sv.pow(2)
     ranks = sorted({max(1, d * k // 16) for k in fractions})
+    if top_rank is not None:
+        ranks = sorted({r for r in ranks if r < top_rank} | {top_rank})
     rows = [
         {
             "rank": r,

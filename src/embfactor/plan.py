@@ -554,41 +554,49 @@ def wants_plan(config) -> bool:
     return config.method == AUTO or (config.method is None and getattr(config, "size", None) is not None)
 
 
-def apply_plan_(model, module, plan: Plan, config, *, seconds: float = 0.0):
-    """Put a planned table into ``model`` (a tied head shares it) and record the plan; returns the report.
+def apply_plan_(model, module, plan: Plan, config, *, seconds: float = 0.0) -> dict[str, Any]:
+    """Put a planned table into ``model`` (a tied head shares it) and record the plan; returns the report dict.
 
     The record is what :func:`embfactor.surgery.save_compressed` writes to embfactor.json: ``report["plan"]``
     holds the tiers, their formats, rows, token mass and bytes, and the candidates the check scored.
     """
-    from embfactor.surgery.factorize import (
-        META_ATTR, FactorizationReport, apply_structure_, count_params, find_embedding_and_head,
-    )
+    from embfactor.surgery.factorize import FactorizationReport, count_params, find_embedding_and_head, install_format_
 
-    emb_fqn, emb, head_fqn, _head, tied = find_embedding_and_head(model)
-    tie = tied and config.factorize_head
+    site = find_embedding_and_head(model)
     params_before = count_params(model)
-    E = emb.weight.detach()
+    E = site.embedding.weight.detach()
     with torch.no_grad():
         err = float((module.dense().double() - E.double()).norm() / E.double().norm().clamp_min(1e-30))
     module.to(E.device)
+    vocab, d = int(E.shape[0]), int(E.shape[1])
+    fp32_numel, dense_bytes = E.numel(), E.numel() * E.element_size()
     # --- the model is mutated only below this line ---
-    apply_structure_(model, embedding_module=emb_fqn, new_embedding=module, tied_head=tie, head_module=head_fqn)
+    meta = install_format_(model, module, tie_head=config.factorize_head, method=AUTO, rank=d)
     nbytes = int(module.num_bytes())
     report = FactorizationReport(
-        model=type(model).__name__, method=AUTO, rank=int(E.shape[1]), vocab_size=int(E.shape[0]),
-        hidden_size=int(E.shape[1]), embedding_params_before=E.numel(), embedding_params_after=module.num_params,
+        model=type(model).__name__, method=AUTO, rank=d, vocab_size=vocab, hidden_size=d,
+        embedding_params_before=fp32_numel, embedding_params_after=module.num_params,
         model_params_before=params_before, model_params_after=count_params(model),
-        ratio=E.numel() / max(1, module.num_params), relative_error=err, optimal_relative_error=0.0,
-        tied_head=tie, seconds=seconds, embedding_module=emb_fqn, head_module=head_fqn if tie else None,
+        ratio=fp32_numel / max(1, module.num_params), relative_error=err, optimal_relative_error=0.0,
+        tied_head=meta.tied_head, seconds=seconds, embedding_module=meta.embedding_module,
+        head_module=meta.head_module,
     ).to_dict()
-    report.update(embedding_bytes_before=E.numel() * E.element_size(), embedding_bytes_after=nbytes,
-                  bytes_ratio=E.numel() * 4 / nbytes, format=module.format_name,
-                  format_config=module.format_config(), plan=plan.to_dict())
-    setattr(model, META_ATTR, {
-        "factorization": config.to_dict(), "method": AUTO, "rank": int(E.shape[1]), "embedding_module": emb_fqn,
-        "head_module": head_fqn if tie else None, "tied_head": tie, "report": report,
-    })
+    report.update(embedding_bytes_before=dense_bytes, embedding_bytes_after=nbytes, bytes_ratio=fp32_numel * 4 / nbytes,
+                  format=module.format_name, format_config=module.format_config(), plan=plan.to_dict())
+    meta.factorization = config.to_dict()
+    meta.report = report
     return report
+
+
+class PlanReport(dict):
+    """The planner's report as the pipeline expects a FactorizationReport: ``to_dict()`` and ``seconds``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    @property
+    def seconds(self) -> float:
+        return float(self.get("seconds", 0.0))
 
 
 def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int = CHECK_PLANS,
@@ -629,7 +637,7 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress, scorer=scorer,
                               formats=_formats_from_options(config.method_options, d))
     config = dataclasses.replace(config, method=AUTO)
-    return apply_plan_(lm.model, module, plan, config, seconds=time.perf_counter() - t0)
+    return PlanReport(apply_plan_(lm.model, module, plan, config, seconds=time.perf_counter() - t0))
 
 
 def _formats_from_options(options: dict[str, Any], d: int) -> list[FormatChoice] | None:

@@ -133,7 +133,5 @@ def _codebooks_to_fp16(layer: nn.Module, meta: dict[str, Any]) -> dict[str, Any]
         "factor_fp32_bytes": None,
         "bytes_ratio": dense_embedding_bytes(vocab, d) / layer.num_bytes(),
     }
-    report = dict(meta.get("report") or {})
-    report["quantization"] = summary
-    meta["report"] = report
+    meta.report["quantization"] = summary
     return summary

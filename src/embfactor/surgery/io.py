@@ -15,7 +15,7 @@ from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError,
 from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
 from embfactor.formats import get_format
 from embfactor.surgery.factorize import apply_structure_, as_module
-from embfactor.surgery.meta import CompressionMeta, get_meta, set_meta
+from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
 
 WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
@@ -79,7 +79,7 @@ def save_compressed(
         "format_version": CONFIG_FORMAT_VERSION,
         "embfactor_version": __version__,
         "architecture": architecture,
-        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "torch_dtype": str(model_dtype(model, layer)).removeprefix("torch."),
         **meta.to_record(),
         **(extra or {}),
     }

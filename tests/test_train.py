@@ -177,6 +177,16 @@ def test_cli_rejects_bad_input_before_training(capsys, tmp_path):
     assert "not an empty folder" in capsys.readouterr().err
 
 
+def test_cli_quiet_like_every_command():
+    """`train` takes --quiet / -q as the other commands do; --no-progress stays as a hidden alias."""
+    from embfactor.cli.main import build_parser
+
+    parser = build_parser()
+    for flags, quiet in (([], False), (["--quiet"], True), (["-q"], True), (["--no-progress"], True)):
+        assert parser.parse_args(["train", *flags]).quiet is quiet, flags
+    assert "--no-progress" not in parser._subparsers._group_actions[0].choices["train"].format_help()
+
+
 @pytest.mark.slow
 def test_cli_tiny_run_on_bundled_wikipedia(tmp_path, capsys):
     """The real path: MiniLM's tokenizer on the bundled Wikipedia (token ids cached), 2 steps of a tiny model."""
@@ -184,10 +194,11 @@ def test_cli_tiny_run_on_bundled_wikipedia(tmp_path, capsys):
     rc = main([
         "train", "--variants", "dense,fact-d4", "--steps", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
         "--seq-len", "16", "--batch-size", "2", "--eval-tokens", "64", "--positional", "learned",
-        "--json", str(js), "--plot", str(png), "--no-progress",
+        "--json", str(js), "--plot", str(png), "--quiet",
     ])
     assert rc == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "train dense" not in err  # no progress bar
     assert "fact-d4" in out and "final val ppl" in out
     data = json.loads(js.read_text())
     assert data["data"]["vocab_size"] == 30522

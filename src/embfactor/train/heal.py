@@ -141,6 +141,19 @@ def _options(opts: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- model parts
 
 
+def bf16_supported(device: str | torch.device = "cpu") -> bool:
+    """True when ``device`` has native bfloat16 arithmetic (CUDA: Ampere and later; CPU: AVX-512 BF16 or AMX).
+
+    Without it bf16 autocast emulates the format and is slower than fp32, so ``bf16="auto"`` checks this at run time.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def trainable_parameters(
     model: nn.Module, *, train_layernorm: bool = False, train_all: bool = False
 ) -> dict[str, nn.Parameter]:
@@ -510,6 +523,7 @@ def heal(
             "steps": step,
             "seconds": round(elapsed(), 1),
             "cpu_seconds": round(time.process_time() - c0, 1),  # this run only; tells a busy machine from a slow loop
+            "step_seconds": round(step_cost["train"], 3),  # this run's optimizer steps only (no evaluation)
             "eval_before": before,
             "best_eval": best_eval,
             "last_eval": history[-1] if history else None,
@@ -532,7 +546,7 @@ def heal(
 
     # The budget covers evaluating and training (not loading or saving): a step starts only when it and the final
     # evaluation fit in what is left, judged by the slowest recent step and the last evaluation's duration.
-    step_cost = {"step": 0.0, "eval": 0.0}
+    step_cost = {"step": 0.0, "eval": 0.0, "train": 0.0}
 
     def budget_left() -> bool:
         if steps is not None and step >= steps:
@@ -590,6 +604,7 @@ def heal(
         lv = float(loss.detach())
         ema = lv if ema is None else 0.9 * ema + 0.1 * lv
         took = time.perf_counter() - t_step
+        step_cost["train"] += took
         step_cost["step"] = max(took, 0.8 * step_cost["step"])  # the slowest recent step, decaying
         bar.update(1)
         if step % o["eval_every"] == 0 or not budget_left():

@@ -43,6 +43,7 @@ def run(batch_sizes: tuple[int, ...], steps: int, rounds: int, rank: int = 96) -
             r = heal(student, teacher, steps=steps, batch_size=bs, bf16=bf16, eval_size=8, eval_every=10**6,
                      progress=False, warmup_steps=1)
             samples[(bs, bf16)].append(r["steps"] / r["step_seconds"])
+            print(f"batch {bs} bf16={bf16}: {samples[(bs, bf16)][-1]:.3f} steps/s", file=sys.stderr, flush=True)
     rows = []
     for bs, bf16 in cases:
         sps = statistics.median(samples[(bs, bf16)])
@@ -66,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one small case, for a smoke test")
     p.add_argument("--output", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32], help="batch sizes (default 8 16 32)")
+    p.add_argument("--steps", type=int, default=5, help="steps per case (default 5)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     a = p.parse_args(argv)
-    res = run((4,), 2, 1) if a.quick else run((8, 16, 32), 6, 3)
+    res = run((4,), 2, 1) if a.quick else run(tuple(a.batch_sizes), a.steps, a.rounds)
     md = markdown(res)
     print(md)
     write_result_files(results_prefix("heal_speed", a.quick, a.output), res, md)

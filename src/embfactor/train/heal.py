@@ -165,11 +165,12 @@ class _HealRun:
         self.cost = {"step": 0.0, "eval": 0.0, "train": 0.0}  # slowest recent step, last evaluation, all steps
 
     def _setup_accelerator(self, head: nn.Module | None) -> None:
-        from accelerate import Accelerator, PartialState
+        from accelerate import Accelerator
 
-        device = PartialState().device
-        self.bf16 = bf16_supported(device) if self.cfg.bf16 == "auto" else bool(self.cfg.bf16)
-        self.acc = Accelerator(mixed_precision="bf16" if self.bf16 else "no")
+        # Autocast is ours, not Accelerate's mixed_precision: Accelerate keeps that in a process-wide state that
+        # refuses to change, so a second heal() in the same process with another bf16 setting would fail.
+        self.acc = Accelerator()
+        self.bf16 = bf16_supported(self.acc.device) if self.cfg.bf16 == "auto" else bool(self.cfg.bf16)
         if self.cfg.batch_size < self.acc.num_processes:
             raise ConfigError(f"batch_size {self.cfg.batch_size} is smaller than the {self.acc.num_processes} "
                               "processes that share each batch; give at least one text per process")
@@ -184,6 +185,9 @@ class _HealRun:
 
     # ------------------------------------------------------------------------------------------- batches, losses
 
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
     def batch_at(self, items: Any, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The model inputs of the items at ``idx``: token windows as they are, texts tokenized and padded."""
         if isinstance(items, torch.Tensor):
@@ -197,13 +201,13 @@ class _HealRun:
     def distill(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, per-item metric, pooled student embedding) on one batch."""
         mask = batch["attention_mask"]
-        with torch.inference_mode(), self.acc.autocast():
+        with torch.inference_mode(), self.autocast():
             if self.kind == "encoder":
                 t_out = hidden_states(self.tmodel, batch, "encoder")
             else:
                 t_out = self.tmodel(**batch).logits
         t_out = t_out.clone()  # inference tensors cannot be saved for backward
-        with self.acc.autocast():
+        with self.autocast():
             if self.kind == "encoder":
                 s_hidden = self.model(**batch).last_hidden_state
                 loss, cos = encoder_loss(s_hidden, t_out, mask, self.cfg.mse_weight)
@@ -430,7 +434,7 @@ class _HealRun:
             self.tok.pad_token = None
         model = self.acc.unwrap_model(self.model)
         for p in model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(p.is_floating_point())  # integer tensors (a format's codes) cannot require gradients
         model.eval()
         r = self.summary(final=True)
         r["output"] = str(self.out_dir) if self.out_dir is not None else None

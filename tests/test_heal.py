@@ -384,11 +384,14 @@ def test_heal_takes_a_config_and_options_override_it(tiny_bert):
 
 
 def test_heal_twice_in_one_process_with_other_precision(tiny_bert):
-    """bf16 autocast is per run: Accelerate's process-wide mixed_precision refused a second, different setting."""
-    for bf16 in (True, False, True):
+    """bf16 autocast is per run: Accelerate's process-wide mixed_precision refused a second, different setting.
+    "auto" turns it on where the device has native bf16 arithmetic."""
+    from embfactor.train.heal import bf16_supported
+
+    for bf16 in (True, False, True, "auto"):
         student, teacher = pair(tiny_bert, "encoder")
         r = heal(student, teacher, texts=TEXTS, steps=1, bf16=bf16, **OPTS)
-        assert r["bf16"] is bf16 and r["steps"] == 1
+        assert r["bf16"] is (bf16_supported("cpu") if bf16 == "auto" else bf16) and r["steps"] == 1
 
 
 @pytest.mark.slow  # two processes of torch + transformers + accelerate (~30 s on a busy 2-core machine)

@@ -395,10 +395,12 @@ def test_heal_twice_in_one_process_with_other_precision(tiny_bert):
 
 
 @pytest.mark.slow  # two processes of torch + transformers + accelerate (~30 s on a busy 2-core machine)
-def test_heal_under_two_cpu_processes(tiny_bert_dir, tmp_path):
-    """`torchrun --nproc_per_node 2 -m embfactor.cli.main heal ...` (what `accelerate launch` runs on GPUs; on CPU
-    its --cpu flag starts one process): both processes train in step (each on its share of the batch, gradients
-    averaged), agree on when to stop, and the main one writes a loadable output and the report."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_heal_under_two_cpu_processes(tiny_bert_dir, tmp_path, launcher):
+    """Two CPU processes, started by `torchrun --nproc_per_node 2` or by `accelerate launch --multi_gpu
+    --num_processes 2` with ACCELERATE_USE_CPU=1 (its --cpu flag starts one process without MPI): both train in step
+    (each on its share of the batch, gradients averaged), agree on when to stop, and the main one writes a loadable
+    output and the report."""
     import os
     import socket
     import subprocess
@@ -416,8 +418,13 @@ def test_heal_under_two_cpu_processes(tiny_bert_dir, tmp_path):
     src = str(Path(ef.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "embfactor.cli.main",
+    if launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    else:
+        start = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(port)]
+    cmd = [*start, "-m", "embfactor.cli.main",
            "heal", str(comp), "--reference", str(tiny_bert_dir), "-o", str(out), "--text", str(txt),
            "--steps", "4", "--batch-size", "4", "--max-length", "16", "--eval-every", "2",
            "--lr", "2e-2", "--json", str(tmp_path / "h.json"), "-q"]

@@ -22,11 +22,8 @@ def inspect_model(model: str) -> dict[str, Any]:
         E = (emb.dense() if facts.compressed else emb.weight).detach().float()
     # a U·V format's table has matrix rank r: above it every row would say "energy kept 1.0000"
     matrix_rank = emb.format_config().get("rank") if facts.compressed else None
-    nbytes = emb.num_bytes() if facts.compressed else E.numel() * emb.weight.element_size()
     return {
         **facts.to_dict(), **spectrum_facts(E, top_rank=matrix_rank if isinstance(matrix_rank, int) else None),
-        "format_config": emb.format_config() if facts.compressed else None,
-        "embedding_bytes": nbytes, "bytes_ratio": E.shape[0] * E.shape[1] * 4 / nbytes,
         # the byte-budget planner's choice (compress --size without --method), as embfactor.json records it
         "plan": (lm.record.get("report") or {}).get("plan") if lm.compressed else None,
     }

@@ -12,7 +12,7 @@ from embfactor.formats.quantized import QuantizedFactorizedEmbedding, parse_bits
 from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers.head import FactorizedLMHead
 from embfactor.surgery.factorize import as_module
-from embfactor.surgery.meta import get_meta
+from embfactor.surgery.meta import CompressionMeta, get_meta
 from embfactor.surgery.replace import replace_modules_
 
 
@@ -63,7 +63,7 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
 
     Example:
         >>> factorize_(model, ratio=6); quantize_(model, "int8")      # doctest: +SKIP
-        >>> save(model, "out/")                                       # doctest: +SKIP
+        >>> save_compressed(model, "out/")                                     # doctest: +SKIP
     """
     b = None if bits in (16, "fp16") else parse_bits(bits)  # 16: what compress passes for codebook methods
     model = as_module(model, "quantize_")
@@ -78,7 +78,9 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
     from embfactor.formats.intk import IntKEmbedding
 
     if isinstance(layer, CodebookEmbedding):
-        return _codebooks_to_fp16(layer, meta)
+        summary = _codebooks_to_fp16(layer, meta)
+        attach_quantization_config(model)  # the format's config changed (fp16 codebooks)
+        return summary
     if isinstance(layer, IntKEmbedding):
         raise SurgeryError(f"the embedding {emb_fqn!r} is already dense int{layer.bits} (method int)")
     b = parse_bits(bits)
@@ -113,7 +115,7 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
     return summary
 
 
-def _codebooks_to_fp16(layer: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+def _codebooks_to_fp16(layer: nn.Module, meta: CompressionMeta) -> dict[str, Any]:
     """Store a CodebookEmbedding's float tensors (codebooks, rotation, row scales) as fp16, in place."""
     import torch
 

@@ -128,7 +128,6 @@ class CodebookFactors(Factors):
         )
 
 
-
 def codes_as_long(codes: torch.Tensor) -> torch.Tensor:
     """Codes as int64 in [0, K) (int16 codes are stored shifted by −32,768)."""
     c = codes.long()

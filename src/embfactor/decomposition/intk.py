@@ -82,7 +82,6 @@ class IntFactors(Factors):
                           scale=self.scale, lo=self.lo, bits=self.bits, group=self.group)
 
 
-
 def int_quantize(E: torch.Tensor, *, bits: int = 4, group: int | None = 32, symmetric: bool = True) -> IntFactors:
     """Quantize E (vocab × d) to packed int-k per group of columns (group=None: per row).
 

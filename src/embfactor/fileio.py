@@ -282,16 +282,6 @@ def _manifest_json(entries: list[str]) -> str:
     return json.dumps({"embfactor_manifest": 1, "entries": sorted(set(entries))}, indent=1) + "\n"
 
 
-def add_to_manifest(folder: str | os.PathLike, names: list[str]) -> None:
-    """Record files embfactor wrote into an existing output folder after its atomic save (e.g. heal's state).
-
-    Example:
-        >>> add_to_manifest("out/minilm-r6-healed", ["heal_state.json"])   # doctest: +SKIP
-    """
-    folder = Path(folder)
-    atomic_write_text(folder / MANIFEST_FILE, _manifest_json(sorted((read_manifest(folder) or set()) | set(names))))
-
-
 def is_temporary_dir(path: str | os.PathLike) -> bool:
     """True for the hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` folders of :func:`atomic_directory`.
 

@@ -34,7 +34,7 @@ def heal_model(
     from embfactor.errors import ConfigError
     from embfactor.fileio import check_output_dir
     from embfactor.models import load_model, source_path
-    from embfactor.train.heal import heal
+    from embfactor.train.heal import check_settings, heal
 
     texts = read_texts(text_files) if text_files else None
     if labels is not None:
@@ -42,6 +42,7 @@ def heal_model(
     check_output_dir(output, inputs=(source_path(compressed), source_path(reference)))
     if minutes is None and steps is None:
         raise ConfigError("give --minutes M or --steps N")
+    check_settings(minutes, steps, opts)  # budget and options, before the two models load
     student = load_model(compressed)
     teacher = load_model(reference)
     return heal(student, teacher, texts=texts, minutes=minutes, steps=steps, output=output, labels=labels,

@@ -125,6 +125,24 @@ def _check_texts(texts: Sequence[str] | None) -> list[str] | None:
     return texts
 
 
+def check_settings(minutes: float | None, steps: int | None, opts: dict[str, Any]) -> dict[str, Any]:
+    """Validate a healing budget and options (no model needed: commands call it before loading); return the options
+    with their defaults filled in.
+
+    Example:
+        >>> check_settings(None, 100, {"lr": 1e-3})["batch_size"]
+        16
+    """
+    o = _options(opts)
+    if minutes is None and steps is None:
+        raise ConfigError("give a healing budget: minutes= (wall clock) and/or steps= (optimizer steps)")
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0):
+        raise ConfigError(f"minutes must be a positive number, got {minutes!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    return o
+
+
 def _options(opts: dict[str, Any]) -> dict[str, Any]:
     unknown = set(opts) - set(DEFAULTS)
     if unknown:
@@ -309,13 +327,7 @@ def heal(
     from embfactor.surgery import save_compressed
 
     # ---- validate everything before any work or write
-    o = _options(opts)
-    if minutes is None and steps is None:
-        raise ConfigError("give a healing budget: minutes= (wall clock) and/or steps= (optimizer steps)")
-    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise ConfigError(f"minutes must be a positive number, got {minutes!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    o = check_settings(minutes, steps, opts)
     check_compatible(student, teacher)
     texts = _check_texts(texts)
     kind = student.kind

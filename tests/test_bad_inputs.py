@@ -668,3 +668,27 @@ def test_cheap_checks_come_before_the_model_loads(work, capsys, no_load, argv, m
     err = capsys.readouterr().err
     assert err.startswith(f"embfactor {argv[0]}: error: ") and re.search(message, err), err
     assert snapshot(work) == before
+
+
+@pytest.fixture
+def immutable(work):
+    """An empty folder and one with the Linux immutable attribute (skipped where chattr is not permitted)."""
+    import subprocess
+
+    folder = work / "imm"
+    folder.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not permitted here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("imm", "is immutable or append-only"),              # replacing it would fail at the very end
+    ("imm/x", r"cannot write output .*imm/x: Operation not permitted"),
+])
+def test_immutable_output_is_refused_before_loading(work, immutable, capsys, no_load, target, message):
+    assert main(["compress", str(work / "bert"), "--rank", "3", "-o", str(work / target), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("embfactor compress: error: ") and re.search(message, err), err
+    assert list(immutable.iterdir()) == [] and not [p for p in work.iterdir() if ".tmp-" in p.name]

@@ -34,7 +34,8 @@ def heal_model(
     from embfactor.errors import ConfigError
     from embfactor.fileio import check_output_dir
     from embfactor.models import load_model, source_path
-    from embfactor.train.heal import check_settings, heal
+    from embfactor.train.config import HealConfig
+    from embfactor.train.heal import heal
 
     texts = read_texts(text_files) if text_files else None
     if labels is not None:
@@ -42,7 +43,7 @@ def heal_model(
     check_output_dir(output, inputs=(source_path(compressed), source_path(reference)))
     if minutes is None and steps is None:
         raise ConfigError("give --minutes M or --steps N")
-    check_settings(minutes, steps, opts)  # budget and options, before the two models load
+    HealConfig.from_options(minutes=minutes, steps=steps, **opts)  # budget and options, before the models load
     student = load_model(compressed)
     teacher = load_model(reference)
     return heal(student, teacher, texts=texts, minutes=minutes, steps=steps, output=output, labels=labels,
@@ -74,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
         eval_every=args.eval_every, resume=args.resume, seed=args.seed,
     )
-    print(render(r))
-    write_json(args.json, r)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch` every process returns the same run's summary
+        print(render(r))
+        write_json(args.json, r)
     return 0
 
 
@@ -96,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorm/RMSNorm weights")
     p.add_argument("--train-all", action="store_true",
                    help="train every weight, not only the factors (faster progress per step; Adam state for all)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster only on CPUs/GPUs with bf16 units)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast on or off (default: off; faster only on CPUs/GPUs with bf16 units)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --output")
     p.add_argument("--seed", type=int, default=None, help="seed of the data order (default 0)")
     p.add_argument("--json", help="also write the summary as JSON to this file")

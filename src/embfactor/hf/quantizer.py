@@ -150,7 +150,7 @@ def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch
     Used by the quantizer on the meta device and usable on any device: the module's tensors are left for the
     weights loader to fill. Returns the new embedding module.
     """
-    from embfactor.surgery.factorize import apply_structure_
+    from embfactor.surgery.replace import apply_structure_
 
     cls = format_class(qconfig.format)
     try:

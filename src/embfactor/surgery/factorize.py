@@ -14,9 +14,8 @@ from embfactor.decomposition import decompose, get_method, optimal_relative_erro
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.formats import from_factors, is_row_format
 from embfactor.hf.integration import attach_quantization_config
-from embfactor.layers import FactorizedLMHead
 from embfactor.surgery.meta import CompressionMeta, set_meta
-from embfactor.surgery.replace import fqn_of, replace_modules_
+from embfactor.surgery.replace import apply_structure_, fqn_of
 
 
 
@@ -104,42 +103,6 @@ def find_embedding_and_head(model: nn.Module, module_name: str | None = None) ->
     return EmbeddingSite(emb_fqn, emb, head_fqn, head, tied)
 
 
-def _disable_hf_retying(model: nn.Module) -> None:
-    # transformers re-ties `lm_head.weight = embed.weight` in tie_weights(); after surgery neither module has a
-    # `weight` parameter, and the factors are already shared, so the model must not try again.
-    for m in model.modules():
-        if hasattr(m, "all_tied_weights_keys"):
-            m.all_tied_weights_keys = {}
-
-
-def apply_structure_(
-    model: nn.Module,
-    *,
-    embedding_module: str,
-    new_embedding: nn.Module,
-    tied_head: bool,
-    head_module: str | None,
-) -> nn.Module:
-    """Swap in a factorized embedding layer (and a FactorizedLMHead tied to it) at known module names."""
-    emb = model.get_submodule(embedding_module)
-    if not isinstance(emb, nn.Embedding):
-        raise SurgeryError(f"{embedding_module!r} is a {type(emb).__name__}, expected nn.Embedding")
-    if (new_embedding.num_embeddings, new_embedding.embedding_dim) != (emb.num_embeddings, emb.embedding_dim):
-        raise SurgeryError(
-            f"the new embedding is {new_embedding.num_embeddings}×{new_embedding.embedding_dim}, "
-            f"but {embedding_module!r} is {emb.num_embeddings}×{emb.embedding_dim}"
-        )
-    replacements: dict[str, nn.Module] = {embedding_module: new_embedding}
-    if tied_head:
-        if head_module is None:
-            raise SurgeryError("tied_head=True needs the head's module name")
-        head = model.get_submodule(head_module)
-        replacements[head_module] = FactorizedLMHead(new_embedding, getattr(head, "bias", None))
-    replace_modules_(model, replacements)
-    _disable_hf_retying(model)
-    return new_embedding
-
-
 def as_module(model: Any, caller: str) -> nn.Module:
     """The nn.Module to work on: ``model`` itself, or the ``.model`` of what :func:`embfactor.load_model` returns.
 
@@ -147,9 +110,8 @@ def as_module(model: Any, caller: str) -> nn.Module:
         >>> lm = load_model("minilm"); as_module(lm, "factorize_") is lm.model   # doctest: +SKIP
         True
     """
-    from embfactor.models import LoadedModel
-
-    if isinstance(model, LoadedModel):
+    # a LoadedModel is recognised by its shape, not imported: models.py sits above surgery (it loads through it)
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         return model.model
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(

@@ -62,7 +62,7 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
 
     Example:
         >>> factorize_(model, ratio=6); quantize_(model, "int8")      # doctest: +SKIP
-        >>> save(model, "out/")                                       # doctest: +SKIP
+        >>> save_compressed(model, "out/")                                     # doctest: +SKIP
     """
     b = parse_bits(bits)
     model = as_module(model, "quantize_")

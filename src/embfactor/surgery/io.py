@@ -17,7 +17,7 @@ from embfactor.formats import get_format
 from embfactor.surgery.factorize import as_module
 from embfactor.surgery.replace import apply_structure_
 from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, without_absent_pooler
-from embfactor.surgery.meta import CompressionMeta, get_meta, set_meta
+from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
 
 WEIGHTS_FILE = "model.safetensors"
 # the metadata fields every record has (report and extra are optional)
@@ -80,7 +80,7 @@ def save_compressed(
         "format_version": CONFIG_FORMAT_VERSION,
         "embfactor_version": __version__,
         "architecture": architecture,
-        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "torch_dtype": str(model_dtype(model, layer)).removeprefix("torch."),
         **meta.to_record(),
         **(extra or {}),
     }

@@ -88,6 +88,8 @@ RECIPES: dict[str, Callable[[nn.Module], None]] = {
     "quantized": _quantized(8),
     "tiered": lambda m: _install(m, _tiered),
     "zeros": lambda m: _install(m, _zeros),
+    "codebook": lambda m: ef.factorize_(m, rank=1, method="pq", sub_dim=4, K=16, token_weights=_token_weights()),
+    "intk": lambda m: ef.factorize_(m, rank=1, method="int", bits=4, group=16),
 }
 EXTRA_CASES = {"quantized-int4": _quantized(4)}  # same format, another config (packed nibbles)
 

@@ -36,7 +36,7 @@ torch.set_num_threads(1)
 def _folders(quick: bool, work: Path) -> list[dict[str, Any]]:
     """[{name, original, compressed, kind}] with the folders written under ``work``."""
     import embfactor as ef
-    from embfactor.cli.compress_cmd import compress
+    from embfactor.pipeline import compress
     from embfactor.models import load_model, minilm_path
 
     if quick:
@@ -85,7 +85,7 @@ def run(quick: bool = False, repeats: int = 5) -> dict[str, Any]:
             timings = {
                 "from_pretrained original": time_call(lambda: cls.from_pretrained(orig), repeats=repeats),
                 "from_pretrained compressed": time_call(lambda: cls.from_pretrained(comp), repeats=repeats),
-                "embfactor.load compressed": time_call(lambda: ef.load(comp), repeats=repeats),
+                "embfactor.load compressed": time_call(lambda: ef.load_compressed(comp), repeats=repeats),
                 "previous embfactor loader": time_call(
                     lambda: _load_without_quantization_config(Path(comp), record, "cpu"), repeats=repeats),
             }

@@ -251,8 +251,8 @@ def test_models_save_and_load_exactly(fixture, method, opts, request, tmp_path):
     rep = ef.factorize_(model, rank=4, method=method, **opts)
     emb = model.get_input_embeddings()
     assert isinstance(emb, (CodebookEmbedding, IntKEmbedding)) and rep.method == method
-    ef.save(model, tmp_path / "out")
-    loaded = ef.load(tmp_path / "out")
+    ef.save_compressed(model, tmp_path / "out")
+    loaded = ef.load_compressed(tmp_path / "out")
     x = torch.randint(0, VOCAB, (2, 7))
     with torch.no_grad():
         a, b = model(input_ids=x), loaded(input_ids=x)
@@ -303,8 +303,8 @@ def test_quantize_stores_codebooks_in_fp16(tiny_gpt2, tmp_path):
     before = emb.num_bytes()
     q = ef.quantize_(tiny_gpt2, "int8")
     assert emb.codebooks.dtype == torch.float16 and q["embedding_bytes"] == emb.num_bytes() < before
-    ef.save(tiny_gpt2, tmp_path / "q")
-    loaded = ef.load(tmp_path / "q")
+    ef.save_compressed(tiny_gpt2, tmp_path / "q")
+    loaded = ef.load_compressed(tmp_path / "q")
     assert loaded.get_input_embeddings().codebooks.dtype == torch.float16
     assert torch.equal(loaded.get_input_embeddings().dense(), emb.dense())
 
@@ -322,7 +322,7 @@ def test_cli_compress_pq_with_size_and_options(tiny_bert_dir, tmp_path, capsys):
 
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["format"] == "codebook" and r["format_config"]["K"] == 32 and r["bytes_ratio"] >= 6
-    loaded = ef.load(out)
+    loaded = ef.load_compressed(out)
     assert isinstance(loaded.get_input_embeddings(), CodebookEmbedding)
     assert main(["inspect", str(out)]) == 0
     assert "codebook" in capsys.readouterr().out
@@ -364,7 +364,7 @@ def test_fused_lut_kernel_matches_the_torch_path(monkeypatch):
 
 
 def test_sweep_draws_the_int_k_curve_and_counts_codebook_bytes(tiny_bert_dir):
-    from embfactor.eval.sweep import INT_K_CURVE, plot_sweep, sweep
+    from embfactor.pipeline.sweep import INT_K_CURVE, plot_sweep, sweep
 
     from tests.test_sweep import TEXTS, _human
 

@@ -11,7 +11,8 @@ from embfactor.formats.lowrank import FactorizedEmbedding
 from embfactor.formats.quantized import QuantizedFactorizedEmbedding, parse_bits
 from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers.head import FactorizedLMHead
-from embfactor.surgery.factorize import META_ATTR, as_module
+from embfactor.surgery.factorize import as_module
+from embfactor.surgery.meta import CompressionMeta, get_meta
 from embfactor.surgery.replace import replace_modules_
 
 
@@ -62,22 +63,24 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
 
     Example:
         >>> factorize_(model, ratio=6); quantize_(model, "int8")      # doctest: +SKIP
-        >>> save(model, "out/")                                       # doctest: +SKIP
+        >>> save_compressed(model, "out/")                                     # doctest: +SKIP
     """
     b = None if bits in (16, "fp16") else parse_bits(bits)  # 16: what compress passes for codebook methods
     model = as_module(model, "quantize_")
-    meta = getattr(model, META_ATTR, None)
+    meta = get_meta(model)
     if meta is None:
         raise SurgeryError(
             f"{type(model).__name__} is not factorized; call embfactor.factorize_(model, ...) before quantize_"
         )
-    emb_fqn = meta["embedding_module"]
+    emb_fqn = meta.embedding_module
     layer = model.get_submodule(emb_fqn)
     from embfactor.formats.codebook import CodebookEmbedding
     from embfactor.formats.intk import IntKEmbedding
 
     if isinstance(layer, CodebookEmbedding):
-        return _codebooks_to_fp16(layer, meta)
+        summary = _codebooks_to_fp16(layer, meta)
+        attach_quantization_config(model)  # the format's config changed (fp16 codebooks)
+        return summary
     if isinstance(layer, IntKEmbedding):
         raise SurgeryError(f"the embedding {emb_fqn!r} is already dense int{layer.bits} (method int)")
     b = parse_bits(bits)
@@ -91,7 +94,7 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
     replacements: dict[str, nn.Module] = {}
     new = QuantizedFactorizedEmbedding.from_factorized(layer, b)
     replacements[emb_fqn] = new
-    head_fqn = meta.get("head_module") if meta.get("tied_head") else None
+    head_fqn = meta.head_module if meta.tied_head else None
     if head_fqn:
         head = model.get_submodule(head_fqn)
         if not isinstance(head, FactorizedLMHead):
@@ -107,14 +110,12 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
         "factor_fp32_bytes": factor_bytes(vocab, d, r),
         "bytes_ratio": dense_embedding_bytes(vocab, d) / new.num_bytes(),
     }
-    report = dict(meta.get("report") or {})
-    report["quantization"] = summary
-    meta["report"] = report
+    meta.report["quantization"] = summary
     attach_quantization_config(model)  # the format changed: model.save_pretrained must describe the new one
     return summary
 
 
-def _codebooks_to_fp16(layer: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+def _codebooks_to_fp16(layer: nn.Module, meta: CompressionMeta) -> dict[str, Any]:
     """Store a CodebookEmbedding's float tensors (codebooks, rotation, row scales) as fp16, in place."""
     import torch
 
@@ -134,7 +135,5 @@ def _codebooks_to_fp16(layer: nn.Module, meta: dict[str, Any]) -> dict[str, Any]
         "factor_fp32_bytes": None,
         "bytes_ratio": dense_embedding_bytes(vocab, d) / layer.num_bytes(),
     }
-    report = dict(meta.get("report") or {})
-    report["quantization"] = summary
-    meta["report"] = report
+    meta.report["quantization"] = summary
     return summary

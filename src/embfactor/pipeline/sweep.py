@@ -320,7 +320,7 @@ def _int_k_curve(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, 
 
     emb = input_embedding(lm.model)
     dense_bytes = emb.weight.numel() * 4
-    tied = bool(find_embedding_and_head(lm.model)[4])
+    tied = bool(find_embedding_and_head(lm.model).tied)
     rows: list[dict[str, Any]] = []
     for bits, group in INT_K_CURVE:
         t0 = time.perf_counter()

@@ -21,13 +21,10 @@ def render(r: dict[str, Any]) -> str:
         ["embedding compression", "1.00x", f"{r['ratio']:.2f}x"],
         ["model compression", "1.00x", f"{r['model_params_before'] / r['model_params_after']:.2f}x"],
         ["bytes on disk", mb(r["bytes_before"]), mb(r["bytes_after"])],
-        ["relative error ||E-UV||/||E||", 0.0, r["relative_error"]],
+        ["relative error ||E-Ê||/||E||", 0.0, r["relative_error"]],
     ]
     fp32 = r["vocab_size"] * r["hidden_size"] * 4
-    byte_format = r.get("format") in ("codebook", "intk")
-    if byte_format:
-        rows[-1][0] = "relative error ||E-Ê||/||E||"
-    if byte_format and r.get("embedding_bytes_after"):  # (U·V formats: bytes are in the JSON report)
+    if r.get("embedding_bytes_after"):
         rows.insert(3, ["embedding bytes (x fewer than fp32)", f"{mb(r['embedding_bytes_before'])} "
                         f"({fp32 / r['embedding_bytes_before']:.2f}x)",
                         f"{mb(r['embedding_bytes_after'])} ({r['bytes_ratio']:.2f}x)"])

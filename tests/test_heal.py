@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import re
+import types
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,133 @@ def test_heal_cli_bad_inputs_write_nothing(tiny_bert_dir, tmp_path, capsys):
         assert rc == 2
         assert msg in capsys.readouterr().err
         assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------- progress, budget
+
+
+def test_heal_evaluates_the_end_and_shows_the_current_best(tiny_bert, capsys):
+    """An interval longer than the run still evaluates the last step, and the bar's best= is the final best."""
+    student, teacher = pair(tiny_bert, "encoder")
+    r = heal(student, teacher, texts=TEXTS, steps=5, **{**OPTS, "eval_every": 50, "progress": True})
+    assert [h["step"] for h in r["history"]] == [0, 5]
+    assert r["last_eval"]["step"] == 5 and r["best_eval"]["loss"] < r["eval_before"]["loss"]
+    shown = re.findall(r"best=([0-9.]+)", capsys.readouterr().err)
+    assert shown and shown[-1] == f"{r['best_eval']['loss']:.4f}"
+
+
+def test_heal_keeps_the_time_budget_with_the_last_step(tiny_bert, monkeypatch):
+    """A step starts only if it and the final evaluation fit: 0.6 s steps in a 2 s budget stop at 1.8 s, not 2.4 s.
+
+    The loop's clock is virtual (only the optimizer step advances it), so the test does not depend on the load.
+    """
+    heal_module = importlib.import_module("embfactor.train.heal")  # the module (the package exports the function)
+
+    student, teacher = pair(tiny_bert, "encoder")
+    clock = [1000.0]
+    monkeypatch.setattr(heal_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                   process_time=lambda: clock[0]))
+    step = torch.optim.AdamW.step
+
+    def slow_step(self, *a, **k):
+        clock[0] += 0.6
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
+    r = heal(student, teacher, texts=TEXTS, minutes=2 / 60, **{**OPTS, "eval_every": 100})
+    assert r["steps"] == 3 and r["seconds"] == pytest.approx(1.8)
+    assert [h["step"] for h in r["history"]] == [0, 3]  # the end evaluated
+
+
+# ----------------------------------------------------------------------------------------------- atomic output
+
+# Runs `embfactor heal` with os.replace / os.fsync / the folder exchange instrumented: each call is an event, seen
+# before and after it happens; at the event named by KILL_AT ("after rename_exchange#1": the first exchange, once
+# done; "swapped:after fsync#1": the first fsync after it) the process SIGKILLs itself: a kill -9 at an exact moment.
+KILLER = """
+import os, signal, sys
+from collections import Counter
+import embfactor.fileio as fio
+kill_at, seen, phase = os.environ["KILL_AT"], Counter(), [""]
+
+def event(name):
+    name = phase[0] + name
+    seen[name] += 1
+    if f"{name}#{seen[name]}" == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if name.endswith("after rename_exchange"):
+        phase[0] = "swapped:"
+
+def wrap(mod, attr):
+    orig = getattr(mod, attr)
+    def wrapped(*a, **k):
+        event("before " + attr)
+        r = orig(*a, **k)
+        event("after " + attr)
+        return r
+    setattr(mod, attr, wrapped)
+
+for mod, attr in ((os, "replace"), (os, "fsync"), (fio, "rename_exchange")):
+    wrap(mod, attr)
+from embfactor.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _complete_heal_output(out: Path) -> int:
+    """The step count of a complete `heal --labels` output (model, classifier and resume state of one run)."""
+    from embfactor.train.heal import HEAD_FILE, HEAD_JSON
+
+    names = {p.name for p in out.iterdir()}
+    for need in ("model.safetensors", "config.json", "embfactor.json", HEAD_FILE, HEAD_JSON, STATE_JSON,
+                 STATE_TENSORS):
+        assert need in names, f"{need} missing from {sorted(names)}"
+    steps = ef.load_model(str(out)).record["healing"]["steps"]
+    assert json.loads((out / STATE_JSON).read_text())["step"] == steps  # model and state are of the same run
+    assert json.loads((out / HEAD_JSON).read_text())["classes"] == ["bad", "good"]
+    return steps
+
+
+@pytest.mark.slow  # four child processes (~7 CPU-seconds each, mostly imports)
+def test_heal_labels_output_is_old_or_new_whenever_killed(tiny_bert_dir, tmp_path):
+    """kill -9 of `heal --labels` before, during and after the swap: the target is the complete old or new output."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from embfactor.cli.main import main
+
+    comp, old = tmp_path / "c", tmp_path / "old"
+    assert main(["compress", str(tiny_bert_dir), "--rank", "4", "--method", "svd", "-o", str(comp), "-q"]) == 0
+    labels = tmp_path / "l.csv"
+    labels.write_text("text,label\n" + "".join(f"the {w} film is very good,good\nthe {w} film is very bad,bad\n"
+                                               for w in ("cat", "dog", "mat", "movie", "a", "on")))
+    args = ["heal", str(comp), "--reference", str(tiny_bert_dir), "--labels", str(labels), "-q", "--eval-every", "1",
+            "--batch-size", "4", "--max-length", "16"]
+    assert main(args + ["-o", str(old), "--steps", "1"]) == 0
+    assert _complete_heal_output(old) == 1
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    src = str(Path(ef.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    # files written into the temporary folder but none flushed; just before and just after the exchange; after the
+    # folder's fsync. Run side by side, each on its own copy of the old output.
+    moments = ["before fsync#1", "before rename_exchange#1", "after rename_exchange#1", "swapped:after fsync#1"]
+    procs = []
+    for i, kill_at in enumerate(moments):
+        target = tmp_path / f"out{i}"
+        shutil.copytree(old, target)
+        cmd = [sys.executable, str(script), *args, "-o", str(target), "--steps", "2"]
+        procs.append((kill_at, target, subprocess.Popen(cmd, env={**env, "KILL_AT": kill_at},
+                                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+    found = {}
+    for kill_at, target, proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == -9, (kill_at, err.decode()[-2000:])
+        found[kill_at] = _complete_heal_output(target)
+    # (where the file system cannot exchange two folders, "after rename_exchange" is still before the two renames)
+    assert found["before fsync#1"] == found["before rename_exchange#1"] == 1, found
+    assert found["swapped:after fsync#1"] == 2 and found["after rename_exchange#1"] in (1, 2), found

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import embfactor.formats.tt as ttmod
-from embfactor import TTEmbedding, decompose, factorize_, load_compressed, save_compressed
+from embfactor import TTEmbedding, decompose, load_compressed
 from embfactor.decomposition.tt import TTFactors, tt_rank_for_budget, tt_svd
 from embfactor.errors import ConfigError, InvalidTypeError
 from embfactor.decomposition.tt import factorize_exact, factorize_padded, max_tt_ranks, tt_num_params
@@ -179,27 +179,6 @@ def test_from_embedding_keeps_nonzero_padding_row():
     emb = TTEmbedding.from_embedding(dense, tt_rank=10**6)
     assert not emb.zero_padding_row
     assert torch.allclose(emb(torch.tensor([0, 5])), dense.weight[[0, 5]], atol=1e-5)
-
-
-@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_bert"])
-def test_save_load_round_trip(fixture, request, tmp_path):
-    model = request.getfixturevalue(fixture)
-    rep = factorize_(model, rank=8, method="tt")
-    emb = model.get_input_embeddings()
-    assert isinstance(emb, TTEmbedding)
-    if fixture == "tiny_gpt2":
-        assert rep.tied_head and model.get_output_embeddings().embedding is emb
-    x = torch.randint(1, VOCAB, (2, 9))
-    with torch.no_grad():
-        before = model(x)
-    save_compressed(model, tmp_path / "out")
-    loaded = load_compressed(tmp_path / "out")
-    assert isinstance(loaded.get_input_embeddings(), TTEmbedding)
-    assert loaded.get_input_embeddings().format_config() == emb.format_config()
-    with torch.no_grad():
-        after = loaded(x)
-    key = "logits" if fixture == "tiny_gpt2" else "last_hidden_state"
-    assert torch.equal(before[key], after[key])
 
 
 def test_compress_cli_with_tt(tiny_bert_dir, tmp_path):

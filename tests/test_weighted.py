@@ -9,7 +9,7 @@ import embfactor as ef
 from embfactor.decomposition.wsvd import weighted_error
 from embfactor.errors import ConfigError, InvalidInputError
 from embfactor.formats import from_factors
-from embfactor.layers import BlockFactorizedEmbedding, FactorizedLMHead
+from embfactor.layers import BlockFactorizedEmbedding
 
 from .conftest import decaying_matrix
 
@@ -90,35 +90,6 @@ def test_block_layer_padding_and_bad_config():
 def _weights(model) -> torch.Tensor:
     n = model.get_input_embeddings().num_embeddings
     return skewed_weights(n, 7)
-
-
-def test_block_save_load_roundtrip_bert(tiny_bert, tmp_path):
-    ids = torch.randint(1, 120, (2, 9))
-    ef.factorize_(tiny_bert, rank=6, method="block", token_weights=_weights(tiny_bert))
-    emb = tiny_bert.get_input_embeddings()
-    assert isinstance(emb, BlockFactorizedEmbedding)
-    out = tiny_bert(input_ids=ids).last_hidden_state
-    ef.save(tiny_bert, tmp_path / "m")
-    loaded = ef.load(tmp_path / "m")
-    assert isinstance(loaded.get_input_embeddings(), BlockFactorizedEmbedding)
-    torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, out)
-
-
-def test_block_tied_head_gpt2_shares_and_roundtrips(tiny_gpt2, tmp_path):
-    ids = torch.randint(0, 120, (2, 9))
-    rep = ef.factorize_(tiny_gpt2, rank=6, method="block", token_weights=_weights(tiny_gpt2))
-    assert rep.tied_head
-    emb, head = tiny_gpt2.get_input_embeddings(), tiny_gpt2.get_output_embeddings()
-    assert isinstance(head, FactorizedLMHead) and head.embedding is emb
-    logits = tiny_gpt2(input_ids=ids).logits
-    h = tiny_gpt2.transformer(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(logits, h @ emb.weight.T, atol=1e-4, rtol=1e-4)
-    ef.save(tiny_gpt2, tmp_path / "g")
-    loaded = ef.load(tmp_path / "g")
-    torch.testing.assert_close(loaded(input_ids=ids).logits, logits)
-    assert loaded.get_output_embeddings().embedding is loaded.get_input_embeddings()
-    n_unique = sum(p.numel() for p in loaded.parameters())
-    assert n_unique == sum(p.numel() for p in tiny_gpt2.parameters())
 
 
 class WordTokenizer:

@@ -43,12 +43,13 @@ class FactorizationConfig:
         from embfactor.decomposition import get_method, validate_target
 
         validate_target(self.rank, self.ratio, self.energy, self.max_error)
-        if self.method is not None:
-            get_method(self.method)  # raises UnknownMethodError listing valid names
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+        if self.method is not None:
+            # UnknownMethodError listing the valid names; ConfigError naming an option the method does not take
+            get_method(self.method).check_options(self.method_options)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         from embfactor import __version__

@@ -96,6 +96,7 @@ def decompose(
     r = resolve_rank(tuple(E.shape), rank=rank, ratio=ratio, energy=energy, max_error=max_error, singular_values=sv)
     if info is None:
         info = get_method(default_method(tuple(E.shape), r))
+    info.check_options(options)
     work = E.to(working_dtype(E.dtype))
     t0 = time.perf_counter()
     f = info.fn(work, r, seed=seed, progress=progress, **options)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from embfactor.errors import UnknownMethodError
+from embfactor.errors import ConfigError, UnknownMethodError
+
+# keyword arguments every method takes from decompose() itself, not from the user's method options
+_COMMON = ("seed", "progress")
 
 
 @dataclass(frozen=True)
@@ -14,6 +19,28 @@ class MethodInfo:
     fn: Callable
     description: str
     data_aware: bool  # needs token weights or other data beyond E
+
+    @property
+    def options(self) -> list[str]:
+        """The method's own keyword options (beyond E, rank, seed and progress), from its signature."""
+        params = inspect.signature(self.fn).parameters.values()
+        return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON]
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise ConfigError naming any option the method does not take, and the ones it does, before any work.
+
+        Example:
+            >>> get_method("svd").check_options({"power_iters": 2})
+            Traceback (most recent call last):
+            ...
+            embfactor.errors.ConfigError: unknown option(s) power_iters for method 'svd'; its options: split
+        """
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} for method {self.name!r}; "
+                f"its options: {', '.join(self.options) or 'none'}"
+            )
 
 
 _METHODS: dict[str, MethodInfo] = {}

@@ -28,6 +28,7 @@ def save_compressed(
     tokenizer: Any = None,
     extra: dict[str, Any] | None = None,
     inputs: tuple[str | os.PathLike, ...] = (),
+    files: dict[str, bytes] | None = None,
     modules_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
@@ -40,6 +41,8 @@ def save_compressed(
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
+        files: more files (name -> contents) written into the same temporary folder, so they appear in the one
+            swap together with the model (heal's classifier and resume state): never a model without them.
         modules_from: a sentence-transformers folder whose modules (modules.json, pooling, normalization, prompts)
             the output keeps; default: the folder :func:`embfactor.load_model` loaded the model from.
 
@@ -82,6 +85,10 @@ def save_compressed(
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for name, data in (files or {}).items():
+            if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
+                raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
+            (tmp / name).write_bytes(data)
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return Path(directory)

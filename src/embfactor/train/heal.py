@@ -205,13 +205,14 @@ def decoder_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Ten
 # ----------------------------------------------------------------------------------------------- state files
 
 
-def _write_state(
-    directory: Path, params: dict[str, nn.Parameter], best: dict[str, torch.Tensor], optimizer: Any,
-    head: nn.Module | None, info: dict[str, Any],
-) -> None:
+def _state_files(
+    params: dict[str, nn.Parameter], best: dict[str, torch.Tensor], optimizer: Any, head: nn.Module | None,
+    info: dict[str, Any],
+) -> dict[str, bytes]:
+    """The resume state as file contents (written into the checkpoint's temporary folder, swapped in with it)."""
     from safetensors.torch import save
 
-    from embfactor.fileio import add_to_manifest, atomic_write_bytes, atomic_write_json
+    from embfactor.fileio import json_bytes
 
     tensors = {f"current.{k}": p.detach().cpu().contiguous() for k, p in params.items()}
     tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
@@ -225,12 +226,8 @@ def _write_state(
                 tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{i}.{k}"] = float(v)
-    atomic_write_bytes(directory / STATE_TENSORS, save(tensors))
-    atomic_write_json(
-        directory / STATE_JSON,
-        {**info, "param_names": list(params), "optimizer_scalars": scalars, "param_groups": sd["param_groups"]},
-    )
-    add_to_manifest(directory, [STATE_TENSORS, STATE_JSON])  # embfactor's: a later save may replace them
+    meta = {**info, "param_names": list(params), "optimizer_scalars": scalars, "param_groups": sd["param_groups"]}
+    return {STATE_TENSORS: save(tensors), STATE_JSON: json_bytes(meta)}
 
 
 def _read_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -444,6 +441,11 @@ def heal(
         return r
 
     # ---- resume or start
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
     step, elapsed_before = 0, 0.0
     history: list[dict[str, Any]] = []
     unwrap = accelerator.unwrap_model
@@ -474,32 +476,32 @@ def heal(
             return
         m = unwrap(model)
         current = {k: p.detach().clone() for k, p in params.items()}
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(best[k])
         summary = {"healing": _summary(final=final)}
-        save_compressed(m, out_dir, tokenizer=tok, inputs=(student.source, teacher.source), extra={
-            "source_model": student.record.get("source_model", student.name), **summary})
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(current[k])
+        # Everything the output holds goes into the one temporary folder and appears in one swap: a kill at any
+        # moment leaves the complete earlier output or the complete new one, never a model without its classifier
+        # or resume state.
+        files: dict[str, bytes] = {}
         if head is not None:
             from safetensors.torch import save
 
-            from embfactor.fileio import add_to_manifest, atomic_write_bytes, atomic_write_json
+            from embfactor.fileio import json_bytes
 
-            atomic_write_bytes(out_dir / HEAD_FILE, save({k: v.contiguous() for k, v in best_head.items()}))
-            atomic_write_json(out_dir / HEAD_JSON, {"classes": classes, "pooling": "mean",
-                                                    "in_features": int(best_head["weight"].shape[1])})
-            add_to_manifest(out_dir, [HEAD_FILE, HEAD_JSON])
+            files[HEAD_FILE] = save({k: v.contiguous() for k, v in best_head.items()})
+            files[HEAD_JSON] = json_bytes({"classes": classes, "pooling": "mean",
+                                           "in_features": int(best_head["weight"].shape[1])})
         info = {"step": step, "seconds": elapsed(), "history": history, "eval_before": before,
                 "best_eval": best_eval, "options": {k: v for k, v in o.items() if k not in ("resume", "eval_texts")}}
-        _write_state(out_dir, params, best, optimizer, unwrap(head) if head is not None else None, info)
-
-    t0, c0 = time.perf_counter(), time.process_time()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
+        files.update(_state_files(params, best, optimizer, unwrap(head) if head is not None else None, info))
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(best[k])
+        try:
+            save_compressed(m, out_dir, tokenizer=tok, inputs=(student.source, teacher.source), files=files, extra={
+                "source_model": student.record.get("source_model", student.name), **summary})
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(current[k])
 
     def _summary(final: bool = True) -> dict[str, Any]:
         r = {
@@ -528,10 +530,36 @@ def heal(
             r["classes"] = classes
         return r
 
+    # The budget covers evaluating and training (not loading or saving): a step starts only when it and the final
+    # evaluation fit in what is left, judged by the slowest recent step and the last evaluation's duration.
+    step_cost = {"step": 0.0, "eval": 0.0}
+
     def budget_left() -> bool:
         if steps is not None and step >= steps:
             return False
-        return minutes is None or elapsed() < minutes * 60
+        if minutes is None:
+            return True
+        return elapsed() + step_cost["step"] + step_cost["eval"] <= minutes * 60
+
+    def run_eval() -> None:
+        nonlocal best_eval, best, best_head
+        t = time.perf_counter()
+        r = {"step": step, "seconds": 0.0, "train_loss": ema, **evaluate()}
+        step_cost["eval"] = time.perf_counter() - t
+        r["seconds"] = round(elapsed(), 1)
+        history.append(r)
+        if r["score"] < best_eval["score"]:
+            best_eval = r
+            best = {k2: p.detach().clone() for k2, p in params.items()}
+            if head is not None:
+                best_head = {k2: v.clone() for k2, v in unwrap(head).state_dict().items()}
+
+    def show() -> None:
+        shown = {"loss": f"{ema:.4f}"} if ema is not None else {}
+        if head is not None:
+            shown["best_acc"] = f"{best_eval['accuracy']:.4f}"
+        shown["best"] = f"{best_eval['loss']:.4f}"
+        bar.set_postfix(**shown, s=f"{elapsed():.0f}")
 
     # ---- train
     model.train()
@@ -543,7 +571,10 @@ def heal(
                disable=not progress or not accelerator.is_local_main_process)
     last_save = time.perf_counter()
     ema = None
-    while budget_left():
+    ran = False
+    while budget_left() or (not ran and (steps is None or step < steps)):  # one step even if none fits the time
+        ran = True
+        t_step = time.perf_counter()
         epoch, k = divmod(step, per_epoch)
         order = np.random.default_rng(o["seed"] + 1 + epoch).permutation(n)
         idx = order[k * bs : (k + 1) * bs]
@@ -558,19 +589,18 @@ def heal(
         step += 1
         lv = float(loss.detach())
         ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+        took = time.perf_counter() - t_step
+        step_cost["step"] = max(took, 0.8 * step_cost["step"])  # the slowest recent step, decaying
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.4f}", best=f"{best_eval['loss']:.4f}", s=f"{elapsed():.0f}")
         if step % o["eval_every"] == 0 or not budget_left():
-            r = {"step": step, "seconds": round(elapsed(), 1), "train_loss": ema, **evaluate()}
-            history.append(r)
-            if r["score"] < best_eval["score"]:
-                best_eval = r
-                best = {k2: p.detach().clone() for k2, p in params.items()}
-                if head is not None:
-                    best_head = {k2: v.clone() for k2, v in unwrap(head).state_dict().items()}
+            run_eval()
             if out_dir is not None and time.perf_counter() - last_save > o["save_every_seconds"]:
                 save_checkpoint()
                 last_save = time.perf_counter()
+        show()
+    if history[-1]["step"] != step:  # the end of the run is always evaluated, whatever the interval
+        run_eval()
+        show()
     bar.close()
     # the student ends in its best state
     with torch.no_grad():

@@ -1,0 +1,523 @@
+"""The byte-budget planner: frequency tiers of an embedding table, each stored in its own format (``--method auto``).
+
+Tokens are ordered by how often the model's tokenizer produces them on calibration text (most frequent first);
+a plan cuts that order into up to ``max_tiers`` tiers at cumulative shares of the token *mass* (never at fixed row
+counts, so the same defaults serve 30k and 250k vocabularies) and gives each tier a storage format: dense int-k for
+the frequent rows, codebooks (PQ/RVQ) for the rest. Choosing a plan takes two steps, because the first one alone
+misleads (starving tokens unseen in the calibration text cost real fidelity in the probes of issue 14):
+
+1. **Proxy** (cheap): every candidate format is fitted once to the whole table; each row's squared error is kept.
+   For token weights ``(count + 1)^alpha`` at a few alphas, a knapsack over (boundaries × formats) finds the plans
+   of least weighted error whose bytes fit the budget (prefix sums make each plan O(tiers)).
+2. **Check** (seconds each): the few best distinct plans are written into the model itself and scored on
+   calibration text against the original: the mean cosine of pooled sentence embeddings (encoders) or minus the
+   KL divergence of next-token distributions (decoders). The best-scoring plan is built (codebooks refitted on
+   their tier's rows) into a ``tiered`` format.
+
+Everything here is a pure function of tensors except :func:`plan_model` (the one entry the pipeline calls), which
+reads a model, writes candidate tables into its embedding to score them and puts the original back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from embfactor.errors import ConfigError
+
+# Cut points of the frequency tiers, as cumulative shares of the token mass; "1.0" ends the tier at the last token
+# seen in the calibration text (so unseen tokens can get a tier of their own).
+MASS_CUTS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)
+ALPHAS = (0.25, 0.5, 1.0)  # token weights (count + 1)^alpha under which the proxy ranks plans
+MAX_TIERS = 3
+CHECK_PLANS = 4  # plans scored on the model
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """A storage format for some rows: a registered decomposition and its options.
+
+    Example:
+        >>> FormatChoice("int", {"bits": 4, "group": 32}).label
+        'int4 g32'
+    """
+
+    method: str
+    options: tuple[tuple[str, Any], ...]
+
+    def __init__(self, method: str, options: dict[str, Any] | tuple = ()) -> None:
+        object.__setattr__(self, "method", method)
+        items = options.items() if isinstance(options, dict) else options
+        object.__setattr__(self, "options", tuple(sorted(items)))
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    @property
+    def label(self) -> str:
+        o = self.opts
+        if self.method == "int":
+            g = o.get("group")
+            return f"int{o['bits']} {'g' + str(g) if g else 'per-row'}" + ("" if o.get("symmetric", True) else " asym")
+        if self.method in ("pq", "rvq"):
+            s = f"{self.method} sub{o.get('sub_dim', 4)} K{o.get('K', 256)}"
+            return s + (f" x{o['stages']}" if o.get("stages", 1) > 1 else "")
+        return f"{self.method} {o}"
+
+    def bytes_for(self, rows: int, d: int) -> int:
+        """Stored bytes of ``rows`` rows of width ``d`` in this format (0 rows: 0 bytes, no codebook)."""
+        if rows <= 0:
+            return 0
+        o = self.opts
+        if self.method == "int":
+            from embfactor.quant import grouped_bytes
+
+            return grouped_bytes(rows, d, o["bits"], o.get("group"), symmetric=o.get("symmetric", True))
+        if self.method in ("pq", "rvq"):
+            from embfactor.decomposition.codebook import codebook_bytes
+
+            return codebook_bytes(rows, d, sub_dim=o.get("sub_dim", 4), K=o.get("K", 256), stages=o.get("stages", 1))
+        raise ConfigError(f"the planner has no byte count for method {self.method!r}")
+
+    def bytes_per_row(self, d: int, rows: int = 1 << 20) -> float:
+        """Bytes per row at a large row count (codebooks amortized): the order in which tiers get formats."""
+        return self.bytes_for(rows, d) / rows
+
+
+def default_formats(d: int) -> list[FormatChoice]:
+    """The candidate formats: int8/6/5/4/3 per group of 32, PQ with 2..16-column sub-vectors (K = 256).
+
+    Example:
+        >>> [f.label for f in default_formats(384)][:2]
+        ['int8 g32', 'int6 g32']
+    """
+    out = [FormatChoice("int", {"bits": b, "group": 32}) for b in (8, 6, 5, 4, 3)]
+    out += [FormatChoice("pq", {"sub_dim": s, "K": 256}) for s in (2, 3, 4, 5, 6, 8, 12, 16) if s <= d]
+    return out
+
+
+def token_order(counts: torch.Tensor) -> torch.Tensor:
+    """Token ids by count, most frequent first; ties (e.g. unseen tokens) by id, so the order is deterministic.
+
+    Example:
+        >>> token_order(torch.tensor([0., 5., 5., 1.])).tolist()
+        [1, 2, 3, 0]
+    """
+    c = counts.detach().double().cpu().numpy()
+    return torch.from_numpy(np.lexsort((np.arange(c.size), -c))).long()
+
+
+def mass_boundaries(counts: torch.Tensor, order: torch.Tensor, cuts: Sequence[float] = MASS_CUTS) -> list[int]:
+    """Row counts (in ``order``) at which the cumulative token mass first reaches each cut (1.0: all seen tokens).
+
+    Boundaries at 0 or at the whole vocabulary are dropped, duplicates merged.
+
+    Example:
+        >>> c = torch.tensor([50., 30., 15., 5., 0., 0.])
+        >>> mass_boundaries(c, token_order(c), (0.5, 0.8, 1.0))
+        [1, 2, 4]
+    """
+    sorted_c = counts.double()[order]
+    total = float(sorted_c.sum())
+    n = int(order.numel())
+    if total <= 0:
+        return []
+    cum = torch.cumsum(sorted_c, 0) / total
+    out = set()
+    for m in cuts:
+        k = int((sorted_c > 0).sum()) if m >= 1.0 else int(torch.searchsorted(cum, float(m) - 1e-12)) + 1
+        if 0 < k < n:
+            out.add(k)
+    return sorted(out)
+
+
+def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, seed: int = 0):
+    """The decomposition of ``E`` in format ``fmt`` (its Factors; ``.rows(a, b)`` reads reconstructed rows)."""
+    from embfactor.decomposition.registry import get_method
+
+    info = get_method(fmt.method)
+    opts = fmt.opts
+    if info.data_aware and weights is not None:
+        opts["token_weights"] = weights
+    return info.fn(E, None, seed=seed, **opts)
+
+
+def row_errors(E: torch.Tensor, factors: Any, block: int = 16384) -> torch.Tensor:
+    """Squared error of each row of ``E`` against the factors' reconstruction (float64, vocab)."""
+    out = torch.empty(E.shape[0], dtype=torch.float64)
+    for s in range(0, E.shape[0], block):
+        e = min(s + block, E.shape[0])
+        out[s:e] = ((E[s:e].double() - factors.rows(s, e).double()) ** 2).sum(1)
+    return out
+
+
+@dataclass
+class Tier:
+    """One tier of a plan: rows ``[start, stop)`` of the token order in ``fmt``."""
+
+    start: int
+    stop: int
+    fmt: FormatChoice
+    bytes: int = 0
+    mass: float = 0.0
+    proxy_error: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.fmt.method, "options": self.fmt.opts, "label": self.fmt.label, "rows": self.rows,
+                "first": self.start, "token_mass": round(self.mass, 6), "bytes": self.bytes,
+                "proxy_error": self.proxy_error}
+
+
+@dataclass
+class Plan:
+    """Tiers over the token order, their bytes, and how the plan was chosen."""
+
+    tiers: list[Tier]
+    bytes: int
+    alpha: float = 0.5
+    proxy: float = 0.0
+    score: float | None = None
+    checked: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " + ".join(f"{t.fmt.label} [{t.rows}]" for t in self.tiers)
+
+    def key(self) -> tuple:
+        return tuple((t.start, t.stop, t.fmt) for t in self.tiers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tiers": [t.to_dict() for t in self.tiers], "bytes": self.bytes, "alpha": self.alpha,
+                "proxy_error": self.proxy, "score": self.score, "checked": self.checked}
+
+
+def tier_map_bytes(vocab: int, tiers: int) -> int:
+    """Bytes of the token → tier map the ``tiered`` format stores: one byte per token (none for a single tier)."""
+    return 0 if tiers <= 1 else vocab
+
+
+def search_plans(
+    errors: dict[FormatChoice, torch.Tensor],
+    weights: torch.Tensor,
+    order: torch.Tensor,
+    boundaries: Sequence[int],
+    budget_bytes: float,
+    d: int,
+    *,
+    max_tiers: int = MAX_TIERS,
+    top: int = 5,
+    extra_bytes: Callable[[int], int] | None = None,
+) -> list[Plan]:
+    """The ``top`` plans of least proxy error (Σ weight·row error) whose bytes fit ``budget_bytes``.
+
+    Args:
+        errors: per-format squared error of every row (token id order), from one fit of the format to all rows.
+        weights: token weights (token id order).
+        order: tokens by frequency (:func:`token_order`).
+        boundaries: candidate tier cuts as row counts in ``order`` (:func:`mass_boundaries`).
+        budget_bytes: the most the table may store (tier map included).
+        d: row width.
+        max_tiers: at most this many tiers; tiers get non-increasing bytes per row down the order.
+        extra_bytes: bytes a plan of t tiers needs besides its tiers (default :func:`tier_map_bytes`).
+
+    Example:
+        >>> # see tests/test_plan.py
+    """
+    n = int(order.numel())
+    extra = extra_bytes or (lambda t: tier_map_bytes(n, t))
+    fmts = sorted(errors, key=lambda f: -f.bytes_per_row(d))
+    w = weights.double()[order]
+    total_w = float(w.sum()) or 1.0
+    prefix = {f: torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w * errors[f][order], 0)]) for f in fmts}
+    cuts = [b for b in sorted(set(boundaries)) if 0 < b < n]
+    found: list[Plan] = []
+    for t in range(1, max_tiers + 1):
+        for inner in itertools.combinations(cuts, t - 1):
+            edges = (0, *inner, n)
+            for combo in itertools.product(range(len(fmts)), repeat=t):
+                if any(combo[i] >= combo[i + 1] for i in range(t - 1)):  # strictly fewer bytes per row downwards
+                    continue
+                nbytes = extra(t)
+                for i, k in enumerate(combo):
+                    nbytes += fmts[k].bytes_for(edges[i + 1] - edges[i], d)
+                if nbytes > budget_bytes:
+                    continue
+                errs = [float(prefix[fmts[k]][edges[i + 1]] - prefix[fmts[k]][edges[i]]) / total_w
+                        for i, k in enumerate(combo)]
+                tiers = [Tier(edges[i], edges[i + 1], fmts[k], fmts[k].bytes_for(edges[i + 1] - edges[i], d),
+                              proxy_error=errs[i]) for i, k in enumerate(combo)]
+                found.append(Plan(tiers, nbytes, proxy=sum(errs)))
+    found.sort(key=lambda p: (p.proxy, p.bytes))
+    return found[:top]
+
+
+def candidate_plans(
+    E: torch.Tensor,
+    counts: torch.Tensor,
+    budget_bytes: float,
+    *,
+    formats: Sequence[FormatChoice] | None = None,
+    alphas: Sequence[float] = ALPHAS,
+    cuts: Sequence[float] = MASS_CUTS,
+    max_tiers: int = MAX_TIERS,
+    per_alpha: int = 2,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Plan], dict[FormatChoice, Any]]:
+    """Distinct plans that fit the budget, best by the proxy under each alpha, and the fitted formats.
+
+    Each format is fitted once to the whole table (codebooks with weights at the middle alpha); the same row errors
+    serve every alpha. Returns (plans, fits) where fits maps each format to its Factors.
+
+    Raises:
+        ConfigError: no plan fits the budget (the message gives the smallest size the formats reach).
+    """
+    n, d = E.shape
+    formats = list(formats or default_formats(d))
+    order = token_order(counts)
+    bounds = mass_boundaries(counts, order, cuts)
+    w_fit = weights_for(counts, sorted(alphas)[len(alphas) // 2])
+    smallest = min(f.bytes_for(n, d) for f in formats)
+    if smallest > budget_bytes:
+        raise ConfigError(
+            f"no plan fits {budget_bytes:,.0f} bytes: the smallest candidate format takes {smallest:,} bytes "
+            f"({n * d * 4 / smallest:.1f}x fewer than fp32); ask for a smaller ratio"
+        )
+    # formats that no plan can use are not fitted: a tier in a format needs at least its codebook's bytes
+    formats = [f for f in formats if f.bytes_for(1, d) <= budget_bytes]
+    fits, errors = {}, {}
+    for f in formats:
+        if progress:
+            progress(f"fitting {f.label}")
+        fits[f] = fit_rows(E, f, w_fit, seed)
+        errors[f] = row_errors(E, fits[f])
+    plans: list[Plan] = []
+    seen: set = set()
+    for a in alphas:
+        for p in search_plans(errors, weights_for(counts, a), order, bounds, budget_bytes, d, max_tiers=max_tiers,
+                              top=per_alpha * 4):
+            if p.key() in seen:
+                continue
+            seen.add(p.key())
+            p.alpha = a
+            plans.append(p)
+            if sum(q.alpha == a for q in plans) >= per_alpha:
+                break
+    total = float(counts.sum()) or 1.0
+    for p in plans:
+        for t in p.tiers:
+            t.mass = float(counts.double()[order[t.start:t.stop]].sum()) / total
+    return plans, fits
+
+
+def weights_for(counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Token weights (count + 1)^alpha, mean 1 (float64)."""
+    from embfactor.data.frequency import weights_from_counts
+
+    return weights_from_counts(counts, power=alpha)
+
+
+def assemble(E: torch.Tensor, plan: Plan, order: torch.Tensor, fits: dict[FormatChoice, Any]) -> torch.Tensor:
+    """The table a plan stores, read from the whole-table fits (what the check scores)."""
+    out = torch.empty_like(E)
+    for t in plan.tiers:
+        ids = order[t.start:t.stop]
+        f = fits[t.fmt]
+        rows = _rows_of(f, ids)
+        out[ids] = rows.to(E.dtype)
+    return out
+
+
+def _rows_of(factors: Any, ids: torch.Tensor, block: int = 16384) -> torch.Tensor:
+    # the Factors API reads contiguous row ranges; gather the ranges that cover ``ids`` block by block
+    parts = []
+    for s in range(0, ids.numel(), block):
+        chunk = ids[s:s + block]
+        lo, hi = int(chunk.min()), int(chunk.max()) + 1
+        parts.append(factors.rows(lo, hi)[chunk - lo])
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.Tensor, *,
+               padding_idx: int | None = None, seed: int = 0):
+    """The ``tiered`` RowFormat of ``plan``: each tier's rows fitted anew in its format (codebooks on its rows)."""
+    from embfactor.formats.base import from_factors, get_format
+
+    children = []
+    w = weights_for(counts, plan.alpha)
+    position = torch.empty_like(order)
+    for t in plan.tiers:
+        ids = order[t.start:t.stop].sort().values  # id order inside a tier: the tiered format then stores 1 B/token
+        position[ids] = torch.arange(t.start, t.stop)
+        f = fit_rows(E[ids].contiguous(), t.fmt, w[ids], seed)
+        children.append(from_factors(f))
+    if len(children) == 1:
+        one = children[0]
+        one.padding_idx = padding_idx
+        return one
+    return get_format("tiered")(children, position, padding_idx=padding_idx, zero_padding=False, compact_index=True)
+
+
+# --- the check on the model -------------------------------------------------------------------------------------
+def calibration_passages(n: int = 64, sentences: int = 3) -> list[str]:
+    """Passages of the *training* part of the bundled Wikipedia extract (the held-out part stays for evaluation)."""
+    import re
+
+    from embfactor.data import wiki_split
+
+    split = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+    out: list[str] = []
+    arts = wiki_split("train")
+    step = max(1, len(arts) // n)
+    for article in arts[::step]:
+        sents = [s.strip() for s in split.split(article.splitlines()[0]) if s.strip()]
+        if len(sents) >= 1:
+            out.append(" ".join(sents[:sentences]))
+        if len(out) >= n:
+            break
+    return out
+
+
+class ModelScorer:
+    """Scores candidate tables on a model against its original table: higher is better.
+
+    Encoders: mean cosine of pooled sentence embeddings to the original's on calibration passages.
+    Decoders: minus the mean KL(original ‖ candidate) of next-token distributions on calibration windows.
+    The candidate is written into the model's input embedding (tied heads read it too); :meth:`restore` puts the
+    original back.
+    """
+
+    def __init__(self, lm, *, texts: Sequence[str] | None = None, tokens: int = 512, window: int = 256,
+                 passages: int = 48) -> None:
+        self.lm = lm
+        self.weight = lm.model.get_input_embeddings().weight
+        self.original = self.weight.detach().clone()
+        if lm.kind == "decoder":
+            from embfactor.eval.perplexity import token_ids
+
+            text = list(texts) if texts is not None else _train_text()
+            ids = token_ids(lm.tokenizer, text, tokens)
+            nwin = max(1, ids.numel() // window)
+            self.batch = ids[: nwin * window].view(nwin, -1) if ids.numel() >= window else ids[None]
+            self.ref = self._logprobs()
+        else:
+            self.texts = list(texts) if texts is not None else calibration_passages(passages)
+            self.ref = self._pooled()
+
+    @torch.inference_mode()
+    def _logprobs(self) -> torch.Tensor:
+        return torch.log_softmax(self.lm.model(input_ids=self.batch).logits.float(), -1)
+
+    def _pooled(self) -> torch.Tensor:
+        from embfactor.eval.embed import pooled_embeddings
+
+        return pooled_embeddings(self.lm, self.texts, batch_size=16)
+
+    @torch.inference_mode()
+    def score(self, table: torch.Tensor) -> float:
+        self.weight.copy_(table.to(self.weight.dtype))
+        if self.lm.kind == "decoder":
+            lp = self._logprobs()
+            return -float((self.ref.exp() * (self.ref - lp)).sum(-1).mean())
+        return float((self._pooled() * self.ref).sum(-1).mean())
+
+    @torch.inference_mode()
+    def restore(self) -> None:
+        self.weight.copy_(self.original)
+
+
+def _train_text() -> list[str]:
+    from embfactor.data import wiki_split
+
+    arts = wiki_split("train")
+    step = max(1, len(arts) // 16)
+    return arts[::step]
+
+
+def plan_model(
+    lm,
+    budget_bytes: float,
+    counts: torch.Tensor,
+    *,
+    check: int = CHECK_PLANS,
+    formats: Sequence[FormatChoice] | None = None,
+    alphas: Sequence[float] = ALPHAS,
+    cuts: Sequence[float] = MASS_CUTS,
+    max_tiers: int = MAX_TIERS,
+    seed: int = 0,
+    scorer: ModelScorer | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Plan, Any]:
+    """Choose and build the storage of ``lm``'s embedding within ``budget_bytes``: (plan, RowFormat module).
+
+    The model is left as it was (candidate tables are scored in place and the original is put back); the caller
+    puts the returned module into the model.
+
+    Args:
+        lm: a LoadedModel (encoder or decoder; a tied head is scored through the shared table).
+        budget_bytes: the most bytes the stored table may take.
+        counts: token counts on calibration text (:func:`embfactor.data.frequency.token_counts`).
+        check: how many of the proxy's plans are scored on the model (0: trust the proxy).
+        formats, alphas, cuts, max_tiers: the search space (defaults :func:`default_formats`, ALPHAS, MASS_CUTS).
+        scorer: a :class:`ModelScorer` (default: one on the bundled Wikipedia's training part).
+
+    Example:
+        >>> plan, module = plan_model(load_model("minilm"), 46_881_792 / 16, counts)     # doctest: +SKIP
+        >>> plan.bytes <= 46_881_792 / 16                                                # doctest: +SKIP
+        True
+    """
+    E = lm.model.get_input_embeddings().weight.detach().float().clone()
+    t0 = time.perf_counter()
+    plans, fits = candidate_plans(E, counts, budget_bytes, formats=formats, alphas=alphas, cuts=cuts,
+                                  max_tiers=max_tiers, seed=seed, progress=progress)
+    if not plans:
+        raise ConfigError(f"no tier plan fits {budget_bytes:,.0f} bytes; ask for a smaller ratio")
+    order = token_order(counts)
+    best = plans[0]
+    if check > 0 and len(plans) > 1:
+        scorer = scorer or ModelScorer(lm)
+        try:
+            for p in plans[:check]:
+                if progress:
+                    progress(f"checking {p.label}")
+                p.score = scorer.score(assemble(E, p, order, fits))
+        finally:
+            scorer.restore()
+        best = max((p for p in plans[:check]), key=lambda p: p.score)
+    best.checked = [{"label": p.label, "alpha": p.alpha, "bytes": p.bytes, "proxy_error": p.proxy,
+                     "score": p.score} for p in plans[:max(check, 1)]]
+    if progress:
+        progress(f"building {best.label}")
+    padding_idx = lm.model.get_input_embeddings().padding_idx
+    module = build_plan(E, best, order, counts, padding_idx=padding_idx, seed=seed)
+    best.bytes = int(module.num_bytes())
+    for t, child in zip(best.tiers, getattr(module, "tiers", [module])):
+        t.bytes = int(child.num_bytes())
+    best.checked.append({"seconds": time.perf_counter() - t0})
+    return best, module
+
+
+def describe_plan(record: dict[str, Any]) -> list[list[Any]]:
+    """Rows (tier, format, rows, token mass, bytes) of a recorded plan, for ``inspect`` and the compress report."""
+    rows = []
+    for i, t in enumerate(record.get("tiers", [])):
+        rows.append([i, t.get("label", t.get("format")), f"{t['rows']:,}", f"{100 * t.get('token_mass', 0):.1f}%",
+                     f"{t['bytes']:,}"])
+    return rows
+
+
+__all__ = [
+    "FormatChoice", "Plan", "Tier", "ModelScorer", "default_formats", "token_order", "mass_boundaries",
+    "search_plans", "candidate_plans", "assemble", "build_plan", "plan_model", "describe_plan", "asdict",
+]

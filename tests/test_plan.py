@@ -1,0 +1,138 @@
+"""The byte-budget planner (embfactor.plan): tiers at token-mass cuts, the proxy knapsack, the model check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("embfactor.decomposition.codebook", reason="the planner's formats (int, pq) are not merged yet")
+
+from embfactor.errors import ConfigError  # noqa: E402
+from embfactor.plan import (  # noqa: E402
+    FormatChoice,
+    ModelScorer,
+    candidate_plans,
+    mass_boundaries,
+    plan_model,
+    search_plans,
+    token_order,
+)
+
+from .conftest import D, VOCAB  # noqa: E402
+
+SMALL_FORMATS = [
+    FormatChoice("int", {"bits": 8, "group": 32}),
+    FormatChoice("int", {"bits": 4, "group": 32}),
+    FormatChoice("pq", {"sub_dim": 4, "K": 16}),
+    FormatChoice("pq", {"sub_dim": 8, "K": 16}),
+]
+
+
+def zipf_counts(n: int, unseen: int = 0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = (1000.0 / torch.arange(1, n + 1)).floor()
+    c = c[torch.randperm(n, generator=g)]
+    if unseen:
+        c[torch.randperm(n, generator=g)[:unseen]] = 0
+    return c
+
+
+def test_token_order_is_by_count_then_id():
+    c = torch.tensor([0.0, 3.0, 7.0, 3.0, 0.0])
+    assert token_order(c).tolist() == [2, 1, 3, 0, 4]
+
+
+def test_mass_boundaries_are_shares_of_the_token_mass():
+    c = torch.tensor([60.0, 20.0, 10.0, 10.0, 0.0, 0.0])
+    order = token_order(c)
+    assert mass_boundaries(c, order, (0.5,)) == [1]
+    assert mass_boundaries(c, order, (0.8,)) == [2]
+    assert mass_boundaries(c, order, (1.0,)) == [4]  # all seen tokens: the unseen ones can get their own tier
+    assert mass_boundaries(torch.zeros(4), torch.arange(4), (0.5, 1.0)) == []
+
+
+def test_search_fits_budget_and_spends_bytes_on_heavy_rows():
+    n, d = 1000, 64
+    rich, poor = FormatChoice("int", {"bits": 8, "group": 32}), FormatChoice("int", {"bits": 2, "group": 32})
+    errors = {rich: torch.full((n,), 0.01, dtype=torch.float64), poor: torch.ones(n, dtype=torch.float64)}
+    counts = zipf_counts(n)
+    order = token_order(counts)
+    weights = counts + 1
+    budget = rich.bytes_for(200, d) + poor.bytes_for(800, d) + 1000
+    plans = search_plans(errors, weights, order, [50, 100, 200, 400], budget, d, max_tiers=2)
+    assert plans and all(p.bytes <= budget for p in plans)
+    best = plans[0]
+    # the rich format goes to the most frequent rows, as many as the budget allows
+    assert [t.fmt for t in best.tiers] == [rich, poor]
+    assert best.tiers[0].stop == 200
+    # proxies are sorted and a single-format plan is among the candidates when it fits
+    assert [p.proxy for p in plans] == sorted(p.proxy for p in plans)
+    big = search_plans(errors, weights, order, [200], rich.bytes_for(n, d), d)
+    assert len(big[0].tiers) == 1 and big[0].tiers[0].fmt == rich
+
+
+def test_candidate_plans_raise_when_nothing_fits():
+    E = torch.randn(300, 32)
+    with pytest.raises(ConfigError, match="no plan fits 100 bytes"):
+        candidate_plans(E, zipf_counts(300), 100, formats=SMALL_FORMATS)
+
+
+def _tiny_lm(model, kind):
+    from embfactor.models import LoadedModel
+
+    return LoadedModel("tiny", model, None, kind, None)
+
+
+class _IdScorer(ModelScorer):
+    """Decoder scorer on fixed token ids (the tiny models have no tokenizer)."""
+
+    def __init__(self, lm, ids):
+        self.lm, self.weight = lm, lm.model.get_input_embeddings().weight
+        self.original = self.weight.detach().clone()
+        self.batch = ids
+        self.ref = self._logprobs()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_tied", "tiny_gpt2"])
+def test_plan_model_fits_budget_checks_candidates_and_leaves_model_alone(fixture, request):
+    model = request.getfixturevalue(fixture)
+    lm = _tiny_lm(model, "decoder")
+    E0 = model.get_input_embeddings().weight.detach().clone()
+    counts = zipf_counts(VOCAB, unseen=20)
+    budget = VOCAB * D * 4 / 5
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    plan, module = plan_model(lm, budget, counts, formats=SMALL_FORMATS, scorer=_IdScorer(lm, ids), check=3)
+    assert module.num_bytes() <= budget and plan.bytes == module.num_bytes()
+    assert torch.equal(model.get_input_embeddings().weight, E0)  # candidates were scored in place, then undone
+    scored = [c for c in plan.checked if c.get("score") is not None]
+    assert len(scored) >= 2  # the check ran on several plans, and the chosen one scored best among them
+    assert plan.score == max(c["score"] for c in scored)
+    assert sum(t.rows for t in plan.tiers) == VOCAB
+    assert sum(t.bytes for t in plan.tiers) <= plan.bytes
+    # the module holds the planned table: close to the original, exact where the plan chose int8
+    rows = module(torch.arange(VOCAB))
+    assert rows.shape == E0.shape
+    assert ((rows - E0).norm() / E0.norm()) < 0.5
+
+
+def test_plan_model_encoder(tiny_bert):
+    lm = _tiny_lm(tiny_bert, "encoder")
+    counts = zipf_counts(VOCAB, unseen=30)
+
+    class _Enc(ModelScorer):
+        def __init__(self, lm):
+            self.lm, self.weight = lm, lm.model.get_input_embeddings().weight
+            self.original = self.weight.detach().clone()
+            self.ids = torch.randint(1, VOCAB, (4, 12), generator=torch.Generator().manual_seed(2))
+            self.ref = self._pooled()
+
+        @torch.inference_mode()
+        def _pooled(self):
+            return torch.nn.functional.normalize(self.lm.model(input_ids=self.ids).last_hidden_state.mean(1), dim=-1)
+
+    budget = VOCAB * D * 4 / 6
+    plan, module = plan_model(lm, budget, counts, formats=SMALL_FORMATS, scorer=_Enc(lm), check=2)
+    assert module.num_bytes() <= budget
+    assert module.padding_idx == tiny_bert.get_input_embeddings().padding_idx
+    d = plan.to_dict()
+    assert d["bytes"] <= budget and d["tiers"] and all("label" in t and "token_mass" in t for t in d["tiers"])

@@ -1,0 +1,41 @@
+"""The tiered format's compact token → tier index (one byte per token instead of an int64 position)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embfactor.errors import InvalidInputError
+from embfactor.formats import FactorizedEmbedding
+from embfactor.formats.base import get_format
+
+
+def _tiers(seed: int = 0):
+    torch.manual_seed(seed)
+    return [FactorizedEmbedding(6, 8, rank=4), FactorizedEmbedding(4, 8, rank=2)]
+
+
+def test_compact_index_matches_the_position_map_and_costs_one_byte_per_token():
+    Tiered = get_format("tiered")
+    position = torch.tensor([0, 6, 1, 2, 7, 3, 4, 8, 5, 9])  # tokens 1, 4, 7, 9 in tier 1, in id order
+    full = Tiered(_tiers(), position)
+    compact = Tiered(_tiers(), position, compact_index=True)
+    ids = torch.arange(10)
+    assert torch.equal(compact(ids), full(ids))
+    assert torch.equal(compact.position, position)
+    h = torch.randn(3, 8)
+    assert torch.allclose(compact.project(h), full.project(h))
+    assert full.num_bytes() - compact.num_bytes() == 10 * 8 - 10
+    assert "tier_of" in compact.state_dict() and "position" not in compact.state_dict()
+    # rebuilt from its config and loaded strictly, it maps tokens the same way
+    cfg = compact.format_config()
+    assert cfg["compact_index"] is True
+    again = Tiered.empty(10, 8, None, **cfg)
+    again.load_state_dict(compact.state_dict(), strict=True)
+    assert torch.equal(again.position, position) and torch.equal(again(ids), compact(ids))
+    assert "compact_index" not in full.format_config()  # the default layout is unchanged
+
+
+def test_compact_index_refuses_a_permutation_out_of_id_order():
+    with pytest.raises(InvalidInputError, match="increasing id order"):
+        get_format("tiered")(_tiers(), torch.tensor([7, 0, 1, 2, 6, 3, 4, 8, 5, 9]), compact_index=True)

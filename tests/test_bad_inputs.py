@@ -633,3 +633,13 @@ def test_good_labels_file_with_quoted_commas_and_newlines(tmp_path):
     f = tmp_path / "ok.csv"
     f.write_text('text,label\n"good, very good",pos\n"two\nlines",neg\n')
     assert read_labelled(f) == (["good, very good", "two\nlines"], ["pos", "neg"])
+
+
+@pytest.mark.parametrize(("vocab", "d", "rank"), [(100, 16, 16), (100, 16, 40), (10, 16, 10)])
+def test_factorized_embedding_refuses_rank_at_least_min_dims(vocab, d, rank):
+    from embfactor.layers import FactorizedEmbedding
+
+    with pytest.raises(ConfigError, match=rf"rank must be < min\(num_embeddings, embedding_dim\)={min(vocab, d)}, "
+                                          rf"got rank={rank}"):
+        FactorizedEmbedding(vocab, d, rank=rank)
+    assert FactorizedEmbedding(vocab, d, rank=min(vocab, d) - 1).rank == min(vocab, d) - 1  # as decompose allows

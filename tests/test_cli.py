@@ -142,3 +142,94 @@ def test_a_partial_pooler_is_still_refused(tiny_bert_dir, tmp_path):
     save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CorruptFileError, match=r"lacks 1 of the model's tensors \(pooler\.dense\.bias\)"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(("args", "stored_as", "top"), [
+    (["--rank", "8"], "(factorized, rank 8)", 8),
+    (["--rank", "5", "--quantize", "int8"], "(factorized, rank 5, quantized format)", 5),
+    (["--ratio", "3", "--method", "tt"], "tt format)", None),
+    (["--ratio", "3", "--method", "block"], "block format)", None),
+])
+def test_inspect_compressed_folders_of_every_format(tiny_bert_dir, tmp_path, capsys, args, stored_as, top):
+    """No crash on tt/block/quantized outputs; no 'energy kept 1.0000' rows above a U·V format's rank."""
+    out, js = tmp_path / "out", tmp_path / "i.json"
+    assert main(["compress", str(tiny_bert_dir), *args, "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert stored_as in text, text
+    ranks = [s["rank"] for s in json.loads(js.read_text())["spectrum"]]
+    if top is not None:
+        assert max(ranks) == top
+    else:  # a TT or block table has a higher matrix rank than its budget rank: the rows above it say something
+        assert max(ranks) > 8
+
+
+def test_evaluate_with_reference_prints_the_references_own_score(tiny_bert_dir, tmp_path, capsys):
+    out, js = tmp_path / "out", tmp_path / "e.json"
+    assert main(["compress", str(tiny_bert_dir), "--rank", "4", "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--task", "similarity", "--reference", str(tiny_bert_dir), "-q",
+                 "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    r = json.loads(js.read_text())
+    assert "metric" in text and "model" in text.splitlines()[1] and "reference" in text.splitlines()[1]
+    spearman = next(line for line in text.splitlines() if line.startswith("spearman *")).split()
+    assert [float(x) for x in spearman[2:]] == [round(r["spearman"], 4), round(r["reference_spearman"], 4)]
+    assert r["reference_spearman"] != r["spearman"] and "reference_pearson" in r
+
+
+def test_help_states_model_defaults_truthfully(capsys):
+    for cmd, says in (("evaluate", "(default"), ("inspect", "(default: minilm)")):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert ("(default" in text.split("MODEL", 2)[-1].split("options:")[0]) == (cmd == "inspect"), text
+    assert says in text
+
+
+def test_error_starts_its_own_line_after_a_progress_bar(tiny_bert_dir, tmp_path, capsys):
+    """stderr is a pipe here: the bar's last redraw has no newline, the error must not be glued to it."""
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(tiny_bert_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 100)
+    assert main(["compress", str(bad), "--rank", "3", "-o", str(tmp_path / "o")]) == 2  # no -q: bars on
+    err = capsys.readouterr().err
+    assert "compress:" in err  # the bar did draw
+    line = next(x for x in err.split("\n") if "error:" in x)
+    assert line.startswith("embfactor compress: error: ") and "corrupt or truncated" in line, repr(err)
+
+
+def test_healed_an_encoder_wording():
+    from embfactor.cli.heal_cmd import render
+
+    ev = {"loss": 1.0, "fidelity": 0.9}
+    r = {"kind": "encoder", "mode": "distillation", "steps": 2, "seconds": 1.0, "trainable_params": 10, "best_step": 2,
+         "eval_before": ev, "best_eval": ev, "output": "o"}
+    assert render(r).startswith("healed an encoder (distillation)")
+    assert render({**r, "kind": "decoder"}).startswith("healed a decoder")
+
+
+def test_reconstruction_task_does_not_warn_about_sequence_length(tiny_bert_dir, tmp_path):
+    """Counting tokens of whole articles is no forward pass: transformers' 'indexing errors' warning is noise."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from embfactor.eval.reconstruction import token_counts
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    tok.model_max_length = 4
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        counts = token_counts(tok, ["the cat sat on the mat and the dog is very good"], 120)
+    finally:
+        logger.removeHandler(handler)
+    assert counts.sum() > 4
+    assert not [r for r in records if "indexing errors" in r.getMessage()]

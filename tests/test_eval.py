@@ -79,7 +79,7 @@ def test_unknown_task_lists_valid_ones(bert_lm):
 
 
 def test_perplexity_on_encoder_is_refused(bert_lm):
-    with pytest.raises(InvalidInputError, match=r"'perplexity' applies to decoders.*is a encoder"):
+    with pytest.raises(InvalidInputError, match=r"'perplexity' applies to decoders.*is an encoder"):
         evaluate(bert_lm, "perplexity")
 
 
@@ -110,7 +110,7 @@ def test_mismatched_tokenizer_is_refused(bert_lm, bert_dir, tmp_path):
 
 
 def test_kind_mismatch_with_reference_is_refused(bert_lm, llama_lm):
-    with pytest.raises(InvalidInputError, match="is a encoder but reference 'tiny-llama' is a decoder"):
+    with pytest.raises(InvalidInputError, match="is an encoder but reference 'tiny-llama' is a decoder"):
         evaluate(bert_lm, "classification", reference=llama_lm, texts=TEXTS, labels=[0, 1] * 3, folds=2)
 
 

@@ -104,7 +104,7 @@ class WordTokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
-    def __call__(self, texts, add_special_tokens=True, truncation=False):
+    def __call__(self, texts, add_special_tokens=True, truncation=False, verbose=True):
         return {"input_ids": [[self.vocab.get(w, 1) for w in t.split()] for t in texts]}
 
 

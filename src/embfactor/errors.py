@@ -50,3 +50,8 @@ def some_names(names: list[str], shown: int = 8) -> str:
     """The first ``shown`` names for an error message, and how many more there are: ``"a, b, ... (3 more)"``."""
     more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def a_or_an(word: str) -> str:
+    """The word with its indefinite article: ``"an encoder"``, ``"a decoder"``."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

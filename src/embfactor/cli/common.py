@@ -100,13 +100,14 @@ def write_json(path: str | os.PathLike | None, obj: Any) -> None:
 
 
 def add_model_arg(p: argparse.ArgumentParser, *, default: str | None = "minilm") -> None:
+    """The MODEL positional argument; optional with ``default``, required with ``default=None`` (the help says which)."""
+    kinds = "a local Hugging Face folder, a .gguf file (causal LM), or an embfactor output folder"
     p.add_argument(
         "model",
         nargs="?" if default else None,
         default=default,
         metavar="MODEL",
-        help="'minilm' (default), 'smollm2', a local Hugging Face folder, a .gguf file (causal LM), or an "
-        "embfactor output folder",
+        help=f"'minilm', 'smollm2', {kinds}" + (f" (default: {default})" if default else ""),
     )
 
 

@@ -82,16 +82,23 @@ _HIDDEN = {"task", "model", "kind", "metric", "reference", "wall_seconds", "seco
 
 
 def render(r: dict[str, Any]) -> str:
+    """The metrics as a table; with a reference, its own score of each metric it has stands beside the model's."""
     keys = [k for k in _ORDER if k in r] + sorted(k for k in r if k not in _ORDER and k not in _HIDDEN)
+    paired = {k: f"reference_{k}" for k in keys if f"reference_{k}" in r}
+    shown = [k for k in keys if k not in paired.values()]
     rows = []
-    for k in keys:
+    for k in shown:
         v = r[k]
         if isinstance(v, list):
             v = ", ".join(fmt(x) for x in v)
-        rows.append([k + (" *" if k == r.get("metric") else ""), v])
+        row = [k + (" *" if k == r.get("metric") else ""), v]
+        if paired:
+            row.append(r[paired[k]] if k in paired else "")
+        rows.append(row)
     head = f"{r['model']} ({r['kind']}): task {r['task']}" + (f", reference {r['reference']}" if r.get("reference") else "")
     tail = f"* headline metric; wall time {r['wall_seconds']:.1f} s"
-    return "\n".join([head, table(rows, ["metric", "value"]), tail])
+    headers = ["metric", "model", "reference"] if paired else ["metric", "value"]
+    return "\n".join([head, table(rows, headers), tail])
 
 
 def run(args: argparse.Namespace) -> int:

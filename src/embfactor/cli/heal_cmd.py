@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from embfactor.cli.common import check_outputs, table, write_json
+from embfactor.errors import a_or_an
 
 
 def heal_model(
@@ -55,7 +56,7 @@ def render(r: dict[str, Any]) -> str:
     if "accuracy" in before:
         rows.append(["held-out accuracy", before["accuracy"], best["accuracy"]])
     head = (
-        f"healed a {r['kind']} ({r['mode']}): {r['steps']} steps in {r['seconds']:.0f} s, "
+        f"healed {a_or_an(r['kind'])} ({r['mode']}): {r['steps']} steps in {r['seconds']:.0f} s, "
         f"{r['trainable_params']:,} trainable parameters, best at step {r['best_step']}"
     )
     return "\n".join([head, table(rows, ["", "before", "best"]), f"saved to {r['output']}"])

@@ -11,18 +11,24 @@ from embfactor.cli.common import add_model_arg, check_outputs, table, write_json
 def inspect_model(model: str) -> dict[str, Any]:
     """Facts about a model's input embedding, with the singular-value energy kept at a few ranks."""
     from embfactor.decomposition import optimal_relative_error, spectrum
-    from embfactor.layers import FactorizedEmbedding
+    import torch
+
+    from embfactor.formats import is_row_format
     from embfactor.models import load_model
     from embfactor.surgery import count_params, find_embedding_and_head
 
     lm = load_model(model)
     emb = lm.model.get_input_embeddings()
-    factorized = isinstance(emb, FactorizedEmbedding)
+    factorized = is_row_format(emb)  # any stored format: low rank, quantized, TT, block, tiered
+    rank = matrix_rank = None
     if factorized:
-        E = emb.weight.detach()
+        with torch.no_grad():
+            E = emb.dense().detach().float()
         head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
         tied = head is not None and getattr(head, "embedding", None) is emb
         emb_params = emb.num_params
+        matrix_rank = emb.format_config().get("rank")  # U·V formats; TT and block tables have higher matrix rank
+        rank = matrix_rank if isinstance(matrix_rank, int) else lm.record.get("rank")
     else:
         _, emb, _, _, tied = find_embedding_and_head(lm.model)
         E = emb.weight.detach()
@@ -31,6 +37,8 @@ def inspect_model(model: str) -> dict[str, Any]:
     sv = spectrum(E)
     e = sv.pow(2)
     ranks = sorted({max(1, d * k // 16) for k in (1, 2, 4, 8, 12)})
+    if isinstance(matrix_rank, int):  # above the stored rank every row would say "energy kept 1.0000"
+        ranks = sorted({r for r in ranks if r < matrix_rank} | {matrix_rank})
     total_params = count_params(lm.model)
     return {
         "model": lm.name,
@@ -43,7 +51,8 @@ def inspect_model(model: str) -> dict[str, Any]:
         "embedding_share": emb_params / total_params,
         "tied_head": bool(tied),
         "factorized": factorized,
-        "rank": emb.rank if factorized else None,
+        "rank": rank,
+        "format": getattr(emb, "format_name", None) if factorized else None,
         "spectrum": [
             {
                 "rank": r,
@@ -58,13 +67,21 @@ def inspect_model(model: str) -> dict[str, Any]:
     }
 
 
+def _stored_as(r: dict[str, Any]) -> str:
+    if not r["factorized"]:
+        return ""
+    fmt_name = r.get("format")
+    facts = [f"rank {r['rank']}"] if r.get("rank") else []
+    facts += [f"{fmt_name} format"] if fmt_name and fmt_name != "factorized" else []
+    return f" (factorized{', ' if facts else ''}{', '.join(facts)})"
+
+
 def render(r: dict[str, Any]) -> str:
     head = table(
         [
             ["model", r["model"]],
             ["architecture", f"{r['architecture']} ({r['kind']})"],
-            ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}"
-             + (f" (factorized, rank {r['rank']})" if r["factorized"] else "")],
+            ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}{_stored_as(r)}"],
             ["embedding parameters", r["embedding_params"]],
             ["model parameters", r["model_params"]],
             ["embedding share", f"{100 * r['embedding_share']:.1f}%"],

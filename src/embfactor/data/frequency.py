@@ -85,7 +85,10 @@ def token_counts(
         counts = np.zeros(max(n, len(tokenizer)), dtype=np.float64)
         texts = [t for t in texts if t.strip()]
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start : start + batch_size]), add_special_tokens=False, truncation=False)
+            # verbose=False: whole articles exceed the model's length, which matters for a forward pass, not a count
+            enc = tokenizer(
+                list(texts[start : start + batch_size]), add_special_tokens=False, truncation=False, verbose=False
+            )
             for ids in enc["input_ids"]:
                 if ids:
                     counts[: max(ids) + 1] += np.bincount(ids, minlength=max(ids) + 1)[: counts.size]

@@ -46,7 +46,8 @@ def token_counts(tokenizer, texts: Sequence[str], vocab_size: int) -> np.ndarray
     """How often each token id occurs when ``texts`` are tokenized (no special tokens), as int64 (vocab_size,)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for s in range(0, len(texts), 16):
-        for ids in tokenizer(list(texts[s : s + 16]), add_special_tokens=False)["input_ids"]:
+        # verbose=False: counting is not running the model, so "longer than the maximum ... indexing errors" is noise
+        for ids in tokenizer(list(texts[s : s + 16]), add_special_tokens=False, verbose=False)["input_ids"]:
             ids = np.asarray(ids, dtype=np.int64)
             ids = ids[(ids >= 0) & (ids < vocab_size)]
             counts += np.bincount(ids, minlength=vocab_size)

@@ -128,8 +128,9 @@ def similarity(
         cache: a dict kept by the caller to reuse the reference's embeddings across calls (sweeps).
 
     Returns:
-        ``spearman``, ``pearson``, ``n_docs``, ``n_pairs``; with a reference also ``fidelity`` (over all texts),
-        ``fidelity_docs``, ``fidelity_passages``, ``fidelity_min`` and ``n_fidelity_texts``.
+        ``spearman``, ``pearson``, ``n_docs``, ``n_pairs``; with a reference also the reference's own
+        ``reference_spearman`` and ``reference_pearson``, ``fidelity`` (over all texts), ``fidelity_docs``,
+        ``fidelity_passages``, ``fidelity_min`` and ``n_fidelity_texts``.
 
     Example:
         >>> similarity(load_model("minilm"))["spearman"]            # doctest: +SKIP
@@ -155,7 +156,10 @@ def similarity(
         cos_docs = (emb * ref_docs).sum(-1).clamp(-1, 1)  # both L2-normalized: the dot product is the cosine
         cos_extra = (emb_extra * ref_extra).sum(-1).clamp(-1, 1)
         allcos = torch.cat([cos_docs, cos_extra])
+        ref_corr = correlations((ref_docs @ ref_docs.T).double().numpy(), human)
         out.update(
+            reference_spearman=ref_corr["spearman"],
+            reference_pearson=ref_corr["pearson"],
             fidelity=float(allcos.mean()),
             fidelity_docs=float(cos_docs.mean()),
             fidelity_passages=float(cos_extra.mean()),

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from embfactor.errors import ConfigError, InvalidInputError, InvalidTypeError, UnknownMethodError
+from embfactor.errors import ConfigError, InvalidInputError, InvalidTypeError, UnknownMethodError, a_or_an
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def check_same_vocabulary(lm, reference) -> None:
     """
     if lm.kind != reference.kind:
         raise InvalidInputError(
-            f"model {lm.name!r} is a {lm.kind} but reference {reference.name!r} is a {reference.kind}; "
+            f"model {lm.name!r} is {a_or_an(lm.kind)} but reference {reference.name!r} is {a_or_an(reference.kind)}; "
             "give the original model the compressed one was made from"
         )
     e1, e2 = input_embedding(lm.model), input_embedding(reference.model)
@@ -142,8 +142,8 @@ def evaluate(lm, task: str, *, reference=None, progress: bool = False, **opts: A
         raise InvalidTypeError(f"evaluate needs an embfactor.models.LoadedModel, got {type(lm).__name__}")
     if lm.kind not in info.kinds:
         raise InvalidInputError(
-            f"task {task!r} applies to {' and '.join(k + 's' for k in info.kinds)}, but {lm.name!r} is a {lm.kind}; "
-            f"tasks for a {lm.kind}: {', '.join(t.name for t in task_infos() if lm.kind in t.kinds)}"
+            f"task {task!r} applies to {' and '.join(k + 's' for k in info.kinds)}, but {lm.name!r} is {a_or_an(lm.kind)}; "
+            f"tasks for {a_or_an(lm.kind)}: {', '.join(t.name for t in task_infos() if lm.kind in t.kinds)}"
         )
     import inspect
 

@@ -65,7 +65,7 @@ class BlockFactorizedEmbedding(TieredFormat):
             if r < 0 or r > min(n, embedding_dim):
                 raise ConfigError(f"bucket rank {r} must be within [0, min(bucket size {n}, d {embedding_dim})]")
         tiers: list[RowFormat] = [
-            FactorizedEmbedding(n, embedding_dim, r, device=device, dtype=dtype) if r > 0
+            FactorizedEmbedding(n, embedding_dim, r, full_rank=True, device=device, dtype=dtype) if r > 0
             else ZeroRows(n, embedding_dim, device=device, dtype=dtype)
             for n, r in zip(sizes, ranks)
         ]

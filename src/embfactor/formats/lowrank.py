@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embfactor.decomposition.factors import Factors
-from embfactor.errors import InvalidTypeError
+from embfactor.errors import ConfigError, InvalidTypeError
 from embfactor.formats.base import RowFormat, check_format_args, register_format
 
 
@@ -23,10 +23,11 @@ class FactorizedEmbedding(RowFormat):
     Args:
         num_embeddings: vocabulary size.
         embedding_dim: d.
-        rank: r, 1 ≤ r; smaller than d to save parameters.
+        rank: r, 1 ≤ r < min(vocab, d); r·(vocab + d) numbers instead of vocab·d.
         padding_idx: this row of U is zero and gets no gradient, so its embedding is zero (as in nn.Embedding).
         sparse: sparse gradients for U (only the gathered rows), for very large vocabularies.
         init_std: the std of entries of U·V at initialization (nn.Embedding draws N(0, 1)).
+        full_rank: allow rank = min(vocab, d), which saves nothing on its own (a tier of a larger table may use it).
 
     Example:
         >>> emb = FactorizedEmbedding(1000, 64, rank=16, padding_idx=0)
@@ -43,11 +44,20 @@ class FactorizedEmbedding(RowFormat):
         *,
         sparse: bool = False,
         init_std: float = 1.0,
+        full_rank: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         padding_idx = check_format_args(num_embeddings, embedding_dim, padding_idx, rank=rank)
+        top = min(num_embeddings, embedding_dim)
+        if rank > top or (rank == top and not full_rank):
+            # U·V of rank >= min(vocab, d) holds more numbers than the table itself (as decompose() refuses it)
+            raise ConfigError(
+                f"rank must be < min(num_embeddings, embedding_dim)={top}, got rank={rank}: a {num_embeddings}×"
+                f"{embedding_dim} table stores {num_embeddings * embedding_dim:,} numbers, U·V of rank {rank} "
+                f"{rank * (num_embeddings + embedding_dim):,}; use nn.Embedding"
+            )
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.rank = rank
@@ -110,7 +120,9 @@ class FactorizedEmbedding(RowFormat):
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> FactorizedEmbedding:
         """Right shapes, values to be loaded (used when rebuilding a saved model)."""
-        return cls(num_embeddings, embedding_dim, rank, padding_idx, sparse=sparse, device=device, dtype=dtype)
+        return cls(
+            num_embeddings, embedding_dim, rank, padding_idx, sparse=sparse, full_rank=True, device=device, dtype=dtype
+        )
 
     @classmethod
     def from_factors(
@@ -144,7 +156,8 @@ class FactorizedEmbedding(RowFormat):
         temporaries only, as the padding row of the caller's U may be zeroed in place.
         """
         # built on the meta device: the shapes without allocating and randomly initializing a U that is replaced
-        emb = cls(U.shape[0], V.shape[1], U.shape[1], padding_idx, sparse=sparse, device="meta", dtype=U.dtype)
+        emb = cls(U.shape[0], V.shape[1], U.shape[1], padding_idx, sparse=sparse, full_rank=True, device="meta",
+                  dtype=U.dtype)
         emb.U = nn.Parameter(_owned(U, U.dtype, copy))
         emb.V = nn.Parameter(_owned(V, U.dtype, copy))
         if zero_padding_row:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embfactor.errors import ConfigError, CorruptFileError, InvalidInputError, SurgeryError
+from embfactor.errors import ConfigError, CorruptFileError, InvalidInputError, SurgeryError, a_or_an
 
 STATE_TENSORS = "heal_state.safetensors"
 STATE_JSON = "heal_state.json"
@@ -80,7 +80,7 @@ def check_compatible(student: Any, teacher: Any) -> None:
             "mean the same tokens. Heal against the original model the compressed one was made from"
         )
     if student.kind != teacher.kind:
-        raise InvalidInputError(f"the compressed model is a {student.kind} but the reference is a {teacher.kind}")
+        raise InvalidInputError(f"the compressed model is {a_or_an(student.kind)} but the reference is {a_or_an(teacher.kind)}")
 
 
 def passages(texts: Sequence[str], max_chars: int = 600) -> list[str]:

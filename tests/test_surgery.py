@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import embfactor as ef
-from embfactor.errors import CorruptFileError, InvalidInputError, ModelNotFoundError, SurgeryError
+from embfactor.errors import CorruptFileError, InvalidInputError, InvalidTypeError, ModelNotFoundError, SurgeryError
 from embfactor.layers import FactorizedEmbedding, FactorizedLMHead
 from tests.conftest import D, VOCAB
 
@@ -199,3 +199,28 @@ def test_config_json_round_trip():
     assert back == cfg
     with pytest.raises(CorruptFileError, match="unknown fields"):
         ef.FactorizationConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_api_takes_what_load_model_returns_and_save_carries_its_tokenizer(tiny_bert_dir, tmp_path):
+    """The README's flow: factorize_/quantize_/save on a load_model result; the folder then works with the CLI
+    (it was refused: no tokenizer was saved, and factorize_ raised "needs a torch nn.Module, got LoadedModel")."""
+    from fastapi.testclient import TestClient
+
+    import embfactor as ef
+    from embfactor.cli.serve_cmd import build_app
+
+    lm = ef.load_model(tiny_bert_dir)
+    report = ef.factorize_(lm, rank=8, method="svd")
+    assert report.rank == 8 and lm.model.get_input_embeddings().num_params == 8 * (VOCAB + D)
+    ef.quantize_(lm, "int8")
+    out = ef.save(lm, tmp_path / "api-r8")
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
+    again = ef.load_model(out)
+    assert again.compressed and again.tokenizer("the cat")["input_ids"] == lm.tokenizer("the cat")["input_ids"]
+    ids = torch.tensor([lm.tokenizer("the cat sat")["input_ids"]])
+    assert torch.equal(ef.load(out)(input_ids=ids).last_hidden_state, lm.model(input_ids=ids).last_hidden_state)
+    client = TestClient(build_app(str(out)))  # what `embfactor serve` runs on the folder
+    assert client.post("/embed", json={"texts": ["the cat"]}).status_code == 200
+    with pytest.raises(InvalidTypeError, match="needs a torch nn.Module, got str"):
+        ef.save("not a model", tmp_path / "x")
+

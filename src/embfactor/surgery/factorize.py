@@ -129,8 +129,26 @@ def apply_structure_(
     return new_embedding
 
 
+def as_module(model: Any, caller: str) -> nn.Module:
+    """The nn.Module to work on: ``model`` itself, or the ``.model`` of what :func:`embfactor.load_model` returns.
+
+    Example:
+        >>> lm = load_model("minilm"); as_module(lm, "factorize_") is lm.model   # doctest: +SKIP
+        True
+    """
+    from embfactor.models import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        return model.model
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(
+            f"{caller} needs a torch nn.Module, got {type(model).__name__} (or pass what embfactor.load_model returns)"
+        )
+    return model
+
+
 def factorize_(
-    model: nn.Module,
+    model: nn.Module | Any,
     config: FactorizationConfig | None = None,
     *,
     rank: int | None = None,
@@ -150,7 +168,8 @@ def factorize_(
     is unchanged.
 
     Args:
-        model: a Hugging Face model (or any nn.Module with ``get_input_embeddings()``; else give ``module_name``).
+        model: a Hugging Face model (or any nn.Module with ``get_input_embeddings()``; else give ``module_name``),
+            or what :func:`embfactor.load_model` returns (its model is factorized).
         config: a FactorizationConfig; or give its fields as keyword arguments.
         module_name: fully qualified name of the nn.Embedding, for models without get_input_embeddings().
         progress: progress bars for iterative methods.
@@ -165,8 +184,7 @@ def factorize_(
         >>> report.rank, report.relative_error                    # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise InvalidTypeError(f"factorize_ needs a torch nn.Module, got {type(model).__name__}")
+    model = as_module(model, "factorize_")
     if config is None:
         config = FactorizationConfig(
             method=method, rank=rank, ratio=ratio, energy=energy, max_error=max_error, seed=seed,

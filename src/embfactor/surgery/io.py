@@ -14,7 +14,7 @@ from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
 from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
 from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
 from embfactor.formats import get_format
-from embfactor.surgery.factorize import META_ATTR, apply_structure_
+from embfactor.surgery.factorize import META_ATTR, apply_structure_, as_module
 
 WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
@@ -22,7 +22,7 @@ _META_KEYS = ("embedding_module", "head_module", "tied_head", "rank", "method", 
 
 
 def save_compressed(
-    model: nn.Module,
+    model: nn.Module | Any,
     directory: str | os.PathLike,
     *,
     tokenizer: Any = None,
@@ -37,8 +37,10 @@ def save_compressed(
     earlier output intact. An existing folder is replaced only if it is an earlier embfactor output.
 
     Args:
-        model: a model factorized by :func:`factorize_` (or loaded by :func:`load_compressed`).
-        tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model.
+        model: a model factorized by :func:`factorize_` (or loaded by :func:`load_compressed`), or what
+            :func:`embfactor.load_model` returns after :func:`factorize_` (its tokenizer is saved too).
+        tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model that every
+            ``embfactor`` command accepts; default: the tokenizer of a ``load_model`` result.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
         files: more files (name -> contents) written into the same temporary folder, so they appear in the one
@@ -55,6 +57,9 @@ def save_compressed(
     from embfactor.hf.integration import attach_quantization_config
     from embfactor.hf.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
 
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None) if not isinstance(model, nn.Module) else None
+    model = as_module(model, "save")
     meta = getattr(model, META_ATTR, None)
     if meta is None:
         raise SurgeryError(f"{type(model).__name__} is not factorized; call embfactor.factorize_(model, ...) first")

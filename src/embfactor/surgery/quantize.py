@@ -6,12 +6,12 @@ from typing import Any
 
 from torch import nn
 
-from embfactor.errors import InvalidTypeError, SurgeryError
+from embfactor.errors import SurgeryError
 from embfactor.formats.lowrank import FactorizedEmbedding
 from embfactor.formats.quantized import QuantizedFactorizedEmbedding, parse_bits
 from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers.head import FactorizedLMHead
-from embfactor.surgery.factorize import META_ATTR
+from embfactor.surgery.factorize import META_ATTR, as_module
 from embfactor.surgery.replace import replace_modules_
 
 
@@ -41,7 +41,7 @@ def factor_bytes(vocab: int, d: int, rank: int, bits: int | None = None) -> int:
     return quantized_bytes(vocab, rank, bits) + quantized_bytes(rank, d, bits)
 
 
-def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
+def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
     """Convert a factorized model's embedding (and its tied head) to quantized factor storage, in place.
 
     The model must have been factorized with a U·V layer (:func:`embfactor.factorize_`, any matrix method).
@@ -49,7 +49,7 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
     so :func:`embfactor.save` / :func:`embfactor.load` round-trip it (bit-exact outputs).
 
     Args:
-        model: a factorized model.
+        model: a factorized model (or what :func:`embfactor.load_model` returns, factorized).
         bits: 8 / "int8" or 4 / "int4".
 
     Returns:
@@ -64,8 +64,7 @@ def quantize_(model: nn.Module, bits: int | str = 8) -> dict[str, Any]:
         >>> save(model, "out/")                                       # doctest: +SKIP
     """
     b = parse_bits(bits)
-    if not isinstance(model, nn.Module):
-        raise InvalidTypeError(f"quantize_ needs a torch nn.Module, got {type(model).__name__}")
+    model = as_module(model, "quantize_")
     meta = getattr(model, META_ATTR, None)
     if meta is None:
         raise SurgeryError(

@@ -25,11 +25,15 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/embfactor bench
+	$(PY) -m benchmarks.decompose
+	$(PY) -m benchmarks.runtime
+	$(PY) -m benchmarks.memory
 
 # Every benchmark in its --quick mode: seconds each, so CI keeps them from rotting (results: *_quick.*).
 bench-quick: $(STAMP)
-	$(VENV)/bin/embfactor bench --quick --output $(QUICK_OUT)
+	$(PY) -m benchmarks.decompose --quick --output $(QUICK_OUT)
+	$(PY) -m benchmarks.runtime --quick --output $(QUICK_OUT)
+	$(PY) -m benchmarks.memory --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/quality.py --quick
 	$(PY) benchmarks/tt_speed.py --quick
 	$(PY) benchmarks/quant_frontier.py --quick

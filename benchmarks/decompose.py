@@ -18,7 +18,7 @@ rank r, k = r + oversampling, q power iterations):
   each a memory-bound pass over E: 2·ncv passes, 4·n·d·ncv FLOPs.
 - ``als``: per iteration 2 passes and 4·n·d·r FLOPs (iterations from the run).
 
-Run: ``embfactor bench --suite decompose`` (full: ~10 min on 2 cores) or ``--quick`` (seconds).
+Run: ``python -m benchmarks.decompose`` (full: ~10 min on 2 cores) or ``--quick`` (seconds).
 """
 
 from __future__ import annotations
@@ -390,7 +390,7 @@ def merge(paths: list[str | Path], output: str | Path | None = None, note: str |
 
 
 def render(data: dict[str, Any]) -> str:
-    cmd = "embfactor bench --suite decompose" + (" --quick" if data["quick"] else "")
+    cmd = "python -m benchmarks.decompose" + (" --quick" if data["quick"] else "")
     title = "Decomposition: time, memory and error vs peers"
     parts = [header(title, data["environment"], data["machine_limits"], cmd)]
     if not data.get("complete", True):

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    from embfactor.eval.sweep import clone_model
+    from embfactor.pipeline.sweep import clone_model
 
     if args.quick:
         ref = _tiny("encoder")

@@ -36,7 +36,7 @@ torch.set_num_threads(1)
 def _folders(quick: bool, work: Path) -> list[dict[str, Any]]:
     """[{name, original, compressed, kind}] with the folders written under ``work``."""
     import embfactor as ef
-    from embfactor.cli.compress_cmd import compress
+    from embfactor.pipeline import compress
     from embfactor.models import load_model, minilm_path
 
     if quick:

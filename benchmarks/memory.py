@@ -4,7 +4,7 @@ Each command runs as its own process and its peak RSS comes from the kernel (``o
 everything counts: Python, torch, transformers, the loaded model, the decomposition and the save. A second
 process that only loads the model gives the baseline, so the decomposition's own cost is the difference.
 
-Run: ``embfactor bench --suite memory`` (minilm and smollm2, ~2 min) or ``--quick`` (a tiny random BERT).
+Run: ``python -m benchmarks.memory`` (minilm and smollm2, ~2 min) or ``--quick`` (a tiny random BERT).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ FULL_MODELS = {"minilm": ["--ratio", "6"], "smollm2": ["--ratio", "4"]}
 # still counts as model memory.
 IMPORTS_ONLY = (
     "import torch, transformers, transformers.modeling_utils, embfactor.models, embfactor.surgery, "
-    "embfactor.cli.compress_cmd"
+    "embfactor.pipeline"
 )
 LOAD_ONLY = (
     "import sys; from embfactor.models import load_model; lm = load_model(sys.argv[1]); "
@@ -130,7 +130,7 @@ def run(*, quick: bool = False, output: str | Path | None = None, progress: bool
 
 
 def render(data: dict[str, Any]) -> str:
-    cmd = "embfactor bench --suite memory" + (" --quick" if data["quick"] else "")
+    cmd = "python -m benchmarks.memory" + (" --quick" if data["quick"] else "")
     parts = [header("Memory: peak RSS of `embfactor compress`", data["environment"], None, cmd)]
     parts.append(
         "Peak RSS of the whole process (kernel rusage). `imports only` = a process that imports torch, transformers "

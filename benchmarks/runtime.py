@@ -9,7 +9,7 @@ All timings are medians of repeated runs in this process (``torch.get_num_thread
 - greedy generation tokens/s of SmolLM2-135M (float32), dense vs its tied head factorized for 4× embedding
   compression (the rank ``factorize_(ratio=4)`` picks).
 
-Run: ``embfactor bench --suite runtime`` (full, ~3 min plus ~45 s to load SmolLM2) or ``--quick``.
+Run: ``python -m benchmarks.runtime`` (full, ~3 min plus ~45 s to load SmolLM2) or ``--quick``.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _run(*, quick: bool, output: str | Path | None, progress: bool, env: dict[st
 
 
 def render(data: dict[str, Any]) -> str:
-    cmd = "embfactor bench --suite runtime" + (" --quick" if data["quick"] else "")
+    cmd = "python -m benchmarks.runtime" + (" --quick" if data["quick"] else "")
     parts = [header("Runtime: factorized layers vs dense", data["environment"], None, cmd)]
     parts.append("Medians of repeated runs of CPU time with torch on ONE thread (on a machine shared with other jobs "
                  "wall time measured waiting, not work); 1-min load average at start "

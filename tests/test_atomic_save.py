@@ -62,7 +62,7 @@ CHILD = textwrap.dedent(
         PreTrainedTokenizerBase.save_pretrained = slow_tokenizer_save
 
     # what `embfactor compress MODEL --rank R --output OUT` runs (without importing every other command)
-    from embfactor.cli.compress_cmd import compress
+    from embfactor.pipeline import compress
     from embfactor.config import FactorizationConfig
     compress(model, FactorizationConfig(rank=int(rank)), out, progress=False)
     """

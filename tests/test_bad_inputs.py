@@ -581,7 +581,6 @@ LONG = "n" * 300
     (["inspect", "{bert}", "--plot", "/proc/x.png"], "cannot write --plot /proc/x.png"),
     (["sweep", "{bert}", "--json", "/proc/x.json"], "cannot write --json /proc/x.json"),
     (["train", "--steps", "1", "--output", "/proc/x"], "cannot write --output /proc/x"),
-    (["bench", "--quick", "--json", "/proc/x.json"], "cannot write --json /proc/x.json"),
 ])
 def test_unwritable_outputs_are_refused_before_loading(work, capsys, no_load, monkeypatch, argv, message):
     import embfactor.train.scratch

@@ -7,21 +7,18 @@ import sys
 
 import pytest
 
-from embfactor.cli.bench_cmd import SUITES, _import_suite, parse_suites
-from embfactor.cli.main import main
-from embfactor.errors import ConfigError
+import benchmarks.common as common
+import benchmarks.decompose as decompose_bench
+import benchmarks.memory as memory_bench
+import benchmarks.runtime as runtime_bench
 
-decompose_bench = _import_suite("decompose")
-runtime_bench = _import_suite("runtime")
-memory_bench = _import_suite("memory")
-common = sys.modules["benchmarks.common"]
+SUITES = ("decompose", "runtime", "memory")
 
 METHODS = {f"ef-{m}" for m in decompose_bench.EF_METHODS} | set(decompose_bench.PEER_METHODS)
 
 
-def test_bench_cli_quick_decompose_writes_json_and_markdown(tmp_path, capsys):
-    assert main(["bench", "--quick", "--suite", "decompose", "--output", str(tmp_path), "--quiet",
-                 "--json", str(tmp_path / "all.json")]) == 0
+def test_quick_decompose_writes_json_and_markdown(tmp_path):
+    assert decompose_bench.main(["--quick", "--output", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench_decompose_quick.json").read_text())
     assert data["suite"] == "decompose" and data["quick"] is True
     limits = {"copy_bandwidth_gbs", "gemm_fp32_gflops", "gemm_fp64_gflops", "gemm_bf16_gflops"}
@@ -40,8 +37,6 @@ def test_bench_cli_quick_decompose_writes_json_and_markdown(tmp_path, capsys):
     md = (tmp_path / "bench_decompose_quick.md").read_text()
     assert "| method | rank | seconds | vs sklearn | x bound |" in md
     assert md.count("| ef-eig |") == 3
-    assert "decompose" in json.loads((tmp_path / "all.json").read_text())
-    assert "bench_decompose_quick.md" in capsys.readouterr().out
     assert not (tmp_path / "bench_decompose.json").exists()
 
 
@@ -71,8 +66,8 @@ def test_runtime_quick_structure(tmp_path):
     assert json.loads((tmp_path / "bench_runtime_quick.json").read_text())["suite"] == "runtime"
 
 
-def test_quick_bench_never_overwrites_committed_results(tmp_path, monkeypatch, capsys):
-    """`embfactor bench --quick` with the default output writes bench_*_quick.*, beside the committed full results."""
+def test_quick_bench_never_overwrites_committed_results(tmp_path, monkeypatch):
+    """`python -m benchmarks.decompose --quick` with the default output writes bench_*_quick.*, beside the committed full results."""
     results = tmp_path / "results"
     results.mkdir()
     committed = {}
@@ -82,10 +77,9 @@ def test_quick_bench_never_overwrites_committed_results(tmp_path, monkeypatch, c
             path.write_text(f"committed full {suite} results\n")
             committed[path] = path.read_bytes()
     monkeypatch.setattr(common, "RESULTS_DIR", results)  # the checkout's benchmarks/results, as a copy
-    assert main(["bench", "--quick", "--suite", "decompose", "--quiet"]) == 0
+    assert decompose_bench.main(["--quick"]) == 0
     assert {p: p.read_bytes() for p in committed} == committed
     assert json.loads((results / "bench_decompose_quick.json").read_text())["quick"] is True
-    assert str(results / "bench_decompose_quick.md") in capsys.readouterr().out
     # the one writer every suite uses names quick data *_quick, whatever the folder; full runs keep their names
     for suite in SUITES:
         files = common.write_results(suite, {"quick": True}, "x", results)
@@ -128,10 +122,3 @@ def test_isolated_runner_keeps_results_before_a_crash():
     assert res[0]["x"] == 2 and res[0]["status"] == "ok" and res[0]["peak_rss_mb"] > 0
     bad = common.run_isolated("benchmarks.common", "emit", {"nope": 1}, timeout=120)
     assert bad[-1]["status"] == "error"
-
-
-def test_suite_names_are_validated():
-    assert parse_suites("runtime, memory") == ["runtime", "memory"]
-    assert parse_suites(",".join(SUITES)) == list(SUITES)
-    with pytest.raises(ConfigError, match="unknown benchmark suite.*valid: decompose, runtime, memory"):
-        parse_suites("decompose,speed")

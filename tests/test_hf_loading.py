@@ -42,17 +42,9 @@ def _quantized(bits: int) -> Callable[[nn.Module], None]:
 
 def _install(model: nn.Module, build: Callable[[torch.Tensor], nn.Module]) -> None:
     """Put a hand-built format module in place of the embedding (for formats no decomposition method makes)."""
-    from embfactor.hf.integration import attach_quantization_config
-    from embfactor.surgery.factorize import META_ATTR, apply_structure_, find_embedding_and_head
+    from embfactor.surgery import find_embedding_and_head, install_format_
 
-    emb_fqn, emb, head_fqn, _, tied = find_embedding_and_head(model)
-    new = build(emb.weight.detach())
-    apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tied, head_module=head_fqn)
-    setattr(model, META_ATTR, {
-        "embedding_module": emb_fqn, "head_module": head_fqn if tied else None, "tied_head": tied, "rank": 1,
-        "method": new.format_name, "factorization": ef.FactorizationConfig(rank=1).to_dict(), "report": {},
-    })
-    attach_quantization_config(model)
+    install_format_(model, build(find_embedding_and_head(model).embedding.weight.detach()))
 
 
 def _tiered(E: torch.Tensor) -> nn.Module:
@@ -216,7 +208,7 @@ def test_load_model_accepts_a_save_pretrained_folder(tmp_path, tiny_bert_dir):
     """embfactor.load_model (CLI, server) opens what from_pretrained opens: a save_pretrained folder too."""
     from transformers import AutoModel, AutoTokenizer
 
-    from embfactor.cli.compress_cmd import compress
+    from embfactor.pipeline import compress
     from embfactor.models import load_model
 
     compress(str(tiny_bert_dir), ef.FactorizationConfig(rank=4), tmp_path / "c", progress=False)
@@ -314,7 +306,7 @@ TEXTS = ["the cat sat on the mat", "a very good movie", "dog"]
 def test_sentence_transformers_folder_keeps_modules_and_embeddings(tmp_path, st_folder, case):
     from sentence_transformers import SentenceTransformer
 
-    from embfactor.cli.compress_cmd import compress
+    from embfactor.pipeline import compress
     from embfactor.eval.embed import pooled_embeddings
     from embfactor.models import load_model
 
@@ -339,7 +331,7 @@ def test_sentence_transformers_folder_keeps_modules_and_embeddings(tmp_path, st_
 
 
 def test_plain_hf_folder_gets_no_sentence_transformers_files(tmp_path, tiny_bert_dir):
-    from embfactor.cli.compress_cmd import compress
+    from embfactor.pipeline import compress
 
     compress(str(tiny_bert_dir), ef.FactorizationConfig(rank=4), tmp_path / "o", progress=False)
     assert not (tmp_path / "o" / "modules.json").exists()
@@ -364,7 +356,7 @@ def test_minilm_sentence_transformers_and_from_pretrained(tmp_path):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from embfactor.cli.compress_cmd import compress
+    from embfactor.pipeline import compress
     from embfactor.eval.embed import pooled_embeddings
     from embfactor.models import load_model, minilm_path
 

@@ -10,6 +10,7 @@ from embfactor import FactorizedEmbedding, QuantizedFactorizedEmbedding, factori
 from embfactor import save_compressed
 from embfactor.errors import ConfigError, SurgeryError
 from embfactor.quant import dequantize_rows, fake_quantize_rows, quantize_rows, quantized_bytes
+from embfactor.surgery import get_meta
 from embfactor.surgery.quantize import dense_embedding_bytes, factor_bytes
 from tests.conftest import D, VOCAB
 
@@ -105,7 +106,7 @@ def test_tied_model_quantize_save_load_bit_exact(bits, tiny_gpt2, tmp_path):
         assert torch.equal(getattr(lemb, name), getattr(emb, name))
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, before)
-    assert loaded.embfactor_meta["report"]["quantization"]["bits"] == bits
+    assert get_meta(loaded).report["quantization"]["bits"] == bits
 
 
 def test_untied_bert_quantize_round_trip(tiny_bert, tmp_path):
@@ -146,7 +147,7 @@ def test_compress_cli_quantize(tiny_bert_dir, tmp_path, capsys):
     emb = model.get_input_embeddings()
     assert isinstance(emb, QuantizedFactorizedEmbedding) and emb.bits == 4
     with pytest.raises(ConfigError, match="does not apply to --method tt"):
-        from embfactor.cli.compress_cmd import compress
+        from embfactor.pipeline import compress
         from embfactor.config import FactorizationConfig
 
         compress(str(tiny_bert_dir), FactorizationConfig(rank=4, method="tt"), tmp_path / "x", quantize="int8")

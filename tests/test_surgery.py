@@ -10,6 +10,7 @@ import torch
 import embfactor as ef
 from embfactor.errors import CorruptFileError, InvalidInputError, InvalidTypeError, ModelNotFoundError, SurgeryError
 from embfactor.layers import FactorizedEmbedding, FactorizedLMHead
+from embfactor.surgery import get_meta
 from tests.conftest import D, VOCAB
 
 
@@ -84,7 +85,7 @@ def test_save_load_round_trip(fixture, request, tmp_path):
     assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-6)
     emb = loaded.get_input_embeddings()
     assert isinstance(emb, FactorizedEmbedding) and emb.rank == 12
-    if getattr(model, "embfactor_meta")["tied_head"]:
+    if get_meta(model).tied_head:
         head = loaded.get_output_embeddings()
         assert head.U is emb.U and head.V is emb.V
         # the sharing survives a training step: one update moves both

@@ -52,7 +52,7 @@ def test_sweep_writes_json_and_png(tiny_bert_dir: Path, tmp_path: Path, opts):
 
 def test_sweep_identical_quality_for_rank_close_to_full(tiny_bert, tiny_bert_dir, opts):
     """A nearly lossless ratio keeps fidelity ~1; a higher ratio loses more."""
-    from embfactor.eval.sweep import sweep
+    from embfactor.pipeline.sweep import sweep
 
     r = sweep(str(tiny_bert_dir), ratios=[1.01, 8], methods=["svd"], progress=False, task_options=opts)
     near, far = sorted(r["points"], key=lambda p: p["ratio"])
@@ -72,7 +72,7 @@ def test_unknown_method_fails_before_writing(tiny_bert_dir, tmp_path, opts):
 
 
 def test_skip_missing_warns_and_continues(tiny_bert_dir, opts):
-    from embfactor.eval.sweep import sweep
+    from embfactor.pipeline.sweep import sweep
 
     with pytest.warns(UserWarning, match="skipping unknown decomposition method 'nope'"):
         r = sweep(str(tiny_bert_dir), ratios="4", methods="nope,svd", skip_missing=True, progress=False,
@@ -104,7 +104,7 @@ def test_bad_settings_fail_and_write_nothing(tiny_bert_dir, tmp_path, opts):
 def test_sweep_perplexity_on_a_decoder(tiny_llama_tied, tiny_bert_dir):
     from transformers import BertTokenizerFast
 
-    from embfactor.eval.sweep import plot_sweep, sweep
+    from embfactor.pipeline.sweep import plot_sweep, sweep
     from embfactor.models import LoadedModel
 
     tok = BertTokenizerFast(vocab=str(tiny_bert_dir / "vocab.txt"))
@@ -123,16 +123,6 @@ def test_sweep_perplexity_on_a_decoder(tiny_llama_tied, tiny_bert_dir):
     assert lm.model.lm_head.weight is lm.model.get_input_embeddings().weight
 
 
-def test_heal_minutes_needs_heal(tiny_bert_dir, opts, monkeypatch):
-    import sys
-
-    from embfactor.eval.sweep import sweep
-
-    monkeypatch.setitem(sys.modules, "embfactor.train.heal", None)  # simulate a missing healing module
-    with pytest.raises(InvalidInputError, match="--heal-minutes needs embfactor.train.heal"):
-        sweep(str(tiny_bert_dir), ratios="2", methods="svd", heal_minutes=1, progress=False, task_options=opts)
-
-
 def test_cli_sweep(tiny_bert_dir, tmp_path, capsys):
     from embfactor.cli.main import main
 
@@ -149,7 +139,7 @@ def test_fake_quantized_factors_match_real_quantized_storage(tiny_bert_dir):
 
     from embfactor import factorize_
     from embfactor.eval.reconstruction import effective_table
-    from embfactor.eval.sweep import clone_model, fake_quantize_module_
+    from embfactor.pipeline.sweep import clone_model, fake_quantize_module_
     from embfactor.models import load_model
 
     from embfactor import surgery
@@ -168,7 +158,7 @@ def test_sweep_with_healing(tiny_bert_dir, opts, monkeypatch):
     import importlib
 
     heal_mod = importlib.import_module("embfactor.train.heal")  # the module (embfactor.train.heal is also a function)
-    from embfactor.eval.sweep import sweep
+    from embfactor.pipeline.sweep import sweep
     from embfactor.layers import FactorizedEmbedding
 
     calls = []

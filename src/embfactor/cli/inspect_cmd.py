@@ -9,66 +9,24 @@ from embfactor.cli.common import add_model_arg, check_outputs, table, write_json
 
 
 def inspect_model(model: str) -> dict[str, Any]:
-    """Facts about a model's input embedding, with the singular-value energy kept at a few ranks."""
-    from embfactor.decomposition import optimal_relative_error, spectrum
+    """:func:`embfactor.pipeline.describe` of ``model``, with the singular-value energy kept at a few ranks."""
     import torch
 
-    from embfactor.formats import is_row_format
     from embfactor.models import load_model
-    from embfactor.surgery import count_params, find_embedding_and_head
+    from embfactor.pipeline import describe, spectrum_facts
 
     lm = load_model(model)
+    facts = describe(lm)
     emb = lm.model.get_input_embeddings()
-    factorized = is_row_format(emb)  # any stored format: low rank, quantized, TT, block, tiered
-    rank = matrix_rank = None
-    if factorized:
-        with torch.no_grad():
-            E = emb.dense().detach().float()
-        head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
-        tied = head is not None and getattr(head, "embedding", None) is emb
-        emb_params = emb.num_params
-        matrix_rank = emb.format_config().get("rank")  # U·V formats; TT and block tables have higher matrix rank
-        rank = matrix_rank if isinstance(matrix_rank, int) else lm.record.get("rank")
-    else:
-        _, emb, _, _, tied = find_embedding_and_head(lm.model)
-        E = emb.weight.detach()
-        emb_params = E.numel()
-    vocab, d = E.shape
-    sv = spectrum(E)
-    e = sv.pow(2)
-    ranks = sorted({max(1, d * k // 16) for k in (1, 2, 4, 8, 12)})
-    if isinstance(matrix_rank, int):  # above the stored rank every row would say "energy kept 1.0000"
-        ranks = sorted({r for r in ranks if r < matrix_rank} | {matrix_rank})
-    total_params = count_params(lm.model)
-    return {
-        "model": lm.name,
-        "kind": lm.kind,
-        "architecture": type(lm.model).__name__,
-        "vocab_size": int(vocab),
-        "hidden_size": int(d),
-        "embedding_params": int(emb_params),
-        "model_params": int(total_params),
-        "embedding_share": emb_params / total_params,
-        "tied_head": bool(tied),
-        "factorized": factorized,
-        "rank": rank,
-        "format": getattr(emb, "format_name", None) if factorized else None,
-        "spectrum": [
-            {
-                "rank": r,
-                "ratio": vocab * d / (r * (vocab + d)),
-                "energy": float(e[:r].sum() / e.sum()),
-                "optimal_relative_error": optimal_relative_error(sv, r),
-            }
-            for r in ranks
-            if r < min(vocab, d)
-        ],
-        "singular_values": sv.tolist(),
-    }
+    with torch.no_grad():
+        E = (emb.dense() if facts.compressed else emb.weight).detach().float()
+    # a U·V format's table has matrix rank r: above it every row would say "energy kept 1.0000"
+    matrix_rank = emb.format_config().get("rank") if facts.compressed else None
+    return {**facts.to_dict(), **spectrum_facts(E, top_rank=matrix_rank if isinstance(matrix_rank, int) else None)}
 
 
 def _stored_as(r: dict[str, Any]) -> str:
-    if not r["factorized"]:
+    if not r["compressed"]:
         return ""
     fmt_name = r.get("format")
     facts = [f"rank {r['rank']}"] if r.get("rank") else []
@@ -82,8 +40,8 @@ def render(r: dict[str, Any]) -> str:
             ["model", r["model"]],
             ["architecture", f"{r['architecture']} ({r['kind']})"],
             ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}{_stored_as(r)}"],
-            ["embedding parameters", r["embedding_params"]],
-            ["model parameters", r["model_params"]],
+            ["embedding parameters", r["embedding_params_after"]],
+            ["model parameters", r["params_after"]],
             ["embedding share", f"{100 * r['embedding_share']:.1f}%"],
             ["output head tied", r["tied_head"]],
         ]

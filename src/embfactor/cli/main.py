@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -14,7 +13,7 @@ from embfactor import __version__
 from embfactor.errors import EmbfactorError
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func=run``.
-COMMANDS = ("inspect", "compress", "evaluate", "sweep", "heal", "serve", "bench", "train")
+COMMANDS = ("inspect", "compress", "evaluate", "sweep", "heal", "serve", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,9 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"embfactor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        modname = f"embfactor.cli.{name}_cmd"
-        if importlib.util.find_spec(modname) is not None:
-            importlib.import_module(modname).register(sub)
+        importlib.import_module(f"embfactor.cli.{name}_cmd").register(sub)
     return parser
 
 

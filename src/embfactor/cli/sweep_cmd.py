@@ -25,12 +25,12 @@ def run_sweep(
     json_path: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Run :func:`embfactor.eval.sweep.sweep`, then write the PNG and JSON (both atomically, only on success).
+    """Run :func:`embfactor.pipeline.sweep.sweep`, then write the PNG and JSON (both atomically, only on success).
 
     Example:
         >>> run_sweep("minilm", ratios="2,4,6,8,12", methods="svd", plot="sweep.png")    # doctest: +SKIP
     """
-    from embfactor.eval.sweep import plot_sweep, sweep
+    from embfactor.pipeline.sweep import plot_sweep, sweep
     from embfactor.fileio import atomic_write_bytes, atomic_write_json
 
     check_sweep_outputs(plot, json_path, model)

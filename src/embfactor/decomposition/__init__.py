@@ -42,7 +42,7 @@ __all__ = [
 
 
 def default_method(shape: tuple[int, int], rank: int | None = None) -> str:
-    """The best method for a matrix shape, as measured by ``benchmarks/decompose.py`` (``embfactor bench``).
+    """The best method for a matrix shape, as measured by ``benchmarks/decompose.py`` (``python -m benchmarks.decompose``).
 
     When vocab ≫ d the Gram route (``eig``: one blockwise Gram pass through BLAS syrk, one float64 eigh,
     one product for U) is exact and the fastest method at every rank: n·d² + 2·n·d·r FLOPs in two passes over E,

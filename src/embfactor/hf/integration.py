@@ -20,9 +20,9 @@ def attach_quantization_config(model: nn.Module) -> Any:
         >>> factorize_(model, rank=8)                        # calls this
         >>> model.save_pretrained("out")                     # doctest: +SKIP
     """
-    from embfactor.surgery.factorize import META_ATTR
+    from embfactor.surgery.meta import get_meta
 
-    meta = getattr(model, META_ATTR, None)
+    meta = get_meta(model)
     config = getattr(model, "config", None)
     if meta is None or config is None or not hasattr(config, "to_json_file"):
         return None

@@ -10,7 +10,7 @@ goes through this one path: nothing here knows a format beyond its registered na
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from embfactor.errors import ConfigError, CorruptFileError
 from embfactor.hf.hook import QUANT_METHOD
+
+if TYPE_CHECKING:
+    from embfactor.surgery.meta import CompressionMeta
 
 # Version of the quantization_config layout below; a folder with a newer one was written by a newer embfactor.
 HF_FORMAT_VERSION = 1
@@ -112,17 +115,17 @@ class EmbfactorConfig(QuantizationConfigMixin):
         return {**self.extra, **d}
 
     @classmethod
-    def from_model(cls, model: nn.Module, meta: dict[str, Any]) -> EmbfactorConfig:
+    def from_model(cls, model: nn.Module, meta: CompressionMeta) -> EmbfactorConfig:
         """The config describing a model factorized in this session (``meta``: its embfactor metadata)."""
         from embfactor import __version__
 
-        layer = model.get_submodule(meta["embedding_module"])
+        layer = model.get_submodule(meta.embedding_module)
         name, config = format_of(layer)
-        keep = {k: meta[k] for k in ("method", "rank", "factorization") if k in meta}
+        keep = {"method": meta.method, "rank": meta.rank, "factorization": meta.factorization}
         return cls(
             format=name, format_config=config, num_embeddings=layer.num_embeddings, embedding_dim=layer.embedding_dim,
-            padding_idx=layer.padding_idx, embedding_module=meta["embedding_module"],
-            head_module=meta.get("head_module"), tied_head=bool(meta.get("tied_head")),
+            padding_idx=layer.padding_idx, embedding_module=meta.embedding_module,
+            head_module=meta.head_module, tied_head=meta.tied_head,
             embfactor_version=__version__, meta=keep,
         )
 
@@ -235,7 +238,7 @@ class EmbfactorHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from embfactor.surgery.factorize import META_ATTR
+        from embfactor.surgery.meta import CompressionMeta, set_meta
 
         qc = self.quantization_config
         layer = model.get_submodule(qc.embedding_module)
@@ -244,12 +247,11 @@ class EmbfactorHfQuantizer(HfQuantizer):
             sub = layer.get_submodule(owner) if owner else layer
             current = sub._buffers[attr]
             sub._buffers[attr] = value.to(current.device if current.device.type != "meta" else "cpu")
-        meta = {
-            "embedding_module": qc.embedding_module, "head_module": qc.head_module, "tied_head": qc.tied_head,
-            "rank": qc.meta.get("rank", qc.format_config.get("rank")), "method": qc.meta.get("method", qc.format),
-            "factorization": qc.meta.get("factorization", {}), "report": {},
-        }
-        setattr(model, META_ATTR, meta)
+        set_meta(model, CompressionMeta(
+            embedding_module=qc.embedding_module, head_module=qc.head_module, tied_head=qc.tied_head,
+            rank=qc.meta.get("rank", qc.format_config.get("rank")), method=qc.meta.get("method", qc.format),
+            factorization=qc.meta.get("factorization", {}),
+        ))
         return model
 
     def is_serializable(self) -> bool:

@@ -68,53 +68,13 @@ def model_max_length(model: torch.nn.Module) -> int | None:
     return None
 
 
-def _embedding_params(model: torch.nn.Module) -> int:
-    emb = model.get_input_embeddings()
-    n = getattr(emb, "num_params", None)
-    return int(n) if n is not None else sum(p.numel() for p in emb.parameters())
-
-
 def model_info(lm: LoadedModel, limits: Limits) -> dict[str, Any]:
-    """What /info returns: sizes before/after and the factorization, from the model and its embfactor.json."""
-    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
-    from embfactor.surgery import count_params, find_embedding_and_head
-    from embfactor.surgery.factorize import META_ATTR
+    """What /info returns: :func:`embfactor.pipeline.describe` (what ``embfactor inspect`` shows) and the limits."""
+    from embfactor.pipeline import describe
 
-    model = lm.model
-    emb = model.get_input_embeddings()
-    report = (lm.record or {}).get("report") or {}
-    meta = getattr(model, META_ATTR, None) or {}
-    params_now = count_params(model)
-    emb_now = _embedding_params(model)
-    if lm.compressed or meta:
-        tied = bool(lm.record.get("tied_head", meta.get("tied_head", False)))
-    else:
-        tied = find_embedding_and_head(model)[4]
-    params_before = int(report.get("model_params_before", params_now))
-    on_disk = weights_bytes_on_disk(lm.source) if lm.source.is_dir() else None
-    return {
-        "model": lm.name,
-        "kind": lm.kind,
-        "source": str(lm.source),
-        "compressed": lm.compressed,
-        "vocab_size": int(emb.num_embeddings),
-        "hidden_size": int(emb.embedding_dim),
-        "rank": lm.record.get("rank", meta.get("rank")),
-        "method": lm.record.get("method", meta.get("method")),
-        "layer_type": getattr(emb, "layer_type", None),
-        "tied_head": tied,
-        "relative_error": report.get("relative_error"),
-        "params_before": params_before,
-        "params_after": params_now,
-        "embedding_params_before": int(report.get("embedding_params_before", emb_now)),
-        "embedding_params_after": emb_now,
-        # compress records the figure it reported (the source's weights files, or its float32 tensors for a GGUF);
-        # older outputs lack it: their source may be gone, and its float32 size is what the factorization saves on
-        "bytes_before": int(report.get("bytes_before", params_before * 4)) if report
-        else (on_disk or tensor_bytes(model)),
-        "bytes_after": on_disk or tensor_bytes(model),
-        "limits": {k: float(v) for k, v in vars(limits).items()},
-    }
+    facts = describe(lm).to_dict()
+    facts["layer_type"] = facts["format"]  # the /info field's name since 0.1
+    return {**facts, "limits": {k: float(v) for k, v in vars(limits).items()}}
 
 
 def _token_counts(tokenizer: Any, texts: list[str], max_tokens: int) -> list[int]:

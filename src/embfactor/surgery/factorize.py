@@ -15,10 +15,9 @@ from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.formats import from_factors, is_row_format
 from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers import FactorizedLMHead
+from embfactor.surgery.meta import CompressionMeta, set_meta
 from embfactor.surgery.replace import fqn_of, replace_modules_
 
-# The metadata a factorized model carries (and save_compressed writes) to be rebuilt without re-decomposing.
-META_ATTR = "embfactor_meta"
 
 
 @dataclass
@@ -51,12 +50,24 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def find_embedding_and_head(
-    model: nn.Module, module_name: str | None = None
-) -> tuple[str, nn.Module, str | None, nn.Module | None, bool]:
-    """Locate the input embedding and the output head; tell whether the head is tied (same weight tensor).
+@dataclass(frozen=True)
+class EmbeddingSite:
+    """Where a model's input embedding and output head are, and whether the head shares the embedding's weight."""
 
-    Returns: (embedding fqn, embedding, head fqn or None, head or None, tied).
+    embedding_module: str
+    embedding: nn.Embedding
+    head_module: str | None
+    head: nn.Module | None
+    tied: bool
+
+
+def find_embedding_and_head(model: nn.Module, module_name: str | None = None) -> EmbeddingSite:
+    """Locate the (dense) input embedding and the output head; tell whether the head is tied (same weight tensor).
+
+    Example:
+        >>> site = find_embedding_and_head(model)          # doctest: +SKIP
+        >>> site.embedding_module, site.tied               # doctest: +SKIP
+        ('transformer.wte', True)
     """
     if module_name is not None:
         try:
@@ -90,7 +101,7 @@ def find_embedding_and_head(
             head = None
     tied = head is not None and getattr(head, "weight", None) is emb.weight
     head_fqn = fqn_of(model, head) if head is not None else None
-    return emb_fqn, emb, head_fqn, head, tied
+    return EmbeddingSite(emb_fqn, emb, head_fqn, head, tied)
 
 
 def _disable_hf_retying(model: nn.Module) -> None:
@@ -192,8 +203,9 @@ def factorize_(
         )
     elif any(v is not None for v in (rank, ratio, energy, max_error, method)) or method_options:
         raise SurgeryError("give either config= or keyword settings, not both")
-    emb_fqn, emb, head_fqn, head, tied = find_embedding_and_head(model, module_name)
-    tie = tied and config.factorize_head
+    site = find_embedding_and_head(model, module_name)
+    emb_fqn, emb, head_fqn = site.embedding_module, site.embedding, site.head_module
+    tie = site.tied and config.factorize_head
     params_before = count_params(model)
     E = emb.weight.detach()
     sv = spectrum(E)
@@ -232,18 +244,44 @@ def factorize_(
         embedding_module=emb_fqn,
         head_module=head_fqn if tie else None,
     )
-    setattr(
-        model,
-        META_ATTR,
-        {
-            "factorization": config.to_dict(),
-            "method": f.method,
-            "rank": r,
-            "embedding_module": emb_fqn,
-            "head_module": head_fqn if tie else None,
-            "tied_head": tie,
-            "report": report.to_dict(),
-        },
-    )
+    set_meta(model, CompressionMeta(
+        embedding_module=emb_fqn, head_module=head_fqn if tie else None, tied_head=tie, rank=r, method=f.method,
+        factorization=config.to_dict(), report=report.to_dict(),
+    ))
     attach_quantization_config(model)  # so that model.save_pretrained writes a folder from_pretrained rebuilds
     return report
+
+
+def install_format_(
+    model: nn.Module,
+    new_embedding: nn.Module,
+    *,
+    module_name: str | None = None,
+    tie_head: bool = True,
+    method: str | None = None,
+    rank: int = 1,
+) -> CompressionMeta:
+    """Put a ready storage format (e.g. a hand-built tiered one) in place of the model's embedding, with metadata.
+
+    For formats no decomposition makes; :func:`factorize_` does the same for a decomposition's result. The model can
+    then be saved and loaded like any compressed model. A tied head is replaced by a FactorizedLMHead on the format.
+
+    Example:
+        >>> install_format_(model, TieredFormat([...], position))     # doctest: +SKIP
+    """
+    if not is_row_format(new_embedding):
+        raise InvalidTypeError(f"install_format_ needs a storage format (RowFormat), got {type(new_embedding).__name__}")
+    site = find_embedding_and_head(model, module_name)
+    tie = site.tied and tie_head
+    meta = CompressionMeta(
+        embedding_module=site.embedding_module, head_module=site.head_module if tie else None, tied_head=tie,
+        rank=rank, method=method or new_embedding.format_name, factorization=FactorizationConfig(rank=rank).to_dict(),
+    )
+    # --- the model is mutated only below this line ---
+    apply_structure_(
+        model, embedding_module=site.embedding_module, new_embedding=new_embedding, tied_head=tie,
+        head_module=site.head_module,
+    )
+    set_meta(model, meta)
+    attach_quantization_config(model)
+    return meta

@@ -14,10 +14,12 @@ from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
 from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
 from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
 from embfactor.formats import get_format
-from embfactor.surgery.factorize import META_ATTR, apply_structure_, as_module
+from embfactor.surgery.factorize import apply_structure_, as_module
+from embfactor.surgery.meta import CompressionMeta, get_meta, set_meta
 
 WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
+# the metadata fields every record has (report and extra are optional)
 _META_KEYS = ("embedding_module", "head_module", "tied_head", "rank", "method", "factorization")
 
 
@@ -60,14 +62,14 @@ def save_compressed(
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None) if not isinstance(model, nn.Module) else None
     model = as_module(model, "save")
-    meta = getattr(model, META_ATTR, None)
+    meta = get_meta(model)
     if meta is None:
         raise SurgeryError(f"{type(model).__name__} is not factorized; call embfactor.factorize_(model, ...) first")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_file"):
         raise SurgeryError("save_compressed needs a Hugging Face model (with a .config) to rebuild it on load")
     architecture = type(model).__name__
-    layer = model.get_submodule(meta["embedding_module"])
+    layer = model.get_submodule(meta.embedding_module)
     record = {
         "layer_type": layer.layer_type,
         "layer_config": layer.format_config(),
@@ -78,9 +80,8 @@ def save_compressed(
         "embfactor_version": __version__,
         "architecture": architecture,
         "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        **{k: meta[k] for k in _META_KEYS},
-        "report": meta.get("report", {}),
-        **(extra or meta.get("extra") or {}),
+        **meta.to_record(),
+        **(extra or {}),
     }
     with atomic_directory(directory, inputs=inputs) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
@@ -212,7 +213,7 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     check_record_against_model(directory, record, model)
     model.to(device)
     model.eval()
-    setattr(model, META_ATTR, {k: record[k] for k in (*_META_KEYS, "report")})
+    set_meta(model, CompressionMeta.from_record(record, source=str(directory / MARKER_FILE)))
     return model
 
 

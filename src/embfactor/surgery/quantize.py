@@ -11,7 +11,8 @@ from embfactor.formats.lowrank import FactorizedEmbedding
 from embfactor.formats.quantized import QuantizedFactorizedEmbedding, parse_bits
 from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers.head import FactorizedLMHead
-from embfactor.surgery.factorize import META_ATTR, as_module
+from embfactor.surgery.factorize import as_module
+from embfactor.surgery.meta import get_meta
 from embfactor.surgery.replace import replace_modules_
 
 
@@ -65,12 +66,12 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
     """
     b = parse_bits(bits)
     model = as_module(model, "quantize_")
-    meta = getattr(model, META_ATTR, None)
+    meta = get_meta(model)
     if meta is None:
         raise SurgeryError(
             f"{type(model).__name__} is not factorized; call embfactor.factorize_(model, ...) before quantize_"
         )
-    emb_fqn = meta["embedding_module"]
+    emb_fqn = meta.embedding_module
     layer = model.get_submodule(emb_fqn)
     if isinstance(layer, QuantizedFactorizedEmbedding):
         raise SurgeryError(f"the embedding {emb_fqn!r} is already quantized ({layer.bits} bits)")
@@ -82,7 +83,7 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
     replacements: dict[str, nn.Module] = {}
     new = QuantizedFactorizedEmbedding.from_factorized(layer, b)
     replacements[emb_fqn] = new
-    head_fqn = meta.get("head_module") if meta.get("tied_head") else None
+    head_fqn = meta.head_module if meta.tied_head else None
     if head_fqn:
         head = model.get_submodule(head_fqn)
         if not isinstance(head, FactorizedLMHead):
@@ -98,8 +99,6 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
         "factor_fp32_bytes": factor_bytes(vocab, d, r),
         "bytes_ratio": dense_embedding_bytes(vocab, d) / new.num_bytes(),
     }
-    report = dict(meta.get("report") or {})
-    report["quantization"] = summary
-    meta["report"] = report
+    meta.report["quantization"] = summary
     attach_quantization_config(model)  # the format changed: model.save_pretrained must describe the new one
     return summary

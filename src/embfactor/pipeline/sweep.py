@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from embfactor.errors import ConfigError, InvalidInputError
+from embfactor.pipeline.compress import data_weights
 
 QUANTIZE_MODES = {"none": None, "int8": 8, "int4": 4}
 # the numbers besides the headline metric that each task contributes to a sweep row
@@ -135,17 +136,6 @@ def check_methods(methods: Sequence[str], *, skip_missing: bool) -> list[str]:
     return out
 
 
-def _heal_fn():
-    try:
-        from embfactor.train.heal import heal
-    except ImportError as e:
-        raise InvalidInputError(
-            f"--heal-minutes needs embfactor.train.heal, which cannot be imported here ({e}); "
-            "run the sweep without healing (--heal-minutes 0)"
-        ) from None
-    return heal
-
-
 def sweep(
     model: str | Any,
     *,
@@ -182,7 +172,7 @@ def sweep(
 
     Raises:
         UnknownMethodError: a method is not registered (unless skip_missing). ConfigError: bad ratios/quantize.
-        InvalidInputError: task not applicable to the model, healing unavailable.
+        InvalidInputError: task not applicable to the model.
 
     Example:
         >>> r = sweep("minilm", ratios=[4, 8], methods=["svd"])        # doctest: +SKIP
@@ -208,7 +198,9 @@ def sweep(
             raise ConfigError(f"unknown quantize mode {q!r}; valid: {', '.join(QUANTIZE_MODES)}")
     if heal_minutes is None or heal_minutes < 0 or not math.isfinite(heal_minutes):
         raise ConfigError(f"heal_minutes must be >= 0, got {heal_minutes}")
-    heal = _heal_fn() if heal_minutes > 0 else None
+    from embfactor.train.heal import heal as heal_fn  # at call time: tests replace it with a fake
+
+    heal = heal_fn if heal_minutes > 0 else None
     t_start = time.perf_counter()
     lm = load_model(model) if isinstance(model, (str, Path)) else model
     if lm.compressed:
@@ -226,11 +218,7 @@ def sweep(
     emb = input_embedding(lm.model)
     vocab, dim = int(emb.num_embeddings), int(emb.embedding_dim)
     dense_bytes = vocab * dim * 4
-    weights = None
-    if any(get_method(m).data_aware for m in method_list):
-        from embfactor.data.frequency import token_weights
-
-        weights = token_weights(lm.tokenizer, vocab_size=vocab)
+    weights = data_weights(lm, method_list)
 
     def run_eval(m, ref):
         return evaluate(m, task, reference=ref, progress=False, **opts)

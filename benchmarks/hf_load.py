@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args.quick, args.repeats)
     res["seconds"] = time.perf_counter() - t0
     command = "python -m benchmarks.hf_load" + (" --quick" if args.quick else "")
-    files = write_results("hf_load" + ("_quick" if args.quick else ""), res, render(res, command), args.output)
+    files = write_results("hf_load", res, render(res, command), args.output)  # "_quick" added for --quick
     print(render(res, command))
     print(json.dumps(files))
     return 0

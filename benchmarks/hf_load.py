@@ -85,7 +85,7 @@ def run(quick: bool = False, repeats: int = 5) -> dict[str, Any]:
             timings = {
                 "from_pretrained original": time_call(lambda: cls.from_pretrained(orig), repeats=repeats),
                 "from_pretrained compressed": time_call(lambda: cls.from_pretrained(comp), repeats=repeats),
-                "embfactor.load compressed": time_call(lambda: ef.load(comp), repeats=repeats),
+                "embfactor.load compressed": time_call(lambda: ef.load_compressed(comp), repeats=repeats),
                 "previous embfactor loader": time_call(
                     lambda: _load_without_quantization_config(Path(comp), record, "cpu"), repeats=repeats),
             }

@@ -313,7 +313,7 @@ def test_cli_bad_arguments(work, capsys, argv, message):
         (["compress", "M", "--rank", "abc", "-o", "O"], "invalid int value: 'abc'"),
         (["compress", "M", "--rank", "2", "--ratio", "3", "-o", "O"], "not allowed with argument"),
         (["compress", "M", "--rank", "2"], "the following arguments are required: --output"),
-        (["compress", "M", "-o", "O"], "one of the arguments --rank --ratio --energy --max-error is required"),
+        (["compress", "M", "-o", "O"], "one of the arguments --size --rank --ratio --energy --max-error is required"),
         (["no-such-command"], "invalid choice"),
     ],
 )
@@ -341,7 +341,7 @@ def test_cli_argument_syntax(tmp_path, capsys, argv, message):
         ({"energy": 1.01}, ConfigError, r"energy must be in \(0, 1\]"),
         ({"max_error": 0.0}, ConfigError, r"max_error must be in \(0, 1\)"),
         ({"max_error": 1.5}, ConfigError, r"max_error must be in \(0, 1\)"),
-        ({}, ConfigError, "give exactly one of rank=, ratio=, energy=, max_error= \\(got none\\)"),
+        ({}, ConfigError, "give exactly one of rank=, ratio=, energy=, max_error=, size= \\(got none\\)"),
         ({"rank": 3, "ratio": 2}, ConfigError, r"got rank, ratio"),
         ({"rank": 3, "method": "magic"}, UnknownMethodError, "magic"),
         ({"rank": 3, "module_name": "nope"}, SurgeryError, "has no submodule 'nope'"),

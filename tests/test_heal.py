@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import embfactor as ef
-from embfactor.errors import InvalidInputError
+from embfactor.errors import ConfigError, InvalidInputError, SurgeryError
+from embfactor.formats import RowFormat
 from embfactor.models import LoadedModel
-from embfactor.train.heal import STATE_JSON, STATE_TENSORS, heal
+from embfactor.train.heal import STATE_JSON, STATE_TENSORS, HealConfig, heal
 
 from .conftest import VOCAB
 
@@ -286,3 +287,152 @@ def test_heal_labels_output_is_old_or_new_whenever_killed(tiny_bert_dir, tmp_pat
     # (where the file system cannot exchange two folders, "after rename_exchange" is still before the two renames)
     assert found["before fsync#1"] == found["before rename_exchange#1"] == 1, found
     assert found["swapped:after fsync#1"] == 2 and found["after rename_exchange#1"] in (1, 2), found
+
+
+# ----------------------------------------------------------------------------------------------- any storage format
+
+
+class ToyCodebook(RowFormat):
+    """A toy storage format: each row is one of 8 float codewords (trainable); the codes are integer buffers."""
+
+    def __init__(self, vocab: int, d: int, padding_idx: int | None = None, codes_as: str = "buffer") -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = vocab, d, padding_idx
+        self.codebook = torch.nn.Parameter(torch.randn(8, d) * 0.3)
+        codes = torch.arange(vocab, dtype=torch.uint8) % 8
+        if codes_as == "buffer":
+            self.register_buffer("codes", codes)
+        else:  # an integer nn.Parameter (frozen: integers cannot require gradients)
+            self.codes = torch.nn.Parameter(codes, requires_grad=False)
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codebook[self.codes[ids].long()]
+
+    def format_config(self) -> dict:
+        return {}
+
+    @classmethod
+    def empty(cls, num_embeddings, embedding_dim, padding_idx, *, device=None, dtype=None, **config):
+        return cls(num_embeddings, embedding_dim, padding_idx)
+
+
+def toy_pair(model, codes_as: str = "buffer") -> tuple[LoadedModel, LoadedModel]:
+    tok = word_tokenizer()
+    student_model = copy.deepcopy(model)
+    student_model.set_input_embeddings(ToyCodebook(VOCAB, model.config.hidden_size, codes_as=codes_as))
+    return (LoadedModel("student", student_model, tok, "encoder", Path("/nonexistent-student")),
+            LoadedModel("teacher", model, tok, "encoder", Path("/nonexistent-teacher")))
+
+
+@pytest.mark.parametrize("codes_as", ["buffer", "parameter"])
+@pytest.mark.parametrize("train_all", [False, True])
+def test_heal_trains_any_formats_float_parameters_never_its_codes(tiny_bert, train_all, codes_as):
+    """Generic choice of what trains: a format's float parameters always, its integer codes (a buffer or an integer
+    parameter) never, the rest of the model with train_all only (a format unknown to heal: defined here)."""
+    student, teacher = toy_pair(tiny_bert, codes_as)
+    emb = student.model.get_input_embeddings()
+    codebook, codes = emb.codebook.detach().clone(), emb.codes.clone()
+    rest = {k: v.detach().clone() for k, v in student.model.named_parameters() if "word_embeddings" not in k}
+    r = heal(student, teacher, texts=TEXTS, steps=3, train_all=train_all, **OPTS)
+    assert not torch.equal(emb.codebook, codebook)  # trained
+    assert torch.equal(emb.codes, codes) and emb.codes.dtype == torch.uint8  # never trained, never cast
+    assert not emb.codes.requires_grad
+    changed = [k for k, v in student.model.named_parameters() if k in rest and not torch.equal(v, rest[k])]
+    assert bool(changed) is train_all, changed
+    expected = 8 * 32 + (sum(v.numel() for v in rest.values()) if train_all else 0)
+    assert r["trainable_params"] == expected
+
+
+def test_heal_refuses_a_format_with_nothing_to_train(tiny_bert):
+    """A format whose tensors are all integer codes or buffers has nothing to heal alone: say what would work."""
+    student, teacher = toy_pair(tiny_bert)
+    emb = student.model.get_input_embeddings()
+    emb.codebook.requires_grad_(False)
+    del emb.codebook
+    emb.register_buffer("codebook", torch.randn(8, 32))
+    with pytest.raises(SurgeryError, match="no floating-point parameters to train.*--train-all"):
+        heal(student, teacher, texts=TEXTS, steps=1, **OPTS)
+    r = heal(student, teacher, texts=TEXTS, steps=1, train_layernorm=True, **OPTS)
+    assert r["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"lr": 0}, r"lr must be in \(0, 1\), got 0"),
+    ({"lr": float("nan")}, r"lr must be in \(0, 1\), got nan"),
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"eval_every": 2.5}, "eval_every must be a positive integer, got 2.5"),
+    ({"warmup_steps": -1}, "warmup_steps must be an integer ≥ 0, got -1"),
+    ({"weight_decay": -0.1}, "weight_decay must be a finite number ≥ 0, got -0.1"),
+    ({"bf16": "yes"}, "bf16 must be True, False or 'auto', got 'yes'"),
+    ({"train_all": 1}, "train_all must be True or False, got 1"),
+    ({"minutes": -1}, "minutes must be a positive number, got -1"),
+    ({"steps": True}, "steps must be a positive integer, got True"),
+    ({"learning_rate": 1e-3}, r"unknown healing options \['learning_rate'\]; valid: batch_size, bf16"),
+])
+def test_heal_config_errors_quote_value_and_range(opts, match):
+    with pytest.raises(ConfigError, match=match):
+        HealConfig.from_options(**opts)
+
+
+def test_heal_takes_a_config_and_options_override_it(tiny_bert):
+    student, teacher = pair(tiny_bert, "encoder")
+    cfg = HealConfig(steps=2, lr=2e-2, batch_size=4, max_length=24, eval_size=8, eval_texts=TEXTS[:8])
+    r = heal(student, teacher, texts=TEXTS, config=cfg, batch_size=2, progress=False)
+    assert r["steps"] == 2 and r["batch_size"] == 2 and r["lr"] == 2e-2
+    with pytest.raises(ConfigError, match="give a healing budget"):
+        heal(student, teacher, texts=TEXTS, config=HealConfig(), progress=False)
+
+
+def test_heal_twice_in_one_process_with_other_precision(tiny_bert):
+    """bf16 autocast is per run: Accelerate's process-wide mixed_precision refused a second, different setting.
+    "auto" turns it on where the device has native bf16 arithmetic."""
+    from embfactor.train.heal import bf16_supported
+
+    for bf16 in (True, False, True, "auto"):
+        student, teacher = pair(tiny_bert, "encoder")
+        r = heal(student, teacher, texts=TEXTS, steps=1, bf16=bf16, **OPTS)
+        assert r["bf16"] is (bf16_supported("cpu") if bf16 == "auto" else bf16) and r["steps"] == 1
+
+
+@pytest.mark.slow  # two processes of torch + transformers + accelerate (~30 s on a busy 2-core machine)
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_heal_under_two_cpu_processes(tiny_bert_dir, tmp_path, launcher):
+    """Two CPU processes, started by `torchrun --nproc_per_node 2` or by `accelerate launch --multi_gpu
+    --num_processes 2` with ACCELERATE_USE_CPU=1 (its --cpu flag starts one process without MPI): both train in step
+    (each on its share of the batch, gradients averaged), agree on when to stop, and the main one writes a loadable
+    output and the report."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from embfactor.cli.main import main
+
+    comp, out = tmp_path / "c", tmp_path / "healed"
+    assert main(["compress", str(tiny_bert_dir), "--rank", "4", "--method", "svd", "-o", str(comp), "-q"]) == 0
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(TEXTS))
+    with socket.socket() as s:  # a free port for the processes' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(ef.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    if launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    else:
+        start = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(port)]
+    cmd = [*start, "-m", "embfactor.cli.main",
+           "heal", str(comp), "--reference", str(tiny_bert_dir), "-o", str(out), "--text", str(txt),
+           "--steps", "4", "--batch-size", "4", "--max-length", "16", "--eval-every", "2",
+           "--lr", "2e-2", "--json", str(tmp_path / "h.json"), "-q"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "h.json").read_text())
+    assert r["processes"] == 2 and r["steps"] == 4
+    assert r["best_eval"]["loss"] < r["eval_before"]["loss"]
+    lm = ef.load_model(str(out))
+    assert lm.record["healing"]["processes"] == 2 and json.loads((out / STATE_JSON).read_text())["step"] == 4
+    assert proc.stdout.count("healed a") == 1  # the main process reports

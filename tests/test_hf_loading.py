@@ -80,8 +80,13 @@ RECIPES: dict[str, Callable[[nn.Module], None]] = {
     "quantized": _quantized(8),
     "tiered": lambda m: _install(m, _tiered),
     "zeros": lambda m: _install(m, _zeros),
+    "codebook": lambda m: ef.factorize_(m, rank=1, method="pq", sub_dim=4, K=16),
+    "intk": lambda m: ef.factorize_(m, rank=1, method="int", bits=4, group=16),
 }
-EXTRA_CASES = {"quantized-int4": _quantized(4)}  # same format, another config (packed nibbles)
+EXTRA_CASES = {
+    "quantized-int4": _quantized(4),
+    "codebook-rvq": lambda m: ef.factorize_(m, rank=1, method="rvq", sub_dim=8, K=16, stages=2),
+}  # same format, another config (packed nibbles)
 
 
 def recipe(name: str) -> Callable[[nn.Module], None] | None:
@@ -114,7 +119,7 @@ def _compress(model: nn.Module, case: str, folder: Path) -> nn.Module:
     fmt = case.split("-")[0]
     layer = model.get_input_embeddings()
     assert getattr(layer, "format_name", "") == fmt or getattr(layer, "layer_type", "") == fmt
-    ef.save(model, folder)
+    ef.save_compressed(model, folder)
     return model
 
 
@@ -141,7 +146,7 @@ def test_encoder_from_pretrained_matches_embfactor_load(tmp_path, case):
     model = _compress(_bert(), case, folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "embfactor"
-    ours = ef.load(folder)
+    ours = ef.load_compressed(folder)
     theirs = AutoModel.from_pretrained(folder)
     assert type(theirs.get_input_embeddings()) is type(ours.get_input_embeddings())
     with torch.inference_mode():
@@ -167,7 +172,7 @@ def test_decoder_logits_and_greedy_generation(tmp_path, case, tied):
 
     folder = tmp_path / "dec"
     model = _compress(_llama(tied), case, folder)
-    ours = ef.load(folder)
+    ours = ef.load_compressed(folder)
     theirs = AutoModelForCausalLM.from_pretrained(folder)
     head = theirs.get_output_embeddings()
     assert (type(head).__name__ == "FactorizedLMHead") == tied
@@ -227,7 +232,7 @@ def test_folder_from_previous_version_loads_and_upgrades(tmp_path, name):
     embfactor.load; upgrade_folder rewrites them so that from_pretrained loads them with the same outputs."""
     from transformers import AutoModel
 
-    from embfactor.hf.loading import upgrade_folder
+    from embfactor.hf.upgrade import upgrade_folder
 
     old = Path(__file__).parent / "fixtures" / "v1" / name
     assert "quantization_config" not in json.loads((old / "config.json").read_text())
@@ -238,7 +243,7 @@ def test_folder_from_previous_version_loads_and_upgrades(tmp_path, name):
     model = cls.from_pretrained(tmp_path / "new")
     with torch.inference_mode():
         out = model(input_ids=expected["ids"])
-        before = ef.load(old)(input_ids=expected["ids"])
+        before = ef.load_compressed(old)(input_ids=expected["ids"])
     got = out.logits if hasattr(out, "logits") else out.last_hidden_state
     ref = before.logits if hasattr(before, "logits") else before.last_hidden_state
     assert _max_diff(got, ref) <= 1e-6
@@ -250,7 +255,7 @@ def test_newer_format_version_is_a_clear_error(tmp_path):
 
     model = _llama(True)
     ef.factorize_(model, rank=5)
-    ef.save(model, tmp_path / "new")
+    ef.save_compressed(model, tmp_path / "new")
     path = tmp_path / "new" / "config.json"
     config = json.loads(path.read_text())
     config["quantization_config"].update(format_version=9, embfactor_version="9.0")
@@ -326,7 +331,7 @@ def test_sentence_transformers_folder_keeps_modules_and_embeddings(tmp_path, st_
     assert st.prompts["query"] == "the "  # the prompts came along
     # heal/evaluate/compress again keep the modules: a compressed copy of the compressed folder has them
     lm = load_model(out)
-    ef.save(lm.model, tmp_path / "again", tokenizer=lm.tokenizer)
+    ef.save_compressed(lm.model, tmp_path / "again", tokenizer=lm.tokenizer)
     assert (tmp_path / "again" / "modules.json").is_file() and (tmp_path / "again" / "1_Pooling").is_dir()
 
 

@@ -75,9 +75,9 @@ def test_untied_llama_keeps_dense_head(tiny_llama_untied):
 def test_save_load_round_trip(fixture, request, tmp_path):
     model = request.getfixturevalue(fixture)
     ef.factorize_(model, rank=12, method="eig")
-    ef.save(model, tmp_path / "out")
+    ef.save_compressed(model, tmp_path / "out")
     assert {"model.safetensors", "config.json", "embfactor.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
-    loaded = ef.load(tmp_path / "out")
+    loaded = ef.load_compressed(tmp_path / "out")
     x = _ids()
     with torch.no_grad():
         a, b = model(input_ids=x), loaded(input_ids=x)
@@ -95,10 +95,10 @@ def test_save_load_round_trip(fixture, request, tmp_path):
 
 def test_loaded_model_can_be_saved_again(tiny_gpt2, tmp_path):
     ef.factorize_(tiny_gpt2, rank=6)
-    ef.save(tiny_gpt2, tmp_path / "a")
-    again = ef.load(tmp_path / "a")
-    ef.save(again, tmp_path / "b")
-    third = ef.load(tmp_path / "b")
+    ef.save_compressed(tiny_gpt2, tmp_path / "a")
+    again = ef.load_compressed(tmp_path / "a")
+    ef.save_compressed(again, tmp_path / "b")
+    third = ef.load_compressed(tmp_path / "b")
     x = _ids()
     with torch.no_grad():
         assert torch.allclose(tiny_gpt2(input_ids=x).logits, third(input_ids=x).logits, atol=1e-6)
@@ -138,7 +138,7 @@ def test_config_and_keywords_conflict(tiny_bert):
 
 def test_save_requires_factorized(tiny_bert, tmp_path):
     with pytest.raises(SurgeryError, match="is not factorized"):
-        ef.save(tiny_bert, tmp_path / "x")
+        ef.save_compressed(tiny_bert, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -148,50 +148,50 @@ def test_save_refuses_foreign_folder(tiny_bert, tmp_path):
     target.mkdir()
     (target / "notes.txt").write_text("precious")
     with pytest.raises(InvalidInputError, match="not an embfactor output; refusing to overwrite"):
-        ef.save(tiny_bert, target)
+        ef.save_compressed(tiny_bert, target)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
 
 
 def test_save_replaces_earlier_output_atomically(tiny_bert, tmp_path):
     ef.factorize_(tiny_bert, rank=4)
-    ef.save(tiny_bert, tmp_path / "o")
-    ef.save(tiny_bert, tmp_path / "o")
+    ef.save_compressed(tiny_bert, tmp_path / "o")
+    ef.save_compressed(tiny_bert, tmp_path / "o")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary folders left behind
 
 
 def test_load_errors(tiny_bert, tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such folder"):
-        ef.load(tmp_path / "missing")
+        ef.load_compressed(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="embfactor.json is missing"):
-        ef.load(tmp_path / "empty")
+        ef.load_compressed(tmp_path / "empty")
     ef.factorize_(tiny_bert, rank=4)
     out = tmp_path / "o"
-    ef.save(tiny_bert, out)
+    ef.save_compressed(tiny_bert, out)
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptFileError, match="model.safetensors"):
-        ef.load(out)
+        ef.load_compressed(out)
     rec = json.loads((out / "embfactor.json").read_text())
     (out / "embfactor.json").write_text(json.dumps({**rec, "format_version": 99}))
     with pytest.raises(CorruptFileError, match="format_version 99 is not supported"):
-        ef.load(out)
+        ef.load_compressed(out)
     (out / "embfactor.json").write_text("{not json")
     with pytest.raises(CorruptFileError, match="not valid JSON"):
-        ef.load(out)
+        ef.load_compressed(out)
 
 
 def test_load_rejects_mismatched_rank(tiny_bert, tmp_path):
     ef.factorize_(tiny_bert, rank=4)
     out = tmp_path / "o"
-    ef.save(tiny_bert, out)
+    ef.save_compressed(tiny_bert, out)
     rec = json.loads((out / "embfactor.json").read_text())
     (out / "embfactor.json").write_text(json.dumps({**rec, "layer_config": {"rank": 5, "sparse": False}}))
     with pytest.raises(CorruptFileError, match="weights do not match"):
-        ef.load(out)
+        ef.load_compressed(out)
     (out / "embfactor.json").write_text(json.dumps({**rec, "layer_type": "hologram"}))
     with pytest.raises(CorruptFileError, match="unknown storage format 'hologram'"):
-        ef.load(out)
+        ef.load_compressed(out)
 
 
 def test_config_json_round_trip():
@@ -214,14 +214,14 @@ def test_api_takes_what_load_model_returns_and_save_carries_its_tokenizer(tiny_b
     report = ef.factorize_(lm, rank=8, method="svd")
     assert report.rank == 8 and lm.model.get_input_embeddings().num_params == 8 * (VOCAB + D)
     ef.quantize_(lm, "int8")
-    out = ef.save(lm, tmp_path / "api-r8")
+    out = ef.save_compressed(lm, tmp_path / "api-r8")
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
     again = ef.load_model(out)
     assert again.compressed and again.tokenizer("the cat")["input_ids"] == lm.tokenizer("the cat")["input_ids"]
     ids = torch.tensor([lm.tokenizer("the cat sat")["input_ids"]])
-    assert torch.equal(ef.load(out)(input_ids=ids).last_hidden_state, lm.model(input_ids=ids).last_hidden_state)
+    assert torch.equal(ef.load_compressed(out)(input_ids=ids).last_hidden_state, lm.model(input_ids=ids).last_hidden_state)
     client = TestClient(build_app(str(out)))  # what `embfactor serve` runs on the folder
     assert client.post("/embed", json={"texts": ["the cat"]}).status_code == 200
     with pytest.raises(InvalidTypeError, match="needs a torch nn.Module, got str"):
-        ef.save("not a model", tmp_path / "x")
+        ef.save_compressed("not a model", tmp_path / "x")
 

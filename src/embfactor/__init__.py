@@ -6,7 +6,7 @@ Example:
     >>> import embfactor as ef
     >>> f = ef.decompose(E, rank=64, method="svd", seed=0)       # doctest: +SKIP
     >>> report = ef.factorize_(model, ratio=6, method="svd")     # doctest: +SKIP
-    >>> ef.save(model, "out/"); model = ef.load("out/")          # doctest: +SKIP
+    >>> ef.save_compressed(model, "out/"); model = ef.load_compressed("out/")          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ _LAZY = {
     "quantize_": "embfactor.surgery",
     "factorize_": "embfactor.surgery",
     "FactorizationReport": "embfactor.surgery",
-    "save": "embfactor.surgery",
-    "load": "embfactor.surgery",
     "save_compressed": "embfactor.surgery",
     "load_compressed": "embfactor.surgery",
     "load_model": "embfactor.models",

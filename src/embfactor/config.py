@@ -19,7 +19,9 @@ class FactorizationConfig:
     Args:
         method: a registered decomposition name (``embfactor.available_methods()``); ``None`` picks the best
             default for the matrix shape.
-        rank, ratio, energy, max_error: exactly one rank target (see :func:`embfactor.decomposition.resolve_rank`).
+        rank, ratio, energy, max_error, size: exactly one target (see :func:`embfactor.decomposition.resolve_rank`);
+            ``size`` is a byte target, "16x" (x fewer embedding bytes than fp32) or "2.5MB", for which the
+            method picks its settings (rank, sub-vector width, stages, bits) to fit.
         seed: seed for randomized methods; results are deterministic given it.
         method_options: extra keyword arguments passed to the method (e.g. ``{"power_iters": 6}`` for rsvd).
         factorize_head: when the output head is tied to the input embedding, share the factors with it.
@@ -34,6 +36,7 @@ class FactorizationConfig:
     ratio: float | None = None
     energy: float | None = None
     max_error: float | None = None
+    size: str | None = None
     seed: int = 0
     method_options: dict[str, Any] = field(default_factory=dict)
     factorize_head: bool = True
@@ -42,7 +45,7 @@ class FactorizationConfig:
         # imported here, not at the top: the CLI imports this module to parse flags, before torch is needed
         from embfactor.decomposition import get_method, validate_target
 
-        validate_target(self.rank, self.ratio, self.energy, self.max_error)
+        validate_target(self.rank, self.ratio, self.energy, self.max_error, self.size)
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a dict, got {type(self.method_options).__name__}")
         if self.method is not None:

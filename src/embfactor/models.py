@@ -82,7 +82,7 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModel
 
     from embfactor.hf import register
-    from embfactor.surgery.io import check_model_config, without_absent_pooler
+    from embfactor.surgery.hfconfig import check_model_config, without_absent_pooler
 
     register()  # a folder written by save_pretrained of a compressed model needs embfactor's quantizer
 

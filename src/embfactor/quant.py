@@ -79,3 +79,126 @@ def fake_quantize_rows(t: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize and dequantize (same shape and dtype): what a model sees when a table is stored quantized."""
     q, s = quantize_rows(t, bits)
     return dequantize_rows(q, s, bits=bits, cols=t.shape[1], dtype=t.dtype)
+
+
+# --- dense int-k (k = 2..8) per row or per group of columns, bits really packed --------------------------------
+# The layout of llama.cpp's block types, without their super-blocks: a row of d values is cut into groups of
+# ``group`` columns; each group stores its integers (k bits each, 8 values in k bytes) and an fp16 scale (plus an
+# fp16 minimum when asymmetric). A row is self-contained, so gathering ids dequantizes only those rows.
+
+KBITS = (2, 3, 4, 5, 6, 8)
+
+
+def check_kbits(bits: int) -> int:
+    """Validate a dense int-k width (2, 3, 4, 5, 6 or 8)."""
+    if isinstance(bits, bool) or bits not in KBITS:
+        raise ConfigError(f"bits must be one of {KBITS}, got {bits!r}")
+    return int(bits)
+
+
+def packed_width(cols: int, bits: int) -> int:
+    """Bytes that ``cols`` k-bit values take in :func:`pack_bits` (padded to a multiple of 8 values below 8 bits)."""
+    return cols if bits == 8 else (cols + 7) // 8 * bits
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integers in [0, 2**bits) along the last dim: every 8 values become ``bits`` bytes.
+
+    Example:
+        >>> p = pack_bits(torch.tensor([[1, 2, 3, 0, 1, 2, 3, 0]]), 2)
+        >>> p.shape, unpack_bits(p, 2, 8).tolist()
+        (torch.Size([1, 2]), [[1, 2, 3, 0, 1, 2, 3, 0]])
+    """
+    check_kbits(bits)
+    if bits == 8:
+        return q.to(torch.uint8)
+    cols = q.shape[-1]
+    pad = (-cols) % 8
+    v = torch.nn.functional.pad(q.to(torch.int64), (0, pad)).view(*q.shape[:-1], -1, 8)
+    # 8 values of k bits fit one int64 word (8·k ≤ 48 bits); its low k bytes are the packed bytes
+    word = (v << (torch.arange(8, device=q.device) * bits)).sum(-1)
+    out = torch.stack([(word >> (8 * j)) & 0xFF for j in range(bits)], dim=-1)
+    return out.to(torch.uint8).view(*q.shape[:-1], -1)
+
+
+def unpack_bits(p: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: (..., packed bytes) uint8 -> (..., cols) uint8 values."""
+    check_kbits(bits)
+    if bits == 8:
+        return p[..., :cols]
+    b = p.view(*p.shape[:-1], -1, bits).to(torch.int64)
+    word = (b << (torch.arange(bits, device=p.device) * 8)).sum(-1, keepdim=True)
+    v = (word >> (torch.arange(8, device=p.device) * bits)) & ((1 << bits) - 1)
+    return v.view(*p.shape[:-1], -1)[..., :cols].to(torch.uint8)
+
+
+def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
+    pad = (-t.shape[1]) % group
+    return torch.nn.functional.pad(t, (0, pad)).view(t.shape[0], -1, group)
+
+
+def quantize_groups(
+    t: torch.Tensor, bits: int, group: int | None = None, *, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize a (n × m) table to k-bit integers per group of ``group`` columns (None: one group per row).
+
+    Symmetric: x ≈ (q − qmax)·s with q − qmax in [−qmax, qmax], qmax = 2^(k−1) − 1, s = absmax / qmax.
+    Asymmetric: x ≈ lo + q·s with q in [0, 2^k − 1], s = (max − min) / (2^k − 1), lo = the group's min.
+    Scales and minima are fp16, and the integers are computed against the fp16-rounded values, so that what
+    is stored is exactly what is read back. Columns are padded with zeros to a multiple of ``group``.
+
+    Returns:
+        (packed, scale, lo): packed uint8 (n × packed_width(m_padded, bits)), scale fp16 (n × groups),
+        lo fp16 (n × groups) or None when symmetric.
+
+    Example:
+        >>> p, s, lo = quantize_groups(torch.randn(3, 64), 4, 32)
+        >>> p.shape, s.shape, lo
+        (torch.Size([3, 32]), torch.Size([3, 2]), None)
+    """
+    check_kbits(bits)
+    if t.ndim != 2:
+        raise ConfigError(f"quantize_groups needs a 2-D tensor, got shape {tuple(t.shape)}")
+    g = _grouped(t.detach().float(), group or t.shape[1])
+    levels = (1 << bits) - 1
+    tiny = torch.finfo(torch.float16).tiny
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        scale = (g.abs().amax(-1) / qmax).clamp_min(tiny).half()
+        q = torch.round(g / scale.float()[..., None]).clamp_(-qmax, qmax) + qmax
+        lo = None
+    else:
+        mn, mx = g.amin(-1), g.amax(-1)
+        lo = mn.half()
+        scale = ((mx - lo.float()) / levels).clamp_min(tiny).half()
+        q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)
+    packed = pack_bits(q.view(t.shape[0], -1).to(torch.uint8), bits)
+    return packed, scale, lo
+
+
+def dequantize_groups(
+    packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, *, bits: int, cols: int,
+    group: int | None = None, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups` for any rows of it: (n × cols) in ``dtype`` (``group`` as quantized)."""
+    groups = scale.shape[-1]
+    g = group or cols
+    q = unpack_bits(packed, bits, groups * g).view(*packed.shape[:-1], groups, g).to(dtype)
+    if lo is None:
+        out = (q - ((1 << (bits - 1)) - 1)) * scale.to(dtype)[..., None]
+    else:
+        out = q * scale.to(dtype)[..., None] + lo.to(dtype)[..., None]
+    return out.view(*packed.shape[:-1], groups * g)[..., :cols]
+
+
+def grouped_bytes(rows: int, cols: int, bits: int, group: int | None = None, *, symmetric: bool = True) -> int:
+    """Stored bytes of :func:`quantize_groups`: packed integers + fp16 scales (+ fp16 minima if asymmetric).
+
+    Example:
+        >>> 384 * 30522 * 4 / grouped_bytes(30522, 384, 4, 32)     # MiniLM int4 per group of 32: 7.1x
+        7.111111111111111
+    """
+    check_kbits(bits)
+    g = group or cols
+    groups = -(-cols // g)
+    return rows * (packed_width(groups * g, bits) + groups * 2 * (1 if symmetric else 2))

@@ -111,18 +111,59 @@ def add_model_arg(p: argparse.ArgumentParser, *, default: str | None = "minilm")
     )
 
 
-def add_target_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_target_args(p: argparse.ArgumentParser, *, required: bool = True, size: bool = False) -> None:
     g = p.add_mutually_exclusive_group(required=required)
+    if size:
+        g.add_argument(
+            "--size", metavar="SIZE",
+            help="byte target of the embedding: '16x' (x fewer bytes than fp32) or '2.5MB'; the method's settings "
+            "(rank, sub-vector width, stages, bits) are picked to fit",
+        )
     g.add_argument("--rank", type=int, help="rank r of the factors (1 <= r < min(vocab, d))")
     g.add_argument("--ratio", type=float, help="embedding parameters before/after (> 1)")
     g.add_argument("--energy", type=float, help="share of the squared singular values to keep, in (0, 1]")
     g.add_argument("--max-error", type=float, help="relative Frobenius error budget ||E-UV||/||E||, in (0, 1)")
 
 
-def add_method_arg(p: argparse.ArgumentParser) -> None:
+def add_method_arg(p: argparse.ArgumentParser, *, options: bool = False) -> None:
     p.add_argument("--method", default=None, help="decomposition method (default: best for the shape); see 'inspect --methods'")
+    if options:
+        p.add_argument(
+            "--method-option", action="append", default=[], metavar="KEY=VALUE",
+            help="a method option, repeatable: e.g. sub_dim=4, K=256, stages=3, rotation=random (pq/rvq); bits=4, "
+            "group=32, symmetric=false (int); power_iters=6 (rsvd)",
+        )
     p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default 0)")
 
 
 def file_size(path: Path) -> int | None:
     return path.stat().st_size if path.is_file() else None
+
+
+def parse_method_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["K=256", "rotation=random", "group=none"]`` -> {"K": 256, "rotation": "random", "group": None}.
+
+    Values are read as JSON where they parse (numbers, true/false, null) and as strings otherwise; ``none`` is None.
+
+    Example:
+        >>> parse_method_options(["sub_dim=4", "symmetric=false", "group=none", "rotation=opq"])
+        {'sub_dim': 4, 'symmetric': False, 'group': None, 'rotation': 'opq'}
+    """
+    import json
+
+    from embfactor.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"--method-option takes KEY=VALUE (e.g. sub_dim=4), got {item!r}")
+        v = value.strip()
+        if v.lower() in ("none", "null"):
+            out[key.strip()] = None
+            continue
+        try:
+            out[key.strip()] = json.loads(v.lower() if v.lower() in ("true", "false") else v)
+        except json.JSONDecodeError:
+            out[key.strip()] = v
+    return out

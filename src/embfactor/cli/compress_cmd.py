@@ -9,7 +9,7 @@ import argparse
 from typing import Any
 
 from embfactor.cli.common import (
-    add_method_arg, add_model_arg, add_target_args, check_outputs, mb, table, write_json,
+    add_method_arg, add_model_arg, add_target_args, check_outputs, mb, parse_method_options, table, write_json,
 )
 from embfactor.config import FactorizationConfig
 
@@ -21,17 +21,30 @@ def render(r: dict[str, Any]) -> str:
         ["embedding compression", "1.00x", f"{r['ratio']:.2f}x"],
         ["model compression", "1.00x", f"{r['model_params_before'] / r['model_params_after']:.2f}x"],
         ["bytes on disk", mb(r["bytes_before"]), mb(r["bytes_after"])],
-        ["relative error ||E-UV||/||E||", 0.0, r["relative_error"]],
-        [f"optimum for rank {r['rank']} (truncated SVD)", "-", r["optimal_relative_error"]],
+        ["relative error ||E-Ê||/||E||", 0.0, r["relative_error"]],
     ]
+    fp32 = r["vocab_size"] * r["hidden_size"] * 4
+    if r.get("embedding_bytes_after"):
+        rows.insert(3, ["embedding bytes (x fewer than fp32)", f"{mb(r['embedding_bytes_before'])} "
+                        f"({fp32 / r['embedding_bytes_before']:.2f}x)",
+                        f"{mb(r['embedding_bytes_after'])} ({r['bytes_ratio']:.2f}x)"])
+        if r.get("head_bytes_after"):
+            rows.insert(4, ["untied head bytes (kept dense)", "-", mb(r["head_bytes_after"])])
+    if r.get("format") not in ("codebook", "intk"):  # formats with a rank (low rank, block, ...)
+        rows.append([f"optimum for rank {r['rank']} (truncated SVD)", "-", r["optimal_relative_error"]])
+        shape = f"rank {r['rank']}"
+    else:
+        cfg = r.get("format_config") or {}
+        shape = f"{r['format']} " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "zero_padding_row")
     head = (
-        f"{r['model']}: {r['vocab_size']:,} x {r['hidden_size']} embedding -> rank {r['rank']} "
+        f"{r['model']}: {r['vocab_size']:,} x {r['hidden_size']} embedding -> {shape} "
         f"({r['method']}), tied head: {'yes' if r['tied_head'] else 'no'}"
     )
     q = r.get("quantization")
     if q:
+        what = "fp16 codebooks" if q["bits"] == 16 else f"int{q['bits']} factors"
         rows.append(
-            [f"embedding bytes (int{q['bits']} factors)", mb(q["fp32_embedding_bytes"]),
+            [f"embedding bytes ({what})", mb(q["fp32_embedding_bytes"]),
              f"{mb(q['embedding_bytes'])} ({q['bytes_ratio']:.1f}x)"]
         )
     tail = f"wall time: {r['seconds']:.1f} s (decomposition {r['decompose_seconds']:.2f} s); saved to {r['output']}"
@@ -42,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(folder=args.output, files=[("--json", args.json)], inputs=[args.model])
     config = FactorizationConfig(
         method=args.method, rank=args.rank, ratio=args.ratio, energy=args.energy, max_error=args.max_error,
-        seed=args.seed,
+        size=args.size, seed=args.seed, method_options=parse_method_options(args.method_option),
     )
     from embfactor.pipeline import compress
 
@@ -57,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="factorize a model's embedding and save the compressed model")
     add_model_arg(p)
-    add_target_args(p)
-    add_method_arg(p)
+    add_target_args(p, size=True)
+    add_method_arg(p, options=True)
     p.add_argument("--output", "-o", required=True, help="output folder (a new folder or an earlier embfactor output)")
     p.add_argument(
         "--text", nargs="+", metavar="FILE",
@@ -67,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--quantize", choices=["int8", "int4"],
-        help="store the factors U and V as per-row int8 or int4 (with float32 scales), dequantized on gather",
+        help="store the factors U and V as per-row int8 or int4 (with float32 scales), dequantized on gather; "
+        "with pq/rvq: store the codebooks in fp16",
     )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

@@ -73,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
         eval_every=args.eval_every, resume=args.resume, seed=args.seed,
     )
-    print(render(r))
-    write_json(args.json, r)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch` every process returns the same run's summary
+        print(render(r))
+        write_json(args.json, r)
     return 0
 
 
@@ -95,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorm/RMSNorm weights")
     p.add_argument("--train-all", action="store_true",
                    help="train every weight, not only the factors (faster progress per step; Adam state for all)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster only on CPUs/GPUs with bf16 units)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast on or off (default: off; faster only on CPUs/GPUs with bf16 units)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --output")
     p.add_argument("--seed", type=int, default=None, help="seed of the data order (default 0)")
     p.add_argument("--json", help="also write the summary as JSON to this file")

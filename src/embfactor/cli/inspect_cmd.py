@@ -31,6 +31,8 @@ def _stored_as(r: dict[str, Any]) -> str:
     fmt_name = r.get("format")
     facts = [f"rank {r['rank']}"] if r.get("rank") else []
     facts += [f"{fmt_name} format"] if fmt_name and fmt_name != "factorized" else []
+    if fmt_name in ("codebook", "intk"):
+        facts += [f"{k}={v}" for k, v in (r.get("format_config") or {}).items() if k != "zero_padding_row"]
     return f" (factorized{', ' if facts else ''}{', '.join(facts)})"
 
 
@@ -41,6 +43,7 @@ def render(r: dict[str, Any]) -> str:
             ["architecture", f"{r['architecture']} ({r['kind']})"],
             ["embedding", f"{r['vocab_size']:,} x {r['hidden_size']}{_stored_as(r)}"],
             ["embedding parameters", r["embedding_params_after"]],
+            ["embedding bytes", f"{r['embedding_bytes']:,} ({r['bytes_ratio']:.2f}x fewer than fp32)"],
             ["model parameters", r["params_after"]],
             ["embedding share", f"{100 * r['embedding_share']:.1f}%"],
             ["output head tied", r["tied_head"]],

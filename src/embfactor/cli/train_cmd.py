@@ -113,7 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, metavar="DIR", help="folder for results.json and the trained weights")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot validation perplexity vs step")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (like every other command)")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # deprecated alias
     p.set_defaults(func=run)
 
 
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         plot=args.plot,
         json_path=args.json,
         output=args.output,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
     print(render(result))
     return 0

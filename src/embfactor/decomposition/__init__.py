@@ -18,25 +18,34 @@ import torch
 
 # each module registers the method it is named after
 from embfactor.decomposition import als, block, eig, gd, rsvd, svd, tt, wsvd  # noqa: F401
+from embfactor.decomposition import codebook, intk  # noqa: F401 - pq, rvq (codebooks) and int (dense int-k)
 from embfactor.decomposition._common import as_matrix, optimal_relative_error, spectrum, working_dtype
 from embfactor.decomposition.factors import Factors, relative_error
-from embfactor.decomposition.rank import max_rank, rank_for_ratio, resolve_rank, validate_target
-from embfactor.decomposition.registry import available_methods, get_method, method_infos, register_method
+from embfactor.decomposition.rank import (
+    budget_bytes, max_rank, parse_size, rank_for_bytes, rank_for_ratio, resolve_rank, validate_target,
+)
+from embfactor.decomposition.registry import (
+    available_methods, get_method, method_infos, register_method, takes_budget,
+)
 
 __all__ = [
     "Factors",
     "available_methods",
+    "budget_bytes",
     "decompose",
     "default_method",
     "get_method",
     "max_rank",
     "method_infos",
     "optimal_relative_error",
+    "parse_size",
+    "rank_for_bytes",
     "rank_for_ratio",
     "register_method",
     "relative_error",
     "resolve_rank",
     "spectrum",
+    "takes_budget",
     "validate_target",
 ]
 

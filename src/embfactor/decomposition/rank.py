@@ -9,7 +9,58 @@ import torch
 
 from embfactor.errors import ConfigError, InvalidInputError
 
-_TARGETS = ("rank", "ratio", "energy", "max_error")
+_TARGETS = ("rank", "ratio", "energy", "max_error", "size")
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_size(size: str | float) -> tuple[str, float]:
+    """A byte target: "16x" (× fewer embedding bytes than fp32) -> ("x", 16.0); "2.5MB" / "900kB" / "123456"
+    -> ("bytes", 2500000.0). Units: B, kB, MB, GB (powers of 1000) and KiB, MiB, GiB.
+
+    Example:
+        >>> parse_size("16x"), parse_size("2.5MB"), parse_size("512KiB")
+        (('x', 16.0), ('bytes', 2500000.0), ('bytes', 524288.0))
+    """
+    import re
+
+    text = str(size).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(x|b|kb|mb|gb|kib|mib|gib)?", text)
+    if m is None:
+        raise ConfigError(
+            f"size must be a ratio like '16x' (x fewer embedding bytes than fp32) or bytes like '2.5MB', "
+            f"'900kB', '123456'; got {size!r}"
+        )
+    value, unit = float(m.group(1)), m.group(2) or "b"
+    if unit == "x":
+        if not (value > 1 and math.isfinite(value)):
+            raise ConfigError(f"size ratio must be > 1 (x fewer bytes than the fp32 table), got {size!r}")
+        return "x", value
+    if value * _UNITS[unit] < 1:
+        raise ConfigError(f"size must be at least 1 byte, got {size!r}")
+    return "bytes", value * _UNITS[unit]
+
+
+def budget_bytes(size: str | float, vocab: int, d: int) -> float:
+    """The embedding byte budget a ``size`` target means for a (vocab × d) table (ratios are against fp32).
+
+    Example:
+        >>> budget_bytes("16x", 30522, 384)
+        2930112.0
+    """
+    kind, value = parse_size(size)
+    return vocab * d * 4 / value if kind == "x" else value
+
+
+def rank_for_bytes(vocab: int, d: int, budget: float, bytes_per_value: int = 4) -> int:
+    """Largest rank whose factors U (vocab × r) and V (r × d) fit ``budget`` bytes; ConfigError if none does."""
+    r = min(math.floor(budget / (bytes_per_value * (vocab + d)) + 1e-9), max_rank(vocab, d))
+    if r < 1:
+        raise ConfigError(
+            f"a byte budget of {budget:,.0f} is below one rank of factors ({bytes_per_value * (vocab + d):,} bytes "
+            f"for a {vocab} × {d} table); give a larger --size or a codebook method (pq, rvq)"
+        )
+    return r
 
 
 def validate_target(
@@ -17,6 +68,7 @@ def validate_target(
     ratio: float | None = None,
     energy: float | None = None,
     max_error: float | None = None,
+    size: str | None = None,
 ) -> None:
     """Check that exactly one rank target is given and that it is in range.
 
@@ -25,11 +77,13 @@ def validate_target(
     Raises:
         ConfigError: none or several targets, or a value outside its allowed range.
     """
-    given = {k: v for k, v in zip(_TARGETS, (rank, ratio, energy, max_error)) if v is not None}
+    given = {k: v for k, v in zip(_TARGETS, (rank, ratio, energy, max_error, size)) if v is not None}
     if len(given) != 1:
         raise ConfigError(
-            f"give exactly one of rank=, ratio=, energy=, max_error= (got {', '.join(given) or 'none'})"
+            f"give exactly one of rank=, ratio=, energy=, max_error=, size= (got {', '.join(given) or 'none'})"
         )
+    if size is not None:
+        parse_size(size)
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise ConfigError(f"rank must be an integer >= 1, got {rank!r}")

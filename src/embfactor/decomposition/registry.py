@@ -90,3 +90,10 @@ def method_infos() -> list[MethodInfo]:
 def _ensure_builtin_methods() -> None:
     # Importing the package registers the built-in methods (svd, rsvd, eig, als, gd and later ones).
     import embfactor.decomposition  # noqa: F401
+
+
+def takes_budget(name: str) -> bool:
+    """True when method ``name`` chooses its own settings for a byte budget (it accepts ``budget_bytes=``)."""
+    import inspect
+
+    return "budget_bytes" in inspect.signature(get_method(name).fn).parameters

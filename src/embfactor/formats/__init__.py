@@ -21,10 +21,14 @@ from embfactor.formats.tiered import TieredFormat
 from embfactor.formats.block import BlockFactorizedEmbedding
 from embfactor.formats.tt import TTEmbedding
 from embfactor.formats.zeros import ZeroRows
+from embfactor.formats.codebook import CodebookEmbedding
+from embfactor.formats.intk import IntKEmbedding
 
 __all__ = [
     "BlockFactorizedEmbedding",
+    "CodebookEmbedding",
     "FactorizedEmbedding",
+    "IntKEmbedding",
     "QuantizedFactorizedEmbedding",
     "RowFormat",
     "TTEmbedding",

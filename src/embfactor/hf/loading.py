@@ -36,7 +36,7 @@ def from_pretrained_compressed(directory: str | os.PathLike, record: dict[str, A
 
     from embfactor.hf.hook import register
     from embfactor.hf.quantizer import EmbfactorConfig, format_class
-    from embfactor.surgery.io import read_model_config, without_absent_pooler
+    from embfactor.surgery.hfconfig import read_model_config, without_absent_pooler
 
     register()
     directory = Path(directory)
@@ -110,23 +110,3 @@ def record_from_quantization_config(q: dict[str, Any]) -> dict[str, Any]:
         "rank": meta.get("rank", (q.get("format_config") or {}).get("rank")), "method": meta.get("method", fmt),
         "factorization": meta.get("factorization", {}), "report": {},
     }
-
-
-def upgrade_folder(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Rewrite a folder written by embfactor 0.1.0 (no ``quantization_config``) so that ``from_pretrained`` loads it.
-
-    The model is loaded the way 0.1.0 folders still load (structure from embfactor.json, older tensor names
-    mapped) and saved again to ``target`` with its tokenizer (if any), sentence-transformers modules and record.
-
-    Example:
-        >>> upgrade_folder("old/minilm-r6", "out/minilm-r6")      # doctest: +SKIP
-    """
-    from embfactor.models import TOKENIZER_FILES, _load_tokenizer
-    from embfactor.surgery.io import load_compressed, read_record, save_compressed
-
-    source = Path(source)
-    record = read_record(source)
-    model = load_compressed(source)
-    tokenizer = _load_tokenizer(source) if any((source / f).is_file() for f in TOKENIZER_FILES) else None
-    extra = {k: record[k] for k in ("source_model",) if k in record}
-    return save_compressed(model, target, tokenizer=tokenizer, extra=extra, inputs=(source,), modules_from=source)

@@ -65,8 +65,10 @@ def quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> in
         return None
     from embfactor.formats.quantized import parse_bits
 
+    if config.method in ("pq", "rvq"):
+        return 16  # codebooks, rotation and row scales stored as fp16 (codes are integers already)
     bits = parse_bits(quantize)
-    if config.method in ("tt", "block"):
+    if config.method in ("tt", "block", "int"):
         raise ConfigError(
             f"--quantize stores one U·V pair; it does not apply to --method {config.method} (use svd, eig, wsvd, ...)"
         )

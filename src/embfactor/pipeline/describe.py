@@ -34,6 +34,13 @@ class ModelFacts:
     embedding_params_after: int
     bytes_before: int
     bytes_after: int
+    format_config: dict[str, Any] | None = None
+    embedding_bytes: int = 0  # what the embedding stores now (a format's codes, codebooks, scales: all of it)
+
+    @property
+    def bytes_ratio(self) -> float:
+        """fp32 bytes of the table / the bytes the embedding stores now."""
+        return self.vocab_size * self.hidden_size * 4 / self.embedding_bytes if self.embedding_bytes else 1.0
 
     @property
     def embedding_share(self) -> float:
@@ -41,7 +48,7 @@ class ModelFacts:
         return self.embedding_params_after / self.params_after
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "embedding_share": self.embedding_share}
+        return {**asdict(self), "embedding_share": self.embedding_share, "bytes_ratio": self.bytes_ratio}
 
 
 def describe(lm: Any) -> ModelFacts:
@@ -85,7 +92,10 @@ def describe(lm: Any) -> ModelFacts:
         vocab_size=int(emb.num_embeddings),
         hidden_size=int(emb.embedding_dim),
         format=getattr(emb, "format_name", None),
-        rank=meta.rank if meta is not None else record.get("rank"),
+        # codebook and int-k tables have no rank (the record's rank is only the registry's target)
+        rank=None if getattr(emb, "format_name", None) in ("codebook", "intk") else (
+            meta.rank if meta is not None else record.get("rank")
+        ),
         method=meta.method if meta is not None else record.get("method"),
         tied_head=bool(tied),
         relative_error=report.get("relative_error"),
@@ -95,6 +105,8 @@ def describe(lm: Any) -> ModelFacts:
         embedding_params_after=emb_now,
         bytes_before=bytes_before,
         bytes_after=bytes_now,
+        format_config=emb.format_config() if compressed else None,
+        embedding_bytes=int(emb.num_bytes()) if compressed else emb.weight.numel() * emb.weight.element_size(),
     )
 
 

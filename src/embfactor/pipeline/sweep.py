@@ -180,24 +180,11 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    from embfactor.decomposition.registry import get_method
     from embfactor.eval.tasks import evaluate, get_task, input_embedding
     from embfactor.models import load_model
-    from embfactor.quant import fake_quantize_rows, quantized_bytes
-    from embfactor.surgery import factorize_
 
     # --- validate everything before the (long) work ---
-    ratio_list = _parse_list(ratios, float, "ratios")
-    for r in ratio_list:
-        if not (r > 1 and math.isfinite(r)):
-            raise ConfigError(f"every ratio must be a finite number > 1, got {r}")
-    method_list = check_methods(_parse_list(methods, str, "methods"), skip_missing=skip_missing)
-    quant_list = _parse_list(quantize, str, "quantize")
-    for q in quant_list:
-        if q not in QUANTIZE_MODES:
-            raise ConfigError(f"unknown quantize mode {q!r}; valid: {', '.join(QUANTIZE_MODES)}")
-    if heal_minutes is None or heal_minutes < 0 or not math.isfinite(heal_minutes):
-        raise ConfigError(f"heal_minutes must be >= 0, got {heal_minutes}")
+    ratio_list, method_list, quant_list = _check_settings(ratios, methods, quantize, heal_minutes, skip_missing)
     from embfactor.train.heal import heal as heal_fn  # at call time: tests replace it with a fake
 
     heal = heal_fn if heal_minutes > 0 else None
@@ -225,8 +212,66 @@ def sweep(
 
     n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3
     bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
-    reference_rows: list[dict[str, Any]] = []
 
+    reference_rows = _reference_rows(lm, task, run_eval, bar)
+    points = [
+        point
+        for method in method_list
+        for ratio in ratio_list
+        for point in _method_points(
+            lm, method, ratio, quant_list, weights=weights, seed=seed, heal=heal, heal_minutes=heal_minutes,
+            heal_options=heal_options, run_eval=run_eval, task=task, bar=bar, progress=progress,
+        )
+    ]
+    bar.close()
+    return {
+        "model": lm.name,
+        "kind": lm.kind,
+        "task": task,
+        "metric": info.metric,
+        "lower_is_better": info.lower_is_better,
+        "agreement_metric": _AGREEMENT[task],
+        "vocab_size": vocab,
+        "hidden_size": dim,
+        "dense_embedding_bytes": dense_bytes,
+        "reference": reference_rows,
+        "points": points,
+        "settings": {
+            "ratios": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
+            "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},
+        },
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def _check_settings(
+    ratios: Sequence[float] | str, methods: Sequence[str] | str, quantize: Sequence[str] | str,
+    heal_minutes: float, skip_missing: bool,
+) -> tuple[list[float], list[str], list[str]]:
+    """The sweep's ratios, methods and quantize modes, parsed and validated (ConfigError/UnknownMethodError)."""
+    ratio_list = _parse_list(ratios, float, "ratios")
+    for r in ratio_list:
+        if not (r > 1 and math.isfinite(r)):
+            raise ConfigError(f"every ratio must be a finite number > 1, got {r}")
+    method_list = check_methods(_parse_list(methods, str, "methods"), skip_missing=skip_missing)
+    quant_list = _parse_list(quantize, str, "quantize")
+    for q in quant_list:
+        if q not in QUANTIZE_MODES:
+            raise ConfigError(f"unknown quantize mode {q!r}; valid: {', '.join(QUANTIZE_MODES)}")
+    if heal_minutes is None or heal_minutes < 0 or not math.isfinite(heal_minutes):
+        raise ConfigError(f"heal_minutes must be >= 0, got {heal_minutes}")
+    return ratio_list, method_list, quant_list
+
+
+def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, Any]]:
+    """The original model and its dense int8/int4 tables: the points every compressed one is compared with."""
+    from embfactor.eval.tasks import input_embedding
+    from embfactor.quant import fake_quantize_rows, quantized_bytes
+
+    emb = input_embedding(lm.model)
+    vocab, dim = int(emb.num_embeddings), int(emb.embedding_dim)
+    dense_bytes = vocab * dim * 4
+    reference_rows: list[dict[str, Any]] = []
     # the original model (for similarity/perplexity the agreement numbers are exact by definition)
     t0 = time.perf_counter()
     base = run_eval(lm, lm if task == "reconstruction" else None)  # reconstruction always needs a reference
@@ -251,60 +296,52 @@ def sweep(
         del q
         bar.update()
 
+    return reference_rows
+
+
+def _method_points(
+    lm: Any, method: str, ratio: float, quant_list: list[str], *, weights: Any, seed: int, heal: Any,
+    heal_minutes: float, heal_options: dict[str, Any] | None, run_eval: Any, task: str, bar: Any, progress: bool,
+) -> list[dict[str, Any]]:
+    """One (method, ratio): factorize a copy, heal it if asked, evaluate it in every storage of ``quant_list``."""
+    from embfactor.decomposition import get_method
+    from embfactor.eval.tasks import input_embedding
+    from embfactor.surgery import factorize_
+
+    dense_bytes = input_embedding(lm.model).weight.numel() * 4
     points: list[dict[str, Any]] = []
-    for method in method_list:
-        for ratio in ratio_list:
-            t0 = time.perf_counter()
-            bar.set_postfix_str(f"{method} x{ratio:g}")
-            student = clone_model(lm)
-            rep = factorize_(
-                student.model, ratio=ratio, method=method, seed=seed,
-                **({"token_weights": weights} if get_method(method).data_aware else {}),
-            )
-            heal_summary = None
-            if heal is not None:
-                bar.set_postfix_str(f"{method} x{ratio:g} healing")
-                heal_summary = heal(student, lm, minutes=heal_minutes, progress=progress, **(heal_options or {}))
-            factor_seconds = time.perf_counter() - t0
-            for qmode in quant_list:
-                t1 = time.perf_counter()
-                bits = QUANTIZE_MODES[qmode]
-                target = student if bits is None or qmode == quant_list[-1] else clone_model(student)
-                if bits is None:
-                    nbytes, impl = rep.embedding_params_after * 4, None
-                else:
-                    nbytes, impl = _quantize(target, bits)
-                res = run_eval(target, lm)
-                points.append({
-                    "label": method + ("" if bits is None else f"+int{bits}") + (f"+heal{heal_minutes:g}m" if heal else ""),
-                    "method": method, "ratio": ratio, "actual_ratio": rep.ratio, "rank": rep.rank,
-                    "quantize": qmode, "bits": bits or 32, "quantize_impl": impl,
-                    "heal_minutes": heal_minutes, "heal": _heal_digest(heal_summary),
-                    "embedding_params": rep.embedding_params_after, "embedding_bytes": nbytes,
-                    "bytes_ratio": dense_bytes / nbytes, "relative_error": rep.relative_error,
-                    **_row(res, task), "seconds": factor_seconds + time.perf_counter() - t1,
-                })
-                bar.update()
-            del student
-    bar.close()
-    return {
-        "model": lm.name,
-        "kind": lm.kind,
-        "task": task,
-        "metric": info.metric,
-        "lower_is_better": info.lower_is_better,
-        "agreement_metric": _AGREEMENT[task],
-        "vocab_size": vocab,
-        "hidden_size": dim,
-        "dense_embedding_bytes": dense_bytes,
-        "reference": reference_rows,
-        "points": points,
-        "settings": {
-            "ratios": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
-            "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},
-        },
-        "seconds": time.perf_counter() - t_start,
-    }
+    t0 = time.perf_counter()
+    bar.set_postfix_str(f"{method} x{ratio:g}")
+    student = clone_model(lm)
+    rep = factorize_(
+        student.model, ratio=ratio, method=method, seed=seed,
+        **({"token_weights": weights} if get_method(method).data_aware else {}),
+    )
+    heal_summary = None
+    if heal is not None:
+        bar.set_postfix_str(f"{method} x{ratio:g} healing")
+        heal_summary = heal(student, lm, minutes=heal_minutes, progress=progress, **(heal_options or {}))
+    factor_seconds = time.perf_counter() - t0
+    for qmode in quant_list:
+        t1 = time.perf_counter()
+        bits = QUANTIZE_MODES[qmode]
+        target = student if bits is None or qmode == quant_list[-1] else clone_model(student)
+        if bits is None:
+            nbytes, impl = rep.embedding_params_after * 4, None
+        else:
+            nbytes, impl = _quantize(target, bits)
+        res = run_eval(target, lm)
+        points.append({
+            "label": method + ("" if bits is None else f"+int{bits}") + (f"+heal{heal_minutes:g}m" if heal else ""),
+            "method": method, "ratio": ratio, "actual_ratio": rep.ratio, "rank": rep.rank,
+            "quantize": qmode, "bits": bits or 32, "quantize_impl": impl,
+            "heal_minutes": heal_minutes, "heal": _heal_digest(heal_summary),
+            "embedding_params": rep.embedding_params_after, "embedding_bytes": nbytes,
+            "bytes_ratio": dense_bytes / nbytes, "relative_error": rep.relative_error,
+            **_row(res, task), "seconds": factor_seconds + time.perf_counter() - t1,
+        })
+        bar.update()
+    return points
 
 
 def _heal_digest(summary: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from embfactor.config import FactorizationConfig
-from embfactor.decomposition import decompose, get_method, optimal_relative_error, resolve_rank, spectrum
+from embfactor.decomposition import (
+    budget_bytes, decompose, get_method, max_rank, optimal_relative_error, rank_for_bytes, resolve_rank, spectrum,
+    takes_budget,
+)
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.formats import from_factors, is_row_format
 from embfactor.hf.integration import attach_quantization_config
-from embfactor.layers import FactorizedLMHead
 from embfactor.surgery.meta import CompressionMeta, set_meta
-from embfactor.surgery.replace import fqn_of, replace_modules_
+from embfactor.surgery.replace import apply_structure_, fqn_of
 
 
 
@@ -40,6 +42,12 @@ class FactorizationReport:
     seconds: float
     embedding_module: str = ""
     head_module: str | None = None
+    embedding_bytes_before: int = 0  # the dense table at the model's dtype
+    embedding_bytes_after: int = 0  # what the format stores (codes, codebooks, scales: all of it)
+    bytes_ratio: float = 0.0  # fp32 bytes of the table / embedding_bytes_after
+    head_bytes_after: int = 0  # an untied head's own bytes (a tied head shares the embedding's: 0)
+    format: str = ""
+    format_config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,42 +112,6 @@ def find_embedding_and_head(model: nn.Module, module_name: str | None = None) ->
     return EmbeddingSite(emb_fqn, emb, head_fqn, head, tied)
 
 
-def _disable_hf_retying(model: nn.Module) -> None:
-    # transformers re-ties `lm_head.weight = embed.weight` in tie_weights(); after surgery neither module has a
-    # `weight` parameter, and the factors are already shared, so the model must not try again.
-    for m in model.modules():
-        if hasattr(m, "all_tied_weights_keys"):
-            m.all_tied_weights_keys = {}
-
-
-def apply_structure_(
-    model: nn.Module,
-    *,
-    embedding_module: str,
-    new_embedding: nn.Module,
-    tied_head: bool,
-    head_module: str | None,
-) -> nn.Module:
-    """Swap in a factorized embedding layer (and a FactorizedLMHead tied to it) at known module names."""
-    emb = model.get_submodule(embedding_module)
-    if not isinstance(emb, nn.Embedding):
-        raise SurgeryError(f"{embedding_module!r} is a {type(emb).__name__}, expected nn.Embedding")
-    if (new_embedding.num_embeddings, new_embedding.embedding_dim) != (emb.num_embeddings, emb.embedding_dim):
-        raise SurgeryError(
-            f"the new embedding is {new_embedding.num_embeddings}×{new_embedding.embedding_dim}, "
-            f"but {embedding_module!r} is {emb.num_embeddings}×{emb.embedding_dim}"
-        )
-    replacements: dict[str, nn.Module] = {embedding_module: new_embedding}
-    if tied_head:
-        if head_module is None:
-            raise SurgeryError("tied_head=True needs the head's module name")
-        head = model.get_submodule(head_module)
-        replacements[head_module] = FactorizedLMHead(new_embedding, getattr(head, "bias", None))
-    replace_modules_(model, replacements)
-    _disable_hf_retying(model)
-    return new_embedding
-
-
 def as_module(model: Any, caller: str) -> nn.Module:
     """The nn.Module to work on: ``model`` itself, or the ``.model`` of what :func:`embfactor.load_model` returns.
 
@@ -147,9 +119,8 @@ def as_module(model: Any, caller: str) -> nn.Module:
         >>> lm = load_model("minilm"); as_module(lm, "factorize_") is lm.model   # doctest: +SKIP
         True
     """
-    from embfactor.models import LoadedModel
-
-    if isinstance(model, LoadedModel):
+    # a LoadedModel is recognised by its shape, not imported: models.py sits above surgery (it loads through it)
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         return model.model
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(
@@ -204,16 +175,26 @@ def factorize_(
     elif any(v is not None for v in (rank, ratio, energy, max_error, method)) or method_options:
         raise SurgeryError("give either config= or keyword settings, not both")
     site = find_embedding_and_head(model, module_name)
-    emb_fqn, emb, head_fqn = site.embedding_module, site.embedding, site.head_module
+    emb_fqn, emb, head_fqn, head = site.embedding_module, site.embedding, site.head_module, site.head
     tie = site.tied and config.factorize_head
     params_before = count_params(model)
     E = emb.weight.detach()
     sv = spectrum(E)
-    r = resolve_rank(
-        tuple(E.shape), rank=config.rank, ratio=config.ratio, energy=config.energy,
-        max_error=config.max_error, singular_values=sv,
-    )
     data_opts: dict[str, Any] = {}
+    if config.size is not None:
+        # a byte target: methods that choose their own settings get the budget; U·V methods get the largest
+        # rank whose fp32 factors fit it (rank_for_bytes explains when none does)
+        budget = budget_bytes(config.size, *E.shape)
+        if config.method is not None and takes_budget(config.method):
+            data_opts["budget_bytes"] = budget
+            r = max(1, min(int(budget // (4 * sum(E.shape))), max_rank(*E.shape)))
+        else:
+            r = rank_for_bytes(*E.shape, budget)
+    else:
+        r = resolve_rank(
+            tuple(E.shape), rank=config.rank, ratio=config.ratio, energy=config.energy,
+            max_error=config.max_error, singular_values=sv,
+        )
     if config.method is not None and get_method(config.method).data_aware:
         data_opts["token_weights"] = token_weights  # the method explains how to pass them when None
     f = decompose(
@@ -239,6 +220,14 @@ def factorize_(
         ratio=emb.weight.numel() / new.num_params,
         relative_error=float(f.meta["relative_error"]),
         optimal_relative_error=optimal_relative_error(sv, r),
+        embedding_bytes_before=emb.weight.numel() * emb.weight.element_size(),
+        embedding_bytes_after=new.num_bytes(),
+        bytes_ratio=emb.weight.numel() * 4 / new.num_bytes(),
+        head_bytes_after=0 if tie or head is None else sum(
+            t.numel() * t.element_size() for t in (*head.parameters(), *head.buffers())
+        ),
+        format=new.format_name,
+        format_config=new.format_config(),
         tied_head=tie,
         seconds=time.perf_counter() - t0,
         embedding_module=emb_fqn,

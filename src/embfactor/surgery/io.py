@@ -14,11 +14,12 @@ from embfactor.config import CONFIG_FORMAT_VERSION, FactorizationConfig
 from embfactor.errors import CorruptFileError, ModelNotFoundError, SurgeryError, UnknownMethodError
 from embfactor.fileio import MARKER_FILE, atomic_directory, is_temporary_dir
 from embfactor.formats import get_format
-from embfactor.surgery.factorize import apply_structure_, as_module
-from embfactor.surgery.meta import CompressionMeta, get_meta, set_meta
+from embfactor.surgery.factorize import as_module
+from embfactor.surgery.replace import apply_structure_
+from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, without_absent_pooler
+from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
 
 WEIGHTS_FILE = "model.safetensors"
-HF_CONFIG_FILE = "config.json"
 # the metadata fields every record has (report and extra are optional)
 _META_KEYS = ("embedding_module", "head_module", "tied_head", "rank", "method", "factorization")
 
@@ -61,7 +62,7 @@ def save_compressed(
 
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None) if not isinstance(model, nn.Module) else None
-    model = as_module(model, "save")
+    model = as_module(model, "save_compressed")
     meta = get_meta(model)
     if meta is None:
         raise SurgeryError(f"{type(model).__name__} is not factorized; call embfactor.factorize_(model, ...) first")
@@ -79,7 +80,7 @@ def save_compressed(
         "format_version": CONFIG_FORMAT_VERSION,
         "embfactor_version": __version__,
         "architecture": architecture,
-        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "torch_dtype": str(model_dtype(model, layer)).removeprefix("torch."),
         **meta.to_record(),
         **(extra or {}),
     }
@@ -130,64 +131,6 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def model_class(architecture: str) -> type:
-    """The transformers class named in a config's ``architectures`` (no remote code is ever loaded)."""
-    import transformers
-
-    cls = getattr(transformers, architecture, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise CorruptFileError(f"architecture {architecture!r} is not a transformers model class")
-    return cls
-
-
-def check_model_config(config: Any, path: str | os.PathLike) -> None:
-    """Refuse a transformers config whose attention shape cannot build a model, with a message naming ``path``.
-
-    transformers fails deep inside the model's constructor (ZeroDivisionError, ValueError) on these.
-    """
-    heads = getattr(config, "num_attention_heads", None)
-    hidden = getattr(config, "hidden_size", None)
-    if heads is None:
-        return
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise CorruptFileError(f"{path}: num_attention_heads must be a positive integer, got {heads!r}")
-    explicit_head_dim = getattr(config, "head_dim", None) is not None or hasattr(config, "embedding_size")
-    if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden % heads and not explicit_head_dim:
-        raise CorruptFileError(
-            f"{path}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; each head needs an equal "
-            f"share of the hidden size (e.g. num_attention_heads {max(d for d in range(1, heads + 1) if hidden % d == 0)})"
-        )
-
-
-def without_absent_pooler(model: nn.Module, missing: set[str] | list[str]) -> list[str]:
-    """Drop a base model's pooler when the checkpoint has none of its tensors; return the tensors still missing.
-
-    Sentence-embedding exports are often saved with ``add_pooling_layer=False``: their pooler was never trained and
-    mean pooling never uses it. A model whose class takes ``add_pooling_layer`` runs without one (``pooler`` None),
-    exactly as transformers builds it with ``add_pooling_layer=False``. A pooler that is only partly in the
-    checkpoint, or one inside a task model (whose forward uses it), stays missing.
-
-    Example:
-        >>> without_absent_pooler(bert, {"pooler.dense.weight", "pooler.dense.bias"})   # doctest: +SKIP
-        []
-    """
-    import inspect
-
-    missing = set(missing)
-    pooler = getattr(model, "pooler", None)
-    if not isinstance(pooler, nn.Module):
-        return sorted(missing)
-    try:
-        takes_flag = "add_pooling_layer" in inspect.signature(type(model).__init__).parameters
-    except (TypeError, ValueError):
-        takes_flag = False
-    keys = {f"pooler.{k}" for k in pooler.state_dict()}
-    if takes_flag and keys and keys <= missing:
-        model.pooler = None
-        missing -= keys
-    return sorted(missing)
-
-
 def load_compressed(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed` and load its weights (strict; safetensors only).
 
@@ -217,37 +160,6 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     return model
 
 
-def read_model_config(directory: Path, record: dict[str, Any]) -> tuple[Any, type, torch.dtype]:
-    """config.json, the model class embfactor.json names and its dtype, each checked (errors name the file).
-
-    Shared by both loaders: a config of another model type than the architecture, or one that cannot build a
-    model, is refused before anything is built.
-    """
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub raise many types for a bad config
-        raise CorruptFileError(f"{directory / HF_CONFIG_FILE}: cannot be read as a transformers config ({e})") from None
-    try:
-        cls = model_class(record["architecture"])
-    except CorruptFileError as e:
-        raise CorruptFileError(f"{directory / MARKER_FILE}: {e}") from None
-    dtype = getattr(torch, str(record.get("torch_dtype", "float32")), None)
-    if not isinstance(dtype, torch.dtype):
-        bad = record.get("torch_dtype")
-        raise CorruptFileError(f"{directory / MARKER_FILE}: torch_dtype {bad!r} is not a torch dtype")
-    config_class = getattr(cls, "config_class", None)
-    if isinstance(config_class, type) and not isinstance(config, config_class):
-        raise CorruptFileError(
-            f"{directory / MARKER_FILE}: architecture {record['architecture']!r} takes a {config_class.__name__}, but "
-            f"{directory / HF_CONFIG_FILE} is a {type(config).__name__} (model_type {config.model_type!r}); the two "
-            "files belong to different models"
-        )
-    check_model_config(config, directory / HF_CONFIG_FILE)
-    return config, cls, dtype
-
-
 def check_record_against_model(directory: Path, record: dict[str, Any], model: nn.Module) -> None:
     """Refuse an embfactor.json whose rank or sizes disagree with the embedding the weights built."""
     layer = model.get_submodule(record["embedding_module"])
@@ -269,7 +181,7 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
     """Rebuild the model from embfactor.json alone and load_state_dict (strict), as embfactor 0.1.0 did.
 
     Kept for folders written before config.json carried a ``quantization_config``: ``load_state_dict`` lets a
-    format map its older tensor names (the block format's ``U.<b>`` keys). ``embfactor.hf.loading.upgrade_folder``
+    format map its older tensor names (the block format's ``U.<b>`` keys). ``embfactor.hf.upgrade.upgrade_folder``
     rewrites such a folder so that transformers' ``from_pretrained`` loads it too.
     """
     from safetensors import SafetensorError, safe_open
@@ -307,8 +219,3 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
     except RuntimeError as e:
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
     return model
-
-
-# Short names of the public API.
-save = save_compressed
-load = load_compressed

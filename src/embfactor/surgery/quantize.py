@@ -12,7 +12,7 @@ from embfactor.formats.quantized import QuantizedFactorizedEmbedding, parse_bits
 from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers.head import FactorizedLMHead
 from embfactor.surgery.factorize import as_module
-from embfactor.surgery.meta import get_meta
+from embfactor.surgery.meta import CompressionMeta, get_meta
 from embfactor.surgery.replace import replace_modules_
 
 
@@ -51,7 +51,8 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
 
     Args:
         model: a factorized model (or what :func:`embfactor.load_model` returns, factorized).
-        bits: 8 / "int8" or 4 / "int4".
+        bits: 8 / "int8" or 4 / "int4". A codebook embedding (pq, rvq) has integer codes already: its codebooks,
+            rotation and row scales are stored in fp16 instead, whatever ``bits`` says.
 
     Returns:
         {"bits", "embedding_bytes", "fp32_embedding_bytes", "factor_fp32_bytes", "bytes_ratio"}.
@@ -62,9 +63,9 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
 
     Example:
         >>> factorize_(model, ratio=6); quantize_(model, "int8")      # doctest: +SKIP
-        >>> save(model, "out/")                                       # doctest: +SKIP
+        >>> save_compressed(model, "out/")                                     # doctest: +SKIP
     """
-    b = parse_bits(bits)
+    b = None if bits in (16, "fp16") else parse_bits(bits)  # 16: what compress passes for codebook methods
     model = as_module(model, "quantize_")
     meta = get_meta(model)
     if meta is None:
@@ -73,6 +74,16 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
         )
     emb_fqn = meta.embedding_module
     layer = model.get_submodule(emb_fqn)
+    from embfactor.formats.codebook import CodebookEmbedding
+    from embfactor.formats.intk import IntKEmbedding
+
+    if isinstance(layer, CodebookEmbedding):
+        summary = _codebooks_to_fp16(layer, meta)
+        attach_quantization_config(model)  # the format's config changed (fp16 codebooks)
+        return summary
+    if isinstance(layer, IntKEmbedding):
+        raise SurgeryError(f"the embedding {emb_fqn!r} is already dense int{layer.bits} (method int)")
+    b = parse_bits(bits)
     if isinstance(layer, QuantizedFactorizedEmbedding):
         raise SurgeryError(f"the embedding {emb_fqn!r} is already quantized ({layer.bits} bits)")
     if not isinstance(layer, FactorizedEmbedding):
@@ -101,4 +112,28 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
     }
     meta.report["quantization"] = summary
     attach_quantization_config(model)  # the format changed: model.save_pretrained must describe the new one
+    return summary
+
+
+def _codebooks_to_fp16(layer: nn.Module, meta: CompressionMeta) -> dict[str, Any]:
+    """Store a CodebookEmbedding's float tensors (codebooks, rotation, row scales) as fp16, in place."""
+    import torch
+
+    vocab, d = layer.num_embeddings, layer.embedding_dim
+    # --- the model is mutated only below this line (nothing above can fail half-way) ---
+    with torch.no_grad():
+        layer.codebooks = nn.Parameter(layer.codebooks.detach().half())
+        if layer.row_scale is not None:
+            layer.row_scale = nn.Parameter(layer.row_scale.detach().half())
+        if layer.rotation is not None:
+            layer.rotation = layer.rotation.half()
+    layer.codebook_dtype = "float16"
+    summary = {
+        "bits": 16,
+        "embedding_bytes": layer.num_bytes(),
+        "fp32_embedding_bytes": dense_embedding_bytes(vocab, d),
+        "factor_fp32_bytes": None,
+        "bytes_ratio": dense_embedding_bytes(vocab, d) / layer.num_bytes(),
+    }
+    meta.report["quantization"] = summary
     return summary

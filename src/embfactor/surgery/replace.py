@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from embfactor.errors import SurgeryError
+from embfactor.layers.head import FactorizedLMHead
 
 
 def find_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool]) -> dict[str, nn.Module]:
@@ -45,3 +46,39 @@ def replace_modules_(model: nn.Module, replacements: dict[str, nn.Module]) -> No
     for fqn, new in replacements.items():
         parent, child = parents[fqn]
         setattr(parent, child, new)
+
+
+def _disable_hf_retying(model: nn.Module) -> None:
+    # transformers re-ties `lm_head.weight = embed.weight` in tie_weights(); after surgery neither module has a
+    # `weight` parameter, and the factors are already shared, so the model must not try again.
+    for m in model.modules():
+        if hasattr(m, "all_tied_weights_keys"):
+            m.all_tied_weights_keys = {}
+
+
+def apply_structure_(
+    model: nn.Module,
+    *,
+    embedding_module: str,
+    new_embedding: nn.Module,
+    tied_head: bool,
+    head_module: str | None,
+) -> nn.Module:
+    """Swap in a factorized embedding layer (and a FactorizedLMHead tied to it) at known module names."""
+    emb = model.get_submodule(embedding_module)
+    if not isinstance(emb, nn.Embedding):
+        raise SurgeryError(f"{embedding_module!r} is a {type(emb).__name__}, expected nn.Embedding")
+    if (new_embedding.num_embeddings, new_embedding.embedding_dim) != (emb.num_embeddings, emb.embedding_dim):
+        raise SurgeryError(
+            f"the new embedding is {new_embedding.num_embeddings}×{new_embedding.embedding_dim}, "
+            f"but {embedding_module!r} is {emb.num_embeddings}×{emb.embedding_dim}"
+        )
+    replacements: dict[str, nn.Module] = {embedding_module: new_embedding}
+    if tied_head:
+        if head_module is None:
+            raise SurgeryError("tied_head=True needs the head's module name")
+        head = model.get_submodule(head_module)
+        replacements[head_module] = FactorizedLMHead(new_embedding, getattr(head, "bias", None))
+    replace_modules_(model, replacements)
+    _disable_hf_retying(model)
+    return new_embedding

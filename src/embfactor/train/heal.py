@@ -1,24 +1,26 @@
-"""Healing: train a compressed model's factors so that it behaves like the original again (knowledge distillation).
+"""Healing: train a compressed model's storage format so that it behaves like the original again (distillation).
 
-- Encoders: the student's last hidden states and mean-pooled sentence embeddings match the teacher's
-  (1 − cosine of the pooled embeddings + a normalized MSE on the token states).
-- Decoders: the student's next-token distributions match the teacher's (KL(teacher ‖ student) per token).
-- Supervised (``labels=``): a linear classification head on the pooled embedding is trained jointly with the
-  factorized embedding (cross-entropy + the distillation term as a regularizer); accuracy is reported on a
-  held-apart fifth of the labelled rows.
+Encoders match the teacher's token states and pooled embeddings, decoders its next-token distributions, and with
+``labels=`` a linear head on the pooled embedding is fine-tuned jointly (see :mod:`embfactor.train.distill`).
 
-Only the factorized embedding is trained by default (``train_layernorm=True`` adds the LayerNorm/RMSNorm
-weights, ``train_all=True`` trains every weight: more progress per step, ~1.7× the step time and Adam state for
-the whole model); the teacher's outputs are computed on the fly under ``torch.inference_mode``. The loop runs under
-HF Accelerate, so ``accelerate launch`` runs the same code on several GPUs; here it runs on CPU.
-Checkpoints: the best model so far (lowest held-out loss, or highest held-out accuracy) is written atomically
-with :func:`embfactor.surgery.save_compressed`; the training state (current and best trainable tensors,
-optimizer moments, step, elapsed time) goes beside it as ``heal_state.safetensors`` + ``heal_state.json``
-(no pickles), so ``resume=True`` continues an interrupted run.
+Only the embedding format's floating-point tensors train by default, whatever the format (factors, codebooks,
+scales; integer codes never): ``train_layernorm=True`` adds the LayerNorm/RMSNorm weights, ``train_all=True`` every
+weight (more progress per step, ~1.7× the step time and Adam state for the whole model). The teacher's outputs are
+computed on the fly under ``torch.inference_mode``.
+
+The loop runs under HF Accelerate: ``accelerate launch --num_processes N -m embfactor.cli.main heal ...`` runs N
+processes (GPUs, or CPU processes with ``--cpu``), each on its share of every batch, with gradients averaged; they
+agree on when to stop, and only the main process writes. Checkpoints (:mod:`embfactor.train.checkpoint`): the best
+model so far, its classifier and the resume state, in one atomic swap; ``resume=True`` continues an interrupted run.
+
+A run is a few steps, each a method of :class:`_HealRun`: set up (freeze, data, accelerator), start (first evaluation
+or resume), train (step, evaluate at intervals and at the end, keep the best), finish (best weights, final save,
+summary).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -31,234 +33,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embfactor.errors import ConfigError, CorruptFileError, InvalidInputError, SurgeryError, a_or_an
+from embfactor.errors import ConfigError, InvalidInputError
+from embfactor.train.checkpoint import (
+    HEAD_FILE,
+    HEAD_JSON,
+    STATE_JSON,
+    STATE_TENSORS,
+    head_files,
+    read_state,
+    restore_optimizer,
+    state_files,
+)
+from embfactor.train.config import HealConfig
+from embfactor.train.distill import (
+    bf16_supported,
+    check_compatible,
+    clean_texts,
+    decoder_loss,
+    encoder_loss,
+    hidden_states,
+    passages,
+    pool,
+    prepare_data,
+    read_labels,
+    token_windows,
+    trainable_parameters,
+)
 
-STATE_TENSORS = "heal_state.safetensors"
-STATE_JSON = "heal_state.json"
-HEAD_FILE = "classifier.safetensors"
-HEAD_JSON = "classifier.json"
-DEFAULTS: dict[str, Any] = {
-    "lr": 5e-4,
-    "batch_size": 16,
-    "max_length": 128,
-    "train_layernorm": False,
-    "train_all": False,
-    "bf16": False,
-    "eval_every": 50,
-    "eval_size": 64,
-    "save_every_seconds": 120.0,
-    "mse_weight": 1.0,
-    "distill_weight": 1.0,
-    "warmup_steps": 10,
-    "weight_decay": 0.0,
-    "seed": 0,
-    "resume": False,
-    "eval_texts": None,
-}
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-
-
-def check_compatible(student: Any, teacher: Any) -> None:
-    """Student and teacher must share the vocabulary (same embedding rows, same tokenizer) and the kind."""
-    s_emb = student.model.get_input_embeddings()
-    t_emb = teacher.model.get_input_embeddings()
-    sv, tv = int(s_emb.num_embeddings), int(t_emb.num_embeddings)
-    if sv != tv or s_emb.embedding_dim != t_emb.embedding_dim:
-        raise InvalidInputError(
-            f"the compressed model's embedding is {sv}×{s_emb.embedding_dim} but the reference's is "
-            f"{tv}×{t_emb.embedding_dim}: heal a model against the original it was compressed from"
-        )
-    try:
-        same_vocab = student.tokenizer.get_vocab() == teacher.tokenizer.get_vocab()
-    except (AttributeError, NotImplementedError):
-        same_vocab = len(student.tokenizer) == len(teacher.tokenizer)
-    if not same_vocab:
-        raise InvalidInputError(
-            "the compressed model and the reference have different tokenizer vocabularies; token ids would not "
-            "mean the same tokens. Heal against the original model the compressed one was made from"
-        )
-    if student.kind != teacher.kind:
-        raise InvalidInputError(f"the compressed model is {a_or_an(student.kind)} but the reference is {a_or_an(teacher.kind)}")
-
-
-def passages(texts: Sequence[str], max_chars: int = 600) -> list[str]:
-    """Split texts into paragraph-sized passages (lines, long lines cut at sentence ends) for encoder batches."""
-    out = []
-    for t in texts:
-        for line in t.split("\n"):
-            line = line.strip()
-            while len(line) > max_chars:
-                cut = line.rfind(". ", 0, max_chars)
-                cut = cut + 1 if cut > max_chars // 3 else max_chars
-                out.append(line[:cut].strip())
-                line = line[cut:].strip()
-            if len(line) >= 20:
-                out.append(line)
-    return out
-
-
-def token_windows(tokenizer: Any, texts: Sequence[str], length: int) -> torch.Tensor:
-    """All texts tokenized, joined with EOS and cut into windows of ``length`` tokens (decoder training)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for start in range(0, len(texts), 64):
-        for row in tokenizer(list(texts[start : start + 64]), add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
-            if eos is not None:
-                ids.append(eos)
-    n = len(ids) // length
-    if n == 0:
-        raise InvalidInputError(f"the text is too short: {len(ids)} tokens, need at least {length} for one window")
-    return torch.tensor(ids[: n * length]).view(n, length)
-
-
-def _check_texts(texts: Sequence[str] | None) -> list[str] | None:
-    if texts is None:
-        return None
-    if isinstance(texts, str):
-        raise InvalidInputError("texts must be a list of strings, not one string")
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise InvalidInputError("no text to heal on: the given texts are empty")
-    return texts
-
-
-def _options(opts: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(opts) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown healing options {sorted(unknown)}; valid: {', '.join(sorted(DEFAULTS))}")
-    o = {**DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
-    for k in ("batch_size", "max_length", "eval_every", "eval_size"):
-        if isinstance(o[k], bool) or not isinstance(o[k], int) or o[k] < 1:
-            raise ConfigError(f"{k} must be a positive integer, got {o[k]!r}")
-    if not (isinstance(o["lr"], (int, float)) and 0 < o["lr"] < 1):
-        raise ConfigError(f"lr must be in (0, 1), got {o['lr']!r}")
-    return o
-
-
-# ----------------------------------------------------------------------------------------------- model parts
-
-
-def trainable_parameters(
-    model: nn.Module, *, train_layernorm: bool = False, train_all: bool = False
-) -> dict[str, nn.Parameter]:
-    """Freeze everything but the factorized embedding (optionally also the norms, or nothing at all with
-    ``train_all``); return the trainable parameters by name (a tied head's shared factors appear once)."""
-    from embfactor.formats import is_row_format
-
-    emb = model.get_input_embeddings()
-    if not is_row_format(emb):
-        raise SurgeryError(
-            f"the model to heal has a plain {type(emb).__name__} input embedding; compress it first "
-            "(embfactor compress / embfactor.factorize_) and heal the compressed model"
-        )
-    emb_ids = {id(p) for p in emb.parameters()}
-    norm_ids = set()
-    if train_layernorm:
-        for m in model.modules():
-            if "norm" in type(m).__name__.lower():
-                norm_ids |= {id(p) for p in m.parameters(recurse=False)}
-    out = {}
-    for name, p in model.named_parameters():
-        keep = train_all or id(p) in emb_ids or id(p) in norm_ids
-        p.requires_grad_(keep)
-        if keep:
-            out[name] = p
-    return out
-
-
-def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-
-def _hidden(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    if kind == "encoder":
-        return model(**batch).last_hidden_state
-    return model(**batch, output_hidden_states=True).hidden_states[-1]
-
-
-def encoder_loss(
-    s_hidden: torch.Tensor, t_hidden: torch.Tensor, mask: torch.Tensor, mse_weight: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1 − cos(pooled)) + mse_weight · ‖h_s − h_t‖²/‖h_t‖² over real tokens; also the pooled cosines."""
-    s_hidden, t_hidden = s_hidden.float(), t_hidden.float()
-    cos = F.cosine_similarity(_pool(s_hidden, mask), _pool(t_hidden, mask), dim=-1)
-    m = mask.unsqueeze(-1).to(s_hidden.dtype)
-    mse = ((s_hidden - t_hidden).pow(2) * m).sum() / (t_hidden.pow(2) * m).sum().clamp_min(1e-12)
-    return (1 - cos).mean() + mse_weight * mse, cos
-
-
-def decoder_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over tokens of KL(teacher ‖ student) of the next-token distributions."""
-    s_logp = F.log_softmax(s_logits.float(), -1)
-    t_logp = F.log_softmax(t_logits.float(), -1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    if mask is None:
-        return kl.mean()
-    m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp_min(1)
-
-
-# ----------------------------------------------------------------------------------------------- state files
-
-
-def _state_files(
-    params: dict[str, nn.Parameter], best: dict[str, torch.Tensor], optimizer: Any, head: nn.Module | None,
-    info: dict[str, Any],
-) -> dict[str, bytes]:
-    """The resume state as file contents (written into the checkpoint's temporary folder, swapped in with it)."""
-    from safetensors.torch import save
-
-    from embfactor.fileio import json_bytes
-
-    tensors = {f"current.{k}": p.detach().cpu().contiguous() for k, p in params.items()}
-    tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
-    if head is not None:
-        tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-    sd = optimizer.state_dict()
-    scalars: dict[str, Any] = {}
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.ndim > 0:
-                tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{i}.{k}"] = float(v)
-    meta = {**info, "param_names": list(params), "optimizer_scalars": scalars, "param_groups": sd["param_groups"]}
-    return {STATE_TENSORS: save(tensors), STATE_JSON: json_bytes(meta)}
-
-
-def _read_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    import json
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not (directory / STATE_JSON).is_file() or not (directory / STATE_TENSORS).is_file():
-        raise InvalidInputError(f"cannot resume: {directory} holds no healing state ({STATE_JSON}, {STATE_TENSORS})")
-    try:
-        info = json.loads((directory / STATE_JSON).read_text())
-        tensors = load_file(str(directory / STATE_TENSORS))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise CorruptFileError(f"cannot resume from {directory}: corrupt healing state ({e})") from None
-    return info, tensors
-
-
-def _restore_optimizer(optimizer: Any, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    for key, v in info.get("optimizer_scalars", {}).items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = torch.tensor(v)
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-
-
-# ----------------------------------------------------------------------------------------------- the loop
+__all__ = [
+    "HEAD_FILE", "HEAD_JSON", "STATE_JSON", "STATE_TENSORS", "HealConfig", "bf16_supported", "check_compatible",
+    "decoder_loss", "encoder_loss", "heal", "passages", "token_windows", "trainable_parameters",
+]
 
 
 def heal(
@@ -271,357 +76,370 @@ def heal(
     output: str | os.PathLike | None = None,
     labels: str | os.PathLike | tuple[Sequence[str], Sequence[Any]] | None = None,
     progress: bool = True,
+    config: HealConfig | None = None,
     **opts: Any,
 ) -> dict[str, Any]:
-    """Distill ``teacher`` into the factorized ``student`` (trained in place); keep and save the best state.
+    """Distill ``teacher`` into the compressed ``student`` (trained in place); keep and save the best state.
 
     Args:
-        student: the compressed :class:`~embfactor.models.LoadedModel` (its embedding must be factorized).
+        student: the compressed :class:`~embfactor.models.LoadedModel` (its embedding must be a storage format).
         teacher: the original LoadedModel it was compressed from (same vocabulary).
         texts: unlabelled training text; None = the training part of the bundled Wikipedia extract.
-        minutes, steps: the budget (at least one; with both, whichever ends first). On resume both count the
-            earlier run too.
+        minutes, steps: the budget (at least one; with both, whichever ends first); see :class:`HealConfig`.
         output: folder for the healed model (best checkpoint, written atomically) and the resume state.
         labels: a CSV/JSONL file with ``text,label`` (or a (texts, labels) pair): supervised fine-tuning with a
             classification head on the pooled embedding; saved as classifier.safetensors + classifier.json.
-        progress: tqdm progress bar with the loss.
-        **opts: lr, batch_size, max_length, train_layernorm, train_all, bf16, eval_every (steps), eval_size,
-            save_every_seconds, mse_weight, distill_weight, warmup_steps, weight_decay, seed, resume,
-            eval_texts (held-out texts; default the held-out part of the bundled Wikipedia extract).
+        progress: tqdm progress bar with the loss and the best held-out loss so far.
+        config: a :class:`HealConfig`; ``opts`` (any of its fields by name) override it.
 
     Returns:
         A summary: steps, seconds, eval loss before/best/last, the eval history, fidelity (encoders) or
         KL (decoders), accuracy (supervised), trainable parameter count, output folder.
 
     Raises:
-        InvalidInputError: mismatched vocabularies, empty texts, bad labels; SurgeryError: student not factorized;
-        ConfigError: bad options or no budget. Nothing is written when validation fails.
+        InvalidInputError: mismatched vocabularies, empty texts, bad labels; SurgeryError: student not compressed,
+        or nothing to train; ConfigError: bad options or no budget. Nothing is written when validation fails.
 
     Example:
         >>> s, t = load_model("out/minilm-r6"), load_model("minilm")              # doctest: +SKIP
         >>> heal(s, t, minutes=10, output="out/minilm-r6-healed")["best_eval"]     # doctest: +SKIP
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from embfactor.data import read_labelled, wiki_split
     from embfactor.fileio import check_output_dir
-    from embfactor.surgery import save_compressed
 
     # ---- validate everything before any work or write
-    o = _options(opts)
-    if minutes is None and steps is None:
-        raise ConfigError("give a healing budget: minutes= (wall clock) and/or steps= (optimizer steps)")
-    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise ConfigError(f"minutes must be a positive number, got {minutes!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    cfg = _config(config, minutes, steps, opts)
     check_compatible(student, teacher)
-    texts = _check_texts(texts)
-    kind = student.kind
-    sup_texts: list[str] | None = None
-    if labels is not None:
-        if isinstance(labels, (str, os.PathLike)):
-            sup_texts, raw_labels = read_labelled(labels)
-        else:
-            sup_texts, raw_labels = list(labels[0]), [str(x) for x in labels[1]]
-            if len(sup_texts) != len(raw_labels) or len(set(raw_labels)) < 2:
-                raise InvalidInputError("labels needs as many labels as texts and at least two classes")
-        classes = sorted(set(map(str, raw_labels)))
-        y_all = torch.tensor([classes.index(str(x)) for x in raw_labels])
+    texts = clean_texts(texts)
+    labelled = read_labels(labels) if labels is not None else None
     out_dir = Path(output) if output is not None else None
     if out_dir is not None:
         check_output_dir(out_dir, inputs=(student.source, teacher.source))
-    resume_info = resume_tensors = None
-    if o["resume"]:
+    resume = None
+    if cfg.resume:
         if out_dir is None:
             raise ConfigError("resume=True needs output= (the folder of the interrupted run)")
-        resume_info, resume_tensors = _read_state(out_dir)
+        resume = read_state(out_dir)
+    run = _HealRun(student, teacher, cfg, texts, labelled, out_dir, progress)
+    run.start(resume)
+    run.train()
+    return run.finish()
 
-    torch.manual_seed(o["seed"])
-    model, tmodel, tok = student.model, teacher.model, student.tokenizer
-    params = trainable_parameters(model, train_layernorm=o["train_layernorm"], train_all=o["train_all"])
-    for p in tmodel.parameters():
-        p.requires_grad_(False)
-    tmodel.eval()
-    head = None
-    if sup_texts is not None:
-        head = nn.Linear(model.get_input_embeddings().embedding_dim, len(classes))
-    pad_added = False
-    if tok.pad_token is None:  # decoders: pad with EOS for batching (restored at the end)
-        tok.pad_token, pad_added = tok.eos_token, True
 
-    # ---- data: training batches and a fixed held-out slice
-    heldout = _check_texts(o["eval_texts"]) if o["eval_texts"] is not None else wiki_split("heldout")
-    rng = np.random.default_rng(o["seed"])
-    if sup_texts is not None:
-        perm = rng.permutation(len(sup_texts))
-        n_eval = max(len(classes), len(perm) // 5)
-        eval_idx, train_idx = perm[:n_eval], perm[n_eval:]
-        train_items: Any = [sup_texts[i] for i in train_idx]
-        train_y = y_all[torch.as_tensor(train_idx)]
-        eval_items: Any = [sup_texts[i] for i in eval_idx]
-        eval_y = y_all[torch.as_tensor(eval_idx)]
-    elif kind == "encoder":
-        train_items = passages(texts if texts is not None else wiki_split("train"))
-        held = passages(heldout)
-        eval_items = held[:: max(1, len(held) // o["eval_size"])][: o["eval_size"]]
+def _config(config: HealConfig | None, minutes: float | None, steps: int | None, opts: dict[str, Any]) -> HealConfig:
+    budget = {k: v for k, v in (("minutes", minutes), ("steps", steps)) if v is not None}
+    if config is None:
+        cfg = HealConfig.from_options(**opts, **budget)
     else:
-        train_items = token_windows(tok, texts if texts is not None else wiki_split("train"), o["max_length"])
-        ew = token_windows(tok, heldout, o["max_length"])
-        eval_items = ew[:: max(1, len(ew) // o["eval_size"])][: o["eval_size"]]
-    if len(train_items) == 0:
-        raise InvalidInputError("no usable training passages in the given texts (each needs ≥ 20 characters)")
+        HealConfig.from_options(**opts)  # names checked
+        cfg = dataclasses.replace(config, **{k: v for k, v in opts.items() if v is not None}, **budget)
+    if cfg.minutes is None and cfg.steps is None:
+        raise ConfigError("give a healing budget: minutes= (wall clock) and/or steps= (optimizer steps)")
+    return cfg
 
-    accelerator = Accelerator(mixed_precision="bf16" if o["bf16"] else "no")
-    train_list = list(params.values()) + (list(head.parameters()) if head is not None else [])
-    optimizer = torch.optim.AdamW(train_list, lr=o["lr"], weight_decay=o["weight_decay"])
-    if head is not None:
-        model, head, optimizer = accelerator.prepare(model, head, optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    tmodel.to(accelerator.device)
-    device = accelerator.device
 
-    def encode(batch_texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = tok(batch_texts, padding=True, truncation=True, max_length=o["max_length"], return_tensors="pt")
-        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+class _HealRun:
+    """One healing run's state: the models, data, optimizer, best weights so far, history and clock."""
 
-    def batch_at(items: Any, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    def __init__(self, student: Any, teacher: Any, cfg: HealConfig, texts: list[str] | None,
+                 labelled: tuple[list[str], list[str]] | None, out_dir: Path | None, progress: bool) -> None:
+        self.student, self.teacher, self.cfg, self.out_dir, self.progress = student, teacher, cfg, out_dir, progress
+        self.kind, self.tok = student.kind, student.tokenizer
+        self.user_texts = texts is not None
+        torch.manual_seed(cfg.seed)
+        self.params = trainable_parameters(student.model, train_layernorm=cfg.train_layernorm,
+                                           train_all=cfg.train_all)
+        for p in teacher.model.parameters():
+            p.requires_grad_(False)
+        teacher.model.eval()
+        self.pad_added = self.tok.pad_token is None
+        if self.pad_added:  # decoders: pad with EOS for batching (restored at the end)
+            self.tok.pad_token = self.tok.eos_token
+        self.data = prepare_data(self.kind, self.tok, texts, labelled, eval_texts=cfg.eval_texts,
+                                 eval_size=cfg.eval_size, max_length=cfg.max_length, seed=cfg.seed)
+        head = None
+        if self.data.classes is not None:
+            head = nn.Linear(student.model.get_input_embeddings().embedding_dim, len(self.data.classes))
+        self._setup_accelerator(head)
+        self.step, self.seconds_before, self.ema = 0, 0.0, None
+        self.history: list[dict[str, Any]] = []
+        self.cost = {"step": 0.0, "eval": 0.0, "train": 0.0}  # slowest recent step, last evaluation, all steps
+
+    def _setup_accelerator(self, head: nn.Module | None) -> None:
+        from accelerate import Accelerator
+
+        # Autocast is ours, not Accelerate's mixed_precision: Accelerate keeps that in a process-wide state that
+        # refuses to change, so a second heal() in the same process with another bf16 setting would fail.
+        self.acc = Accelerator()
+        self.bf16 = bf16_supported(self.acc.device) if self.cfg.bf16 == "auto" else bool(self.cfg.bf16)
+        if self.cfg.batch_size < self.acc.num_processes:
+            raise ConfigError(f"batch_size {self.cfg.batch_size} is smaller than the {self.acc.num_processes} "
+                              "processes that share each batch; give at least one text per process")
+        train_list = list(self.params.values()) + (list(head.parameters()) if head is not None else [])
+        optimizer = torch.optim.AdamW(train_list, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if head is not None:
+            self.model, self.head, self.optimizer = self.acc.prepare(self.student.model, head, optimizer)
+        else:
+            (self.model, self.optimizer), self.head = self.acc.prepare(self.student.model, optimizer), None
+        self.device = self.acc.device
+        self.tmodel = self.teacher.model.to(self.device)
+
+    # ------------------------------------------------------------------------------------------- batches, losses
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def batch_at(self, items: Any, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """The model inputs of the items at ``idx``: token windows as they are, texts tokenized and padded."""
         if isinstance(items, torch.Tensor):
-            ids = items[torch.as_tensor(idx)].to(device)
+            ids = items[torch.as_tensor(idx)].to(self.device)
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        return encode([items[i] for i in idx])
+        enc = self.tok([items[i] for i in idx], padding=True, truncation=True, max_length=self.cfg.max_length,
+                       return_tensors="pt")
+        keep = ("input_ids", "attention_mask", "token_type_ids")
+        return {k: v.to(self.device) for k, v in enc.items() if k in keep}
 
-    def distill(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def distill(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, per-item metric, pooled student embedding) on one batch."""
-        with torch.inference_mode(), accelerator.autocast():
-            t_out = _hidden(tmodel, batch, "encoder") if kind == "encoder" else tmodel(**batch).logits
+        mask = batch["attention_mask"]
+        with torch.inference_mode(), self.autocast():
+            if self.kind == "encoder":
+                t_out = hidden_states(self.tmodel, batch, "encoder")
+            else:
+                t_out = self.tmodel(**batch).logits
         t_out = t_out.clone()  # inference tensors cannot be saved for backward
-        with accelerator.autocast():
-            if kind == "encoder":
-                s_hidden = model(**batch).last_hidden_state
-                loss, cos = encoder_loss(s_hidden, t_out, batch["attention_mask"], o["mse_weight"])
-                return loss, cos.detach(), _pool(s_hidden.float(), batch["attention_mask"])
-            s = model(**batch, output_hidden_states=head is not None)
-            loss = decoder_loss(s.logits[:, :-1], t_out[:, :-1], batch["attention_mask"][:, 1:])
-            pooled = _pool(s.hidden_states[-1].float(), batch["attention_mask"]) if head is not None else loss
+        with self.autocast():
+            if self.kind == "encoder":
+                s_hidden = self.model(**batch).last_hidden_state
+                loss, cos = encoder_loss(s_hidden, t_out, mask, self.cfg.mse_weight)
+                return loss, cos.detach(), pool(s_hidden.float(), mask)
+            s = self.model(**batch, output_hidden_states=self.head is not None)
+            loss = decoder_loss(s.logits[:, :-1], t_out[:, :-1], mask[:, 1:])
+            pooled = pool(s.hidden_states[-1].float(), mask) if self.head is not None else loss
             return loss, loss.detach().reshape(1), pooled
 
-    def step_loss(idx: np.ndarray) -> torch.Tensor:
-        batch = batch_at(train_items, idx)
-        loss, _, pooled = distill(batch)
-        if head is not None:
-            ce = F.cross_entropy(head(pooled), train_y[torch.as_tensor(idx)].to(device))
-            loss = ce + o["distill_weight"] * loss
-        return loss
-
     @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        losses, metrics, correct = [], [], 0
-        bs = o["batch_size"]
-        for start in range(0, len(eval_items), bs):
-            idx = np.arange(start, min(start + bs, len(eval_items)))
-            batch = batch_at(eval_items, idx)
-            loss, metric, pooled = distill(batch)
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss (and fidelity / accuracy); ``score`` orders results, lower is better."""
+        self.model.eval()
+        items, losses, metrics, correct = self.data.eval, [], [], 0
+        for start in range(0, len(items), self.cfg.batch_size):
+            idx = np.arange(start, min(start + self.cfg.batch_size, len(items)))
+            loss, metric, pooled = self.distill(self.batch_at(items, idx))
             losses.append(float(loss) * len(idx))
             metrics.append(metric.float().cpu())
-            if head is not None:
-                correct += int((head(pooled).argmax(-1).cpu() == eval_y[torch.as_tensor(idx)]).sum())
-        model.train()
-        r = {"loss": sum(losses) / len(eval_items)}
-        if kind == "encoder":
+            if self.head is not None:
+                correct += int((self.head(pooled).argmax(-1).cpu() == self.data.eval_y[torch.as_tensor(idx)]).sum())
+        self.model.train()
+        r = {"loss": sum(losses) / len(items)}
+        if self.kind == "encoder":
             r["fidelity"] = float(torch.cat(metrics).mean())
-        if head is not None:
-            r["accuracy"] = correct / len(eval_items)
-            r["score"] = -r["accuracy"] + 1e-6 * r["loss"]  # lower is better; ties broken by the loss
+        if self.head is not None:
+            r["accuracy"] = correct / len(items)
+            r["score"] = -r["accuracy"] + 1e-6 * r["loss"]  # ties broken by the loss
         else:
             r["score"] = r["loss"]
         return r
 
-    # ---- resume or start
-    t0, c0 = time.perf_counter(), time.process_time()
+    # ------------------------------------------------------------------------------------------- clock, best
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t0
 
-    step, elapsed_before = 0, 0.0
-    history: list[dict[str, Any]] = []
-    unwrap = accelerator.unwrap_model
-    if resume_info is not None:
-        if resume_info.get("param_names") != list(params):
-            raise InvalidInputError(
-                "cannot resume: the saved state trains different parameters (was --train-layernorm or --train-all changed?)"
-            )
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(resume_tensors[f"current.{k}"])
-            if head is not None:
-                unwrap(head).load_state_dict({k[5:]: v for k, v in resume_tensors.items() if k.startswith("head.")})
-        _restore_optimizer(optimizer, resume_info, resume_tensors)
-        step, elapsed_before = int(resume_info["step"]), float(resume_info["seconds"])
-        history = list(resume_info.get("history", []))
-        best = {k: resume_tensors[f"best.{k}"].clone() for k in params}
-        before, best_eval = resume_info["eval_before"], resume_info["best_eval"]
-    else:
-        before = evaluate()
-        history.append({"step": 0, "seconds": 0.0, **before})
-        best = {k: p.detach().clone() for k, p in params.items()}
-        best_eval = before
-    best_head = {k: v.clone() for k, v in unwrap(head).state_dict().items()} if head is not None else None
+    def snapshot(self) -> None:
+        """Remember the current trainable tensors (and head) as the best so far."""
+        self.best = {k: p.detach().clone() for k, p in self.params.items()}
+        self.best_head = ({k: v.clone() for k, v in self.acc.unwrap_model(self.head).state_dict().items()}
+                          if self.head is not None else None)
 
-    def save_checkpoint(final: bool = False) -> None:
-        if out_dir is None or not accelerator.is_main_process:
+    def start(self, resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
+        """Start the clock; continue from a saved state, or evaluate the student as it is."""
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        if resume is None:
+            self.before = self.evaluate()
+            self.history.append({"step": 0, "seconds": 0.0, **self.before})
+            self.best_eval = self.before
+            self.snapshot()
             return
-        m = unwrap(model)
-        current = {k: p.detach().clone() for k, p in params.items()}
-        summary = {"healing": _summary(final=final)}
-        # Everything the output holds goes into the one temporary folder and appears in one swap: a kill at any
-        # moment leaves the complete earlier output or the complete new one, never a model without its classifier
-        # or resume state.
-        files: dict[str, bytes] = {}
-        if head is not None:
-            from safetensors.torch import save
-
-            from embfactor.fileio import json_bytes
-
-            files[HEAD_FILE] = save({k: v.contiguous() for k, v in best_head.items()})
-            files[HEAD_JSON] = json_bytes({"classes": classes, "pooling": "mean",
-                                           "in_features": int(best_head["weight"].shape[1])})
-        info = {"step": step, "seconds": elapsed(), "history": history, "eval_before": before,
-                "best_eval": best_eval, "options": {k: v for k, v in o.items() if k not in ("resume", "eval_texts")}}
-        files.update(_state_files(params, best, optimizer, unwrap(head) if head is not None else None, info))
+        info, tensors = resume
+        if info.get("param_names") != list(self.params):
+            raise InvalidInputError("cannot resume: the saved state trains different parameters "
+                                    "(was --train-layernorm or --train-all changed?)")
         with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(best[k])
-        try:
-            save_compressed(m, out_dir, tokenizer=tok, inputs=(student.source, teacher.source), files=files, extra={
-                "source_model": student.record.get("source_model", student.name), **summary})
-        finally:
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(current[k])
+            for k, p in self.params.items():
+                p.copy_(tensors[f"current.{k}"])
+        if self.head is not None:
+            self.acc.unwrap_model(self.head).load_state_dict(
+                {k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        restore_optimizer(self.optimizer, info, tensors)
+        self.step, self.seconds_before = int(info["step"]), float(info["seconds"])
+        self.history = list(info.get("history", []))
+        self.before, self.best_eval = info["eval_before"], info["best_eval"]
+        self.snapshot()
+        self.best = {k: tensors[f"best.{k}"].clone() for k in self.params}
 
-    def _summary(final: bool = True) -> dict[str, Any]:
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def budget_left(self) -> bool:
+        """Another step fits: the step budget is not used up, and the slowest recent step plus the final
+        evaluation fit in the time left. All processes follow the main process's answer."""
+        cfg = self.cfg
+        more = cfg.steps is None or self.step < cfg.steps
+        if more and cfg.minutes is not None:
+            more = self.elapsed() + self.cost["step"] + self.cost["eval"] <= cfg.minutes * 60
+        if self.acc.num_processes > 1:  # clocks differ between processes; a step they disagree on would hang
+            from accelerate.utils import broadcast
+
+            more = bool(broadcast(torch.tensor([int(more)], device=self.device), from_process=0).item())
+        return more
+
+    def train_step(self) -> None:
+        """One optimizer step on this step's batch (each process on its share)."""
+        cfg, n = self.cfg, len(self.data.train)
+        t = time.perf_counter()
+        bs = min(cfg.batch_size, n)
+        epoch, k = divmod(self.step, max(1, n // bs))
+        idx = np.random.default_rng(cfg.seed + 1 + epoch).permutation(n)[k * bs : (k + 1) * bs]
+        idx = idx[self.acc.process_index :: self.acc.num_processes]
+        for g in self.optimizer.param_groups:  # linear warm-up, then constant (the budget may be wall-clock)
+            g["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
+        loss, _, pooled = self.distill(self.batch_at(self.data.train, idx))
+        if self.head is not None:
+            ce = F.cross_entropy(self.head(pooled), self.data.train_y[torch.as_tensor(idx)].to(self.device))
+            loss = ce + cfg.distill_weight * loss
+        if not torch.isfinite(loss):
+            raise InvalidInputError(f"the loss became {float(loss)} at step {self.step}; lower lr (now {cfg.lr})")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        self.optimizer.step()
+        self.step += 1
+        lv = float(loss.detach())
+        self.ema = lv if self.ema is None else 0.9 * self.ema + 0.1 * lv
+        took = time.perf_counter() - t
+        self.cost["train"] += took
+        self.cost["step"] = max(took, 0.8 * self.cost["step"])  # the slowest recent step, decaying
+
+    def evaluate_and_keep_best(self) -> None:
+        t = time.perf_counter()
+        r = {"step": self.step, "seconds": 0.0, "train_loss": self.ema, **self.evaluate()}
+        self.cost["eval"] = time.perf_counter() - t
+        r["seconds"] = round(self.elapsed(), 1)
+        self.history.append(r)
+        if r["score"] < self.best_eval["score"]:
+            self.best_eval = r
+            self.snapshot()
+
+    def train(self) -> None:
+        """Step until the budget is spent (at least one step); evaluate at intervals and always at the end."""
+        from tqdm.auto import tqdm
+
+        total = self.cfg.steps
+        bar = tqdm(total=total, initial=min(self.step, total) if total else self.step, desc="heal", unit="step",
+                   disable=not self.progress or not self.acc.is_local_main_process)
+        last_save = time.perf_counter()
+        more = self.budget_left() or (self.cfg.steps is None or self.step < self.cfg.steps)
+        while more:
+            self.train_step()
+            bar.update(1)
+            more = self.budget_left()
+            if self.step % self.cfg.eval_every == 0 or not more:
+                self.evaluate_and_keep_best()
+                if self.out_dir is not None and time.perf_counter() - last_save > self.cfg.save_every_seconds:
+                    self.save()
+                    last_save = time.perf_counter()
+            bar.set_postfix(self.shown())
+        if self.history[-1]["step"] != self.step:  # e.g. a resumed run with nothing left to do
+            self.evaluate_and_keep_best()
+            bar.set_postfix(self.shown())
+        self.loop_seconds = self.elapsed()
+        bar.close()
+
+    def shown(self) -> dict[str, str]:
+        """The progress bar's figures: running loss, the best held-out loss (and accuracy) so far, seconds."""
+        shown = {"loss": f"{self.ema:.4f}"} if self.ema is not None else {}
+        if self.head is not None:
+            shown["best_acc"] = f"{self.best_eval['accuracy']:.4f}"
+        shown["best"] = f"{self.best_eval['loss']:.4f}"
+        shown["s"] = f"{self.elapsed():.0f}"
+        return shown
+
+    # ------------------------------------------------------------------------------------------- save, finish
+
+    def load_best(self) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.best[k])
+
+    def save(self, final: bool = False) -> None:
+        """Write the best model so far, its classifier and the resume state to the output in one swap."""
+        from embfactor.surgery import save_compressed
+
+        if self.out_dir is not None and self.acc.is_main_process:
+            files = head_files(self.best_head, self.data.classes) if self.head is not None else {}
+            info = {"step": self.step, "seconds": self.elapsed(), "history": self.history,
+                    "eval_before": self.before, "best_eval": self.best_eval, "options": self.cfg.to_dict()}
+            head = self.acc.unwrap_model(self.head) if self.head is not None else None
+            files.update(state_files(self.params, self.best, self.optimizer, head, info))
+            current = {k: p.detach().clone() for k, p in self.params.items()}
+            extra = {"source_model": self.student.record.get("source_model", self.student.name),
+                     "healing": self.summary(final=final)}
+            self.load_best()
+            try:
+                save_compressed(self.acc.unwrap_model(self.model), self.out_dir, tokenizer=self.tok, files=files,
+                                inputs=(self.student.source, self.teacher.source), extra=extra)
+            finally:
+                with torch.no_grad():
+                    for k, p in self.params.items():
+                        p.copy_(current[k])
+
+    def summary(self, final: bool = True) -> dict[str, Any]:
+        cfg = self.cfg
         r = {
-            "kind": kind,
-            "mode": "supervised" if head is not None else "distillation",
-            "steps": step,
-            "seconds": round(elapsed(), 1),
-            "cpu_seconds": round(time.process_time() - c0, 1),  # this run only; tells a busy machine from a slow loop
-            "eval_before": before,
-            "best_eval": best_eval,
-            "last_eval": history[-1] if history else None,
-            "best_step": best_eval.get("step", 0),
-            "history": history,
-            "trainable_params": sum(p.numel() for p in params.values()),
-            "train_layernorm": o["train_layernorm"],
-            "train_all": o["train_all"],
-            "bf16": o["bf16"],
-            "device": str(device),
-            "lr": o["lr"],
-            "batch_size": o["batch_size"],
-            "max_length": o["max_length"],
-            "texts": "wiki_split('train')" if texts is None and head is None else "user",
+            "kind": self.kind,
+            "mode": "supervised" if self.head is not None else "distillation",
+            "steps": self.step,
+            "seconds": round(getattr(self, "loop_seconds", None) or self.elapsed(), 1),
+            "cpu_seconds": round(time.process_time() - self.c0, 1),  # this run only: a busy machine vs a slow loop
+            "step_seconds": round(self.cost["train"], 3),  # this run's optimizer steps only (no evaluation)
+            "eval_before": self.before,
+            "best_eval": self.best_eval,
+            "last_eval": self.history[-1] if self.history else None,
+            "best_step": self.best_eval.get("step", 0),
+            "history": self.history,
+            "trainable_params": sum(p.numel() for p in self.params.values()),
+            "train_layernorm": cfg.train_layernorm,
+            "train_all": cfg.train_all,
+            "bf16": self.bf16,
+            "device": str(self.device),
+            "processes": self.acc.num_processes,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "max_length": cfg.max_length,
+            "texts": "user" if self.user_texts or self.head is not None else "wiki_split('train')",
             "complete": final,
         }
-        if head is not None:
-            r["classes"] = classes
+        if self.head is not None:
+            r["classes"] = self.data.classes
         return r
 
-    # The budget covers evaluating and training (not loading or saving): a step starts only when it and the final
-    # evaluation fit in what is left, judged by the slowest recent step and the last evaluation's duration.
-    step_cost = {"step": 0.0, "eval": 0.0}
-
-    def budget_left() -> bool:
-        if steps is not None and step >= steps:
-            return False
-        if minutes is None:
-            return True
-        return elapsed() + step_cost["step"] + step_cost["eval"] <= minutes * 60
-
-    def run_eval() -> None:
-        nonlocal best_eval, best, best_head
-        t = time.perf_counter()
-        r = {"step": step, "seconds": 0.0, "train_loss": ema, **evaluate()}
-        step_cost["eval"] = time.perf_counter() - t
-        r["seconds"] = round(elapsed(), 1)
-        history.append(r)
-        if r["score"] < best_eval["score"]:
-            best_eval = r
-            best = {k2: p.detach().clone() for k2, p in params.items()}
-            if head is not None:
-                best_head = {k2: v.clone() for k2, v in unwrap(head).state_dict().items()}
-
-    def show() -> None:
-        shown = {"loss": f"{ema:.4f}"} if ema is not None else {}
-        if head is not None:
-            shown["best_acc"] = f"{best_eval['accuracy']:.4f}"
-        shown["best"] = f"{best_eval['loss']:.4f}"
-        bar.set_postfix(**shown, s=f"{elapsed():.0f}")
-
-    # ---- train
-    model.train()
-    n = len(train_items)
-    bs = min(o["batch_size"], n)
-    per_epoch = max(1, n // bs)
-    total = steps if steps is not None else None
-    bar = tqdm(total=total, initial=min(step, total) if total else step, desc="heal", unit="step",
-               disable=not progress or not accelerator.is_local_main_process)
-    last_save = time.perf_counter()
-    ema = None
-    ran = False
-    while budget_left() or (not ran and (steps is None or step < steps)):  # one step even if none fits the time
-        ran = True
-        t_step = time.perf_counter()
-        epoch, k = divmod(step, per_epoch)
-        order = np.random.default_rng(o["seed"] + 1 + epoch).permutation(n)
-        idx = order[k * bs : (k + 1) * bs]
-        for g in optimizer.param_groups:  # linear warm-up, then constant (the budget may be wall-clock)
-            g["lr"] = o["lr"] * min(1.0, (step + 1) / max(1, o["warmup_steps"]))
-        loss = step_loss(idx)
-        if not torch.isfinite(loss):
-            raise InvalidInputError(f"the loss became {float(loss)} at step {step}; lower lr (now {o['lr']})")
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        step += 1
-        lv = float(loss.detach())
-        ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-        took = time.perf_counter() - t_step
-        step_cost["step"] = max(took, 0.8 * step_cost["step"])  # the slowest recent step, decaying
-        bar.update(1)
-        if step % o["eval_every"] == 0 or not budget_left():
-            run_eval()
-            if out_dir is not None and time.perf_counter() - last_save > o["save_every_seconds"]:
-                save_checkpoint()
-                last_save = time.perf_counter()
-        show()
-    if history[-1]["step"] != step:  # the end of the run is always evaluated, whatever the interval
-        run_eval()
-        show()
-    bar.close()
-    # the student ends in its best state
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(best[k])
-    if head is not None:
-        unwrap(head).load_state_dict(best_head)
-        student.classifier = unwrap(head)
-        student.classes = classes
-    save_checkpoint(final=True)
-    if pad_added:
-        tok.pad_token = None
-    for p in unwrap(model).parameters():
-        p.requires_grad_(True)
-    unwrap(model).eval()
-    summary = _summary(final=True)
-    summary["output"] = str(out_dir) if out_dir is not None else None
-    summary["improvement"] = {
-        "loss": before["loss"] - best_eval["loss"],
-        "loss_relative": (before["loss"] - best_eval["loss"]) / before["loss"] if before["loss"] else 0.0,
-    }
-    if not math.isfinite(summary["improvement"]["loss"]):
-        summary["improvement"]["loss"] = None
-    return summary
+    def finish(self) -> dict[str, Any]:
+        """Leave the student in its best state (with its classifier), save it, restore what was changed."""
+        self.load_best()
+        if self.head is not None:
+            head = self.acc.unwrap_model(self.head)
+            head.load_state_dict(self.best_head)
+            self.student.classifier, self.student.classes = head, self.data.classes
+        self.save(final=True)
+        self.acc.wait_for_everyone()  # the others return once the main process has written the output
+        if self.pad_added:
+            self.tok.pad_token = None
+        model = self.acc.unwrap_model(self.model)
+        for p in model.parameters():
+            p.requires_grad_(p.is_floating_point())  # integer tensors (a format's codes) cannot require gradients
+        model.eval()
+        r = self.summary(final=True)
+        r["output"] = str(self.out_dir) if self.out_dir is not None else None
+        before, best = self.before["loss"], self.best_eval["loss"]
+        gain = before - best
+        r["improvement"] = {"loss": gain if math.isfinite(gain) else None,
+                            "loss_relative": gain / before if before else 0.0}
+        return r

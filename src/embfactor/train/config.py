@@ -1,0 +1,112 @@
+"""HealConfig: the settings of one healing run, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from embfactor.errors import ConfigError
+
+
+@dataclass
+class HealConfig:
+    """Settings of :func:`embfactor.train.heal.heal` (every field has a default; bad values raise ConfigError).
+
+    Args:
+        minutes, steps: the budget (at least one must be given to ``heal``; with both, whichever ends first). The
+            time covers evaluating and training, not loading and saving; a step starts only if it and the final
+            evaluation still fit. On resume both count the earlier run too.
+        lr: AdamW learning rate, in (0, 1).
+        batch_size: texts (encoders) or token windows (decoders) per step.
+        max_length: tokens per text / window.
+        train_layernorm: also train the LayerNorm/RMSNorm weights.
+        train_all: train every floating-point weight of the model, not only the embedding format's.
+        bf16: bfloat16 autocast: True, False or ``"auto"`` (on where the device has native bf16 units).
+        eval_every: optimizer steps between held-out evaluations (the end of the run is always evaluated).
+        eval_size: held-out texts / windows per evaluation.
+        save_every_seconds: how often the best state so far is written to ``output`` during the run.
+        mse_weight: weight of the token-state MSE beside the pooled cosine (encoders).
+        distill_weight: weight of the distillation term beside the cross-entropy (supervised).
+        warmup_steps: linear learning-rate warm-up.
+        weight_decay: AdamW weight decay, ≥ 0.
+        seed: seed of the data order, the held-out split and the classifier's initialization.
+        resume: continue an interrupted run from ``output``.
+        eval_texts: held-out texts (default: the held-out part of the bundled Wikipedia extract).
+
+    Example:
+        >>> HealConfig(lr=1e-3, batch_size=8).batch_size
+        8
+        >>> HealConfig(lr=2.0)
+        Traceback (most recent call last):
+        ...
+        embfactor.errors.ConfigError: lr must be in (0, 1), got 2.0
+    """
+
+    minutes: float | None = None
+    steps: int | None = None
+    lr: float = 5e-4
+    batch_size: int = 16
+    max_length: int = 128
+    train_layernorm: bool = False
+    train_all: bool = False
+    bf16: bool | str = False
+    eval_every: int = 50
+    eval_size: int = 64
+    save_every_seconds: float = 120.0
+    mse_weight: float = 1.0
+    distill_weight: float = 1.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0
+    resume: bool = False
+    eval_texts: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.minutes is not None and not (_number(self.minutes) and 0 < self.minutes < math.inf):
+            raise ConfigError(f"minutes must be a positive number, got {self.minutes!r}")
+        if self.steps is not None and not _int_at_least(self.steps, 1):
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("batch_size", "max_length", "eval_every", "eval_size"):
+            if not _int_at_least(getattr(self, name), 1):
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "seed"):
+            if not _int_at_least(getattr(self, name), 0):
+                raise ConfigError(f"{name} must be an integer ≥ 0, got {getattr(self, name)!r}")
+        if not (_number(self.lr) and 0 < self.lr < 1):
+            raise ConfigError(f"lr must be in (0, 1), got {self.lr!r}")
+        for name in ("mse_weight", "distill_weight", "weight_decay"):
+            if not (_number(getattr(self, name)) and 0 <= getattr(self, name) < math.inf):
+                raise ConfigError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)!r}")
+        if not (_number(self.save_every_seconds) and self.save_every_seconds > 0):
+            raise ConfigError(f"save_every_seconds must be a positive number, got {self.save_every_seconds!r}")
+        if self.bf16 not in (True, False, "auto"):
+            raise ConfigError(f"bf16 must be True, False or 'auto', got {self.bf16!r}")
+        for name in ("train_layernorm", "train_all", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.eval_texts, str):
+            raise ConfigError("eval_texts must be a list of strings, not one string")
+
+    @classmethod
+    def from_options(cls, **opts: Any) -> HealConfig:
+        """A config from keyword options; None means the default, an unknown name lists the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(opts) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown healing options {unknown}; valid: {', '.join(sorted(names))}")
+        return cls(**{k: v for k, v in opts.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON (what the resume state records; the held-out texts left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume", "eval_texts")}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo

@@ -127,12 +127,6 @@ class CodebookFactors(Factors):
             codebooks=self.codebooks, rotation=self.rotation, row_scale=self.row_scale,
         )
 
-    def to_module(self, padding_idx: int | None = None, **kw: Any):
-        """The CodebookEmbedding holding these factors (``sparse``/``copy`` options of U·V layers are ignored)."""
-        from embfactor.formats.codebook import CodebookEmbedding
-
-        return CodebookEmbedding.from_factors(self, padding_idx, zero_padding_row=kw.get("zero_padding_row", True))
-
 
 def codes_as_long(codes: torch.Tensor) -> torch.Tensor:
     """Codes as int64 in [0, K) (int16 codes are stored shifted by −32,768)."""

@@ -81,12 +81,6 @@ class IntFactors(Factors):
         return IntFactors(self.U.to(dtype), self.V.to(dtype), self.method, None, dict(self.meta), packed=self.packed,
                           scale=self.scale, lo=self.lo, bits=self.bits, group=self.group)
 
-    def to_module(self, padding_idx: int | None = None, **kw: Any):
-        """The IntKEmbedding holding this table."""
-        from embfactor.formats.intk import IntKEmbedding
-
-        return IntKEmbedding.from_factors(self, padding_idx)
-
 
 def int_quantize(E: torch.Tensor, *, bits: int = 4, group: int | None = 32, symmetric: bool = True) -> IntFactors:
     """Quantize E (vocab × d) to packed int-k per group of columns (group=None: per row).

@@ -41,6 +41,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/codebook_frontier.py --quick --model smollm2
 	$(PY) benchmarks/codebook_speed.py --quick
 	$(PY) benchmarks/load_test.py --quick --output $(QUICK_OUT)/load_test_quick
+	$(PY) -m benchmarks.hf_load --quick --output $(QUICK_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -37,7 +37,11 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/quality.py --quick
 	$(PY) benchmarks/tt_speed.py --quick
 	$(PY) benchmarks/quant_frontier.py --quick
+	$(PY) benchmarks/codebook_frontier.py --quick --model minilm
+	$(PY) benchmarks/codebook_frontier.py --quick --model smollm2
+	$(PY) benchmarks/codebook_speed.py --quick
 	$(PY) benchmarks/load_test.py --quick --output $(QUICK_OUT)/load_test_quick
+	$(PY) -m benchmarks.hf_load --quick --output $(QUICK_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -96,7 +96,8 @@ def run(model: str, quick: bool = False, max_tokens: int = 8192, points: list[st
         opts = {} if ref.kind == "encoder" else {"max_tokens": max_tokens}
         weights = None
     task = "similarity" if ref.kind == "encoder" else "perplexity"
-    emb_fqn, emb0, head_fqn, _, tied = find_embedding_and_head(ref.model)
+    site = find_embedding_and_head(ref.model)
+    emb_fqn, emb0, head_fqn, tied = site.embedding_module, site.embedding, site.head_module, site.tied
     E = emb0.weight.detach()
     vocab, d = E.shape
     if weights is None:

@@ -9,7 +9,7 @@ What is timed (in one process, after one untimed warm-up load of each, fastest a
     for folders written by embfactor 0.1.0;
   - ``SentenceTransformer(folder)`` of the original and the compressed folder (encoders only).
 
-Run: ``python benchmarks/hf_load.py`` (MiniLM at 6x and SmolLM2 at 4x; SmolLM2's original is a GGUF file, so its
+Run: ``python -m benchmarks.hf_load`` (MiniLM at 6x and SmolLM2 at 4x; SmolLM2's original is a GGUF file, so its
 "original folder" is the dense model written once with save_pretrained) or ``--quick`` (a tiny random BERT).
 Writes ``benchmarks/results/bench_hf_load.{json,md}`` (``_quick`` with --quick). Timings are never asserted.
 """
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = run(args.quick, args.repeats)
     res["seconds"] = time.perf_counter() - t0
-    command = "python benchmarks/hf_load.py" + (" --quick" if args.quick else "")
-    files = write_results("hf_load" + ("_quick" if args.quick else ""), res, render(res, command), args.output)
+    command = "python -m benchmarks.hf_load" + (" --quick" if args.quick else "")
+    files = write_results("hf_load", res, render(res, command), args.output)  # "_quick" added for --quick
     print(render(res, command))
     print(json.dumps(files))
     return 0

@@ -642,3 +642,52 @@ def test_factorized_embedding_refuses_rank_at_least_min_dims(vocab, d, rank):
                                           rf"got rank={rank}"):
         FactorizedEmbedding(vocab, d, rank=rank)
     assert FactorizedEmbedding(vocab, d, rank=min(vocab, d) - 1).rank == min(vocab, d) - 1  # as decompose allows
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["compress", "{bert}", "--rank", "3", "-o", "{out}", "--text", "{work}/none.txt"], "text file .*none.txt does not"),
+    (["compress", "{bert}", "--ratio", "0.5", "-o", "{out}"], "ratio must be a finite number > 1"),
+    (["evaluate", "{bert}", "--task", "classification", "--labels", "{work}/none.csv"], "labels file .* does not exist"),
+    (["evaluate", "{bert}", "--task", "classification", "--folds", "1"], "--folds must be at least 2, got 1"),
+    (["evaluate", "{bert}", "--task", "perplexity", "--max-tokens", "0"], "--max-tokens must be at least 2"),
+    (["evaluate", "{bert}", "--task", "perplexity", "--window", "8", "--stride", "9"], "--stride 9 must not exceed"),
+    (["evaluate", "{bert}", "--task", "reconstruction", "--queries", "0"], "--queries must be at least 1"),
+    (["heal", "{comp}", "--reference", "{bert}", "-o", "{out}", "--steps", "0"], "steps must be a positive integer"),
+    (["heal", "{comp}", "--reference", "{bert}", "-o", "{out}", "--minutes", "-1"], "minutes must be a positive"),
+    (["heal", "{comp}", "--reference", "{bert}", "-o", "{out}", "--steps", "1", "--lr", "-1"], r"lr must be in \(0, 1\)"),
+    (["heal", "{comp}", "--reference", "{bert}", "-o", "{out}", "--steps", "1", "--batch-size", "0"],
+     "batch_size must be a positive integer"),
+    (["heal", "{comp}", "--reference", "{bert}", "-o", "{out}", "--steps", "1", "--text", "{work}/none.txt"],
+     "does not exist"),
+])
+def test_cheap_checks_come_before_the_model_loads(work, capsys, no_load, argv, message):
+    before = snapshot(work)
+    argv = [a.format(work=work, out=work / "out", bert=work / "bert", comp=work / "comp") for a in argv]
+    assert main([*argv, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"embfactor {argv[0]}: error: ") and re.search(message, err), err
+    assert snapshot(work) == before
+
+
+@pytest.fixture
+def immutable(work):
+    """An empty folder and one with the Linux immutable attribute (skipped where chattr is not permitted)."""
+    import subprocess
+
+    folder = work / "imm"
+    folder.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not permitted here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("imm", "is immutable or append-only"),              # replacing it would fail at the very end
+    ("imm/x", r"cannot write output .*imm/x: Operation not permitted"),
+])
+def test_immutable_output_is_refused_before_loading(work, immutable, capsys, no_load, target, message):
+    assert main(["compress", str(work / "bert"), "--rank", "3", "-o", str(work / target), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("embfactor compress: error: ") and re.search(message, err), err
+    assert list(immutable.iterdir()) == [] and not [p for p in work.iterdir() if ".tmp-" in p.name]

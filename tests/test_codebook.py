@@ -198,7 +198,7 @@ def test_registered_formats_and_factors_types():
 
 def test_codebooks_train_codes_stay_frozen():
     emb = from_factors(product_quantize(_table(), sub_dim=4, K=16, row_scale=True, codebook_dtype="float32"))
-    names = {n for n, _ in emb.named_parameters()}
+    names = {n for n, p in emb.named_parameters() if p.requires_grad}
     assert names == {"codebooks", "row_scale"} and "codes" in dict(emb.named_buffers())
     emb(torch.tensor([1, 2, 3])).sum().backward()
     assert emb.codebooks.grad is not None and float(emb.codebooks.grad.abs().sum()) > 0
@@ -361,3 +361,19 @@ def test_fused_lut_kernel_matches_the_torch_path(monkeypatch):
         slow, rows_slow = emb.project(h), emb(ids)
     assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(slow, h @ emb.dense().T, atol=1e-5)
     assert torch.allclose(rows_fast, rows_slow, atol=1e-6) and not rows_fast[ids == 2].any()
+
+
+def test_sweep_draws_the_int_k_curve_and_counts_codebook_bytes(tiny_bert_dir):
+    from embfactor.pipeline.sweep import INT_K_CURVE, plot_sweep, sweep
+
+    from tests.test_sweep import TEXTS, _human
+
+    opts = {"texts": TEXTS, "human": _human(), "fidelity_texts": ["a cat", "the dog sat"]}
+    r = sweep(str(tiny_bert_dir), ratios="6", methods="pq,svd", quantize="none,int8", progress=False,
+              task_options=opts)
+    assert [c["bits"] for c in r["int_k_curve"]] == [b for b, _ in INT_K_CURVE]
+    assert all(c["embedding_bytes"] == grouped_bytes(VOCAB, 32, b, g) for c, (b, g) in zip(r["int_k_curve"], INT_K_CURVE))
+    pq_points = [p for p in r["points"] if p["method"] == "pq"]
+    assert len(pq_points) == 1 and pq_points[0]["quantize"] == "none"  # codes are integers already
+    assert pq_points[0]["bytes_ratio"] >= 6
+    assert plot_sweep(r)[:4] == b"\x89PNG"

@@ -142,6 +142,11 @@ def check_output_dir(target: str | os.PathLike, *, inputs: tuple[str | os.PathLi
                 f"output folder {target} exists, is not empty and is not an embfactor output; "
                 "refusing to overwrite it (choose a new folder)"
             )
+        if _immutable(target):
+            raise InvalidInputError(
+                f"output folder {target} is immutable or append-only (chattr +i / +a): it cannot be replaced; "
+                "choose another folder"
+            )
         foreign = foreign_entries(target) if entries else []
         if foreign:
             raise InvalidInputError(
@@ -190,6 +195,28 @@ def check_writable(target: Path, *, folder: bool, flag: str = "output") -> None:
             os.rmdir(tempfile.mkdtemp(prefix=f".{missing[0]}.tmp-{_writer_tag()}-", dir=anchor))
     except OSError as e:
         raise InvalidInputError(f"cannot write {flag} {target}: {e.strerror or e} (in {anchor})") from None
+
+
+def _immutable(path: Path) -> bool:
+    """True for a Linux file or folder with the immutable or append-only attribute (which even root cannot rename)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import array
+    import fcntl
+
+    fs_ioc_getflags, immutable_or_append = 0x80086601, 0x10 | 0x20
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, fs_ioc_getflags, flags, True)
+        return bool(flags[0] & immutable_or_append)
+    except OSError:  # a file system without these attributes
+        return False
+    finally:
+        os.close(fd)
 
 
 def _existing_ancestor(target: Path) -> Path:
@@ -282,16 +309,6 @@ def _manifest_json(entries: list[str]) -> str:
     return json.dumps({"embfactor_manifest": 1, "entries": sorted(set(entries))}, indent=1) + "\n"
 
 
-def add_to_manifest(folder: str | os.PathLike, names: list[str]) -> None:
-    """Record files embfactor wrote into an existing output folder after its atomic save (e.g. heal's state).
-
-    Example:
-        >>> add_to_manifest("out/minilm-r6-healed", ["heal_state.json"])   # doctest: +SKIP
-    """
-    folder = Path(folder)
-    atomic_write_text(folder / MANIFEST_FILE, _manifest_json(sorted((read_manifest(folder) or set()) | set(names))))
-
-
 def is_temporary_dir(path: str | os.PathLike) -> bool:
     """True for the hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` folders of :func:`atomic_directory`.
 
@@ -329,7 +346,11 @@ def atomic_directory(target: str | os.PathLike, *, inputs: tuple[str | os.PathLi
         if target.exists():
             # Again, just before the swap: a long run (heal) may find files the user added since it started.
             check_output_dir(target, inputs=inputs)
-            if rename_exchange(tmp, target):
+            try:
+                exchanged = rename_exchange(tmp, target)
+            except OSError as e:  # EPERM (immutable), EBUSY (a mount point), ...: the earlier output is untouched
+                raise InvalidInputError(f"cannot replace output folder {target}: {e.strerror}; nothing was written") from None
+            if exchanged:
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the earlier output
             else:
                 # Two renames: a kill between them leaves the earlier output in .<name>.old-*/x, not at target.

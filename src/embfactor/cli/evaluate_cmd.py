@@ -20,6 +20,9 @@ _OPTION_TASKS = {
     "queries": ("reconstruction",),
 }
 
+# Smallest values of the numeric task options (the tasks' own checks, repeated before the model loads).
+_MINIMUM = {"folds": 2, "max_tokens": 2, "window": 2, "stride": 1, "queries": 1}
+
 
 def evaluate_model(
     model: str,
@@ -37,7 +40,7 @@ def evaluate_model(
     Example:
         >>> evaluate_model("out/minilm-r6", "similarity", reference="minilm")["fidelity"]    # doctest: +SKIP
     """
-    from embfactor.errors import InvalidInputError
+    from embfactor.errors import ConfigError, InvalidInputError
     from embfactor.eval.tasks import get_task
     from embfactor.models import load_model
 
@@ -47,6 +50,11 @@ def evaluate_model(
             flag = "--labels" if k == "labels_file" else "--" + k.replace("_", "-")
             raise InvalidInputError(f"{flag} applies to the {' / '.join(_OPTION_TASKS[k])} task, not {task!r}")
     opts = {k: v for k, v in opts.items() if v is not None}
+    for k, low in _MINIMUM.items():  # the ranges a task checks too, here before the (slow) model load
+        if k in opts and opts[k] < low:
+            raise ConfigError(f"--{k.replace('_', '-')} must be at least {low}, got {opts[k]}")
+    if "window" in opts and "stride" in opts and opts["stride"] > opts["window"]:
+        raise ConfigError(f"--stride {opts['stride']} must not exceed --window {opts['window']}")
     if "labels_file" in opts:  # a bad labels file fails before the model loads
         from embfactor.data import read_labelled
 

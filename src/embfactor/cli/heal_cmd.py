@@ -34,6 +34,7 @@ def heal_model(
     from embfactor.errors import ConfigError
     from embfactor.fileio import check_output_dir
     from embfactor.models import load_model, source_path
+    from embfactor.train.config import HealConfig
     from embfactor.train.heal import heal
 
     texts = read_texts(text_files) if text_files else None
@@ -42,6 +43,7 @@ def heal_model(
     check_output_dir(output, inputs=(source_path(compressed), source_path(reference)))
     if minutes is None and steps is None:
         raise ConfigError("give --minutes M or --steps N")
+    HealConfig.from_options(minutes=minutes, steps=steps, **opts)  # budget and options, before the models load
     student = load_model(compressed)
     teacher = load_model(reference)
     return heal(student, teacher, texts=texts, minutes=minutes, steps=steps, output=output, labels=labels,

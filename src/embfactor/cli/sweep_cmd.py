@@ -52,8 +52,11 @@ def render(r: dict[str, Any]) -> str:
     for p in r["reference"]:
         rows.append([p["label"], "-", f"{r['dense_embedding_bytes'] / p['embedding_bytes']:.2f}x", _mb(p["embedding_bytes"]),
                      *[p.get(c) for c in cols], "-", p.get("seconds")])
+    for p in r.get("int_k_curve") or []:
+        rows.append([f"dense {p['label']}", "-", f"{p['bytes_ratio']:.2f}x", _mb(p["embedding_bytes"]),
+                     *[p.get(c) for c in cols], "-", p.get("seconds")])
     for p in r["points"]:
-        rows.append([p["label"], p["rank"], f"{p['bytes_ratio']:.2f}x", _mb(p["embedding_bytes"]),
+        rows.append([p["label"], p["rank"] if p.get("rank") and p.get("method") not in ("pq", "rvq", "int") else "-", f"{p['bytes_ratio']:.2f}x", _mb(p["embedding_bytes"]),
                      *[p.get(c) for c in cols], p.get("relative_error"), p.get("seconds")])
     better = "lower" if r["lower_is_better"] else "higher"
     head = (f"{r['model']}: sweep of task {r['task']} ({metric}, {better} is better); "

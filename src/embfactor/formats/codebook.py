@@ -69,6 +69,10 @@ class CodebookEmbedding(RowFormat):
         self.codebook_dtype = codebook_dtype
         self.zero_padding_row = bool(zero_padding_row and padding_idx is not None)
         self.out_dtype = dtype or torch.float32
+        # an empty parameter of the output dtype, registered first: transformers reads a model's dtype from its first
+        # floating parameter (save_pretrained writes it to config.json, from_pretrained then loads the whole model in
+        # it), and the embedding comes first; without this the fp16 codebooks/scales would make it float16
+        self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=self.out_dtype, device=device), requires_grad=False)
         cdt = CODEBOOK_DTYPES[codebook_dtype]
         self.register_buffer("codes", torch.zeros(num_embeddings, stages, self.M, dtype=code_dtype(K), device=device))
         self.codebooks = nn.Parameter(torch.zeros(stages, self.M, K, sub_dim, dtype=cdt, device=device))
@@ -95,6 +99,7 @@ class CodebookEmbedding(RowFormat):
         emb.codebooks = nn.Parameter(f.codebooks.clone())
         emb.rotation = None if f.rotation is None else f.rotation.clone()
         emb.row_scale = None if f.row_scale is None else nn.Parameter(f.row_scale.clone())
+        emb.dtype_anchor = nn.Parameter(torch.empty(0, dtype=emb.out_dtype), requires_grad=False)
         emb.factors_meta = {"method": f.method, **f.meta}
         return emb
 

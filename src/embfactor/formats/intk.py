@@ -47,6 +47,10 @@ class IntKEmbedding(RowFormat):
         self.group, self.symmetric = group, bool(symmetric)
         self.zero_padding_row = bool(zero_padding_row and padding_idx is not None)
         self.out_dtype = dtype or torch.float32
+        # an empty parameter of the output dtype, registered first: transformers reads a model's dtype from its first
+        # floating parameter (save_pretrained writes it to config.json, from_pretrained then loads the whole model in
+        # it), and the embedding comes first; without this the fp16 codebooks/scales would make it float16
+        self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=self.out_dtype, device=device), requires_grad=False)
         g = group or embedding_dim
         self.groups = -(-embedding_dim // g)
         kw: dict[str, Any] = {"device": device}
@@ -69,6 +73,7 @@ class IntKEmbedding(RowFormat):
         emb.packed = f.packed.clone()
         emb.scale = nn.Parameter(f.scale.clone())
         emb.lo = None if f.lo is None else nn.Parameter(f.lo.clone())
+        emb.dtype_anchor = nn.Parameter(torch.empty(0, dtype=emb.out_dtype), requires_grad=False)
         emb.factors_meta = {"method": f.method, **f.meta}
         return emb
 

@@ -9,6 +9,7 @@ goes through this one path: nothing here knows a format beyond its registered na
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -184,7 +185,8 @@ def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch
                 raise
             # A format whose constructor reads tensor values (the block format checks its permutation) cannot be
             # built on the meta device: build it on the CPU (its compressed size), the loader replaces the tensors.
-            with torch.device("cpu"):
+            # Random initialization is skipped: it cost 0.12 s of SmolLM2's 0.37 s block-format load, now 2 ms.
+            with torch.device("cpu"), _no_init():
                 new = cls.empty(vocab, d, qconfig.padding_idx, device="cpu", dtype=dtype, **qconfig.format_config)
     except TypeError as e:
         raise CorruptFileError(
@@ -193,6 +195,15 @@ def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch
     apply_structure_(model, embedding_module=qconfig.embedding_module, new_embedding=new,
                      tied_head=qconfig.tied_head, head_module=qconfig.head_module)
     return new
+
+
+def _no_init() -> contextlib.AbstractContextManager[Any]:
+    """transformers' switch that turns torch.nn.init functions into no-ops (values are loaded right after)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers version: initialize, only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _non_persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:

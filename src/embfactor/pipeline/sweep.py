@@ -25,6 +25,8 @@ from embfactor.errors import ConfigError, InvalidInputError
 from embfactor.pipeline.compress import data_weights
 
 QUANTIZE_MODES = {"none": None, "int8": 8, "int4": 4}
+# the dense int-k reference curve of a sweep: (bits, group of columns or None for per row), most bytes first
+INT_K_CURVE = ((8, None), (6, 32), (4, 32), (3, 32), (2, 32))
 # the numbers besides the headline metric that each task contributes to a sweep row
 _TASK_FIELDS = {
     "similarity": ("spearman", "pearson", "fidelity", "fidelity_min"),
@@ -149,6 +151,7 @@ def sweep(
     progress: bool = True,
     task_options: dict[str, Any] | None = None,
     heal_options: dict[str, Any] | None = None,
+    int_k_curve: bool | None = None,
 ) -> dict[str, Any]:
     """Factorize, (heal,) evaluate at every (method, ratio, storage); return the table with reference points.
 
@@ -159,7 +162,11 @@ def sweep(
             the model's tokenizer on the bundled Wikipedia training split.
         task: evaluation task (default ``similarity`` for encoders, ``perplexity`` for decoders).
         heal_minutes: minutes of distillation healing per point (0 = none).
-        quantize: storage of the factors to evaluate: any of ``none`` (float32), ``int8``, ``int4``.
+        quantize: storage of the factors to evaluate: any of ``none`` (float32), ``int8``, ``int4`` (formats that
+            store integers already, ``pq``/``rvq``/``int``, are evaluated as they are).
+        int_k_curve: also evaluate the dense int-k curve (int8 per row, int6/4/3/2 per group of 32; packed, fp16
+            scales), returned as ``int_k_curve`` and drawn as the reference line; None (default): when a byte-format
+            method (pq, rvq, int) is swept.
         skip_missing: leave unregistered methods out with a warning instead of failing.
         seed: decomposition seed.
         progress: progress bars.
@@ -210,10 +217,13 @@ def sweep(
     def run_eval(m, ref):
         return evaluate(m, task, reference=ref, progress=False, **opts)
 
-    n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3
+    if int_k_curve is None:
+        int_k_curve = any(m in ("pq", "rvq", "int") for m in method_list)
+    n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3 + (len(INT_K_CURVE) if int_k_curve else 0)
     bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
 
     reference_rows = _reference_rows(lm, task, run_eval, bar)
+    int_curve = _int_k_curve(lm, task, run_eval, bar) if int_k_curve else []
     points = [
         point
         for method in method_list
@@ -235,6 +245,7 @@ def sweep(
         "hidden_size": dim,
         "dense_embedding_bytes": dense_bytes,
         "reference": reference_rows,
+        "int_k_curve": int_curve,
         "points": points,
         "settings": {
             "ratios": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
@@ -299,6 +310,38 @@ def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[st
     return reference_rows
 
 
+def _int_k_curve(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, Any]]:
+    """The dense int-k curve (packed k-bit rows, fp16 scales): the reference every compressed point must beat."""
+    from embfactor.decomposition.intk import int_quantize
+    from embfactor.eval.tasks import input_embedding
+    from embfactor.formats import from_factors
+    from embfactor.layers import FactorizedLMHead
+    from embfactor.surgery import find_embedding_and_head, fqn_of, replace_modules_
+
+    emb = input_embedding(lm.model)
+    dense_bytes = emb.weight.numel() * 4
+    tied = bool(find_embedding_and_head(lm.model).tied)
+    rows: list[dict[str, Any]] = []
+    for bits, group in INT_K_CURVE:
+        t0 = time.perf_counter()
+        q = clone_model(lm)
+        layer = from_factors(int_quantize(emb.weight.detach(), bits=bits, group=group), emb.padding_idx,
+                             zero_padding_row=False)
+        replace_modules_(q.model, {fqn_of(q.model, input_embedding(q.model)): layer})
+        if tied:  # the tied head reads the same int-k table
+            head = q.model.get_output_embeddings()
+            replace_modules_(q.model, {fqn_of(q.model, head): FactorizedLMHead(layer, getattr(head, "bias", None))})
+        res = run_eval(q, lm)
+        rows.append({
+            "label": f"int{bits} " + (f"g{group}" if group else "per row"), "kind": "dense-int-k", "bits": bits,
+            "group": group, "embedding_bytes": layer.num_bytes(), "bytes_ratio": dense_bytes / layer.num_bytes(),
+            **_row(res, task), "seconds": time.perf_counter() - t0,
+        })
+        del q
+        bar.update()
+    return rows
+
+
 def _method_points(
     lm: Any, method: str, ratio: float, quant_list: list[str], *, weights: Any, seed: int, heal: Any,
     heal_minutes: float, heal_options: dict[str, Any] | None, run_eval: Any, task: str, bar: Any, progress: bool,
@@ -322,12 +365,16 @@ def _method_points(
         bar.set_postfix_str(f"{method} x{ratio:g} healing")
         heal_summary = heal(student, lm, minutes=heal_minutes, progress=progress, **(heal_options or {}))
     factor_seconds = time.perf_counter() - t0
+    stored_compact = rep.format in ("codebook", "intk")  # integers already: no int8/int4 storage on top
     for qmode in quant_list:
         t1 = time.perf_counter()
         bits = QUANTIZE_MODES[qmode]
+        if stored_compact and bits is not None:
+            bar.update()
+            continue
         target = student if bits is None or qmode == quant_list[-1] else clone_model(student)
         if bits is None:
-            nbytes, impl = rep.embedding_params_after * 4, None
+            nbytes, impl = rep.embedding_bytes_after or rep.embedding_params_after * 4, None
         else:
             nbytes, impl = _quantize(target, bits)
         res = run_eval(target, lm)
@@ -378,6 +425,14 @@ def plot_sweep(result: dict[str, Any]) -> bytes:
                 for p in pts:
                     ax.annotate(f"{p['ratio']:g}x", (p["embedding_bytes"], p[key]), fontsize=7,
                                 textcoords="offset points", xytext=(3, 3))
+        curve = sorted((c for c in result.get("int_k_curve") or [] if c.get(key) is not None),
+                       key=lambda c: c["embedding_bytes"])
+        if curve:  # the dense int-k curve: the line every compressed point should lie above
+            ax.plot([c["embedding_bytes"] for c in curve], [c[key] for c in curve], "--", color="tab:gray",
+                    linewidth=1.5, marker=".", label="dense int-k (reference)")
+            for c in curve:
+                ax.annotate(c["label"], (c["embedding_bytes"], c[key]), fontsize=6, color="tab:gray",
+                            textcoords="offset points", xytext=(3, -8))
         orig = result["reference"][0].get(key) if result["reference"] else None
         if orig is not None:  # the original's level, to read the loss of every point against
             ax.axhline(orig, color="black", linewidth=0.8, linestyle=":", alpha=0.6)

@@ -87,6 +87,9 @@ def save_compressed(
     with atomic_directory(directory, inputs=inputs) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
         config.architectures = [architecture]
+        # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
+        # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
+        config.dtype = record["torch_dtype"]
         # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf)
         attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))

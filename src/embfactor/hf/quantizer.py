@@ -119,16 +119,9 @@ class EmbfactorConfig(QuantizationConfigMixin):
         """The config describing a model factorized in this session (``meta``: its embfactor metadata)."""
         from embfactor import __version__
 
-        from embfactor.surgery.meta import model_dtype
-
         layer = model.get_submodule(meta.embedding_module)
         name, config = format_of(layer)
         keep = {"method": meta.method, "rank": meta.rank, "factorization": meta.factorization}
-        stored = next((t.dtype for t in layer.parameters() if t.is_floating_point()), None)
-        compute = model_dtype(model, layer)
-        if stored is not None and stored != compute:
-            # the format stores narrower tensors (fp16 codebooks) than the model computes in; see update_dtype
-            keep["dtypes"] = {"stored": str(stored).removeprefix("torch."), "model": str(compute).removeprefix("torch.")}
         return cls(
             format=name, format_config=config, num_embeddings=layer.num_embeddings, embedding_dim=layer.embedding_dim,
             padding_idx=layer.padding_idx, embedding_module=meta.embedding_module,
@@ -260,19 +253,6 @@ class EmbfactorHfQuantizer(HfQuantizer):
             factorization=qc.meta.get("factorization", {}),
         ))
         return model
-
-    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The model's own dtype where transformers took the embedding format's narrower one.
-
-        ``save_pretrained`` writes ``model.dtype`` (the first floating parameter's: fp16 codebooks of a float32 model)
-        as the config's dtype, which ``from_pretrained`` then applies to the whole model. The config records both
-        dtypes, so that one is mapped back. (An explicit ``dtype=`` equal to the stored one is mapped too: cast the
-        model afterwards with ``.to(dtype)`` for that.)
-        """
-        recorded = self.quantization_config.meta.get("dtypes") or {}
-        if recorded and str(dtype).removeprefix("torch.") == recorded.get("stored"):
-            return getattr(torch, recorded["model"])
-        return dtype
 
     def is_serializable(self) -> bool:
         return True

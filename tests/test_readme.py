@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -188,7 +189,8 @@ def _serve(cmd: str, workdir: Path) -> None:
 
     port = _free_port()
     proc = subprocess.Popen(f"{shlex.join(_without_comment(cmd))} --port {port}", shell=True, cwd=workdir,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -206,7 +208,8 @@ def _serve(cmd: str, workdir: Path) -> None:
             r = httpx.post(f"http://127.0.0.1:{port}/embed", json={"texts": ["a test sentence"]}, timeout=120)
             assert r.status_code == 200, r.text
     finally:
-        proc.terminate()
+        # the shell's process group: terminating only the shell left `embfactor serve` running after the test
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
 
 

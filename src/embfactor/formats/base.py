@@ -93,8 +93,12 @@ class RowFormat(nn.Module):
         cls, num_embeddings: int, embedding_dim: int, padding_idx: int | None, *,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None, **config: Any,
     ) -> RowFormat:
-        """An instance with the right tensor shapes (values to be filled by ``load_state_dict``)."""
-        raise NotImplementedError
+        """An instance with the right tensor shapes (values to be filled by ``load_state_dict``).
+
+        The default calls ``cls(num_embeddings, embedding_dim, padding_idx, device=, dtype=, **config)``: formats whose
+        constructor takes ``format_config()``'s keys as keywords need not override it.
+        """
+        return cls(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype, **config)
 
     @classmethod
     def from_factors(cls, f: Any, padding_idx: int | None = None, **kw: Any) -> RowFormat:

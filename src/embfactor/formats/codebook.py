@@ -103,14 +103,6 @@ class CodebookEmbedding(RowFormat):
         emb.factors_meta = {"method": f.method, **f.meta}
         return emb
 
-    @classmethod
-    def empty(
-        cls, num_embeddings: int, embedding_dim: int, padding_idx: int | None, *,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None, **config: Any,
-    ) -> CodebookEmbedding:
-        """Right shapes, values to be loaded (rebuilding a saved model)."""
-        return cls(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype, **config)
-
     def format_config(self) -> dict[str, Any]:
         return {"K": self.K, "sub_dim": self.sub_dim, "stages": self.stages, "rotation": self.rotation is not None,
                 "row_scale": self.row_scale is not None, "codebook_dtype": self.codebook_dtype,

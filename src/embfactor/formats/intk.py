@@ -77,13 +77,6 @@ class IntKEmbedding(RowFormat):
         emb.factors_meta = {"method": f.method, **f.meta}
         return emb
 
-    @classmethod
-    def empty(
-        cls, num_embeddings: int, embedding_dim: int, padding_idx: int | None, *,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None, **config: Any,
-    ) -> IntKEmbedding:
-        return cls(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype, **config)
-
     def format_config(self) -> dict[str, Any]:
         return {"bits": self.bits, "group": self.group, "symmetric": self.symmetric,
                 "zero_padding_row": self.zero_padding_row}

@@ -180,3 +180,22 @@ def test_auto_needs_a_size_and_refuses_quantize(tiny_bert_dir, tmp_path, capsys)
     assert "--quantize does not apply to the planner" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
+
+
+def test_sweep_sizes_with_auto_and_the_int_reference(tiny_bert_dir, tmp_path):
+    import numpy as np
+
+    from embfactor.cli.sweep_cmd import render, run_sweep
+
+    texts = ["the cat sat on the mat", "a dog is a good dog", "the film is very bad", "a very good movie", "bad film"]
+    h = np.random.default_rng(0).random((5, 5))
+    opts = {"texts": texts, "human": (h + h.T) / 2, "fidelity_texts": ["a cat", "the dog sat"]}
+    r = run_sweep(str(tiny_bert_dir), json_path=str(tmp_path / "s.json"), sizes="4x,6x", methods="auto,int",
+                  progress=False, task_options=opts)
+    fp32 = 120 * 32 * 4
+    pts = {(p["method"], p["size"]): p for p in r["points"]}
+    assert set(pts) == {("auto", "4x"), ("auto", "6x"), ("int", "4x"), ("int", "6x")}
+    for (method, size), p in pts.items():
+        assert p["embedding_bytes"] <= fp32 / float(size[:-1]) and "fidelity" in p
+    assert pts[("auto", "4x")]["plan"]["tiers"] and pts[("int", "4x")]["plan"] is None
+    assert "auto" in render(r)

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         plot=args.plot,
         json_path=args.json,
         ratios=args.ratios,
+        sizes=args.sizes,
         methods=args.methods,
         task=args.task,
         heal_minutes=args.heal_minutes,
@@ -97,6 +98,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="quality vs embedding bytes over methods and ratios (JSON table + PNG plot)")
     add_model_arg(p)
     p.add_argument("--ratios", default="2,4,6,8,12", help="comma-separated embedding compression ratios (default 2,4,6,8,12)")
+    p.add_argument(
+        "--sizes", default=None,
+        help="comma-separated byte targets instead of ratios, e.g. 8x,12x,16x,24x,32x (x fewer embedding bytes than "
+        "fp32): every method stores the table within each (auto = the byte-budget planner, int = dense int-k)",
+    )
     p.add_argument("--methods", default="svd", help="comma-separated decomposition methods (default svd), e.g. svd,wsvd,block")
     p.add_argument("--task", help="similarity (default for encoders), perplexity (default for decoders), classification, reconstruction")
     p.add_argument("--heal-minutes", type=float, default=0.0, help="minutes of distillation healing per point (default 0)")

@@ -125,6 +125,9 @@ def check_methods(methods: Sequence[str], *, skip_missing: bool) -> list[str]:
 
     out = []
     for m in methods:
+        if m == "auto":  # the byte-budget planner (embfactor.plan), not a registered decomposition
+            out.append(m)
+            continue
         try:
             get_method(m)
         except UnknownMethodError as e:
@@ -152,12 +155,15 @@ def sweep(
     task_options: dict[str, Any] | None = None,
     heal_options: dict[str, Any] | None = None,
     int_k_curve: bool | None = None,
+    sizes: Sequence[str] | str | None = None,
 ) -> dict[str, Any]:
     """Factorize, (heal,) evaluate at every (method, ratio, storage); return the table with reference points.
 
     Args:
         model: a model name/folder, or an already loaded :class:`~embfactor.models.LoadedModel` (left untouched).
         ratios: target embedding compression ratios (each > 1).
+        sizes: byte targets instead of ratios (``"8x,12x,16x"`` or ``"2.5MB"``): every method stores the table within
+            each (``auto`` = the planner, ``int`` = dense int-k, pq/rvq/svd pick their settings).
         methods: registered decomposition methods; data-aware ones (wsvd, block) get token weights counted with
             the model's tokenizer on the bundled Wikipedia training split.
         task: evaluation task (default ``similarity`` for encoders, ``perplexity`` for decoders).
@@ -191,7 +197,9 @@ def sweep(
     from embfactor.models import load_model
 
     # --- validate everything before the (long) work ---
-    ratio_list, method_list, quant_list = _check_settings(ratios, methods, quantize, heal_minutes, skip_missing)
+    ratio_list, method_list, quant_list = _check_settings(
+        ratios, methods, quantize, heal_minutes, skip_missing, sizes
+    )
     from embfactor.train.heal import heal as heal_fn  # at call time: tests replace it with a fake
 
     heal = heal_fn if heal_minutes > 0 else None
@@ -212,13 +220,13 @@ def sweep(
     emb = input_embedding(lm.model)
     vocab, dim = int(emb.num_embeddings), int(emb.embedding_dim)
     dense_bytes = vocab * dim * 4
-    weights = data_weights(lm, method_list)
+    weights = data_weights(lm, [m for m in method_list if m != "auto"])
 
     def run_eval(m, ref):
         return evaluate(m, task, reference=ref, progress=False, **opts)
 
     if int_k_curve is None:
-        int_k_curve = any(m in ("pq", "rvq", "int") for m in method_list)
+        int_k_curve = any(m in ("pq", "rvq", "int", "auto") for m in method_list)
     n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3 + (len(INT_K_CURVE) if int_k_curve else 0)
     bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
 
@@ -248,7 +256,7 @@ def sweep(
         "int_k_curve": int_curve,
         "points": points,
         "settings": {
-            "ratios": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
+            "ratios" if sizes is None else "sizes": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
             "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},
         },
         "seconds": time.perf_counter() - t_start,
@@ -257,13 +265,23 @@ def sweep(
 
 def _check_settings(
     ratios: Sequence[float] | str, methods: Sequence[str] | str, quantize: Sequence[str] | str,
-    heal_minutes: float, skip_missing: bool,
-) -> tuple[list[float], list[str], list[str]]:
-    """The sweep's ratios, methods and quantize modes, parsed and validated (ConfigError/UnknownMethodError)."""
-    ratio_list = _parse_list(ratios, float, "ratios")
-    for r in ratio_list:
-        if not (r > 1 and math.isfinite(r)):
-            raise ConfigError(f"every ratio must be a finite number > 1, got {r}")
+    heal_minutes: float, skip_missing: bool, sizes: Sequence[str] | str | None = None,
+) -> tuple[list[float] | list[str], list[str], list[str]]:
+    """The sweep's ratios (or byte sizes), methods and quantize modes, parsed and validated.
+
+    Raises ConfigError/UnknownMethodError naming the bad value.
+    """
+    if sizes is not None:
+        from embfactor.decomposition import parse_size
+
+        ratio_list = _parse_list(sizes, str, "sizes")
+        for sz in ratio_list:
+            parse_size(sz)  # ConfigError naming the bad size, before any work
+    else:
+        ratio_list = _parse_list(ratios, float, "ratios")
+        for r in ratio_list:
+            if not (r > 1 and math.isfinite(r)):
+                raise ConfigError(f"every ratio must be a finite number > 1, got {r}")
     method_list = check_methods(_parse_list(methods, str, "methods"), skip_missing=skip_missing)
     quant_list = _parse_list(quantize, str, "quantize")
     for q in quant_list:
@@ -343,10 +361,12 @@ def _int_k_curve(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, 
 
 
 def _method_points(
-    lm: Any, method: str, ratio: float, quant_list: list[str], *, weights: Any, seed: int, heal: Any,
+    lm: Any, method: str, ratio: float | str, quant_list: list[str], *, weights: Any, seed: int, heal: Any,
     heal_minutes: float, heal_options: dict[str, Any] | None, run_eval: Any, task: str, bar: Any, progress: bool,
 ) -> list[dict[str, Any]]:
-    """One (method, ratio): factorize a copy, heal it if asked, evaluate it in every storage of ``quant_list``."""
+    """One (method, ratio or byte size): factorize a copy, heal it if asked, evaluate it in every storage of
+    ``quant_list``. A size (``"16x"``) gives the method that byte budget; method ``auto`` is the planner."""
+    from embfactor.config import FactorizationConfig
     from embfactor.decomposition import get_method
     from embfactor.eval.tasks import input_embedding
     from embfactor.surgery import factorize_
@@ -354,18 +374,28 @@ def _method_points(
     dense_bytes = input_embedding(lm.model).weight.numel() * 4
     points: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    bar.set_postfix_str(f"{method} x{ratio:g}")
+    tag = ratio if isinstance(ratio, str) else f"x{ratio:g}"
+    bar.set_postfix_str(f"{method} {tag}")
     student = clone_model(lm)
-    rep = factorize_(
-        student.model, ratio=ratio, method=method, seed=seed,
-        **({"token_weights": weights} if get_method(method).data_aware else {}),
-    )
+    plan = None
+    if method == "auto":
+        from embfactor.plan import plan_compress_
+
+        rep = _ReportView(plan_compress_(student, FactorizationConfig(size=ratio, seed=seed)))
+        plan = getattr(rep, "plan", None)
+    else:
+        config = FactorizationConfig(
+            method=method, seed=seed, **({"size": ratio} if isinstance(ratio, str) else {"ratio": ratio})
+        )
+        rep = factorize_(
+            student.model, config, **({"token_weights": weights} if get_method(method).data_aware else {})
+        )
     heal_summary = None
     if heal is not None:
-        bar.set_postfix_str(f"{method} x{ratio:g} healing")
+        bar.set_postfix_str(f"{method} {tag} healing")
         heal_summary = heal(student, lm, minutes=heal_minutes, progress=progress, **(heal_options or {}))
     factor_seconds = time.perf_counter() - t0
-    stored_compact = rep.format in ("codebook", "intk")  # integers already: no int8/int4 storage on top
+    stored_compact = rep.format in ("codebook", "intk", "tiered")  # integers already: no int8/int4 storage on top
     for qmode in quant_list:
         t1 = time.perf_counter()
         bits = QUANTIZE_MODES[qmode]
@@ -380,7 +410,9 @@ def _method_points(
         res = run_eval(target, lm)
         points.append({
             "label": method + ("" if bits is None else f"+int{bits}") + (f"+heal{heal_minutes:g}m" if heal else ""),
-            "method": method, "ratio": ratio, "actual_ratio": rep.ratio, "rank": rep.rank,
+            "method": method, "ratio": dense_bytes / nbytes if isinstance(ratio, str) else ratio,
+            "size": ratio if isinstance(ratio, str) else None, "plan": plan,
+            "actual_ratio": rep.ratio, "rank": rep.rank,
             "quantize": qmode, "bits": bits or 32, "quantize_impl": impl,
             "heal_minutes": heal_minutes, "heal": _heal_digest(heal_summary),
             "embedding_params": rep.embedding_params_after, "embedding_bytes": nbytes,
@@ -389,6 +421,13 @@ def _method_points(
         })
         bar.update()
     return points
+
+
+class _ReportView:
+    """Attribute access to the planner's report dict (it has factorize_'s FactorizationReport fields)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
 
 
 def _heal_digest(summary: dict[str, Any] | None) -> dict[str, Any] | None:

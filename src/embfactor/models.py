@@ -16,7 +16,7 @@ from torch import nn
 
 from embfactor.errors import CorruptFileError, ModelNotFoundError, some_names
 from embfactor.fileio import MARKER_FILE, is_temporary_dir
-from embfactor.hf.st_folder import SOURCE_ATTR
+from embfactor.hf.st_folder import SOURCE_ATTR, sentence_transformers_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -93,7 +93,11 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
     check_model_config(config, path / "config.json")
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
-    loader = cls if isinstance(cls, type) else AutoModel
+    # A sentence-transformers folder holds the bare encoder: its config.json often still names the pre-training
+    # class (all-mpnet-base-v2: MPNetForMaskedLM, without lm_head tensors), and sentence-transformers itself loads
+    # the transformer with AutoModel. So does embfactor, or the absent head would count as missing weights.
+    st_folder = bool(sentence_transformers_files(path))
+    loader = cls if isinstance(cls, type) and not st_folder else AutoModel
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
         why = f" (found {', '.join(pickled)}: pickle files can run code when loaded, so embfactor never reads them)"
@@ -136,6 +140,8 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
             + (f"; it has tensors the model does not use: {some_names(sorted(info['unexpected_keys']))}"
                if info.get("unexpected_keys") else "")
         )
+    if st_folder:  # what was built, not the pre-training class: kind_of and a compressed copy's config use it
+        model.config.architectures = [type(model).__name__]
     tokenizer = _load_tokenizer(path)
     return model, tokenizer
 

@@ -82,7 +82,27 @@ def pooled_embeddings(lm, texts: Sequence[str], **kwargs) -> torch.Tensor:
             raise InvalidInputError(f"the tokenizer of {lm.name!r} has neither a padding nor an end-of-sequence token")
         tok.pad_token = tok.eos_token
     # never feed more tokens than the model has positions for (sentence-transformers caps MiniLM at 256 too)
-    limit = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and limit < kwargs.get("max_length", 256):
+    encoder = encoder_of(lm)
+    limit = usable_positions(encoder)
+    if limit is not None and limit < kwargs.get("max_length", 256):
         kwargs["max_length"] = limit
-    return sentence_embeddings(encoder_of(lm), tok, texts, **kwargs)
+    return sentence_embeddings(encoder, tok, texts, **kwargs)
+
+
+def usable_positions(model: nn.Module) -> int | None:
+    """How many tokens a sequence may have: ``max_position_embeddings``, less RoBERTa-style position offsets.
+
+    RoBERTa, MPNet, XLM-R number positions from ``padding_idx + 1`` (their position table has a padding row), so
+    MPNet's 514 positions hold 512 tokens; feeding 514 indexes past the table. None when the config has no limit.
+
+    Example:
+        >>> usable_positions(load_model(all_mpnet_folder).model)          # doctest: +SKIP
+        512
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    positions = getattr(embeddings, "position_embeddings", None)
+    offset = getattr(positions, "padding_idx", None)
+    return limit - (offset + 1) if isinstance(offset, int) and 0 <= offset < limit else limit

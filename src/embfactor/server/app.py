@@ -60,11 +60,14 @@ class RequestError(Exception):
 
 def model_max_length(model: torch.nn.Module) -> int | None:
     """The longest sequence the model's position embeddings allow (None when unbounded, e.g. rotary)."""
+    from embfactor.eval.embed import usable_positions
+
     config = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions"):
         v = getattr(config, key, None)
         if isinstance(v, int) and v > 0:
-            return v
+            # RoBERTa-style models (MPNet: 514 positions) hold padding_idx + 1 fewer tokens than positions
+            return usable_positions(model) if key == "max_position_embeddings" else v
     return None
 
 

@@ -142,6 +142,11 @@ class _HealRun:
 
     def __init__(self, student: Any, teacher: Any, cfg: HealConfig, texts: list[str] | None,
                  labelled: tuple[list[str], list[str]] | None, out_dir: Path | None, progress: bool) -> None:
+        from embfactor.eval.embed import usable_positions
+
+        limit = usable_positions(student.model)
+        if limit is not None and cfg.max_length > limit:  # longer windows would index past the position table
+            cfg = dataclasses.replace(cfg, max_length=limit)
         self.student, self.teacher, self.cfg, self.out_dir, self.progress = student, teacher, cfg, out_dir, progress
         self.kind, self.tok = student.kind, student.tokenizer
         self.user_texts = texts is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 import re
 import types
 from pathlib import Path
@@ -436,3 +437,33 @@ def test_heal_under_two_cpu_processes(tiny_bert_dir, tmp_path, launcher):
     lm = ef.load_model(str(out))
     assert lm.record["healing"]["processes"] == 2 and json.loads((out / STATE_JSON).read_text())["step"] == 4
     assert proc.stdout.count("healed a") == 1  # the main process reports
+
+
+@pytest.mark.parametrize("fixture, method, options", [
+    ("tiny_bert", "pq", {"sub_dim": 4, "K": 16}),
+    ("tiny_llama_tied", "int", {"bits": 2, "group": 16}),
+])
+def test_heal_trains_half_precision_codebooks_and_scales_in_float32(request, tmp_path, fixture, method, options):
+    """Codebooks and int-k scales are stored in float16: AdamW on them directly turned the loss into NaN at step 1
+    (its second moment and eps underflow). Healing trains float32 copies and gives back float16: the output has the
+    stored dtype and byte count, trained values, and loads."""
+    model = request.getfixturevalue(fixture)
+    kind = "encoder" if fixture == "tiny_bert" else "decoder"
+    tok = word_tokenizer()
+    student_model = copy.deepcopy(model)
+    ef.factorize_(student_model, rank=1, method=method, **options)
+    emb = student_model.get_input_embeddings()
+    halves = {k: v.detach().clone() for k, v in emb.named_parameters() if v.dtype == torch.float16}
+    assert halves, "the format under test stores no float16 parameter"
+    nbytes = emb.num_bytes()
+    student = LoadedModel("student", student_model, tok, kind, Path("/nonexistent-student"))
+    teacher = LoadedModel("teacher", model, tok, kind, Path("/nonexistent-teacher"))
+    r = heal(student, teacher, texts=TEXTS, steps=4, output=tmp_path / "out", **{**OPTS, "lr": 1e-2})
+    assert math.isfinite(r["best_eval"]["loss"]) and r["best_eval"]["loss"] < r["eval_before"]["loss"]
+    now = dict(emb.named_parameters())
+    assert {k: now[k].dtype for k in halves} == {k: torch.float16 for k in halves}
+    assert any(not torch.equal(now[k], v) for k, v in halves.items())  # trained
+    assert emb.num_bytes() == nbytes
+    loaded = ef.load_compressed(tmp_path / "out").get_input_embeddings()
+    assert loaded.num_bytes() == nbytes
+    assert all(torch.equal(dict(loaded.named_parameters())[k], now[k]) for k in halves)

@@ -190,6 +190,32 @@ def decoder_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Ten
 # ----------------------------------------------------------------------------------------------- what trains
 
 
+def upcast_half(params: dict[str, nn.Parameter]) -> dict[str, torch.dtype]:
+    """Make float16/bfloat16 trainable parameters float32 in place; return the stored dtype of each one changed.
+
+    Formats store codebooks and scales in half precision. AdamW on half tensors breaks: the second moment of small
+    gradients and its eps (1e-8) underflow to 0, and the first step divides 0 by 0. So training runs on float32
+    copies and :func:`cast_parameters` returns them to their stored dtype before saving.
+
+    Example:
+        >>> p = {"cb": nn.Parameter(torch.zeros(2, dtype=torch.float16))}
+        >>> upcast_half(p), p["cb"].dtype
+        ({'cb': torch.float16}, torch.float32)
+    """
+    stored = {}
+    for name, p in params.items():
+        if p.dtype in (torch.float16, torch.bfloat16):
+            stored[name] = p.dtype
+            p.data = p.data.float()
+    return stored
+
+
+def cast_parameters(params: dict[str, nn.Parameter], dtypes: dict[str, torch.dtype]) -> None:
+    """Give each named parameter the dtype in ``dtypes`` (in place; the others are left as they are)."""
+    for name, dt in dtypes.items():
+        params[name].data = params[name].data.to(dt)
+
+
 def trainable_parameters(
     model: nn.Module, *, train_layernorm: bool = False, train_all: bool = False
 ) -> dict[str, nn.Parameter]:

@@ -47,6 +47,7 @@ from embfactor.train.checkpoint import (
 from embfactor.train.config import HealConfig
 from embfactor.train.distill import (
     bf16_supported,
+    cast_parameters,
     check_compatible,
     clean_texts,
     decoder_loss,
@@ -58,6 +59,7 @@ from embfactor.train.distill import (
     read_labels,
     token_windows,
     trainable_parameters,
+    upcast_half,
 )
 
 __all__ = [
@@ -153,6 +155,7 @@ class _HealRun:
         torch.manual_seed(cfg.seed)
         self.params = trainable_parameters(student.model, train_layernorm=cfg.train_layernorm,
                                            train_all=cfg.train_all)
+        self.stored_dtypes = upcast_half(self.params)  # half-precision codebooks/scales train as float32
         for p in teacher.model.parameters():
             p.requires_grad_(False)
         teacher.model.eval()
@@ -388,10 +391,12 @@ class _HealRun:
             extra = {"source_model": self.student.record.get("source_model", self.student.name),
                      "healing": self.summary(final=final)}
             self.load_best()
+            cast_parameters(self.params, self.stored_dtypes)
             try:
                 save_compressed(self.acc.unwrap_model(self.model), self.out_dir, tokenizer=self.tok, files=files,
                                 inputs=(self.student.source, self.teacher.source), extra=extra)
             finally:
+                cast_parameters(self.params, {k: current[k].dtype for k in self.stored_dtypes})
                 with torch.no_grad():
                     for k, p in self.params.items():
                         p.copy_(current[k])
@@ -437,6 +442,7 @@ class _HealRun:
         self.acc.wait_for_everyone()  # the others return once the main process has written the output
         if self.pad_added:
             self.tok.pad_token = None
+        cast_parameters(self.params, self.stored_dtypes)  # the model in memory is the one saved
         model = self.acc.unwrap_model(self.model)
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())  # integer tensors (a format's codes) cannot require gradients

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=Path, default=None, help="keep the compressed folders here")
     p.add_argument("--render", type=Path, default=None, help="only write this markdown from the .jsonl")
     p.add_argument("--quick", action="store_true", help="a tiny random model: checks the script runs")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # points may follow options
     if args.render:
         render(Path(args.out), args.render, args.name)
         return 0

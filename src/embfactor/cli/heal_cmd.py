@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         args.compressed, args.reference, args.output, text_files=args.text, minutes=minutes, steps=args.steps,
         labels=args.labels, progress=not args.quiet, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
+        dropout=args.dropout or None,
         eval_every=args.eval_every, resume=args.resume, seed=args.seed,
     )
     from accelerate import PartialState
@@ -100,6 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorm/RMSNorm weights")
     p.add_argument("--train-all", action="store_true",
                    help="train every weight, not only the factors (faster progress per step; Adam state for all)")
+    p.add_argument("--dropout", action="store_true",
+                   help="keep the model's dropout on while training (default off: healing matches the teacher)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast on or off (default: off; faster only on CPUs/GPUs with bf16 units)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --output")

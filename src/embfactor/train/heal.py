@@ -232,7 +232,7 @@ class _HealRun:
             metrics.append(metric.float().cpu())
             if self.head is not None:
                 correct += int((self.head(pooled).argmax(-1).cpu() == self.data.eval_y[torch.as_tensor(idx)]).sum())
-        self.model.train()
+        self.model.train(self.cfg.dropout)  # eval mode while training, unless dropout is asked for
         r = {"loss": sum(losses) / len(items)}
         if self.kind == "encoder":
             r["fidelity"] = float(torch.cat(metrics).mean())

@@ -460,6 +460,8 @@ def test_heal_trains_half_precision_codebooks_and_scales_in_float32(request, tmp
     teacher = LoadedModel("teacher", model, tok, kind, Path("/nonexistent-teacher"))
     r = heal(student, teacher, texts=TEXTS, steps=4, output=tmp_path / "out", **{**OPTS, "lr": 1e-2})
     assert math.isfinite(r["best_eval"]["loss"]) and r["best_eval"]["loss"] < r["eval_before"]["loss"]
+    # the format's own healing settings fill what the caller left unset; what the caller gave wins
+    assert (r["train_all"], r["lr_rest"], r["lr"]) == (True, 1e-5, 1e-2)
     now = dict(emb.named_parameters())
     assert {k: now[k].dtype for k in halves} == {k: torch.float16 for k in halves}
     assert any(not torch.equal(now[k], v) for k, v in halves.items())  # trained
@@ -467,3 +469,24 @@ def test_heal_trains_half_precision_codebooks_and_scales_in_float32(request, tmp
     loaded = ef.load_compressed(tmp_path / "out").get_input_embeddings()
     assert loaded.num_bytes() == nbytes
     assert all(torch.equal(dict(loaded.named_parameters())[k], now[k]) for k in halves)
+
+
+def test_format_heal_defaults_yield_to_explicit_options(tiny_bert):
+    """A codebook table heals with its own settings (every weight, lr 2e-4 / 1e-5) unless told otherwise; a low-rank
+    table with HealConfig's (table only, lr 5e-4)."""
+    tok = word_tokenizer()
+    student_model = copy.deepcopy(tiny_bert)
+    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16)
+    student = LoadedModel("student", student_model, tok, "encoder", Path("/nonexistent-student"))
+    teacher = LoadedModel("teacher", tiny_bert, tok, "encoder", Path("/nonexistent-teacher"))
+    opts = {k: v for k, v in OPTS.items() if k != "lr"}
+    r = heal(student, teacher, texts=TEXTS, steps=1, **opts)
+    assert (r["train_all"], r["lr"], r["lr_rest"]) == (True, 2e-4, 1e-5)
+    assert r["trainable_params"] > student_model.get_input_embeddings().num_params * 2
+    r = heal(student, teacher, texts=TEXTS, steps=1, train_all=False, lr=1e-3, **opts)
+    assert (r["train_all"], r["lr"]) == (False, 1e-3)
+    assert r["trainable_params"] == sum(p.numel() for p in student_model.get_input_embeddings().parameters()
+                                        if p.is_floating_point())
+    s2, t2 = pair(tiny_bert, "encoder")
+    r = heal(s2, t2, texts=TEXTS, steps=1, **opts)
+    assert (r["train_all"], r["lr"], r["lr_rest"]) == (False, 5e-4, None)

@@ -11,7 +11,7 @@ Built from :class:`embfactor.decomposition.codebook.CodebookFactors` (methods ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,11 @@ class CodebookEmbedding(RowFormat):
         >>> emb(torch.tensor([[1, 2]])).shape, emb.num_bytes()
         (torch.Size([1, 2, 16]), 2512)
     """
+
+    # Healing: every weight trains, the table's floats (codebooks, scales) at 2e-4, the rest at 1e-5. These tables
+    # start close to the original, so the codebooks need small steps (at 5e-4 the held-out loss rose) and the model
+    # around them adapts more per step than they do (MiniLM --size 16x, 60 steps: fidelity +0.0014 vs +0.0009).
+    heal_settings: ClassVar[dict[str, Any]] = {"lr": 2e-4, "train_all": True, "lr_rest": 1e-5}
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, K: int = 256,

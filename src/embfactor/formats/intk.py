@@ -7,7 +7,7 @@ the packed integers are a frozen uint8 buffer. Built from :class:`embfactor.deco
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,11 @@ class IntKEmbedding(RowFormat):
         >>> emb(torch.tensor([3, 4])).shape, emb.num_bytes()
         (torch.Size([2, 64]), 3600)
     """
+
+    # Healing: every weight trains, the table's floats (codebooks, scales) at 2e-4, the rest at 1e-5. These tables
+    # start close to the original, so the codebooks need small steps (at 5e-4 the held-out loss rose) and the model
+    # around them adapts more per step than they do (MiniLM --size 16x, 60 steps: fidelity +0.0014 vs +0.0009).
+    heal_settings: ClassVar[dict[str, Any]] = {"lr": 2e-4, "train_all": True, "lr_rest": 1e-5}
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, bits: int = 4,

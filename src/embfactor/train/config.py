@@ -19,7 +19,8 @@ class HealConfig:
         minutes, steps: the budget (at least one must be given to ``heal``; with both, whichever ends first). The
             time covers evaluating and training, not loading and saving; a step starts only if it and the final
             evaluation still fit. On resume both count the earlier run too.
-        lr: AdamW learning rate, in (0, 1).
+        lr: AdamW learning rate of the embedding format's tensors (factors, codebooks, scales), in (0, 1).
+        lr_rest: learning rate of the other weights that train (``train_all`` / ``train_layernorm``); None = ``lr``.
         batch_size: texts (encoders) or token windows (decoders) per step.
         max_length: tokens per text / window.
         train_layernorm: also train the LayerNorm/RMSNorm weights.
@@ -51,6 +52,7 @@ class HealConfig:
     minutes: float | None = None
     steps: int | None = None
     lr: float = 5e-4
+    lr_rest: float | None = None
     batch_size: int = 16
     max_length: int = 128
     train_layernorm: bool = False
@@ -81,6 +83,8 @@ class HealConfig:
                 raise ConfigError(f"{name} must be an integer ≥ 0, got {getattr(self, name)!r}")
         if not (_number(self.lr) and 0 < self.lr < 1):
             raise ConfigError(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.lr_rest is not None and not (_number(self.lr_rest) and 0 < self.lr_rest < 1):
+            raise ConfigError(f"lr_rest must be in (0, 1), got {self.lr_rest!r}")
         for name in ("mse_weight", "distill_weight", "weight_decay"):
             if not (_number(getattr(self, name)) and 0 <= getattr(self, name) < math.inf):
                 raise ConfigError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)!r}")

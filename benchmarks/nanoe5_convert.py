@@ -266,7 +266,7 @@ def build_tokenizer(f: E5File) -> Any:
 
     Example:
         >>> build_tokenizer(f).encode("query: hello world").ids       # doctest: +SKIP
-        [0, 41, 1294, 12, 33600, 8999, 2]
+        [0, 41, 1294, 12, 33600, 31, 8999, 2]
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram

@@ -66,6 +66,20 @@ def test_int_k_error_is_bounded_by_half_a_step_and_bytes_add_up(bits, group, sym
     assert stored == grouped_bytes(40, 50, bits, group, symmetric=symmetric)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_groups_in_row_blocks_equals_one_pass(bits, symmetric, monkeypatch):
+    """Large tables are quantized in blocks of rows (memory); the result is the one-pass result bit for bit."""
+    import embfactor.quant as quant
+
+    t = _table(45, 50)
+    whole = quantize_groups(t, bits, 16, symmetric=symmetric)
+    monkeypatch.setattr(quant, "QUANT_BLOCK_ROWS", 8)  # 45 rows: five full blocks and one of 5
+    blocked = quantize_groups(t, bits, 16, symmetric=symmetric)
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    assert (blocked[2] is None) == symmetric and (symmetric or torch.equal(blocked[2], whole[2]))
+
+
 def test_int_k_error_falls_with_bits():
     t = _table(200, 64)
     errs = [int_quantize(t, bits=b, group=32).relative_error(t) for b in KBITS]

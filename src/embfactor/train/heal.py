@@ -95,7 +95,7 @@ def heal(
         config: a :class:`HealConfig`; ``opts`` (any of its fields by name) override it. Without a config,
             options left unset (or None) take the student table's own settings first
             (:meth:`~embfactor.formats.base.RowFormat.heal_defaults`: codebook and int-k tables train every weight,
-            the table at lr 2e-4 and the rest at 1e-5), then HealConfig's defaults.
+            each table tensor at 3e-3 × its RMS and the rest at 1e-5), then HealConfig's defaults.
 
     Returns:
         A summary: steps, seconds, eval loss before/best/last, the eval history, fidelity (encoders) or
@@ -199,12 +199,19 @@ class _HealRun:
         self.tmodel = self.teacher.model.to(self.device)
 
     def _param_groups(self, head: nn.Module | None) -> list[dict[str, Any]]:
-        """The format's tensors (and a classifier) at ``lr``; the rest of the model's trained weights at ``lr_rest``."""
+        """The table's tensors at ``lr`` (× each one's RMS with ``relative_lr``), a classifier at ``lr``, the rest of
+        the model's trained weights at ``lr_rest``."""
         cfg = self.cfg
         own = {id(p) for p in self.student.model.get_input_embeddings().parameters()}
-        fmt = [p for p in self.params.values() if id(p) in own] + (list(head.parameters()) if head is not None else [])
+        fmt = [p for p in self.params.values() if id(p) in own]
         rest = [p for p in self.params.values() if id(p) not in own]
-        groups = [{"params": fmt, "lr": cfg.lr, "base_lr": cfg.lr}]
+        if cfg.relative_lr:  # one group per table tensor, at lr × its RMS
+            groups = [{"params": [p], "lr": lr, "base_lr": lr}
+                      for p in fmt for lr in [cfg.lr * max(float(p.detach().float().pow(2).mean().sqrt()), 1e-12)]]
+        else:
+            groups = [{"params": fmt, "lr": cfg.lr, "base_lr": cfg.lr}]
+        if head is not None:
+            groups.append({"params": list(head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr})
         if rest:
             lr_rest = cfg.lr if cfg.lr_rest is None else cfg.lr_rest
             groups.append({"params": rest, "lr": lr_rest, "base_lr": lr_rest})
@@ -442,6 +449,7 @@ class _HealRun:
             "processes": self.acc.num_processes,
             "lr": cfg.lr,
             "lr_rest": cfg.lr_rest,
+            "relative_lr": cfg.relative_lr,
             "batch_size": cfg.batch_size,
             "max_length": cfg.max_length,
             "texts": "user" if self.user_texts or self.head is not None else "wiki_split('train')",

@@ -193,7 +193,30 @@ def test_heal_keeps_the_time_budget_with_the_last_step(tiny_bert, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
     r = heal(student, teacher, texts=TEXTS, minutes=2 / 60, **{**OPTS, "eval_every": 100})
     assert r["steps"] == 3 and r["seconds"] == pytest.approx(1.8)
-    assert [h["step"] for h in r["history"]] == [0, 3]  # the end evaluated
+    # eval_every=100 is never reached, but a minutes budget is evaluated every 1/8 of it (0.25 s): after each
+    # 0.6 s step here, so slow steps still give held-out evaluations to keep the best of; the end is evaluated
+    assert [h["step"] for h in r["history"]] == [0, 1, 2, 3]
+
+
+def test_a_time_budget_is_evaluated_every_eighth_of_it(tiny_bert, monkeypatch):
+    """0.1 s steps in an 8 s budget with eval_every=1000: an evaluation about every 1 s (8 in all, and the end)."""
+    heal_module = importlib.import_module("embfactor.train.heal")
+    student, teacher = pair(tiny_bert, "encoder")
+    clock = [0.0]
+    monkeypatch.setattr(heal_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                   process_time=lambda: clock[0]))
+    step = torch.optim.AdamW.step
+
+    def slow_step(self, *a, **k):
+        clock[0] += 0.1
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
+    r = heal(student, teacher, texts=TEXTS, minutes=8 / 60, **{**OPTS, "eval_every": 1000})
+    steps = [h["step"] for h in r["history"]]
+    assert steps[0] == 0 and steps[-1] == r["steps"] and 8 <= len(steps) - 1 <= 9
+    gaps = [b - a for a, b in zip(steps[1:-1], steps[2:-1])]
+    assert gaps and all(g in (10, 11) for g in gaps), steps  # 1 s of 0.1 s steps (float sums: 10 or 11)
 
 
 # ----------------------------------------------------------------------------------------------- atomic output

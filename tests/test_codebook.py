@@ -66,6 +66,20 @@ def test_int_k_error_is_bounded_by_half_a_step_and_bytes_add_up(bits, group, sym
     assert stored == grouped_bytes(40, 50, bits, group, symmetric=symmetric)
 
 
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_groups_in_row_blocks_equals_one_pass(bits, symmetric, monkeypatch):
+    """Large tables are quantized in blocks of rows (memory); the result is the one-pass result bit for bit."""
+    import embfactor.quant as quant
+
+    t = _table(45, 50)
+    whole = quantize_groups(t, bits, 16, symmetric=symmetric)
+    monkeypatch.setattr(quant, "QUANT_BLOCK_ROWS", 8)  # 45 rows: five full blocks and one of 5
+    blocked = quantize_groups(t, bits, 16, symmetric=symmetric)
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    assert (blocked[2] is None) == symmetric and (symmetric or torch.equal(blocked[2], whole[2]))
+
+
 def test_int_k_error_falls_with_bits():
     t = _table(200, 64)
     errs = [int_quantize(t, bits=b, group=32).relative_error(t) for b in KBITS]
@@ -377,3 +391,17 @@ def test_sweep_draws_the_int_k_curve_and_counts_codebook_bytes(tiny_bert_dir):
     assert len(pq_points) == 1 and pq_points[0]["quantize"] == "none"  # codes are integers already
     assert pq_points[0]["bytes_ratio"] >= 6
     assert plot_sweep(r)[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int_quantize_in_row_blocks_equals_the_whole_table_at_once(symmetric):
+    """int_quantize works through blocks of rows (bounded memory); rows are independent, so the result must be
+    exactly what one pass over the whole table gives, across block edges."""
+    from embfactor.decomposition.intk import QUANT_BLOCK_ROWS, int_quantize
+    from embfactor.quant import quantize_groups
+
+    E = torch.randn(2 * QUANT_BLOCK_ROWS + 37, 64, generator=torch.Generator().manual_seed(0))
+    f = int_quantize(E, bits=3, group=32, symmetric=symmetric)
+    packed, scale, lo = quantize_groups(E, 3, 32, symmetric=symmetric)
+    assert torch.equal(f.packed, packed) and torch.equal(f.scale, scale)
+    assert (f.lo is None and lo is None) or torch.equal(f.lo, lo)

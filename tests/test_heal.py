@@ -193,7 +193,30 @@ def test_heal_keeps_the_time_budget_with_the_last_step(tiny_bert, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
     r = heal(student, teacher, texts=TEXTS, minutes=2 / 60, **{**OPTS, "eval_every": 100})
     assert r["steps"] == 3 and r["seconds"] == pytest.approx(1.8)
-    assert [h["step"] for h in r["history"]] == [0, 3]  # the end evaluated
+    # eval_every=100 is never reached, but a minutes budget is evaluated every 1/8 of it (0.25 s): after each
+    # 0.6 s step here, so slow steps still give held-out evaluations to keep the best of; the end is evaluated
+    assert [h["step"] for h in r["history"]] == [0, 1, 2, 3]
+
+
+def test_a_time_budget_is_evaluated_every_eighth_of_it(tiny_bert, monkeypatch):
+    """0.1 s steps in an 8 s budget with eval_every=1000: an evaluation about every 1 s (8 in all, and the end)."""
+    heal_module = importlib.import_module("embfactor.train.heal")
+    student, teacher = pair(tiny_bert, "encoder")
+    clock = [0.0]
+    monkeypatch.setattr(heal_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                   process_time=lambda: clock[0]))
+    step = torch.optim.AdamW.step
+
+    def slow_step(self, *a, **k):
+        clock[0] += 0.1
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
+    r = heal(student, teacher, texts=TEXTS, minutes=8 / 60, **{**OPTS, "eval_every": 1000})
+    steps = [h["step"] for h in r["history"]]
+    assert steps[0] == 0 and steps[-1] == r["steps"] and 8 <= len(steps) - 1 <= 9
+    gaps = [b - a for a, b in zip(steps[1:-1], steps[2:-1])]
+    assert gaps and all(g in (10, 11) for g in gaps), steps  # 1 s of 0.1 s steps (float sums: 10 or 11)
 
 
 # ----------------------------------------------------------------------------------------------- atomic output
@@ -460,6 +483,8 @@ def test_heal_trains_half_precision_codebooks_and_scales_in_float32(request, tmp
     teacher = LoadedModel("teacher", model, tok, kind, Path("/nonexistent-teacher"))
     r = heal(student, teacher, texts=TEXTS, steps=4, output=tmp_path / "out", **{**OPTS, "lr": 1e-2})
     assert math.isfinite(r["best_eval"]["loss"]) and r["best_eval"]["loss"] < r["eval_before"]["loss"]
+    # the format's own healing settings fill what the caller left unset; what the caller gave wins
+    assert (r["train_all"], r["lr_rest"], r["lr"]) == (True, 1e-5, 1e-2)
     now = dict(emb.named_parameters())
     assert {k: now[k].dtype for k in halves} == {k: torch.float16 for k in halves}
     assert any(not torch.equal(now[k], v) for k, v in halves.items())  # trained
@@ -467,3 +492,45 @@ def test_heal_trains_half_precision_codebooks_and_scales_in_float32(request, tmp
     loaded = ef.load_compressed(tmp_path / "out").get_input_embeddings()
     assert loaded.num_bytes() == nbytes
     assert all(torch.equal(dict(loaded.named_parameters())[k], now[k]) for k in halves)
+
+
+def test_format_heal_defaults_yield_to_explicit_options(tiny_bert):
+    """A codebook table heals with its own settings (every weight, relative lr 3e-3 / 1e-5) unless told otherwise; a low-rank
+    table with HealConfig's (table only, lr 5e-4)."""
+    tok = word_tokenizer()
+    student_model = copy.deepcopy(tiny_bert)
+    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16)
+    student = LoadedModel("student", student_model, tok, "encoder", Path("/nonexistent-student"))
+    teacher = LoadedModel("teacher", tiny_bert, tok, "encoder", Path("/nonexistent-teacher"))
+    opts = {k: v for k, v in OPTS.items() if k != "lr"}
+    r = heal(student, teacher, texts=TEXTS, steps=1, **opts)
+    assert (r["train_all"], r["lr"], r["relative_lr"], r["lr_rest"]) == (True, 3e-3, True, 1e-5)
+    assert r["trainable_params"] > student_model.get_input_embeddings().num_params * 2
+    r = heal(student, teacher, texts=TEXTS, steps=1, train_all=False, lr=1e-3, **opts)
+    assert (r["train_all"], r["lr"]) == (False, 1e-3)
+    assert r["trainable_params"] == sum(p.numel() for p in student_model.get_input_embeddings().parameters()
+                                        if p.is_floating_point())
+    s2, t2 = pair(tiny_bert, "encoder")
+    r = heal(s2, t2, texts=TEXTS, steps=1, **opts)
+    assert (r["train_all"], r["lr"], r["lr_rest"]) == (False, 5e-4, None)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_relative_lr_steps_each_table_tensor_by_lr_times_its_rms(tiny_bert, relative):
+    """Adam's first step moves every entry by lr (±): with relative_lr, by lr × the tensor's RMS, so a tensor of
+    small entries (int8 scales) is not wrecked by the lr that suits codebooks."""
+    tok = word_tokenizer()
+    student_model = copy.deepcopy(tiny_bert)
+    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16, codebook_dtype="float32")
+    emb = student_model.get_input_embeddings()
+    with torch.no_grad():
+        emb.codebooks.mul_(0.01)  # small entries, as int8 scales have
+    before = emb.codebooks.detach().clone()
+    rms = float(before.pow(2).mean().sqrt())
+    student = LoadedModel("student", student_model, tok, "encoder", Path("/nonexistent-student"))
+    teacher = LoadedModel("teacher", tiny_bert, tok, "encoder", Path("/nonexistent-teacher"))
+    opts = {**OPTS, "lr": 1e-2, "eval_every": 100, "warmup_steps": 0}
+    heal(student, teacher, texts=TEXTS, steps=1, train_all=False, relative_lr=relative, **opts)
+    moved = (emb.codebooks.detach() - before).abs()
+    step = 1e-2 * rms if relative else 1e-2
+    assert moved.max() == pytest.approx(step, rel=0.05)

@@ -9,6 +9,7 @@ from embfactor.errors import ConfigError
 from embfactor.plan import (
     FormatChoice,
     ModelScorer,
+    calibration_split,
     candidate_plans,
     mass_boundaries,
     plan_model,
@@ -199,3 +200,43 @@ def test_sweep_sizes_with_auto_and_the_int_reference(tiny_bert_dir, tmp_path):
         assert p["embedding_bytes"] <= fp32 / float(size[:-1]) and "fidelity" in p
     assert pts[("auto", "4x")]["plan"]["tiers"] and pts[("int", "4x")]["plan"] is None
     assert "auto" in render(r)
+
+
+def test_plans_are_checked_on_text_held_apart_from_the_counts(monkeypatch):
+    """The check must see text the token counts never saw (a plan that starves the counts' unseen tokens looked
+    best when both came from one text); each calibration text is in exactly one of the two parts."""
+    import embfactor.plan as plan_mod
+
+    texts = [f"article {i} " + ("common words " * 3) + f"rare{i}" for i in range(20)]
+    count, check = calibration_split(texts)
+    assert set(count).isdisjoint(check) and sorted(count + check) == sorted(texts)
+    assert len(check) == 4 and check[0] == texts[0]
+    # few texts: split by lines; one line: both parts (nothing to hold apart)
+    count, check = calibration_split(["a\nb\nc\nd\ne\nf", "g"])
+    assert set(count).isdisjoint(check) and sorted(count + check) == list("abcdefg")
+    assert calibration_split(["only line"]) == (["only line"], ["only line"])
+
+    # plan_compress_ counts tokens on the first part and gives the scorer the held-apart one
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_scorer(lm, texts):
+        seen["check"] = list(texts)
+        return None
+
+    def fake_counts(tok, texts, vocab_size):
+        seen["count"] = list(texts)
+        raise Stop
+
+    monkeypatch.setattr(plan_mod, "ModelScorer", fake_scorer)
+    monkeypatch.setattr("embfactor.data.frequency.token_counts", fake_counts)
+    emb = torch.nn.Embedding(VOCAB, D)
+    lm = type("LM", (), {"model": type("M", (), {"get_input_embeddings": lambda self: emb})(), "tokenizer": None})()
+    from embfactor.config import FactorizationConfig
+
+    with pytest.raises(Stop):
+        plan_mod.plan_compress_(lm, FactorizationConfig(size="8x"), texts=texts)
+    assert seen["check"] and set(seen["check"]).isdisjoint(seen["count"])
+    assert sorted(seen["check"] + seen["count"]) == sorted(texts)

@@ -82,7 +82,7 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModel
 
     from embfactor.hf import register
-    from embfactor.surgery.hfconfig import check_model_config, without_absent_pooler
+    from embfactor.surgery.hfconfig import check_model_config, without_absent_pooler, without_load_report
 
     register()  # a folder written by save_pretrained of a compressed model needs embfactor's quantizer
 
@@ -110,9 +110,10 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
         weights = path / SHARD_INDEX
     try:
         # use_safetensors=True: never fall back to a pickled pytorch_model.bin; no trust_remote_code, ever.
-        model, info = loader.from_pretrained(
-            str(path), local_files_only=True, dtype="float32", use_safetensors=True, output_loading_info=True
-        )
+        with without_load_report():
+            model, info = loader.from_pretrained(
+                str(path), local_files_only=True, dtype="float32", use_safetensors=True, output_loading_info=True
+            )
     except SafetensorError as e:
         raise CorruptFileError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
     except OSError as e:
@@ -147,6 +148,7 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Any]:
 
 
 SHARD_INDEX = "model.safetensors.index.json"
+
 
 
 def missing_weights(model: nn.Module, info: dict[str, Any]) -> list[str]:

@@ -386,22 +386,49 @@ def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.T
 
 
 # --- the check on the model -------------------------------------------------------------------------------------
-def calibration_passages(n: int = 64, sentences: int = 3) -> list[str]:
-    """Passages of the *training* part of the bundled Wikipedia extract (the held-out part stays for evaluation)."""
+CHECK_EVERY = 5  # one calibration text in five is held apart from the token counts for the check
+
+
+def calibration_split(texts: Sequence[str], every: int = CHECK_EVERY) -> tuple[list[str], list[str]]:
+    """(texts to count tokens on, texts to check plans on): every ``every``-th text is held apart.
+
+    Checking plans on the very text whose counts ordered the tokens rewards starving every token that text happens
+    to lack: on MiniLM at 16x the check then preferred a plan with a 12-column PQ tail (calibration score 0.9935 vs
+    0.9922) that held-out text scored 0.981 vs 0.987. Held-apart text contains tokens the counts missed, as real
+    input does. With fewer than ``2 * every`` texts the split is by non-empty lines; one line is both.
+
+    Example:
+        >>> calibration_split([f"t{i}" for i in range(10)])
+        (['t1', 't2', 't3', 't4', 't6', 't7', 't8', 't9'], ['t0', 't5'])
+    """
+    items = [t for t in texts if t.strip()]
+    if len(items) < 2 * every:
+        items = [line for t in items for line in t.splitlines() if line.strip()]
+    if len(items) < 2:
+        return items, items
+    every = min(every, len(items))
+    return [t for i, t in enumerate(items) if i % every], items[::every]
+
+
+def spread(items: Sequence[str], n: int) -> list[str]:
+    """At most ``n`` items taken evenly across ``items`` (calibration text from the whole corpus, not its start)."""
+    return list(items[:: max(1, len(items) // n)])[:n]
+
+
+def calibration_passages(n: int = 64, sentences: int = 3, articles: Sequence[str] | None = None) -> list[str]:
+    """Passages of up to ``sentences`` sentences from the first line of ``n`` articles spread over ``articles``
+    (default: the *training* part of the bundled Wikipedia extract; the held-out part stays for evaluation)."""
     import re
 
     from embfactor.data import wiki_split
 
     split = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
     out: list[str] = []
-    arts = wiki_split("train")
-    step = max(1, len(arts) // n)
-    for article in arts[::step]:
-        sents = [s.strip() for s in split.split(article.splitlines()[0]) if s.strip()]
-        if len(sents) >= 1:
+    arts = list(articles) if articles is not None else wiki_split("train")
+    for article in spread(arts, n) if len(arts) > n else arts:
+        sents = [s.strip() for s in split.split(article.strip().splitlines()[0]) if s.strip()]
+        if sents:
             out.append(" ".join(sents[:sentences]))
-        if len(out) >= n:
-            break
     return out
 
 
@@ -422,13 +449,13 @@ class ModelScorer:
         if lm.kind == "decoder":
             from embfactor.eval.perplexity import token_ids
 
-            text = list(texts) if texts is not None else _train_text()
+            text = spread(list(texts), 16) if texts is not None else _train_text()
             ids = token_ids(lm.tokenizer, text, tokens)
             nwin = max(1, ids.numel() // window)
             self.batch = ids[: nwin * window].view(nwin, -1) if ids.numel() >= window else ids[None]
             self.ref = self._logprobs()
         else:
-            self.texts = list(texts) if texts is not None else calibration_passages(passages)
+            self.texts = calibration_passages(passages, articles=texts)
             self.ref = self._pooled()
 
     @torch.inference_mode()
@@ -456,9 +483,7 @@ class ModelScorer:
 def _train_text() -> list[str]:
     from embfactor.data import wiki_split
 
-    arts = wiki_split("train")
-    step = max(1, len(arts) // 16)
-    return arts[::step]
+    return spread(wiki_split("train"), 16)
 
 
 def plan_model(
@@ -606,7 +631,8 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     Args:
         lm: the LoadedModel (changed in place: its embedding, and a tied head, become the planned table).
         config: a FactorizationConfig with a byte ``size`` ("16x" or "2.5MB").
-        texts: calibration text for token counts (default: the bundled Wikipedia extract's training part).
+        texts: calibration text (default: the bundled Wikipedia extract's training part): tokens are counted on
+            four fifths of it, plans are checked on the fifth held apart (:func:`calibration_split`).
         check: plans scored on the model.
 
     Returns:
@@ -626,14 +652,13 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     emb = lm.model.get_input_embeddings()
     vocab, d = emb.weight.shape
     budget = budget_bytes(config.size, vocab, d)
-    scorer = None
     if texts is None:
         from embfactor.data import wiki_split
 
         texts = wiki_split("train")
-    elif check > 0:  # the user's text is the calibration text of the check too
-        scorer = ModelScorer(lm, texts=texts if lm.kind == "decoder" else list(texts)[:48])
-    counts = token_counts(lm.tokenizer, texts, vocab_size=vocab)
+    count_texts, check_texts = calibration_split(texts)
+    scorer = ModelScorer(lm, texts=check_texts) if check > 0 else None
+    counts = token_counts(lm.tokenizer, count_texts, vocab_size=vocab)
     plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress, scorer=scorer,
                               formats=_formats_from_options(config.method_options, d))
     config = dataclasses.replace(config, method=AUTO)

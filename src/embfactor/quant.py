@@ -159,6 +159,24 @@ def quantize_groups(
     check_kbits(bits)
     if t.ndim != 2:
         raise ConfigError(f"quantize_groups needs a 2-D tensor, got shape {tuple(t.shape)}")
+    if t.shape[0] <= QUANT_BLOCK_ROWS:
+        return _quantize_block(t, bits, group, symmetric)
+    parts = [_quantize_block(t[s:s + QUANT_BLOCK_ROWS], bits, group, symmetric)
+             for s in range(0, t.shape[0], QUANT_BLOCK_ROWS)]
+    lo = None if symmetric else torch.cat([p[2] for p in parts])
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), lo
+
+
+# Rows quantized at once. Rows are independent, and one pass over a whole table holds several temporaries of its
+# size (float groups, rounded values, the int64 words of pack_bits): a 250,037 × 384 table (multilingual-e5-small's)
+# to int6 g32 in one pass peaked 2.8 GB above the table (the planner's whole peak); in blocks of 4,096 rows
+# 0.3 GB (int6) to 0.5 GB (int4), and 3-5x less CPU time (measured with a random table of that shape, one thread).
+QUANT_BLOCK_ROWS = 4096
+
+
+def _quantize_block(
+    t: torch.Tensor, bits: int, group: int | None, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     g = _grouped(t.detach().float(), group or t.shape[1])
     levels = (1 << bits) - 1
     tiny = torch.finfo(torch.float16).tiny

@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         minutes = 10.0
     r = heal_model(
         args.compressed, args.reference, args.output, text_files=args.text, minutes=minutes, steps=args.steps,
-        labels=args.labels, progress=not args.quiet, lr=args.lr, batch_size=args.batch_size,
+        labels=args.labels, progress=not args.quiet, lr=args.lr, relative_lr=args.relative_lr, lr_rest=args.lr_rest, batch_size=args.batch_size,
         max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
+        dropout=args.dropout or None,
         eval_every=args.eval_every, resume=args.resume, seed=args.seed,
     )
     from accelerate import PartialState
@@ -93,13 +94,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--minutes", type=float, help="wall-clock budget (default 10)")
     budget.add_argument("--steps", type=int, help="number of optimizer steps")
     p.add_argument("--labels", metavar="FILE", help="CSV/JSONL with text,label: supervised fine-tuning with a head")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the table's tensors (default 5e-4; for codebook and int-k tables 3e-3, relative)")
+    p.add_argument("--relative-lr", action=argparse.BooleanOptionalAction, default=None,
+                   help="--lr is relative: each table tensor trains at lr x its RMS (default: on for codebook and "
+                   "int-k tables)")
+    p.add_argument("--lr-rest", type=float, default=None,
+                   help="learning rate of the model's other weights with --train-all / --train-layernorm "
+                   "(default: --lr; 1e-5 for codebook and int-k tables)")
     p.add_argument("--batch-size", type=int, default=None, help="texts per step (default 16)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default 128)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default 50)")
     p.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorm/RMSNorm weights")
-    p.add_argument("--train-all", action="store_true",
-                   help="train every weight, not only the factors (faster progress per step; Adam state for all)")
+    p.add_argument("--train-all", action=argparse.BooleanOptionalAction, default=None,
+                   help="train every weight, not only the table's (faster progress per step; Adam state for all). "
+                   "Default: on for codebook and int-k tables (pq, rvq, int, the planner's), off for low rank")
+    p.add_argument("--dropout", action="store_true",
+                   help="keep the model's dropout on while training (default off: healing matches the teacher)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast on or off (default: off; faster only on CPUs/GPUs with bf16 units)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --output")

@@ -71,9 +71,15 @@ class RowFormat(nn.Module):
     """
 
     format_name: ClassVar[str] = ""
+    # healing settings found best for this format (embfactor.train.heal uses them where the user gave none)
+    heal_settings: ClassVar[dict[str, Any]] = {}
     num_embeddings: int
     embedding_dim: int
     padding_idx: int | None
+
+    def heal_defaults(self) -> dict[str, Any]:
+        """Healing options this table heals best with (:class:`embfactor.train.config.HealConfig` fields)."""
+        return dict(self.heal_settings)
 
     # --- what a format implements --------------------------------------------------------------------------
     def gather(self, ids: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,10 @@ class TieredFormat(RowFormat):
         """Rows per tier."""
         return [t.num_embeddings for t in self.tiers]
 
+    def heal_defaults(self) -> dict[str, Any]:
+        """The healing settings of the tier holding the most rows."""
+        return max(self.tiers, key=lambda t: t.num_embeddings).heal_defaults()
+
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         pos = self.token_positions().index_select(0, ids)
         out: torch.Tensor | None = None

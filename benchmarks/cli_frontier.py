@@ -70,7 +70,8 @@ def run_compress(model: str, point: str, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "embfactor.cli.main", "compress", model, *compress_args(point), "--output", str(out),
            "--json", str(report), "--quiet"]
     timed = ["/usr/bin/time", "-v", *cmd] if Path("/usr/bin/time").is_file() else cmd
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     r = subprocess.run(timed, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"compress {point} failed ({r.returncode}):\n{r.stderr[-3000:]}")

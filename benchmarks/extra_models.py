@@ -230,7 +230,7 @@ def e5_multilingual(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- split-zip packages (all-mpnet-base-v2): benchmarks/split_zip.py ------------------------------------------------
 def split_zip_entry(name: str):
-    """The ENTRIES function of a :data:`benchmarks.split_zip.MODELS` model: assemble it (exit 2 when a part is missing)."""
+    """The ENTRIES function of a :data:`benchmarks.split_zip.MODELS` model: assemble it (exit 2: a part is missing)."""
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
         from benchmarks.split_zip import AssemblyError, assemble

@@ -89,7 +89,8 @@ def test_plain_mpnet_masked_lm_folder_still_loads_its_class(tmp_path):
     assert type(lm.model).__name__ == "MPNetForMaskedLM"
 
 
-@pytest.mark.parametrize("config", [dict(size="4x"), dict(method="int", ratio=2, method_options={"bits": 4, "group": 32}),
+@pytest.mark.parametrize("config", [dict(size="4x"),
+                                    dict(method="int", ratio=2, method_options={"bits": 4, "group": 32}),
                                     dict(method="int", ratio=2, method_options={"bits": 3, "group": 32})])
 def test_mpnet_compress_keeps_padding_and_pipeline(tmp_path, mpnet_dir, config):
     from sentence_transformers import SentenceTransformer

@@ -534,3 +534,17 @@ def test_relative_lr_steps_each_table_tensor_by_lr_times_its_rms(tiny_bert, rela
     moved = (emb.codebooks.detach() - before).abs()
     step = 1e-2 * rms if relative else 1e-2
     assert moved.max() == pytest.approx(step, rel=0.05)
+
+
+def test_decoder_loss_is_the_masked_mean_kl_from_teacher_logprobs():
+    """KL(teacher ‖ student) per position, from the teacher's log-probabilities, masked mean: the formula written out."""
+    from embfactor.train.distill import decoder_loss, teacher_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    tl, sl = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    kl = (tl.exp() * (tl - sl)).sum(-1)
+    assert torch.allclose(decoder_loss(s, teacher_logprobs(t), mask), (kl * mask).sum() / mask.sum(), atol=1e-6)
+    assert torch.allclose(decoder_loss(s, teacher_logprobs(t)), kl.mean(), atol=1e-6)
+    assert float(decoder_loss(t, teacher_logprobs(t))) == pytest.approx(0.0, abs=1e-6)

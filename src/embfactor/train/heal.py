@@ -57,6 +57,7 @@ from embfactor.train.distill import (
     pool,
     prepare_data,
     read_labels,
+    teacher_logprobs,
     token_windows,
     trainable_parameters,
     upcast_half,
@@ -247,7 +248,7 @@ class _HealRun:
             if self.kind == "encoder":
                 t_out = hidden_states(self.tmodel, batch, "encoder")
             else:
-                t_out = self.tmodel(**batch).logits
+                t_out = teacher_logprobs(self.tmodel(**batch).logits[:, :-1])
         t_out = t_out.clone()  # inference tensors cannot be saved for backward
         with self.autocast():
             if self.kind == "encoder":
@@ -255,7 +256,7 @@ class _HealRun:
                 loss, cos = encoder_loss(s_hidden, t_out, mask, self.cfg.mse_weight)
                 return loss, cos.detach(), pool(s_hidden.float(), mask)
             s = self.model(**batch, output_hidden_states=self.head is not None)
-            loss = decoder_loss(s.logits[:, :-1], t_out[:, :-1], mask[:, 1:])
+            loss = decoder_loss(s.logits[:, :-1], t_out, mask[:, 1:])
             pooled = pool(s.hidden_states[-1].float(), mask) if self.head is not None else loss
             return loss, loss.detach().reshape(1), pooled
 

@@ -240,3 +240,18 @@ def test_plans_are_checked_on_text_held_apart_from_the_counts(monkeypatch):
         plan_mod.plan_compress_(lm, FactorizationConfig(size="8x"), texts=texts)
     assert seen["check"] and set(seen["check"]).isdisjoint(seen["count"])
     assert sorted(seen["check"] + seen["count"]) == sorted(texts)
+
+
+def test_table_relative_error_by_blocks_equals_the_whole_table():
+    """apply_plan_ reports ||E - table|| / ||E|| read in row blocks (memory); it equals the one-pass figure."""
+    from embfactor.decomposition.intk import int_quantize
+    from embfactor.formats.base import from_factors
+    from embfactor.plan import table_relative_error
+
+    torch.manual_seed(0)
+    E = torch.randn(103, 32)
+    module = from_factors(int_quantize(E, bits=3, group=16))
+    whole = float((module.dense().double() - E.double()).norm() / E.double().norm())
+    assert whole > 0.01
+    assert abs(table_relative_error(module, E, block=10) - whole) < 1e-12
+    assert abs(table_relative_error(module, E) - whole) < 1e-12

@@ -392,16 +392,3 @@ def test_sweep_draws_the_int_k_curve_and_counts_codebook_bytes(tiny_bert_dir):
     assert pq_points[0]["bytes_ratio"] >= 6
     assert plot_sweep(r)[:4] == b"\x89PNG"
 
-
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_int_quantize_in_row_blocks_equals_the_whole_table_at_once(symmetric):
-    """int_quantize works through blocks of rows (bounded memory); rows are independent, so the result must be
-    exactly what one pass over the whole table gives, across block edges."""
-    from embfactor.decomposition.intk import QUANT_BLOCK_ROWS, int_quantize
-    from embfactor.quant import quantize_groups
-
-    E = torch.randn(2 * QUANT_BLOCK_ROWS + 37, 64, generator=torch.Generator().manual_seed(0))
-    f = int_quantize(E, bits=3, group=32, symmetric=symmetric)
-    packed, scale, lo = quantize_groups(E, 3, 32, symmetric=symmetric)
-    assert torch.equal(f.packed, packed) and torch.equal(f.scale, scale)
-    assert (f.lo is None and lo is None) or torch.equal(f.lo, lo)

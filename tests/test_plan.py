@@ -191,8 +191,12 @@ def test_sweep_sizes_with_auto_and_the_int_reference(tiny_bert_dir, tmp_path):
     texts = ["the cat sat on the mat", "a dog is a good dog", "the film is very bad", "a very good movie", "bad film"]
     h = np.random.default_rng(0).random((5, 5))
     opts = {"texts": texts, "human": (h + h.T) / 2, "fidelity_texts": ["a cat", "the dog sat"]}
-    r = run_sweep(str(tiny_bert_dir), json_path=str(tmp_path / "s.json"), sizes="4x,6x", methods="auto,int",
+    # 40x is beyond both methods on this tiny table: those points are reported as not reachable, the rest stand
+    r = run_sweep(str(tiny_bert_dir), json_path=str(tmp_path / "s.json"), sizes="4x,6x,40x", methods="auto,int",
                   progress=False, task_options=opts)
+    assert {(p["method"], p["size"]) for p in r["skipped"]} == {("auto", "40x"), ("int", "40x")}
+    assert all("fits" in p["reason"] for p in r["skipped"])
+    assert "not reachable: int at 40x" in render(r)
     fp32 = 120 * 32 * 4
     pts = {(p["method"], p["size"]): p for p in r["points"]}
     assert set(pts) == {("auto", "4x"), ("auto", "6x"), ("int", "4x"), ("int", "6x")}

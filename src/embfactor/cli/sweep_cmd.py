@@ -61,7 +61,8 @@ def render(r: dict[str, Any]) -> str:
     better = "lower" if r["lower_is_better"] else "higher"
     head = (f"{r['model']}: sweep of task {r['task']} ({metric}, {better} is better); "
             f"dense embedding {r['vocab_size']:,} x {r['hidden_size']} = {_mb(r['dense_embedding_bytes'])}")
-    return "\n".join([head, table(rows, headers), f"total {fmt(r['seconds'])} s"])
+    notes = [f"not reachable: {p['method']} at {p['size']}: {p['reason']}" for p in r.get("skipped") or []]
+    return "\n".join([head, table(rows, headers), *notes, f"total {fmt(r['seconds'])} s"])
 
 
 def _mb(n: int) -> str:

@@ -82,9 +82,6 @@ class IntFactors(Factors):
                           scale=self.scale, lo=self.lo, bits=self.bits, group=self.group)
 
 
-QUANT_BLOCK_ROWS = 8192
-
-
 def int_quantize(E: torch.Tensor, *, bits: int = 4, group: int | None = 32, symmetric: bool = True) -> IntFactors:
     """Quantize E (vocab × d) to packed int-k per group of columns (group=None: per row).
 
@@ -104,13 +101,8 @@ def int_quantize(E: torch.Tensor, *, bits: int = 4, group: int | None = 32, symm
         raise ConfigError(f"group must be one of {GROUPS} (None: per row), got {group!r}")
     if not isinstance(symmetric, bool):
         raise ConfigError(f"symmetric must be True or False, got {symmetric!r}")
+    packed, scale, lo = quantize_groups(E, bits, group, symmetric=symmetric)  # in blocks of rows (bounded memory)
     n, d = E.shape
-    # rows are quantized independently: blocks of rows bound the float temporaries (quantizing SmolLM2's whole
-    # 49,152 × 576 table at once peaked at ~8× its size)
-    parts = [quantize_groups(E[s:s + QUANT_BLOCK_ROWS], bits, group, symmetric=symmetric)
-             for s in range(0, max(n, 1), QUANT_BLOCK_ROWS)]
-    packed, scale = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    lo = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
     meta = {"bits": bits, "group": group, "symmetric": symmetric}
     return IntFactors(torch.empty(n, 0, dtype=E.dtype), torch.empty(0, d, dtype=E.dtype), "int", None, meta,
                       packed=packed, scale=scale, lo=lo, bits=bits, group=group)

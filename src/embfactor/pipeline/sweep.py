@@ -232,15 +232,21 @@ def sweep(
 
     reference_rows = _reference_rows(lm, task, run_eval, bar)
     int_curve = _int_k_curve(lm, task, run_eval, bar) if int_k_curve else []
-    points = [
-        point
-        for method in method_list
-        for ratio in ratio_list
-        for point in _method_points(
-            lm, method, ratio, quant_list, weights=weights, seed=seed, heal=heal, heal_minutes=heal_minutes,
-            heal_options=heal_options, run_eval=run_eval, task=task, bar=bar, progress=progress,
-        )
-    ]
+    points: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for method in method_list:
+        for ratio in ratio_list:
+            try:
+                points += _method_points(
+                    lm, method, ratio, quant_list, weights=weights, seed=seed, heal=heal, heal_minutes=heal_minutes,
+                    heal_options=heal_options, run_eval=run_eval, task=task, bar=bar, progress=progress,
+                )
+            except ConfigError as e:
+                if sizes is None:  # a ratio every method can reach: a real error
+                    raise
+                # a byte size this method cannot reach (int-k stops at ~16x): the other points still count
+                skipped.append({"method": method, "size": ratio, "reason": str(e)})
+                bar.update(len(quant_list))
     bar.close()
     return {
         "model": lm.name,
@@ -255,6 +261,7 @@ def sweep(
         "reference": reference_rows,
         "int_k_curve": int_curve,
         "points": points,
+        "skipped": skipped,
         "settings": {
             "ratios" if sizes is None else "sizes": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
             "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},

@@ -42,6 +42,9 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/codebook_speed.py --quick
 	$(PY) benchmarks/load_test.py --quick --output $(QUICK_OUT)/load_test_quick
 	$(PY) -m benchmarks.hf_load --quick --output $(QUICK_OUT)
+	$(PY) benchmarks/frontier.py --quick
+	$(PY) benchmarks/heal_speed.py --quick
+	$(PY) -m benchmarks.cli_frontier --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

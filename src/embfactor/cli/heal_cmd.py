@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         minutes = 10.0
     r = heal_model(
         args.compressed, args.reference, args.output, text_files=args.text, minutes=minutes, steps=args.steps,
-        labels=args.labels, progress=not args.quiet, lr=args.lr, relative_lr=args.relative_lr, lr_rest=args.lr_rest, batch_size=args.batch_size,
+        labels=args.labels, progress=not args.quiet, lr=args.lr, relative_lr=args.relative_lr, lr_rest=args.lr_rest,
+        batch_size=args.batch_size,
         max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
         dropout=args.dropout or None,
         eval_every=args.eval_every, resume=args.resume, seed=args.seed,
@@ -95,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--steps", type=int, help="number of optimizer steps")
     p.add_argument("--labels", metavar="FILE", help="CSV/JSONL with text,label: supervised fine-tuning with a head")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate of the table's tensors (default 5e-4; for codebook and int-k tables 3e-3, relative)")
+                   help="learning rate of the table's tensors (default 5e-4; for codebook and int-k tables 3e-3, "
+                   "relative)")
     p.add_argument("--relative-lr", action=argparse.BooleanOptionalAction, default=None,
                    help="--lr is relative: each table tensor trains at lr x its RMS (default: on for codebook and "
                    "int-k tables)")

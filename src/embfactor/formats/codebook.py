@@ -19,7 +19,7 @@ from torch import nn
 
 from embfactor.decomposition.codebook import CODEBOOK_DTYPES, CodebookFactors, code_dtype, codes_as_long
 from embfactor.errors import ConfigError
-from embfactor.formats.base import RowFormat, check_format_args, register_format
+from embfactor.formats.base import QUANTIZED_TABLE_HEALING, RowFormat, check_format_args, register_format
 
 # vocabulary rows per chunk of the LUT head: the int64 copy of a chunk's codes is 8·S·M bytes per row
 # (4.7 MB at SmolLM2's M = 144), and the (B × chunk) logits block stays small.
@@ -51,12 +51,7 @@ class CodebookEmbedding(RowFormat):
         (torch.Size([1, 2, 16]), 2512)
     """
 
-    # Healing: every weight trains, each of the table's float tensors at 3e-3 × its RMS (relative: one absolute lr
-    # fits codebooks, RMS ~0.06, but wrecks int8 scales, RMS ~0.002, and tables differ between models), the rest of
-    # the model at 1e-5. The tables start close to the original: larger steps raised the held-out loss, and letting
-    # the layers adapt gained more per step than the codebooks alone (MiniLM --size 16x, 60 steps: +0.0014 fidelity
-    # vs +0.0009).
-    heal_settings: ClassVar[dict[str, Any]] = {"lr": 3e-3, "relative_lr": True, "train_all": True, "lr_rest": 1e-5}
+    heal_settings: ClassVar[dict[str, Any]] = QUANTIZED_TABLE_HEALING
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, K: int = 256,

@@ -15,7 +15,7 @@ from torch import nn
 
 from embfactor.decomposition.intk import GROUPS, IntFactors
 from embfactor.errors import ConfigError
-from embfactor.formats.base import RowFormat, check_format_args, register_format
+from embfactor.formats.base import QUANTIZED_TABLE_HEALING, RowFormat, check_format_args, register_format
 from embfactor.quant import check_kbits, dequantize_groups, packed_width
 
 # rows per chunk of the head: a 8,192 × d float32 block (18.9 MB at d = 576)
@@ -33,12 +33,7 @@ class IntKEmbedding(RowFormat):
         (torch.Size([2, 64]), 3600)
     """
 
-    # Healing: every weight trains, each of the table's float tensors at 3e-3 × its RMS (relative: one absolute lr
-    # fits codebooks, RMS ~0.06, but wrecks int8 scales, RMS ~0.002, and tables differ between models), the rest of
-    # the model at 1e-5. The tables start close to the original: larger steps raised the held-out loss, and letting
-    # the layers adapt gained more per step than the codebooks alone (MiniLM --size 16x, 60 steps: +0.0014 fidelity
-    # vs +0.0009).
-    heal_settings: ClassVar[dict[str, Any]] = {"lr": 3e-3, "relative_lr": True, "train_all": True, "lr_rest": 1e-5}
+    heal_settings: ClassVar[dict[str, Any]] = QUANTIZED_TABLE_HEALING
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, bits: int = 4,

@@ -329,11 +329,16 @@ class _HealRun:
         more = cfg.steps is None or self.step < cfg.steps
         if more and cfg.minutes is not None:
             more = self.elapsed() + self.cost["step"] + self.cost["eval"] <= cfg.minutes * 60
-        if self.acc.num_processes > 1:  # clocks differ between processes; a step they disagree on would hang
-            from accelerate.utils import broadcast
+        return self.main_process_says(more)
 
-            more = bool(broadcast(torch.tensor([int(more)], device=self.device), from_process=0).item())
-        return more
+    def main_process_says(self, flag: bool) -> bool:
+        """The main process's ``flag`` in every process: clocks differ between processes, and a step or an
+        evaluation they disagree on would hang."""
+        if self.acc.num_processes == 1:
+            return flag
+        from accelerate.utils import broadcast
+
+        return bool(broadcast(torch.tensor([int(flag)], device=self.device), from_process=0).item())
 
     def train_step(self) -> None:
         """One optimizer step on this step's batch (each process on its share)."""
@@ -368,12 +373,7 @@ class _HealRun:
         if self.cfg.minutes is None:
             return False
         last = self.history[-1]["seconds"] if self.history else 0.0
-        due = self.elapsed() - last >= self.cfg.minutes * 60 / EVALS_PER_BUDGET
-        if self.acc.num_processes > 1:
-            from accelerate.utils import broadcast
-
-            due = bool(broadcast(torch.tensor([int(due)], device=self.device), from_process=0).item())
-        return due
+        return self.main_process_says(self.elapsed() - last >= self.cfg.minutes * 60 / EVALS_PER_BUDGET)
 
     def evaluate_and_keep_best(self) -> None:
         t = time.perf_counter()

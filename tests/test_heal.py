@@ -173,24 +173,29 @@ def test_heal_evaluates_the_end_and_shows_the_current_best(tiny_bert, capsys):
     assert shown and shown[-1] == f"{r['best_eval']['loss']:.4f}"
 
 
-def test_heal_keeps_the_time_budget_with_the_last_step(tiny_bert, monkeypatch):
-    """A step starts only if it and the final evaluation fit: 0.6 s steps in a 2 s budget stop at 1.8 s, not 2.4 s.
-
-    The loop's clock is virtual (only the optimizer step advances it), so the test does not depend on the load.
-    """
+def virtual_clock(monkeypatch, step_seconds: float, start: float = 0.0) -> None:
+    """heal's clock made virtual: only an optimizer step advances it, by ``step_seconds`` (tests then do not depend
+    on the machine's load)."""
     heal_module = importlib.import_module("embfactor.train.heal")  # the module (the package exports the function)
-
-    student, teacher = pair(tiny_bert, "encoder")
-    clock = [1000.0]
+    clock = [start]
     monkeypatch.setattr(heal_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
                                                                    process_time=lambda: clock[0]))
     step = torch.optim.AdamW.step
 
     def slow_step(self, *a, **k):
-        clock[0] += 0.6
+        clock[0] += step_seconds
         return step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
+
+
+def test_heal_keeps_the_time_budget_with_the_last_step(tiny_bert, monkeypatch):
+    """A step starts only if it and the final evaluation fit: 0.6 s steps in a 2 s budget stop at 1.8 s, not 2.4 s.
+
+    The loop's clock is virtual (only the optimizer step advances it), so the test does not depend on the load.
+    """
+    student, teacher = pair(tiny_bert, "encoder")
+    virtual_clock(monkeypatch, step_seconds=0.6, start=1000.0)
     r = heal(student, teacher, texts=TEXTS, minutes=2 / 60, **{**OPTS, "eval_every": 100})
     assert r["steps"] == 3 and r["seconds"] == pytest.approx(1.8)
     # eval_every=100 is never reached, but a minutes budget is evaluated every 1/8 of it (0.25 s): after each
@@ -200,18 +205,8 @@ def test_heal_keeps_the_time_budget_with_the_last_step(tiny_bert, monkeypatch):
 
 def test_a_time_budget_is_evaluated_every_eighth_of_it(tiny_bert, monkeypatch):
     """0.1 s steps in an 8 s budget with eval_every=1000: an evaluation about every 1 s (8 in all, and the end)."""
-    heal_module = importlib.import_module("embfactor.train.heal")
     student, teacher = pair(tiny_bert, "encoder")
-    clock = [0.0]
-    monkeypatch.setattr(heal_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
-                                                                   process_time=lambda: clock[0]))
-    step = torch.optim.AdamW.step
-
-    def slow_step(self, *a, **k):
-        clock[0] += 0.1
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
+    virtual_clock(monkeypatch, step_seconds=0.1)
     r = heal(student, teacher, texts=TEXTS, minutes=8 / 60, **{**OPTS, "eval_every": 1000})
     steps = [h["step"] for h in r["history"]]
     assert steps[0] == 0 and steps[-1] == r["steps"] and 8 <= len(steps) - 1 <= 9

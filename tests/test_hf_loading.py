@@ -22,7 +22,7 @@ from torch import nn
 import embfactor as ef
 from embfactor.errors import CorruptFileError
 from embfactor.formats import available_formats
-from tests.conftest import VOCAB, _llama
+from tests.conftest import VOCAB, _llama, write_st_modules
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3, 2], [4, 8, 15, 16, 23, 42, 0]])
 MASK = torch.tensor([[1] * 7, [1] * 6 + [0]])
@@ -302,17 +302,7 @@ def st_folder(tmp_path, tiny_bert_dir) -> Path:
     """A sentence-transformers folder (Transformer + mean Pooling + Normalize, prompts) around the tiny BERT."""
     folder = tmp_path / "st"
     shutil.copytree(tiny_bert_dir, folder)
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-    }))
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+    write_st_modules(folder, 32)
     (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "the "}}))
     return folder
 

@@ -17,6 +17,8 @@ import torch
 
 import embfactor as ef
 
+from .conftest import write_st_modules
+
 VOCAB, D = 120, 32
 TEXTS = ["the cat sat on the mat", "a very good movie", "dog", "the film is very bad and the cat is good"]
 REAL = Path("~/.cache/embfactor/models/all-mpnet-base-v2").expanduser()
@@ -39,17 +41,7 @@ def _mpnet_st_folder(folder: Path) -> Path:
     words += ["the", "cat", "sat", "on", "mat", "is", "good", "bad", "movie", "film", "very", "dog", "and"]
     words += [f"w{i}" for i in range(VOCAB - len(words))]
     MPNetTokenizerFast(vocab={w: i for i, w in enumerate(words[:VOCAB])}).save_pretrained(folder)
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": D, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-    }))
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+    write_st_modules(folder, D)
     return folder
 
 

@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="cli-frontier-"))
     try:
         if args.quick:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from test_mpnet import _mpnet_st_folder
+            sys.path.insert(0, str(ROOT))
+            from tests.test_mpnet import _mpnet_st_folder
 
             args.model = str(_mpnet_st_folder(scratch / "tiny-mpnet"))
             args.points = args.points or ["int4g32", "4x"]

@@ -205,7 +205,6 @@ def weighted_error(E: torch.Tensor, Eh: torch.Tensor, w: torch.Tensor) -> float:
 
 # --- models and quality ------------------------------------------------------------------------------------------
 def _tiny(kind: str):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from benchmarks.quant_frontier import _tiny_lm
 
     return _tiny_lm()

@@ -313,7 +313,7 @@ def head_split_matches(model: nn.Module, input_ids: torch.Tensor) -> bool:
                 return False
             split = head(seen[0])
         return split.shape == full.shape and bool(torch.allclose(split, full, rtol=1e-4, atol=1e-5))
-    except Exception:  # noqa: BLE001 -- any failure means the split does not apply to this model; the full logits always do
+    except Exception:  # noqa: BLE001 -- any failure: the split does not apply to this model, the full logits do
         return False
     finally:
         model.train(was_training)

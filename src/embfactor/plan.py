@@ -71,7 +71,8 @@ class FormatChoice:
             return f"int{o['bits']} {'g' + str(g) if g else 'per-row'}" + ("" if o.get("symmetric", True) else " asym")
         if self.method in ("pq", "rvq"):
             s = f"{self.method} sub{o.get('sub_dim', 4)} K{o.get('K', 256)}"
-            return s + (f" x{o['stages']}" if o.get("stages", 1) > 1 else "")
+            s += f" x{o['stages']}" if o.get("stages", 1) > 1 else ""
+            return s + (" int8cb" if o.get("codebook_dtype") == "int8" else "")
         return f"{self.method} {o}"
 
     def bytes_for(self, rows: int, d: int) -> int:
@@ -86,7 +87,8 @@ class FormatChoice:
         if self.method in ("pq", "rvq"):
             from embfactor.decomposition.codebook import codebook_bytes
 
-            return codebook_bytes(rows, d, sub_dim=o.get("sub_dim", 4), K=o.get("K", 256), stages=o.get("stages", 1))
+            return codebook_bytes(rows, d, sub_dim=o.get("sub_dim", 4), K=o.get("K", 256), stages=o.get("stages", 1),
+                                  codebook_dtype=o.get("codebook_dtype", "float16"))
         raise ConfigError(f"the planner has no byte count for method {self.method!r}")
 
     def bytes_per_row(self, d: int, rows: int = 1 << 20) -> float:
@@ -97,12 +99,17 @@ class FormatChoice:
 def default_formats(d: int) -> list[FormatChoice]:
     """The candidate formats: int8/6/5/4/3 per group of 32, PQ with 3..12-column sub-vectors (K = 256).
 
+    PQ codebooks are int8 with fp16 column scales: a codebook costs K·d bytes whatever the sub-vector width (98 KB
+    at d = 384 in int8), 7-13% of a 16x MiniLM budget in fp16 with two or three tiers; int8 halves that for a
+    rounding error ~0.4% of each column's range (MiniLM --size 16x: fidelity 0.9866 -> see frontier_notes.md).
+
     Example:
-        >>> [f.label for f in default_formats(384)][:2]
-        ['int8 g32', 'int6 g32']
+        >>> [f.label for f in default_formats(384)][:2], default_formats(384)[5].label
+        (['int8 g32', 'int6 g32'], 'pq sub3 K256 int8cb')
     """
     out = [FormatChoice("int", {"bits": b, "group": 32}) for b in (8, 6, 5, 4, 3)]
-    out += [FormatChoice("pq", {"sub_dim": s, "K": 256}) for s in (3, 4, 5, 6, 8, 12) if s <= d]
+    out += [FormatChoice("pq", {"sub_dim": s, "K": 256, "codebook_dtype": "int8"}) for s in (3, 4, 5, 6, 8, 12)
+            if s <= d]
     return out
 
 

@@ -311,7 +311,7 @@ def test_chunked_heal_under_two_cpu_processes_trains_as_the_whole_batch(tmp_path
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                str(script), str(chunk)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         # the two processes share stdout and their lines can run together
         runs[chunk] = [json.loads(m) for m in re.findall(r"RESULT (\[[^\]]*\])", proc.stdout)]

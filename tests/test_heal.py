@@ -494,7 +494,7 @@ def test_format_heal_defaults_yield_to_explicit_options(tiny_bert):
     table with HealConfig's (table only, lr 5e-4)."""
     tok = word_tokenizer()
     student_model = copy.deepcopy(tiny_bert)
-    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16)
+    ef.factorize_(student_model, method="pq", sub_dim=4, K=16)
     student = LoadedModel("student", student_model, tok, "encoder", Path("/nonexistent-student"))
     teacher = LoadedModel("teacher", tiny_bert, tok, "encoder", Path("/nonexistent-teacher"))
     opts = {k: v for k, v in OPTS.items() if k != "lr"}
@@ -516,7 +516,7 @@ def test_relative_lr_steps_each_table_tensor_by_lr_times_its_rms(tiny_bert, rela
     small entries (int8 scales) is not wrecked by the lr that suits codebooks."""
     tok = word_tokenizer()
     student_model = copy.deepcopy(tiny_bert)
-    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16, codebook_dtype="float32")
+    ef.factorize_(student_model, method="pq", sub_dim=4, K=16, codebook_dtype="float32")
     emb = student_model.get_input_embeddings()
     with torch.no_grad():
         emb.codebooks.mul_(0.01)  # small entries, as int8 scales have

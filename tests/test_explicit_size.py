@@ -156,8 +156,10 @@ def test_library_entry_points_agree_on_conflicts(tiny_bert):
         decompose(E, ratio=16, method="pq", sub_dim=2, K=16)
     with pytest.raises(ConfigError, match=r"max_error=0.5 picks a rank"):
         decompose(E, max_error=0.5, method="int", bits=2)
+    # a config with both is still valid (folders saved with one by earlier versions load), compressing with it is not
+    cfg = FactorizationConfig(method="int", max_error=0.5, method_options={"bits": 2})
     with pytest.raises(ConfigError, match=r"max_error=0.5 picks a rank"):
-        FactorizationConfig(method="int", max_error=0.5, method_options={"bits": 2})
+        ef.factorize_(tiny_bert, cfg)
     before = tiny_bert.get_input_embeddings()
     with pytest.raises(ConfigError, match=r"more than size=1kB allows"):
         ef.factorize_(tiny_bert, FactorizationConfig(method="tt", size="1kB", method_options={"tt_rank": 4}))

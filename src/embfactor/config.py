@@ -25,7 +25,7 @@ class FactorizationConfig:
             method picks its settings (rank, sub-vector width, stages, bits) to fit. No target is needed when
             ``method_options`` fix the size on their own (``bits`` for int, ``sub_dim``/``M`` for pq, ``stages``/
             ``sub_dim``/``M`` for rvq, ``tt_rank`` for tt); a rank, ratio or size given with them must allow the
-            bytes they store (checked on the table's shape); energy/max_error with them are refused.
+            bytes they store (checked on the table's shape); energy/max_error with them are refused when compressing.
         seed: seed for randomized methods; results are deterministic given it.
         method_options: extra keyword arguments passed to the method (e.g. ``{"power_iters": 6}`` for rsvd).
         factorize_head: when the output head is tied to the input embedding, share the factors with it.
@@ -60,16 +60,9 @@ class FactorizationConfig:
         if not given and not fixed and self.method != "auto":  # auto explains its own need (a size)
             raise ConfigError(missing_target_message(self.method))
         if given:
+            # energy/max_error with options that fix the size are refused where a table is compressed (before the
+            # load in pipeline.compress), not here: folders saved with them by earlier versions must still load
             validate_target(self.rank, self.ratio, self.energy, self.max_error, self.size)
-        if fixed and ("energy" in given or "max_error" in given):
-            # energy and max_error choose a rank from the spectrum; options that fix the bytes leave nothing to choose
-            k = next(k for k in ("energy", "max_error") if k in given)
-            opts = ", ".join(f"{o}={v}" for o, v in self.method_options.items())
-            raise ConfigError(
-                f"{k}={given[k]} picks a rank from the spectrum, but method {self.method!r} with {opts} fixes the "
-                f"stored size already; give one of them (or a byte target: size=, ratio=, rank=, checked against "
-                "those options)"
-            )
         if self.method == "auto":
             # the byte-budget planner (embfactor.plan): tiers of formats chosen on the model, for a size target
             if self.size is None:

@@ -26,10 +26,8 @@ from embfactor.decomposition.rank import (
 )
 from embfactor.decomposition.registry import (
     available_methods, check_explicit_size, explicit_size, fixes_size, get_method, method_infos,
-    missing_target_message, register_method, takes_budget,
+    missing_target_message, refuse_spectrum_target, register_method, takes_budget,
 )
-from embfactor.decomposition.registry import _described
-from embfactor.errors import ConfigError
 
 __all__ = [
     "Factors",
@@ -49,6 +47,7 @@ __all__ = [
     "parse_size",
     "rank_for_bytes",
     "rank_for_ratio",
+    "refuse_spectrum_target",
     "register_method",
     "relative_error",
     "resolve_rank",
@@ -98,12 +97,7 @@ def explicit_size_rank(
     """
     vocab, d = int(shape[0]), int(shape[1])
     nbytes = explicit_size(method, shape, options)
-    if energy is not None or max_error is not None:
-        what = f"energy={energy}" if energy is not None else f"max_error={max_error}"
-        raise ConfigError(
-            f"{what} picks a rank from the spectrum, but {_described(method, options)} fixes the stored size "
-            f"({nbytes:,} bytes) already; give one of them"
-        )
+    refuse_spectrum_target(method, options, energy=energy, max_error=max_error)
     targets = {k: v for k, v in (("rank", rank), ("ratio", ratio)) if v is not None}
     budget = options.get("budget_bytes")
     if targets:

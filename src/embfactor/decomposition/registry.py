@@ -165,10 +165,10 @@ def check_explicit_size(
         target: the target as the user gave it, for the message (e.g. ``"ratio=16"``).
 
     Example:
-        >>> check_explicit_size("int", (100, 64), {"bits": 8}, budget=1000.0, target="size='1kB'")
+        >>> check_explicit_size("int", (100, 64), {"bits": 8}, budget=1000.0, target="size=1kB")
         Traceback (most recent call last):
         ...
-        embfactor.errors.ConfigError: method 'int' with bits=8 stores 7,200 bytes for the 100 × 64 table (3.56x ...
+        embfactor.errors.ConfigError: method 'int' with bits=8 stores 6,800 bytes for the 100 × 64 table (3.76x ...
     """
     nbytes = explicit_size(method, shape, options)
     if nbytes is None or nbytes <= budget + 1e-6:
@@ -183,11 +183,33 @@ def check_explicit_size(
     )
 
 
+def refuse_spectrum_target(
+    method: str | None, options: Mapping[str, Any], *, energy: float | None = None, max_error: float | None = None,
+) -> None:
+    """ConfigError for energy/max_error given with options that fix the size: those targets pick a rank from the
+    spectrum, and fixed bytes leave nothing to pick. Needs no table: checked before a model is loaded.
+
+    Example:
+        >>> refuse_spectrum_target("int", {"bits": 4}, energy=0.9)
+        Traceback (most recent call last):
+        ...
+        embfactor.errors.ConfigError: energy=0.9 picks a rank from the spectrum, but method 'int' with bits=4 fixes ...
+    """
+    if (energy is None and max_error is None) or not fixes_size(method, options):
+        return
+    what = f"energy={energy:g}" if energy is not None else f"max_error={max_error:g}"
+    raise ConfigError(
+        f"{what} picks a rank from the spectrum, but {_described(str(method), options)} fixes the stored size "
+        "already; give one of them (a byte target, size=, ratio= or rank=, may go with those options: it is "
+        "checked to allow their bytes)"
+    )
+
+
 def missing_target_message(method: str | None, *, cli: bool = False) -> str:
     """What to add when neither a size target nor options that fix the size were given (flags when ``cli``).
 
     Example:
-        >>> missing_target_message("svd")[:62]
+        >>> missing_target_message("svd")[:61]
         'give exactly one of rank=, ratio=, energy=, max_error=, size='
     """
     if cli:

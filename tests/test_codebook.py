@@ -33,6 +33,8 @@ CASES = [
     ("pq", {"sub_dim": 4, "K": 32}),
     ("pq", {"sub_dim": 3, "K": 16, "rotation": "random", "row_scale": True}),  # 3 does not divide 20
     ("rvq", {"sub_dim": 5, "K": 16, "stages": 3}),
+    ("pq", {"sub_dim": 4, "K": 32, "codebook_dtype": "int8"}),
+    ("rvq", {"sub_dim": 3, "K": 16, "stages": 2, "codebook_dtype": "int8", "rotation": "random", "row_scale": True}),
     ("int", {"bits": 3, "group": 16}),
     ("int", {"bits": 5, "group": None, "symmetric": False}),
 ]
@@ -115,6 +117,7 @@ def test_factors_bytes_add_up_and_match_the_module(method, opts):
         assert f.num_bytes == codebook_bytes(
             600, 20, sub_dim=opts["sub_dim"], K=opts["K"], stages=opts.get("stages", 1),
             rotation=opts.get("rotation", "none"), row_scale=opts.get("row_scale", False),
+            codebook_dtype=opts.get("codebook_dtype", "float16"),
         )
 
 
@@ -127,6 +130,32 @@ def test_error_is_monotone_in_bytes():
         assert [f.num_bytes for f in seq] == sorted(f.num_bytes for f in seq)
         errs = [f.relative_error(E) for f in seq]
         assert errs == sorted(errs, reverse=True), errs
+
+
+def test_int8_codebooks_halve_codebook_bytes_at_a_tiny_error_cost():
+    E = _table(2000, 16)
+    w = torch.rand(2000) + 0.1
+    half = quantize_table(E, sub_dim=4, K=64, token_weights=w, seed=0)
+    int8 = quantize_table(E, sub_dim=4, K=64, token_weights=w, seed=0, codebook_dtype="int8")
+    assert int8.codebooks.dtype == torch.int8 and int8.codebook_scale.shape == (1, 4, 1, 4)
+    assert half.num_bytes - int8.num_bytes == 4 * 64 * 4 - 4 * 4 * 2  # one byte per codebook value, fp16 scales
+    assert int8.relative_error(E) == pytest.approx(half.relative_error(E), rel=0.01)
+    # the stored values are the ones the codes were chosen against: re-quantizing the float codebooks is exact
+    from embfactor.decomposition.codebook import int8_codebooks
+
+    q, sc = int8_codebooks(int8.books())
+    assert torch.equal(q, int8.codebooks) and torch.equal(sc, int8.codebook_scale)
+
+
+def test_int8_codebook_module_heals_its_scales_not_its_integers(tiny_gpt2):
+    ef.factorize_(tiny_gpt2, method="pq", sub_dim=4, K=16, codebook_dtype="int8")
+    emb = tiny_gpt2.get_input_embeddings()
+    assert not emb.codebooks.requires_grad and emb.codebook_scale.requires_grad
+    h = torch.randn(3, emb.embedding_dim)
+    # the LUT head and the rows agree with the table the codes and int8 codebooks describe
+    torch.testing.assert_close(emb.project(h), h @ emb.dense().T, rtol=1e-4, atol=1e-4)
+    emb(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert emb.codebook_scale.grad is not None and float(emb.codebook_scale.grad.abs().sum()) > 0
 
 
 def test_kmeans_is_deterministic_given_a_seed():
@@ -175,7 +204,7 @@ def test_budget_picks_settings_that_fit():
         (lambda E: product_quantize(E, K=1), "K must be an integer in"),
         (lambda E: product_quantize(E, rotation="spin"), "rotation must be one of"),
         (lambda E: product_quantize(E, stages=2), "pq has one stage"),
-        (lambda E: product_quantize(E, codebook_dtype="int8"), "codebook_dtype must be one of"),
+        (lambda E: product_quantize(E, codebook_dtype="int4"), "codebook_dtype must be one of"),
         (lambda E: product_quantize(E, sub_dim=3, rotation="opq"), "needs sub_dim to divide"),
         (lambda E: int_quantize(E, bits=7), r"bits must be one of \(2, 3, 4, 5, 6, 8\)"),
         (lambda E: int_quantize(E, group=48), "group must be one of"),

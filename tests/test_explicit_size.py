@@ -86,6 +86,7 @@ def test_python_api_without_target(tiny_bert_dir, tiny_llama_tied, tmp_path):
         ("pq", {"sub_dim": 5, "K": 16}),  # 5 does not divide 32: the padded last sub-space is counted
         ("pq", {"M": 4, "K": 300}),  # K above the 120 rows is lowered to 120
         ("pq", {"sub_dim": 8, "K": 8, "rotation": "random", "row_scale": True, "codebook_dtype": "float32"}),
+        ("pq", {"sub_dim": 4, "K": 16, "rotation": "random", "codebook_dtype": "int8"}),  # + column scales
         ("rvq", {"stages": 3, "K": 8}),
         ("rvq", {"sub_dim": 4, "K": 8}),
         ("tt", {"tt_rank": 3}),

@@ -98,6 +98,7 @@ RECIPES: dict[str, Callable[[nn.Module], None]] = {
 EXTRA_CASES = {
     "quantized-int4": _quantized(4),
     "codebook-rvq": lambda m: ef.factorize_(m, method="rvq", sub_dim=8, K=16, stages=2),
+    "codebook-int8": lambda m: ef.factorize_(m, method="pq", sub_dim=4, K=16, codebook_dtype="int8"),
     "tiered-compact": lambda m: _install(m, _tiered_compact),  # the planner's layout: positions from a tier map
 }  # same format, another config (packed nibbles)
 

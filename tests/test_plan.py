@@ -70,6 +70,27 @@ def test_search_fits_budget_and_spends_bytes_on_heavy_rows():
     assert len(big[0].tiers) == 1 and big[0].tiers[0].fmt == rich
 
 
+def test_search_spends_the_budget_when_no_boundary_is_near_it():
+    # most rows unseen (one mass boundary at 100 of 5,000 rows): the last cut still goes where the budget runs out
+    n, d = 5000, 64
+    rich, mid, poor = (FormatChoice("int", {"bits": b, "group": 32}) for b in (8, 5, 2))
+    errors = {rich: torch.full((n,), 0.01, dtype=torch.float64), mid: torch.full((n,), 0.1, dtype=torch.float64),
+              poor: torch.ones(n, dtype=torch.float64)}
+    counts = torch.cat([zipf_counts(100), torch.zeros(n - 100)])
+    order = token_order(counts)
+    budget = rich.bytes_for(100, d) + mid.bytes_for(1234, d) + poor.bytes_for(n - 1334, d) + n
+    plans = search_plans(errors, counts + 1, order, [100], budget, d, max_tiers=3)
+    best = plans[0]
+    assert [t.fmt for t in best.tiers] == [rich, mid, poor]
+    assert [t.stop for t in best.tiers] == [100, 1334, n]
+    assert best.bytes == budget
+    for p in plans:  # every plan spends all but less than one row's step between its last two formats
+        assert p.bytes <= budget
+        if len(p.tiers) > 1:
+            a = p.tiers[-2].fmt
+            assert budget - p.bytes < a.bytes_for(1 << 20, d) / (1 << 20) * 2 + 64 or p.tiers[-1].rows == 1
+
+
 def test_candidate_plans_raise_when_nothing_fits():
     E = torch.randn(300, 32)
     with pytest.raises(ConfigError, match="no plan fits 100 bytes"):

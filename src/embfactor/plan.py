@@ -2,8 +2,10 @@
 
 Tokens are ordered by how often the model's tokenizer produces them on calibration text (most frequent first);
 a plan cuts that order into up to ``max_tiers`` tiers at cumulative shares of the token *mass* (never at fixed row
-counts, so the same defaults serve 30k and 250k vocabularies) and gives each tier a storage format: dense int-k for
-the frequent rows, codebooks (PQ/RVQ) for the rest. Choosing a plan takes two steps, because the first one alone
+counts, so the same defaults serve 30k and 250k vocabularies), except the last cut, which goes where the byte budget
+runs out (so a plan spends its budget even when most rows are unseen in the calibration text: unseen rows follow in
+id order, which BPE and SentencePiece vocabularies roughly sort by frequency), and gives each tier a storage
+format: dense int-k for the frequent rows, codebooks (PQ/RVQ) for the rest. Choosing a plan takes two steps, because the first one alone
 misleads (starving tokens unseen in the calibration text cost real fidelity in the probes of issue 14):
 
 1. **Proxy** (cheap): every candidate format is fitted once to the whole table; each row's squared error is kept.
@@ -69,7 +71,8 @@ class FormatChoice:
             return f"int{o['bits']} {'g' + str(g) if g else 'per-row'}" + ("" if o.get("symmetric", True) else " asym")
         if self.method in ("pq", "rvq"):
             s = f"{self.method} sub{o.get('sub_dim', 4)} K{o.get('K', 256)}"
-            return s + (f" x{o['stages']}" if o.get("stages", 1) > 1 else "")
+            s += f" x{o['stages']}" if o.get("stages", 1) > 1 else ""
+            return s + (" int8cb" if o.get("codebook_dtype") == "int8" else "")
         return f"{self.method} {o}"
 
     def bytes_for(self, rows: int, d: int) -> int:
@@ -84,7 +87,8 @@ class FormatChoice:
         if self.method in ("pq", "rvq"):
             from embfactor.decomposition.codebook import codebook_bytes
 
-            return codebook_bytes(rows, d, sub_dim=o.get("sub_dim", 4), K=o.get("K", 256), stages=o.get("stages", 1))
+            return codebook_bytes(rows, d, sub_dim=o.get("sub_dim", 4), K=o.get("K", 256), stages=o.get("stages", 1),
+                                  codebook_dtype=o.get("codebook_dtype", "float16"))
         raise ConfigError(f"the planner has no byte count for method {self.method!r}")
 
     def bytes_per_row(self, d: int, rows: int = 1 << 20) -> float:
@@ -95,12 +99,17 @@ class FormatChoice:
 def default_formats(d: int) -> list[FormatChoice]:
     """The candidate formats: int8/6/5/4/3 per group of 32, PQ with 3..12-column sub-vectors (K = 256).
 
+    PQ codebooks are int8 with fp16 column scales: a codebook costs K·d bytes whatever the sub-vector width (98 KB
+    at d = 384 in int8), 7-13% of a 16x MiniLM budget in fp16 with two or three tiers; int8 halves that for a
+    rounding error ~0.4% of each column's range (MiniLM --size 16x: fidelity 0.9866 -> see frontier_notes.md).
+
     Example:
-        >>> [f.label for f in default_formats(384)][:2]
-        ['int8 g32', 'int6 g32']
+        >>> [f.label for f in default_formats(384)][:2], default_formats(384)[5].label
+        (['int8 g32', 'int6 g32'], 'pq sub3 K256 int8cb')
     """
     out = [FormatChoice("int", {"bits": b, "group": 32}) for b in (8, 6, 5, 4, 3)]
-    out += [FormatChoice("pq", {"sub_dim": s, "K": 256}) for s in (3, 4, 5, 6, 8, 12) if s <= d]
+    out += [FormatChoice("pq", {"sub_dim": s, "K": 256, "codebook_dtype": "int8"}) for s in (3, 4, 5, 6, 8, 12)
+            if s <= d]
     return out
 
 
@@ -237,7 +246,8 @@ def search_plans(
         errors: per-format squared error of every row (token id order), from one fit of the format to all rows.
         weights: token weights (token id order).
         order: tokens by frequency (:func:`token_order`).
-        boundaries: candidate tier cuts as row counts in ``order`` (:func:`mass_boundaries`).
+        boundaries: candidate tier cuts as row counts in ``order`` (:func:`mass_boundaries`) for every cut but the
+            last; the last cut goes where the budget runs out (:func:`_fill_last_cut`), so plans spend the budget.
         budget_bytes: the most the table may store (tier map included).
         d: row width.
         max_tiers: at most this many tiers; tiers get non-increasing bytes per row down the order.
@@ -254,24 +264,55 @@ def search_plans(
     prefix = {f: torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w * errors[f][order], 0)]) for f in fmts}
     cuts = [b for b in sorted(set(boundaries)) if 0 < b < n]
     found: list[Plan] = []
+    seen: set = set()
     for t in range(1, max_tiers + 1):
-        for inner in itertools.combinations(cuts, t - 1):
-            edges = (0, *inner, n)
+        # the cuts above the last tier come from ``boundaries``; the last cut is where the budget runs out
+        for inner in itertools.combinations(cuts, max(t - 2, 0)):
             for combo in itertools.product(range(len(fmts)), repeat=t):
                 if any(combo[i] >= combo[i + 1] for i in range(t - 1)):  # strictly fewer bytes per row downwards
                     continue
-                nbytes = extra(t)
-                for i, k in enumerate(combo):
-                    nbytes += fmts[k].bytes_for(edges[i + 1] - edges[i], d)
-                if nbytes > budget_bytes:
+                edges = _fill_last_cut([fmts[k] for k in combo], (0, *inner), n, budget_bytes - extra(t), d)
+                if edges is None or (edges, combo) in seen:
                     continue
+                seen.add((edges, combo))
+                sizes = [fmts[k].bytes_for(edges[i + 1] - edges[i], d) for i, k in enumerate(combo)]
                 errs = [float(prefix[fmts[k]][edges[i + 1]] - prefix[fmts[k]][edges[i]]) / total_w
                         for i, k in enumerate(combo)]
-                tiers = [Tier(edges[i], edges[i + 1], fmts[k], fmts[k].bytes_for(edges[i + 1] - edges[i], d),
-                              proxy_error=errs[i]) for i, k in enumerate(combo)]
-                found.append(Plan(tiers, nbytes, proxy=sum(errs)))
+                tiers = [Tier(edges[i], edges[i + 1], fmts[k], sizes[i], proxy_error=errs[i])
+                         for i, k in enumerate(combo)]
+                found.append(Plan(tiers, extra(t) + sum(sizes), proxy=sum(errs)))
     found.sort(key=lambda p: (p.proxy, p.bytes))
     return found[:top]
+
+
+def _fill_last_cut(fmts: Sequence[FormatChoice], edges: tuple[int, ...], n: int, budget: float,
+                   d: int) -> tuple[int, ...] | None:
+    """``edges`` (0 and the fixed inner cuts) completed by the last cut at the largest row that fits ``budget``.
+
+    One format: (0, n) if it fits. Several: the last cut moves down the order as long as the tiers' bytes fit, so a
+    plan spends the whole budget (the tier above the cut has more bytes per row than the one below). None when even
+    a last tier of one row and the one above it of one row do not fit.
+
+    Example:
+        >>> rich, poor = FormatChoice("int", {"bits": 8}), FormatChoice("int", {"bits": 4})
+        >>> _fill_last_cut([rich, poor], (0,), 100, rich.bytes_for(30, 8) + poor.bytes_for(70, 8), 8)
+        (0, 30, 100)
+    """
+    if len(fmts) == 1:
+        return (0, n) if fmts[0].bytes_for(n, d) <= budget else None
+    start = edges[-1]
+    fixed = sum(f.bytes_for(edges[i + 1] - edges[i], d) for i, f in enumerate(fmts[:-2]))
+
+    def fits(cut: int) -> bool:
+        return fixed + fmts[-2].bytes_for(cut - start, d) + fmts[-1].bytes_for(n - cut, d) <= budget
+
+    lo, hi = start + 1, n - 1
+    if lo > hi or not fits(lo):
+        return None
+    while lo < hi:  # the largest cut that fits: bytes grow with the cut (more rows in the richer format)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return (*edges, lo, n)
 
 
 def candidate_plans(

@@ -32,7 +32,32 @@ from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
 
 ROTATIONS = ("none", "random", "opq")
-CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+def float_dtype(codebook_dtype: str) -> torch.dtype:
+    """The dtype of the float tensors (rotation, row and codebook scales) stored with ``codebook_dtype`` codebooks."""
+    dt = CODEBOOK_DTYPES[codebook_dtype]
+    return torch.float16 if not dt.is_floating_point else dt
+
+
+def int8_codebooks(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S × M × K × sub) float codebooks -> int8 values and fp16 scales (S × M × 1 × sub), one per codebook column.
+
+    Symmetric: scale = max|column| / 127, so the rounding error (≤ scale / 2) is ~0.4% of the column's range, far
+    below a codebook's quantization error; the scales are rounded to fp16 first, so values · scales is exactly what
+    is stored.
+
+    Example:
+        >>> q, s = int8_codebooks(torch.tensor([[[[1.0, -2.0], [0.5, 1.0]]]]))
+        >>> q.flatten().tolist(), [round(v, 3) for v in (q.float() * s.float()).flatten().tolist()]
+        ([127, -127, 64, 64], [1.0, -2.0, 0.504, 1.008])
+    """
+    amax = books.detach().float().abs().amax(dim=2, keepdim=True)
+    scale = (amax / 127).to(torch.float16)
+    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    q = torch.round(books.detach().float() / safe).clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
 def code_dtype(K: int) -> torch.dtype:
@@ -48,7 +73,9 @@ class CodebookFactors(Factors):
 
     Attributes:
         codes: (vocab × S × M) uint8 (K ≤ 256) or int16 (K ≤ 65,536, stored as code − 32,768).
-        codebooks: (S × M × K × sub_dim) float; the last sub-space is zero-padded when sub_dim does not divide d.
+        codebooks: (S × M × K × sub_dim) float, or int8 values times ``codebook_scale``; the last sub-space is
+            zero-padded when sub_dim does not divide d.
+        codebook_scale: (S × M × 1 × sub_dim) fp16 scales of int8 codebooks (one per codebook column), or None.
         rotation: (d × d) orthogonal R or None: the codes quantize E·R.
         row_scale: (vocab,) or None: the codes quantize rows divided by their scale (row norms).
 
@@ -62,6 +89,7 @@ class CodebookFactors(Factors):
     codebooks: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     rotation: torch.Tensor | None = None
     row_scale: torch.Tensor | None = None
+    codebook_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +102,12 @@ class CodebookFactors(Factors):
     @property
     def stages(self) -> int:
         return int(self.codebooks.shape[0])
+
+    def books(self) -> torch.Tensor:
+        """The codebooks as float32 (int8 values times their column scales)."""
+        if self.codebook_scale is None:
+            return self.codebooks.float()
+        return self.codebooks.float() * self.codebook_scale.float()
 
     @property
     def M(self) -> int:
@@ -94,18 +128,19 @@ class CodebookFactors(Factors):
 
     @property
     def num_params(self) -> int:
-        extra = sum(t.numel() for t in (self.rotation, self.row_scale) if t is not None)
+        extra = sum(t.numel() for t in (self.rotation, self.row_scale, self.codebook_scale) if t is not None)
         return self.codes.numel() + self.codebooks.numel() + extra
 
     @property
     def num_bytes(self) -> int:
-        """Stored bytes: codes, codebooks, rotation and row scales at their dtypes."""
-        ts = [t for t in (self.codes, self.codebooks, self.rotation, self.row_scale) if t is not None]
+        """Stored bytes: codes, codebooks (and their scales), rotation and row scales at their dtypes."""
+        ts = [t for t in (self.codes, self.codebooks, self.codebook_scale, self.rotation, self.row_scale)
+              if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Reconstructed rows start..stop−1 (float32)."""
-        return decode(self.codes[start:stop], self.codebooks, self.shape[1], self.rotation,
+        return decode(self.codes[start:stop], self.books(), self.shape[1], self.rotation,
                       None if self.row_scale is None else self.row_scale[start:stop])
 
     def reconstruct(self) -> torch.Tensor:
@@ -126,6 +161,7 @@ class CodebookFactors(Factors):
         return CodebookFactors(
             self.U.to(dtype), self.V.to(dtype), self.method, None, dict(self.meta), codes=self.codes,
             codebooks=self.codebooks, rotation=self.rotation, row_scale=self.row_scale,
+            codebook_scale=self.codebook_scale,
         )
 
 
@@ -304,7 +340,9 @@ def quantize_table(
         seed: k-means seed (results are deterministic given it).
         niter: k-means iterations per sub-space and stage.
         max_train_points: rows used to train each k-means (default K·64); every row is encoded.
-        codebook_dtype: storage dtype of codebooks/rotation/scales: "float16" (default), "bfloat16", "float32".
+        codebook_dtype: storage dtype of codebooks/rotation/scales: "float16" (default), "bfloat16", "float32", or
+            "int8" (codebooks as int8 with one fp16 scale per codebook column, the rest fp16: half the codebook
+            bytes, which are 7-13% of a 16x MiniLM table, for a rounding error ~0.4% of each column's range).
         threads: sub-spaces clustered side by side (None: torch's thread count); faiss itself runs one thread each.
 
     Example:
@@ -333,7 +371,8 @@ def quantize_table(
         raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {codebook_dtype!r}")
     K_eff = min(K, n)
     max_train_points = _check_int("max_train_points", max_train_points or K_eff * 64, K_eff)
-    cb_dtype = CODEBOOK_DTYPES[codebook_dtype]
+    cb_dtype = float_dtype(codebook_dtype)
+    int8 = codebook_dtype == "int8"
     w = None if token_weights is None else check_token_weights(token_weights, n, method).numpy().astype(np.float32)
     rng = np.random.default_rng(seed)
     X = E.detach().float().cpu()
@@ -358,7 +397,12 @@ def quantize_table(
 
         for m, cent in enumerate(_map_subspaces(fit, list(range(M)), threads)):
             # round the codebook to its storage dtype before encoding, so codes match the stored codebook
-            books[s, m] = torch.from_numpy(cent).to(cb_dtype).float().numpy()
+            c = torch.from_numpy(cent)
+            if int8:
+                q, sc = int8_codebooks(c[None, None])
+                books[s, m] = (q.float() * sc.float())[0, 0].numpy()
+            else:
+                books[s, m] = c.to(cb_dtype).float().numpy()
         codes[:, s] = _encode(resid, books[s])
         for m in range(M):
             resid[:, m * sub_dim : (m + 1) * sub_dim] -= books[s, m][codes[:, s, m]]
@@ -368,10 +412,13 @@ def quantize_table(
             "niter": niter, "train_points": int(train_idx.size), "weighted": w is not None}
     if K_eff < K:
         meta["K_requested"] = K
+    books_t, books_scale = torch.from_numpy(books), None
+    if int8:  # books hold exactly q · scale: re-deriving q and scale from them gives the stored values back
+        books_t, books_scale = int8_codebooks(books_t)
     f = CodebookFactors(
         torch.empty(n, 0, dtype=E.dtype), torch.empty(0, d, dtype=E.dtype), method, None, meta, codes=codes_t,
-        codebooks=torch.from_numpy(books).to(cb_dtype), rotation=None if R is None else R.to(cb_dtype),
-        row_scale=None if scale is None else scale.to(cb_dtype),
+        codebooks=books_t.to(CODEBOOK_DTYPES[codebook_dtype]), rotation=None if R is None else R.to(cb_dtype),
+        row_scale=None if scale is None else scale.to(cb_dtype), codebook_scale=books_scale,
     )
     if w is not None:
         f.meta["weighted_relative_error"] = _weighted_error(E, f, torch.from_numpy(w).double())
@@ -414,7 +461,7 @@ def residual_quantize(E: torch.Tensor, *, stages: int = 2, **options: Any) -> Co
 
 # --- byte budgets --------------------------------------------------------------------------------------------
 def codebook_bytes(vocab: int, d: int, *, sub_dim: int, K: int = 256, stages: int = 1, rotation: str = "none",
-                   row_scale: bool = False, codebook_bytes_per_value: int = 2) -> int:
+                   row_scale: bool = False, codebook_dtype: str = "float16") -> int:
     """Stored bytes of a codebook factorization with these settings (what :class:`CodebookFactors` counts).
 
     Example:
@@ -423,11 +470,15 @@ def codebook_bytes(vocab: int, d: int, *, sub_dim: int, K: int = 256, stages: in
     """
     M = -(-d // sub_dim)
     code_b = 1 if K <= 256 else 2
-    b = vocab * stages * M * code_b + stages * M * min(K, vocab) * sub_dim * codebook_bytes_per_value
+    value_b = CODEBOOK_DTYPES[codebook_dtype].itemsize
+    float_b = float_dtype(codebook_dtype).itemsize
+    b = vocab * stages * M * code_b + stages * M * min(K, vocab) * sub_dim * value_b
+    if value_b == 1:  # int8 codebooks: one scale per codebook column
+        b += stages * M * sub_dim * float_b
     if rotation != "none":
-        b += d * d * codebook_bytes_per_value
+        b += d * d * float_b
     if row_scale:
-        b += vocab * codebook_bytes_per_value
+        b += vocab * float_b
     return b
 
 
@@ -446,7 +497,7 @@ def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq"
         >>> plan_codebook(30522, 384, 30522 * 384 * 4 / 16)
         {'sub_dim': 5, 'K': 256, 'stages': 1}
     """
-    extra = {k: fixed[k] for k in ("rotation", "row_scale") if k in fixed}
+    extra = {k: fixed[k] for k in ("rotation", "row_scale", "codebook_dtype") if k in fixed}
     if method == "rvq":
         cands = [(8, s) for s in range(16, 1, -1)] + [(sd, 1) for sd in _SUB_DIMS if sd >= 8]
     else:
@@ -490,7 +541,8 @@ def _codebook_method(
     if budget is None and not explicit:
         budget = _budget(E, rank, None)
     if budget is not None and not explicit:
-        fixed = {k: options[k] for k in ("rotation", "row_scale") if options.get(k) not in (None, False, "none")}
+        fixed = {k: options[k] for k in ("rotation", "row_scale", "codebook_dtype")
+                 if options.get(k) not in (None, False, "none")}
         plan = plan_codebook(E.shape[0], E.shape[1], budget, method=name, K=options.get("K"), **fixed)
         options = {**options, "sub_dim": plan["sub_dim"], "K": plan["K"]}
         stages = plan["stages"]
@@ -522,8 +574,7 @@ def _stored_bytes(vocab: int, d: int, options: Mapping[str, Any], method: str) -
         raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {dtype!r}")
     return codebook_bytes(
         vocab, d, sub_dim=sub_dim, K=min(K, vocab), stages=stages, rotation=rotation,  # K > rows is lowered
-        row_scale=bool(options.get("row_scale", False)),
-        codebook_bytes_per_value=torch.empty(0, dtype=CODEBOOK_DTYPES[dtype]).element_size(),
+        row_scale=bool(options.get("row_scale", False)), codebook_dtype=dtype,
     )
 
 

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embfactor.decomposition.codebook import CODEBOOK_DTYPES, CodebookFactors, code_dtype, codes_as_long
+from embfactor.decomposition.codebook import (
+    CODEBOOK_DTYPES,
+    CodebookFactors,
+    code_dtype,
+    codes_as_long,
+    float_dtype,
+)
 from embfactor.errors import ConfigError
 from embfactor.formats.base import QUANTIZED_TABLE_HEALING, RowFormat, check_format_args, register_format
 
@@ -40,7 +46,9 @@ class CodebookEmbedding(RowFormat):
             sub-space is zero-padded when it does not divide d); stages: residual stages (1 = PQ).
         rotation: the codes quantize E·R for a stored orthogonal R (d × d buffer).
         row_scale: rows are scaled by a stored per-row scale (trainable).
-        codebook_dtype: storage of codebooks, rotation and scales ("float16" default).
+        codebook_dtype: storage of codebooks, rotation and scales ("float16" default); "int8": int8 codebooks
+            (a frozen integer parameter, as int-k tables' integers) times trainable fp16 column scales
+            (``codebook_scale``), the rest fp16.
         zero_padding_row: the padding row reads as exact zeros (as nn.Embedding's), whatever its codes.
         dtype: dtype of the rows returned (float32 by default).
 
@@ -75,9 +83,16 @@ class CodebookEmbedding(RowFormat):
         # floating parameter (save_pretrained writes it to config.json, from_pretrained then loads the whole model in
         # it), and the embedding comes first; without this the fp16 codebooks/scales would make it float16
         self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=self.out_dtype, device=device), requires_grad=False)
-        cdt = CODEBOOK_DTYPES[codebook_dtype]
+        cdt = float_dtype(codebook_dtype)
         self.register_buffer("codes", torch.zeros(num_embeddings, stages, self.M, dtype=code_dtype(K), device=device))
-        self.codebooks = nn.Parameter(torch.zeros(stages, self.M, K, sub_dim, dtype=cdt, device=device))
+        int8 = codebook_dtype == "int8"
+        self.codebooks = nn.Parameter(
+            torch.zeros(stages, self.M, K, sub_dim, dtype=CODEBOOK_DTYPES[codebook_dtype], device=device),
+            requires_grad=not int8,
+        )
+        self.codebook_scale = (
+            nn.Parameter(torch.ones(stages, self.M, 1, sub_dim, dtype=cdt, device=device)) if int8 else None
+        )
         self.register_buffer(
             "rotation", torch.eye(embedding_dim, dtype=cdt, device=device) if rotation else None
         )
@@ -91,14 +106,15 @@ class CodebookEmbedding(RowFormat):
     ) -> CodebookEmbedding:
         """Hold a CodebookFactors (copies its tensors); ``zero_padding_row`` makes the padding row read as zeros."""
         vocab, d = f.shape
-        cb_name = _dtype_name(f.codebooks.dtype)
+        cb_name = _dtype_name(f.codebooks.dtype)  # int8 codebooks carry their column scales
         emb = cls(vocab, d, padding_idx, K=f.K, sub_dim=f.sub_dim, stages=f.stages, rotation=f.rotation is not None,
                   row_scale=f.row_scale is not None, codebook_dtype=cb_name, zero_padding_row=zero_padding_row,
                   device="meta", dtype=dtype or (f.U.dtype if f.U.is_floating_point() else None))
         # built on the meta device (shapes only), then the factor tensors are adopted: no zero-filled vocab-sized
         # buffers allocated just to be overwritten
         emb.codes = f.codes.clone()
-        emb.codebooks = nn.Parameter(f.codebooks.clone())
+        emb.codebooks = nn.Parameter(f.codebooks.clone(), requires_grad=f.codebooks.is_floating_point())
+        emb.codebook_scale = None if f.codebook_scale is None else nn.Parameter(f.codebook_scale.clone())
         emb.rotation = None if f.rotation is None else f.rotation.clone()
         emb.row_scale = None if f.row_scale is None else nn.Parameter(f.row_scale.clone())
         emb.dtype_anchor = nn.Parameter(torch.empty(0, dtype=emb.out_dtype), requires_grad=False)
@@ -111,19 +127,32 @@ class CodebookEmbedding(RowFormat):
                 "zero_padding_row": self.zero_padding_row}
 
     # --- rows ---------------------------------------------------------------------------------------------
+    def books(self) -> torch.Tensor:
+        """The codebooks as stored (float) or as int8 values times their column scales (float32, differentiable
+        in the scales): S × M × K × sub_dim, a few hundred KB."""
+        if self.codebook_scale is None:
+            return self.codebooks
+        return self.codebooks.float() * self.codebook_scale.float()
+
+    def _trains_books(self) -> bool:
+        return torch.is_grad_enabled() and (
+            self.codebooks.requires_grad or (self.codebook_scale is not None and self.codebook_scale.requires_grad)
+        )
+
     def _offsets(self) -> torch.Tensor:
         return torch.arange(self.stages * self.M, device=self.codes.device).view(self.stages, self.M) * self.K
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]
         out = None
-        if not (torch.is_grad_enabled() and self.codebooks.requires_grad) and self.out_dtype == torch.float32:
+        books = self.books()
+        if not self._trains_books() and self.out_dtype == torch.float32:
             from embfactor.formats._lut_kernel import pq_gather
 
-            out = pq_gather(self.codes, ids, self.codebooks)  # fused C loop (inference); None without a compiler
+            out = pq_gather(self.codes, ids, books)  # fused C loop (inference); None without a compiler
         if out is None:
             idx = codes_as_long(self.codes.index_select(0, ids)) + self._offsets()  # n × S × M
-            flat = self.codebooks.view(-1, self.sub_dim)
+            flat = books.reshape(-1, self.sub_dim)
             rows = F.embedding(idx.view(n, -1), flat).to(self.out_dtype).view(n, self.stages, self.M * self.sub_dim)
             out = rows.sum(1) if self.stages > 1 else rows[:, 0]
         if self.M * self.sub_dim != self.embedding_dim:
@@ -145,7 +174,7 @@ class CodebookEmbedding(RowFormat):
         pad = self.M * self.sub_dim - self.embedding_dim
         if pad:
             h = F.pad(h, (0, pad))
-        return torch.einsum("bmj,smkj->bsmk", h.view(h.shape[0], self.M, self.sub_dim), self.codebooks.float())
+        return torch.einsum("bmj,smkj->bsmk", h.view(h.shape[0], self.M, self.sub_dim), self.books().float())
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) -> (..., vocab) logits Σ_{s,m} LUT[s, m, codes[v, s, m]], a chunk of vocabulary at a time.
@@ -191,4 +220,6 @@ class CodebookEmbedding(RowFormat):
             s += ", rotation=True"
         if self.row_scale is not None:
             s += ", row_scale=True"
+        if self.codebook_scale is not None:
+            s += ", codebook_dtype=int8"
         return s + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")

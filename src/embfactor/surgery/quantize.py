@@ -116,18 +116,25 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
 
 
 def _codebooks_to_fp16(layer: nn.Module, meta: CompressionMeta) -> dict[str, Any]:
-    """Store a CodebookEmbedding's float tensors (codebooks, rotation, row scales) as fp16, in place."""
+    """Store a CodebookEmbedding's float tensors (codebooks, rotation, row scales) as fp16, in place.
+
+    int8 codebooks stay int8 (already narrower); their column scales become fp16 like the other float tensors.
+    """
     import torch
 
     vocab, d = layer.num_embeddings, layer.embedding_dim
+    int8 = layer.codebook_scale is not None
     # --- the model is mutated only below this line (nothing above can fail half-way) ---
     with torch.no_grad():
-        layer.codebooks = nn.Parameter(layer.codebooks.detach().half())
+        if int8:
+            layer.codebook_scale = nn.Parameter(layer.codebook_scale.detach().half())
+        else:
+            layer.codebooks = nn.Parameter(layer.codebooks.detach().half())
         if layer.row_scale is not None:
             layer.row_scale = nn.Parameter(layer.row_scale.detach().half())
         if layer.rotation is not None:
             layer.rotation = layer.rotation.half()
-    layer.codebook_dtype = "float16"
+    layer.codebook_dtype = "int8" if int8 else "float16"
     summary = {
         "bits": 16,
         "embedding_bytes": layer.num_bytes(),

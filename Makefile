@@ -44,6 +44,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.hf_load --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/frontier.py --quick
 	$(PY) benchmarks/heal_speed.py --quick
+	$(PY) benchmarks/heal_memory.py --quick --output $(QUICK_OUT)
 	$(PY) -m benchmarks.cli_frontier --quick
 
 lint: $(STAMP)

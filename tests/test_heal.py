@@ -151,6 +151,7 @@ def test_heal_cli_bad_inputs_write_nothing(tiny_bert_dir, tmp_path, capsys):
         (["--text", str(tmp_path / "missing.txt")], "does not exist"),
         (["--text", str(empty)], "no text found"),
         (["--labels", str(nolabel)], "no 'label' column"),
+        (["--loss-chunk", "-1"], "loss_chunk must be an integer ≥ 0, got -1"),
     ]
     for extra, msg in cases:
         out = tmp_path / "o"

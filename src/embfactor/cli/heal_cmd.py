@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
         dropout=args.dropout or None,
-        eval_every=args.eval_every, resume=args.resume, seed=args.seed,
+        eval_every=args.eval_every, resume=args.resume, seed=args.seed, loss_chunk=args.loss_chunk,
     )
     from accelerate import PartialState
 
@@ -107,6 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="texts per step (default 16)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default 128)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default 50)")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="decoders: token positions whose vocabulary-sized logits are computed at a time (default "
+                   "256; 0 = the whole batch at once: same loss, several times the memory)")
     p.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorm/RMSNorm weights")
     p.add_argument("--train-all", action=argparse.BooleanOptionalAction, default=None,
                    help="train every weight, not only the table's (faster progress per step; Adam state for all). "

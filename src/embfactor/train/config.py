@@ -38,6 +38,11 @@ class HealConfig:
         mse_weight: weight of the token-state MSE beside the pooled cosine (encoders).
         distill_weight: weight of the distillation term beside the cross-entropy (supervised).
         warmup_steps: linear learning-rate warm-up.
+        loss_chunk: decoders: token positions whose vocabulary-sized tensors (logits, log-probabilities, the KL and
+            their gradients) are computed at a time, each chunk's recomputed in the backward pass; 0 = the whole
+            batch at once. Same loss and gradients either way; at SmolLM2's 49,152 tokens a 16 × 128 batch holds
+            403 MB per such tensor, a chunk of 256 positions 50 MB. Models that change the logits after the head
+            (soft-capping) always use the whole batch.
         weight_decay: AdamW weight decay, ≥ 0.
         seed: seed of the data order, the held-out split and the classifier's initialization.
         resume: continue an interrupted run from ``output``.
@@ -69,6 +74,7 @@ class HealConfig:
     mse_weight: float = 1.0
     distill_weight: float = 1.0
     warmup_steps: int = 10
+    loss_chunk: int = 256
     weight_decay: float = 0.0
     seed: int = 0
     resume: bool = False
@@ -82,7 +88,7 @@ class HealConfig:
         for name in ("batch_size", "max_length", "eval_every", "eval_size"):
             if not _int_at_least(getattr(self, name), 1):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "loss_chunk"):
             if not _int_at_least(getattr(self, name), 0):
                 raise ConfigError(f"{name} must be an integer ≥ 0, got {getattr(self, name)!r}")
         if not (_number(self.lr) and 0 < self.lr < 1):

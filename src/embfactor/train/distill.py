@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +196,127 @@ def teacher_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """The teacher's next-token log-probabilities, float32 (one vocab-sized tensor kept per batch, not its logits
     as well: at SmolLM2's 49,152 tokens each such tensor of a 16 × 128 batch is 400 MB)."""
     return F.log_softmax(logits.float(), -1)
+
+
+def _kl_sum(s_hidden: torch.Tensor, t_hidden: torch.Tensor, weight: torch.Tensor, s_head: nn.Module,
+            t_head: nn.Module) -> torch.Tensor:
+    # One chunk of positions: the weighted sum of KL(teacher ‖ student), from the hidden states through both heads.
+    # The same operations as decoder_loss ∘ teacher_logprobs, so the sum over chunks is the unchunked loss.
+    with torch.no_grad():
+        t_logp = teacher_logprobs(t_head(t_hidden))
+    s_logp = F.log_softmax(s_head(s_hidden).float(), -1)
+    kl = F.kl_div(s_logp, t_logp, reduction="none", log_target=True).sum(-1)
+    return (kl * weight).sum()
+
+
+def chunked_decoder_loss(
+    s_hidden: torch.Tensor, t_hidden: torch.Tensor, s_head: nn.Module, t_head: nn.Module,
+    mask: torch.Tensor | None = None, *, chunk: int = 256,
+) -> torch.Tensor:
+    """:func:`decoder_loss` of ``s_head(s_hidden)`` against ``teacher_logprobs(t_head(t_hidden))``, computed
+    ``chunk`` token positions at a time: the same value and gradients, without a batch's vocabulary-sized tensors.
+
+    Each chunk's logits are recomputed in the backward pass (``torch.utils.checkpoint``), so one chunk's vocabulary-
+    sized tensors (logits, log-probabilities, the KL's terms and their gradients) live at a time, never the batch's:
+    healing SmolLM2 (49,152 tokens) on 16 × 128 windows held 403 MB per such tensor, and several at once. The cost
+    is one more head projection per chunk (student and teacher) in the backward pass. A tied head of a compressed
+    model is its format's ``project``, so the dense table is never built either.
+
+    Args:
+        s_hidden: the student's final hidden states (what its output head takes), batch × positions × d.
+        t_hidden: the teacher's, the same positions (no gradient flows to the teacher).
+        s_head, t_head: the output heads (``model.get_output_embeddings()``).
+        mask: 1 for positions that count (as in :func:`decoder_loss`; None = all).
+        chunk: token positions per chunk (≥ 1; the batch's positions are flattened first).
+
+    Example:
+        >>> head = nn.Linear(8, 50, bias=False)
+        >>> h = torch.randn(2, 5, 8)
+        >>> full = decoder_loss(head(h), teacher_logprobs(head(h + 0.1)))
+        >>> bool(torch.allclose(chunked_decoder_loss(h, h + 0.1, head, head, chunk=3), full, atol=1e-6))
+        True
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise InvalidInputError(f"chunk must be a positive number of token positions, got {chunk!r}")
+    sh = s_hidden.reshape(-1, s_hidden.shape[-1])
+    th = t_hidden.reshape(-1, t_hidden.shape[-1]).detach()
+    n = sh.shape[0]
+    if th.shape[0] != n:
+        raise InvalidInputError(f"the student has {n} hidden positions and the teacher {th.shape[0]}; they must match")
+    if mask is None:
+        weight, denom = torch.ones(n, device=sh.device), torch.tensor(float(n), device=sh.device)
+    else:
+        weight = mask.reshape(-1).to(torch.float32)
+        denom = weight.sum().clamp_min(1)
+    # only needed when something will be differentiated; under no_grad (evaluation) a chunk simply runs and is freed
+    grad = torch.is_grad_enabled() and (sh.requires_grad or any(p.requires_grad for p in s_head.parameters()))
+    total = torch.zeros((), device=sh.device)
+    for s in range(0, n, chunk):
+        args = (sh[s : s + chunk], th[s : s + chunk], weight[s : s + chunk], s_head, t_head)
+        # non-reentrant: the chunks' gradients meet in one autograd graph, so each parameter's gradient is
+        # accumulated once per backward (what DDP's gradient hooks expect), not once per chunk
+        part = checkpoint(_kl_sum, *args, use_reentrant=False) if grad else _kl_sum(*args)
+        total = total + part
+    return total / denom
+
+
+@contextlib.contextmanager
+def head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While open, each forward of the causal LM ``model`` records what its output head takes (the final hidden
+    states, appended to the yielded list) and runs the head on the first position only: the batch's logits are
+    never computed. (One position, not none: a format's ``project`` need not handle empty input.)
+
+    A forward pre-hook on ``model.get_output_embeddings()``, so it works through wrappers (DDP) and for any model
+    whose forward calls the head on its hidden states; :func:`head_split_matches` checks that nothing but the head
+    stands between those and the logits.
+
+    Example:
+        >>> with head_inputs(gpt2) as seen:                        # doctest: +SKIP
+        ...     gpt2(input_ids=ids).logits.shape[1], seen[0].shape[1]
+        (1, 12)
+    """
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not args:
+            raise InvalidInputError(f"{type(model).__name__} calls its output head without positional hidden states")
+        seen.append(args[0])
+        return (args[0][..., :1, :], *args[1:]), kwargs
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def head_split_matches(model: nn.Module, input_ids: torch.Tensor) -> bool:
+    """True when ``model``'s logits are its output head applied to the hidden states :func:`head_inputs` records.
+
+    False for models that transform the logits after the head (Gemma-2's soft-capping, Cohere's logit scale) or
+    whose head is called otherwise: their loss must be computed from the full logits.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            full = model(**batch).logits
+            with head_inputs(model) as seen:
+                first = model(**batch).logits
+            if len(seen) != 1 or first.shape[-2] != 1:
+                return False
+            split = head(seen[0])
+        return split.shape == full.shape and bool(torch.allclose(split, full, rtol=1e-4, atol=1e-5))
+    except Exception:  # noqa: BLE001 -- any failure: the split does not apply to this model, the full logits do
+        return False
+    finally:
+        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------- what trains

@@ -49,9 +49,12 @@ from embfactor.train.distill import (
     bf16_supported,
     cast_parameters,
     check_compatible,
+    chunked_decoder_loss,
     clean_texts,
     decoder_loss,
     encoder_loss,
+    head_inputs,
+    head_split_matches,
     hidden_states,
     passages,
     pool,
@@ -185,6 +188,7 @@ class _HealRun:
         if self.data.classes is not None:
             head = nn.Linear(student.model.get_input_embeddings().embedding_dim, len(self.data.classes))
         self._setup_accelerator(head)
+        self.loss_chunk = self._loss_chunk()
         self.step, self.seconds_before, self.ema = 0, 0.0, None
         self.history: list[dict[str, Any]] = []
         self.cost = {"step": 0.0, "eval": 0.0, "train": 0.0}  # slowest recent step, last evaluation, all steps
@@ -206,6 +210,16 @@ class _HealRun:
             (self.model, self.optimizer), self.head = self.acc.prepare(self.student.model, optimizer), None
         self.device = self.acc.device
         self.tmodel = self.teacher.model.to(self.device)
+
+    def _loss_chunk(self) -> int:
+        """Positions per chunk of the decoder loss: the configured size when both models' logits are their head
+        applied to the final hidden states (checked on a few tokens), else 0 (the whole batch's logits at once)."""
+        if self.kind != "decoder" or self.cfg.loss_chunk == 0:
+            return 0
+        vocab = self.student.model.get_input_embeddings().num_embeddings
+        ids = (torch.arange(1, 9) % vocab).unsqueeze(0).to(self.device)  # any few tokens will do
+        split = all(head_split_matches(m, ids) for m in (self.acc.unwrap_model(self.model), self.tmodel))
+        return self.cfg.loss_chunk if split else 0
 
     def _param_groups(self, head: nn.Module | None) -> list[dict[str, Any]]:
         """The table's tensors at ``lr`` (× each one's RMS with ``relative_lr``), a classifier at ``lr``, the rest of
@@ -244,6 +258,8 @@ class _HealRun:
     def distill(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, per-item metric, pooled student embedding) on one batch."""
         mask = batch["attention_mask"]
+        if self.kind == "decoder" and self.loss_chunk:
+            return self.distill_chunked(batch)
         with torch.inference_mode(), self.autocast():
             if self.kind == "encoder":
                 t_out = hidden_states(self.tmodel, batch, "encoder")
@@ -259,6 +275,22 @@ class _HealRun:
             loss = decoder_loss(s.logits[:, :-1], t_out, mask[:, 1:])
             pooled = pool(s.hidden_states[-1].float(), mask) if self.head is not None else loss
             return loss, loss.detach().reshape(1), pooled
+
+    def distill_chunked(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`distill` of a decoder from both models' final hidden states, ``loss_chunk`` positions of logits
+        at a time (:func:`~embfactor.train.distill.chunked_decoder_loss`): the same loss and gradients."""
+        student = self.acc.unwrap_model(self.model)
+        with torch.inference_mode(), self.autocast(), head_inputs(self.tmodel) as seen:
+            self.tmodel(**batch)
+        t_hidden = seen[0][:, :-1].clone()  # inference tensors cannot be saved for backward
+        with self.autocast():
+            with head_inputs(student) as seen:  # the forward goes through the wrapper (DDP) all the same
+                s = self.model(**batch, output_hidden_states=self.head is not None)
+            loss = chunked_decoder_loss(seen[0][:, :-1], t_hidden, student.get_output_embeddings(),
+                                        self.tmodel.get_output_embeddings(), batch["attention_mask"][:, 1:],
+                                        chunk=self.loss_chunk)
+        pooled = pool(s.hidden_states[-1].float(), batch["attention_mask"]) if self.head is not None else loss
+        return loss, loss.detach().reshape(1), pooled
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -475,6 +507,7 @@ class _HealRun:
             "relative_lr": cfg.relative_lr,
             "batch_size": cfg.batch_size,
             "max_length": cfg.max_length,
+            "loss_chunk": self.loss_chunk if self.kind == "decoder" else None,
             "texts": "user" if self.user_texts or self.head is not None else "wiki_split('train')",
             "complete": final,
         }

@@ -156,8 +156,9 @@ def int_method(
     """Registered ``int``: explicit ``bits`` (``group`` default 32; None = per row), else the setting that fits.
 
     Explicit ``bits`` fix the size: no target is needed, and a target given with them is checked to allow their
-    bytes (:func:`embfactor.decomposition.registry.check_explicit_size`). ``rank`` is read as a budget, the fp32 bytes of a rank-r U·V (as pq/rvq read it). ``token_weights`` are
-    accepted and unused (uniform rounding serves every row alike), so sweeps can pass them to every method.
+    bytes (:func:`embfactor.decomposition.registry.check_explicit_size`). ``rank`` is read as a budget, the fp32
+    bytes of a rank-r U·V (as pq/rvq read it). ``token_weights`` are accepted and unused (uniform rounding serves
+    every row alike), so sweeps can pass them to every method.
     """
     if bits is None and (budget_bytes is not None or rank is not None):
         budget = budget_bytes if budget_bytes is not None else 4.0 * rank * (E.shape[0] + E.shape[1])

@@ -532,6 +532,33 @@ def test_relative_lr_steps_each_table_tensor_by_lr_times_its_rms(tiny_bert, rela
     assert moved.max() == pytest.approx(step, rel=0.05)
 
 
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_int8_codebooks_train_as_floats_and_are_saved_as_int8(tiny_bert, tiny_gpt2, tmp_path, kind):
+    model = tiny_bert if kind == "encoder" else tiny_gpt2
+    tok = word_tokenizer()
+    student_model = copy.deepcopy(model)
+    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16, codebook_dtype="int8")
+    emb = student_model.get_input_embeddings()
+    before_q, before_rows = emb.codebooks.detach().clone(), emb.dense().detach().clone()
+    student = LoadedModel("student", student_model, tok, kind, Path("/nonexistent-student"))
+    teacher = LoadedModel("teacher", model, tok, kind, Path("/nonexistent-teacher"))
+    r = heal(student, teacher, texts=TEXTS, steps=1, train_all=False, output=tmp_path / "h",
+             **{**OPTS, "lr": 1e-2, "relative_lr": True, "eval_every": 100, "warmup_steps": 0})
+    assert r["trainable_params"] == emb.codebooks.numel()  # the values train (scales are folded into them)
+    # in memory and on disk: int8 values (moved by training) times fp16 column scales, the same rows
+    assert emb.codebooks.dtype == torch.int8 and emb.codebook_scale.dtype == torch.float16
+    assert not torch.equal(emb.codebooks, before_q)
+    assert not torch.allclose(emb.dense(), before_rows)
+    loaded = ef.load_compressed(tmp_path / "h").get_input_embeddings()
+    assert loaded.codebooks.dtype == torch.int8 and torch.equal(loaded.codebooks, emb.codebooks)
+    torch.testing.assert_close(loaded.dense(), emb.dense())
+    assert loaded.num_bytes() == emb.num_bytes() == r_bytes(emb)
+
+
+def r_bytes(emb) -> int:
+    return sum(t.numel() * t.element_size() for t in emb.state_dict().values())
+
+
 def test_decoder_loss_is_the_masked_mean_kl_from_teacher_logprobs():
     """KL(teacher ‖ student) per position, from the teacher's log-probabilities, masked mean: the formula written out."""
     from embfactor.train.distill import decoder_loss, teacher_logprobs

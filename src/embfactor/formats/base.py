@@ -89,6 +89,16 @@ class RowFormat(nn.Module):
         """Healing options this table heals best with (:class:`embfactor.train.config.HealConfig` fields)."""
         return dict(self.heal_settings)
 
+    def for_training_(self) -> None:
+        """Give values stored as integers but meant to train (int8 codebooks) a float form, in place.
+
+        Healing calls it before it chooses what trains, and :meth:`for_storage_` before it saves. Default: nothing
+        (a format's float tensors train as they are; its integer codes never do).
+        """
+
+    def for_storage_(self) -> None:
+        """Return what :meth:`for_training_` made float to its stored form (rounding it), in place. Default: nothing."""
+
     # --- what a format implements --------------------------------------------------------------------------
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the table for a 1-D int64 tensor of valid ids: (len(ids) × d)."""

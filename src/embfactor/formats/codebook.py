@@ -134,6 +134,26 @@ class CodebookEmbedding(RowFormat):
             return self.codebooks
         return self.codebooks.float() * self.codebook_scale.float()
 
+    def for_training_(self) -> None:
+        """int8 codebooks train as float32 values (their column scales folded in and dropped until storage)."""
+        if self.codebook_scale is None:
+            return
+        with torch.no_grad():
+            books = self.books().float()
+        self.codebooks.requires_grad_(False)
+        self.codebooks.data = books
+        self.codebooks.requires_grad_(True)
+        self.codebook_scale = None
+
+    def for_storage_(self) -> None:
+        """Trained float codebooks of an int8 table back to int8 values × fp16 column scales."""
+        if self.codebook_dtype != "int8" or not self.codebooks.is_floating_point():
+            return
+        q, scale = int8_codebooks(self.codebooks.detach())
+        self.codebooks.requires_grad_(False)
+        self.codebooks.data = q
+        self.codebook_scale = nn.Parameter(scale.to(self.codebooks.device))
+
     def _trains_books(self) -> bool:
         return torch.is_grad_enabled() and (
             self.codebooks.requires_grad or (self.codebook_scale is not None and self.codebook_scale.requires_grad)

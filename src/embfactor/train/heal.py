@@ -173,6 +173,11 @@ class _HealRun:
         self.kind, self.tok = student.kind, student.tokenizer
         self.user_texts = texts is not None
         torch.manual_seed(cfg.seed)
+        from embfactor.formats import is_row_format
+
+        # int8 codebooks train as float values (rounded back to int8 whenever the model is saved)
+        self.formats = [m for m in student.model.modules() if is_row_format(m)]
+        self.stored_form(False)
         self.params = trainable_parameters(student.model, train_layernorm=cfg.train_layernorm,
                                            train_all=cfg.train_all)
         self.stored_dtypes = upcast_half(self.params)  # half-precision codebooks/scales train as float32
@@ -458,6 +463,11 @@ class _HealRun:
             for k, p in self.params.items():
                 p.copy_(self.best[k])
 
+    def stored_form(self, stored: bool) -> None:
+        """The embedding formats' tensors as stored (True) or in their trainable float form (False)."""
+        for f in self.formats:
+            f.for_storage_() if stored else f.for_training_()
+
     def save(self, final: bool = False) -> None:
         """Write the best model so far, its classifier and the resume state to the output in one swap."""
         from embfactor.surgery import save_compressed
@@ -473,10 +483,12 @@ class _HealRun:
                      "healing": self.summary(final=final)}
             self.load_best()
             cast_parameters(self.params, self.stored_dtypes)
+            self.stored_form(True)
             try:
                 save_compressed(self.acc.unwrap_model(self.model), self.out_dir, tokenizer=self.tok, files=files,
                                 inputs=(self.student.source, self.teacher.source), extra=extra)
             finally:
+                self.stored_form(False)
                 cast_parameters(self.params, {k: current[k].dtype for k in self.stored_dtypes})
                 with torch.no_grad():
                     for k, p in self.params.items():
@@ -527,6 +539,7 @@ class _HealRun:
         if self.pad_added:
             self.tok.pad_token = None
         cast_parameters(self.params, self.stored_dtypes)  # the model in memory is the one saved
+        self.stored_form(True)
         model = self.acc.unwrap_model(self.model)
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())  # integer tensors (a format's codes) cannot require gradients

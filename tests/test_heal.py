@@ -537,7 +537,7 @@ def test_int8_codebooks_train_as_floats_and_are_saved_as_int8(tiny_bert, tiny_gp
     model = tiny_bert if kind == "encoder" else tiny_gpt2
     tok = word_tokenizer()
     student_model = copy.deepcopy(model)
-    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16, codebook_dtype="int8")
+    ef.factorize_(student_model, method="pq", sub_dim=4, K=16, codebook_dtype="int8")
     emb = student_model.get_input_embeddings()
     before_q, before_rows = emb.codebooks.detach().clone(), emb.dense().detach().clone()
     student = LoadedModel("student", student_model, tok, kind, Path("/nonexistent-student"))

@@ -23,6 +23,7 @@ from embfactor.decomposition.codebook import (
     code_dtype,
     codes_as_long,
     float_dtype,
+    int8_codebooks,
 )
 from embfactor.errors import ConfigError
 from embfactor.formats.base import QUANTIZED_TABLE_HEALING, RowFormat, check_format_args, register_format

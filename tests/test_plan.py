@@ -84,11 +84,12 @@ def test_search_spends_the_budget_when_no_boundary_is_near_it():
     assert [t.fmt for t in best.tiers] == [rich, mid, poor]
     assert [t.stop for t in best.tiers] == [100, 1334, n]
     assert best.bytes == budget
-    for p in plans:  # every plan spends all but less than one row's step between its last two formats
+    for p in plans:  # every plan fits, and one more row in the richer of its last two tiers would not
         assert p.bytes <= budget
-        if len(p.tiers) > 1:
-            a = p.tiers[-2].fmt
-            assert budget - p.bytes < a.bytes_for(1 << 20, d) / (1 << 20) * 2 + 64 or p.tiers[-1].rows == 1
+        if len(p.tiers) > 1 and p.tiers[-1].rows > 1:
+            a, b = p.tiers[-2], p.tiers[-1]
+            more = a.fmt.bytes_for(a.rows + 1, d) + b.fmt.bytes_for(b.rows - 1, d) - a.bytes - b.bytes
+            assert p.bytes + more > budget
 
 
 def test_candidate_plans_raise_when_nothing_fits():

@@ -7,8 +7,9 @@ evaluation, one batch each) in a fresh Python process and reports its peak resid
 PyTorch's allocator never hands all memory back, so tracemalloc and in-process deltas undercount), the peak after
 loading the two models (what heal adds is the difference) and the seconds per optimizer step.
 
-Cases differ by ``loss_chunk`` (token positions whose logits live at a time; 0 = the whole batch at once) when the
-code under test has that option; ``--loss-chunks`` none runs heal with its defaults only.
+Cases differ by heal options: ``loss_chunk`` (token positions whose vocabulary-sized tensors live at a time; 0 =
+the whole batch at once, as heal did before it had the option) and ``checkpoint_layers`` (recompute each transformer
+layer's activations in the backward pass). ``--cases default`` runs heal with its defaults only.
 
 Run:
     ``python benchmarks/heal_memory.py --compressed /tmp/s8 --reference smollm2``  (a few minutes per case), or
@@ -35,6 +36,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 TINY = {"vocab": 8192, "d": 64, "layers": 2}
+WHOLE_BATCH = "loss_chunk=0,checkpoint_layers=false"  # heal as it was before either option existed
 
 
 def _tiny_pair() -> tuple[Any, Any]:
@@ -70,7 +72,7 @@ def _tiny_pair() -> tuple[Any, Any]:
 
 
 def case(compressed: str | None, reference: str | None, steps: int, batch_size: int, max_length: int,
-         loss_chunk: int | None) -> None:
+         options: dict[str, Any]) -> None:
     """Subprocess entry: load the pair, emit the load peak, heal ``steps`` steps, emit the run's figures."""
     import torch
 
@@ -83,27 +85,40 @@ def case(compressed: str | None, reference: str | None, steps: int, batch_size: 
     else:
         student, teacher = load_model(compressed), load_model(reference)
     emit({"stage": "loaded"})
-    opts: dict[str, Any] = {"loss_chunk": loss_chunk} if loss_chunk is not None else {}
     t = time.perf_counter()
     r = heal(student, teacher, steps=steps, batch_size=batch_size, max_length=max_length, eval_size=batch_size,
-             eval_every=10**6, progress=False, **opts)
+             eval_every=10**6, progress=False, **options)
     emit({"stage": "healed", "seconds": time.perf_counter() - t, "steps": r["steps"],
           "step_seconds": r["step_seconds"] / max(1, r["steps"]), "eval_before": r["eval_before"]["loss"],
           "eval_last": r["last_eval"]["loss"], "train_all": r["train_all"],
-          "trainable_params": r["trainable_params"]})
+          "trainable_params": r["trainable_params"], "loss_chunk": r.get("loss_chunk"),
+          "checkpoint_layers": r.get("checkpoint_layers")})
 
 
-def run(*, compressed: str | None, reference: str | None, chunks: list[int | None], steps: int, batch_size: int,
+def parse_case(text: str) -> dict[str, Any]:
+    """``default`` or ``name=value,...`` (ints, true/false) -> heal options."""
+    if text == "default":
+        return {}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        low = value.strip().lower()
+        out[key.strip()] = True if low == "true" else False if low == "false" else int(value)
+    return out
+
+
+def run(*, compressed: str | None, reference: str | None, cases: list[str], steps: int, batch_size: int,
         max_length: int, timeout: float) -> dict[str, Any]:
     rows = []
-    for chunk in chunks:
+    for label in cases:
         kw = {"compressed": compressed, "reference": reference, "steps": steps, "batch_size": batch_size,
-              "max_length": max_length, "loss_chunk": chunk}
+              "max_length": max_length, "options": parse_case(label)}
         res = run_isolated("benchmarks.heal_memory", "case", kw, timeout=timeout)
         loaded = next((r for r in res if r.get("stage") == "loaded"), {})
         healed = next((r for r in res if r.get("stage") == "healed"), {})
         failed = next((r for r in res if r.get("status") != "ok"), None)
-        row = {"loss_chunk": chunk, "load_peak_rss_mb": loaded.get("peak_rss_mb"),
+        row = {"case": label, "loss_chunk": healed.get("loss_chunk"),
+               "checkpoint_layers": healed.get("checkpoint_layers"), "load_peak_rss_mb": loaded.get("peak_rss_mb"),
                "peak_rss_mb": healed.get("peak_rss_mb"), "step_seconds": healed.get("step_seconds"),
                "eval_before": healed.get("eval_before"), "eval_last": healed.get("eval_last"),
                "train_all": healed.get("train_all"), "status": failed["status"] if failed else "ok"}
@@ -112,7 +127,7 @@ def run(*, compressed: str | None, reference: str | None, chunks: list[int | Non
         if row["peak_rss_mb"] and row["load_peak_rss_mb"]:
             row["heal_extra_mb"] = row["peak_rss_mb"] - row["load_peak_rss_mb"]
         rows.append(row)
-        print(f"[heal_memory] loss_chunk={chunk}: peak {row['peak_rss_mb'] or 0:.0f} MB (load "
+        print(f"[heal_memory] {label}: peak {row['peak_rss_mb'] or 0:.0f} MB (load "
               f"{row['load_peak_rss_mb'] or 0:.0f} MB), {row['step_seconds'] or 0:.2f} s/step ({row['status']})",
               file=sys.stderr, flush=True)
     model = "tiny random Llama " + "×".join(str(v) for v in TINY.values()) if compressed is None else compressed
@@ -124,16 +139,13 @@ def markdown(res: dict[str, Any]) -> str:
     head = (f"Decoder healing memory: {res['model']} against {res['reference'] or 'its dense original'}, "
             f"{res['steps']} steps of {res['batch_size']} × {res['max_length']} tokens (+ 2 evaluations), "
             f"{res['environment']['torch_threads']} torch threads, {res['environment']['time_utc']}")
-    rows = [[("heal default" if r["loss_chunk"] is None else "whole batch" if r["loss_chunk"] == 0
-              else f"{r['loss_chunk']} positions"), r["load_peak_rss_mb"], r["peak_rss_mb"], r.get("heal_extra_mb"),
-             r["step_seconds"], r["eval_before"], r["eval_last"], r["status"]] for r in res["rows"]]
-    table = markdown_table(rows, ["loss chunk", "peak after load (MB)", "peak (MB)", "heal adds (MB)", "s/step",
-                                  "eval KL before", "eval KL after", "status"])
+    rows = [[r["case"], r["loss_chunk"], r["checkpoint_layers"], r["load_peak_rss_mb"], r["peak_rss_mb"],
+             r.get("heal_extra_mb"), r["step_seconds"], r["eval_before"], r["eval_last"], r["status"]]
+            for r in res["rows"]]
+    table = markdown_table(rows, ["case (heal options)", "loss chunk", "layers recomputed", "peak after load (MB)",
+                                  "peak (MB)", "heal adds (MB)", "s/step", "eval KL before", "eval KL after",
+                                  "status"])
     return head + "\n\n" + table
-
-
-def _chunk(s: str) -> int | None:
-    return None if s == "none" else int(s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny random decoder, two steps: a smoke test")
     p.add_argument("--compressed", help="a compressed decoder folder (from 'embfactor compress')")
     p.add_argument("--reference", default="smollm2", help="its original (default smollm2)")
-    p.add_argument("--loss-chunks", type=_chunk, nargs="+", default=None,
-                   help="loss_chunk of each case: positions, 0 = whole batch, 'none' = heal's default "
-                   "(default: 0 and the default)")
+    p.add_argument("--cases", nargs="+", default=[WHOLE_BATCH, "default"],
+                   help="heal options of each case: 'default' or name=value,... (default: the whole batch's logits "
+                   "and every activation kept, as before loss_chunk existed; then heal's defaults)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per case (default 3)")
     p.add_argument("--batch-size", type=int, default=16, help="token windows per step (default 16)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per window (default 128)")
@@ -152,12 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.quick and a.compressed is None:
         p.error("give --compressed FOLDER (e.g. from 'embfactor compress smollm2 --size 8x -o /tmp/s8') or --quick")
-    chunks = a.loss_chunks if a.loss_chunks is not None else [0, None]
     if a.quick:
-        res = run(compressed=None, reference=None, chunks=chunks, steps=2, batch_size=8, max_length=64,
+        res = run(compressed=None, reference=None, cases=a.cases, steps=2, batch_size=8, max_length=64,
                   timeout=600)
     else:
-        res = run(compressed=a.compressed, reference=a.reference, chunks=chunks, steps=a.steps,
+        res = run(compressed=a.compressed, reference=a.reference, cases=a.cases, steps=a.steps,
                   batch_size=a.batch_size, max_length=a.max_length, timeout=a.timeout)
     res["quick"] = a.quick
     md = markdown(res)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,122 @@ def heal_config(**kw):
     from embfactor.train.config import HealConfig
 
     return HealConfig(**kw)
+
+
+# ----------------------------------------------------------------------------------------------- layers recomputed
+
+
+def test_recompute_layers_runs_each_layer_again_in_backward_with_the_same_gradients(tiny_llama_tied, monkeypatch):
+    """Under recompute_layers each layer's inner modules run twice per step (forward, then the backward's replay),
+    in eval mode too; the gradients are those of the plain forward; on exit the model is as it was."""
+    from embfactor.train.distill import recompute_layers, transformer_layers
+
+    model = tiny_llama_tied.double()
+    layers = transformer_layers(model)
+    assert len(layers) == 2 and model.training is False
+    calls = []
+    mlp_forward = type(layers[0].mlp).forward  # counted in the class: module hooks do not run in the replay
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return mlp_forward(self, *a, **k)
+
+    monkeypatch.setattr(type(layers[0].mlp), "forward", counted)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(recompute: bool):
+        calls.clear()
+        with recompute_layers(model, recompute) as n:
+            loss = model(input_ids=IDS, attention_mask=MASK, use_cache=False).logits.pow(2).mean()
+        g = torch.autograd.grad(loss, params)
+        return n, len(calls), g
+
+    n, runs, plain = grads(False)
+    assert (n, runs) == (0, 2)
+    n, runs, again = grads(True)
+    assert (n, runs) == (2, 4)
+    for a, b in zip(plain, again):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert all("forward" not in layer.__dict__ for layer in layers)  # unwrapped on exit
+    with torch.no_grad(), recompute_layers(model) as n:  # nothing to recompute without gradients
+        assert n == 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama_tied"])
+def test_heal_with_layers_recomputed_trains_as_without(request, fixture):
+    """Decoders recompute their layers by default (checkpoint_layers="auto"): the same held-out losses and trained
+    weights as keeping every activation."""
+    model = request.getfixturevalue(fixture)
+    results, weights = [], []
+    for recompute in (False, "auto"):
+        student, teacher = pair_of(model)
+        r = heal(student, teacher, texts=TEXTS * 4, steps=3, train_all=True, checkpoint_layers=recompute,
+                 **{**OPTS, "lr": 1e-3})
+        results.append(r)
+        weights.append({k: v.detach().clone() for k, v in student.model.named_parameters()})
+    assert [r["checkpoint_layers"] for r in results] == [False, True]
+    for a, b in zip(results[0]["history"], results[1]["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    for k, v in weights[0].items():
+        assert torch.allclose(weights[1][k], v, rtol=1e-5, atol=1e-7), k
+
+
+def test_encoders_keep_their_activations_unless_asked(tiny_bert):
+    from .test_heal import pair
+
+    student, teacher = pair(tiny_bert, "encoder")
+    assert heal(student, teacher, texts=TEXTS, steps=1, **OPTS)["checkpoint_layers"] is False
+    student, teacher = pair(tiny_bert, "encoder")
+    r = heal(student, teacher, texts=TEXTS, steps=1, checkpoint_layers=True, **OPTS)
+    assert r["checkpoint_layers"] is True and r["loss_chunk"] is None
+    with pytest.raises(ConfigError, match="checkpoint_layers must be True, False or 'auto', got 'yes'"):
+        heal_config(checkpoint_layers="yes")
+
+
+PROBE = """
+import json, sys
+import torch
+sys.path.insert(0, {root!r})
+from tests.conftest import _llama
+from tests.test_heal import OPTS, TEXTS
+from tests.test_heal_chunked import pair_of
+from embfactor.train.heal import heal
+
+student, teacher = pair_of(_llama(True))
+r = heal(student, teacher, texts=TEXTS * 4, steps=3, train_all=True, loss_chunk=int(sys.argv[1]),
+         **{{**OPTS, "lr": 1e-3}})
+w = torch.cat([p.detach().flatten().double() for p in student.model.parameters()])
+print("RESULT " + json.dumps([r["processes"], r["loss_chunk"], r["checkpoint_layers"], float(w.pow(2).sum())]),
+      flush=True)
+"""
+
+
+@pytest.mark.slow  # two torchrun launches of two processes each (~40 s on a busy 2-core machine)
+def test_chunked_heal_under_two_cpu_processes_trains_as_the_whole_batch(tmp_path):
+    """Under DDP (two CPU processes) a decoder heals with chunked, checkpointed losses and recomputed layers: every
+    parameter's gradient is reduced once per step (non-reentrant checkpoints), the processes stay in step, and the
+    weights match a two-process run on the whole batch's logits."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE.format(root=str(Path(__file__).resolve().parents[1])))
+    src = str(Path(ef.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    runs = {}
+    for chunk in (0, 5):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), str(chunk)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # the two processes share stdout and their lines can run together
+        runs[chunk] = [json.loads(m) for m in re.findall(r"RESULT (\[[^\]]*\])", proc.stdout)]
+    assert [r[:3] for r in runs[0]] == [[2, 0, True]] * 2 and [r[:3] for r in runs[5]] == [[2, 5, True]] * 2
+    norms = [r[3] for r in runs[0] + runs[5]]
+    assert max(norms) - min(norms) <= 1e-6 * max(norms)

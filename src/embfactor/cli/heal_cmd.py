@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
         dropout=args.dropout or None,
         eval_every=args.eval_every, resume=args.resume, seed=args.seed, loss_chunk=args.loss_chunk,
+        checkpoint_layers=args.checkpoint_layers,
     )
     from accelerate import PartialState
 
@@ -110,6 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="decoders: token positions whose vocabulary-sized logits are computed at a time (default "
                    "256; 0 = the whole batch at once: same loss, several times the memory)")
+    p.add_argument("--checkpoint-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each transformer layer's activations in the backward pass instead of keeping "
+                   "them: same gradients, one more forward per step (default: on for decoders, off for encoders)")
     p.add_argument("--train-layernorm", action="store_true", help="also train the LayerNorm/RMSNorm weights")
     p.add_argument("--train-all", action=argparse.BooleanOptionalAction, default=None,
                    help="train every weight, not only the table's (faster progress per step; Adam state for all). "

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -317,6 +318,57 @@ def head_split_matches(model: nn.Module, input_ids: torch.Tensor) -> bool:
         return False
     finally:
         model.train(was_training)
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's outermost transformer blocks (Hugging Face ``GradientCheckpointingLayer``s), in order."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # an older transformers: no common base class to find the blocks by
+        return []
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, GradientCheckpointingLayer) and not any(name.startswith(p + ".") for p, _ in found):
+            found.append((name, m))
+    return [m for _, m in found]
+
+
+def _recomputed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def recompute_layers(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """While open (and gradients are on), each transformer layer of ``model`` keeps only its inputs for the
+    backward pass and recomputes its activations there (activation checkpointing); yields how many layers.
+
+    Works in eval mode, unlike Hugging Face's ``gradient_checkpointing_enable`` (on only while ``model.training``;
+    healing runs without dropout, in eval mode), and leaves the model as it was on exit: each layer's forward is
+    wrapped on the instance for the duration. The recomputation is exact (the same kernels on the same inputs; the
+    RNG state is restored for dropout), so loss and gradients are unchanged, for one more forward pass per step.
+    Non-reentrant checkpointing, so the wrapped forward may take keyword arguments and DDP sees one gradient per
+    parameter. A forward under it must not write a KV cache (pass ``use_cache=False``): the replay would write again.
+
+    Example:
+        >>> with recompute_layers(llama) as n:                # doctest: +SKIP
+        ...     loss = llama(input_ids=ids, use_cache=False).logits.sum()
+        >>> loss.backward()                                   # doctest: +SKIP
+    """
+    layers = transformer_layers(model) if enabled and torch.is_grad_enabled() else []
+    missing = object()
+    saved = [layer.__dict__.get("forward", missing) for layer in layers]
+    for layer in layers:
+        layer.forward = functools.partial(_recomputed, layer.forward)
+    try:
+        yield len(layers)
+    finally:
+        for layer, old in zip(layers, saved):
+            if old is missing:
+                del layer.forward
+            else:
+                layer.forward = old
 
 
 # ----------------------------------------------------------------------------------------------- what trains

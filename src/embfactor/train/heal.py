@@ -57,6 +57,7 @@ from embfactor.train.distill import (
     head_split_matches,
     hidden_states,
     passages,
+    recompute_layers,
     pool,
     prepare_data,
     read_labels,
@@ -194,6 +195,8 @@ class _HealRun:
             head = nn.Linear(student.model.get_input_embeddings().embedding_dim, len(self.data.classes))
         self._setup_accelerator(head)
         self.loss_chunk = self._loss_chunk()
+        auto = cfg.checkpoint_layers == "auto"  # decoders: their activations dominate a step's memory
+        self.recompute = self.kind == "decoder" if auto else bool(cfg.checkpoint_layers)
         self.step, self.seconds_before, self.ema = 0, 0.0, None
         self.history: list[dict[str, Any]] = []
         self.cost = {"step": 0.0, "eval": 0.0, "train": 0.0}  # slowest recent step, last evaluation, all steps
@@ -269,14 +272,16 @@ class _HealRun:
             if self.kind == "encoder":
                 t_out = hidden_states(self.tmodel, batch, "encoder")
             else:
-                t_out = teacher_logprobs(self.tmodel(**batch).logits[:, :-1])
+                t_out = teacher_logprobs(self.tmodel(**batch, use_cache=False).logits[:, :-1])
         t_out = t_out.clone()  # inference tensors cannot be saved for backward
         with self.autocast():
             if self.kind == "encoder":
-                s_hidden = self.model(**batch).last_hidden_state
+                with recompute_layers(self.student.model, self.recompute):
+                    s_hidden = self.model(**batch).last_hidden_state
                 loss, cos = encoder_loss(s_hidden, t_out, mask, self.cfg.mse_weight)
                 return loss, cos.detach(), pool(s_hidden.float(), mask)
-            s = self.model(**batch, output_hidden_states=self.head is not None)
+            with recompute_layers(self.student.model, self.recompute):
+                s = self.model(**batch, output_hidden_states=self.head is not None, use_cache=False)
             loss = decoder_loss(s.logits[:, :-1], t_out, mask[:, 1:])
             pooled = pool(s.hidden_states[-1].float(), mask) if self.head is not None else loss
             return loss, loss.detach().reshape(1), pooled
@@ -286,11 +291,12 @@ class _HealRun:
         at a time (:func:`~embfactor.train.distill.chunked_decoder_loss`): the same loss and gradients."""
         student = self.acc.unwrap_model(self.model)
         with torch.inference_mode(), self.autocast(), head_inputs(self.tmodel) as seen:
-            self.tmodel(**batch)
+            self.tmodel(**batch, use_cache=False)
         t_hidden = seen[0][:, :-1].clone()  # inference tensors cannot be saved for backward
         with self.autocast():
-            with head_inputs(student) as seen:  # the forward goes through the wrapper (DDP) all the same
-                s = self.model(**batch, output_hidden_states=self.head is not None)
+            # the forward goes through the wrapper (DDP) all the same
+            with head_inputs(student) as seen, recompute_layers(student, self.recompute):
+                s = self.model(**batch, output_hidden_states=self.head is not None, use_cache=False)
             loss = chunked_decoder_loss(seen[0][:, :-1], t_hidden, student.get_output_embeddings(),
                                         self.tmodel.get_output_embeddings(), batch["attention_mask"][:, 1:],
                                         chunk=self.loss_chunk)
@@ -387,13 +393,14 @@ class _HealRun:
         idx = idx[self.acc.process_index :: self.acc.num_processes]
         for g in self.optimizer.param_groups:  # linear warm-up, then constant (the budget may be wall-clock)
             g["lr"] = g.get("base_lr", cfg.lr) * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
+        # the last step's gradients go before the forward, not after it: they would sit beside its activations
+        self.optimizer.zero_grad(set_to_none=True)
         loss, _, pooled = self.distill(self.batch_at(self.data.train, idx))
         if self.head is not None:
             ce = F.cross_entropy(self.head(pooled), self.data.train_y[torch.as_tensor(idx)].to(self.device))
             loss = ce + cfg.distill_weight * loss
         if not torch.isfinite(loss):
             raise InvalidInputError(f"the loss became {float(loss)} at step {self.step}; lower lr (now {cfg.lr})")
-        self.optimizer.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         self.optimizer.step()
         self.step += 1
@@ -520,6 +527,7 @@ class _HealRun:
             "batch_size": cfg.batch_size,
             "max_length": cfg.max_length,
             "loss_chunk": self.loss_chunk if self.kind == "decoder" else None,
+            "checkpoint_layers": self.recompute,
             "texts": "user" if self.user_texts or self.head is not None else "wiki_split('train')",
             "complete": final,
         }

@@ -245,15 +245,20 @@ def _kmeans(x: np.ndarray, w: np.ndarray | None, K: int, *, niter: int, seed: in
 
 
 def _encode(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Nearest-centroid codes for each row of x, one sub-space per (M × K × sub) centroid block, via faiss PQ."""
+    """Nearest-centroid codes for each row of x, one sub-space per (M × K × sub) centroid block, via faiss PQ.
+
+    uint8 codes for K ≤ 256, int32 above (int64 would take 8 bytes per row and sub-space: 256 MB for a 250k-row
+    table in 3-column sub-vectors).
+    """
     import faiss
 
     M, K, sub = centroids.shape
+    dtype = np.uint8 if K <= 256 else np.int32
     nbits = int(math.log2(K)) if K & (K - 1) == 0 else None
     if nbits is not None and nbits <= 16:
         pq = faiss.ProductQuantizer(M * sub, M, nbits)
         faiss.copy_array_to_vector(np.ascontiguousarray(centroids, dtype=np.float32).ravel(), pq.centroids)
-        out = np.empty((x.shape[0], M), dtype=np.int64)
+        out = np.empty((x.shape[0], M), dtype=dtype)
         for s in range(0, x.shape[0], 65536):
             packed = pq.compute_codes(np.ascontiguousarray(x[s : s + 65536]))
             if nbits == 8:
@@ -261,7 +266,7 @@ def _encode(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
             else:
                 out[s : s + 65536] = _unpack_faiss_codes(packed, M, nbits)
         return out
-    out = np.empty((x.shape[0], M), dtype=np.int64)
+    out = np.empty((x.shape[0], M), dtype=dtype)
     for m in range(M):
         index = faiss.IndexFlatL2(sub)
         index.add(np.ascontiguousarray(centroids[m], dtype=np.float32))
@@ -386,7 +391,7 @@ def quantize_table(
         scale = X.norm(dim=1).to(cb_dtype).float()
         X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
     resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
-    codes = np.empty((n, stages, M), dtype=np.int64)
+    codes = np.empty((n, stages, M), dtype=np.uint8 if K_eff <= 256 else np.int32)  # see _encode
     books = np.zeros((stages, M, K_eff, sub_dim), dtype=np.float32)
     for s in range(stages):
         train = resid[train_idx]

@@ -42,9 +42,8 @@ def compress_args(point: str) -> list[str]:
     """The ``embfactor compress`` flags of a point: ``16x`` -> ``--size 16x``; ``int4g32`` -> dense int-k."""
     m = _INT.match(point)
     if m:
-        # int ignores the size target when bits are given; --ratio 2 only satisfies the target flag (README's form)
-        return ["--method", "int", "--method-option", f"bits={m[1]}", "--method-option", f"group={m[2]}",
-                "--ratio", "2"]
+        # explicit bits and group fix the size: no --size/--ratio target is needed
+        return ["--method", "int", "--method-option", f"bits={m[1]}", "--method-option", f"group={m[2]}"]
     if _SIZE.match(point):
         return ["--size", point]
     raise SystemExit(f"unknown point {point!r}: give a size like 16x or a dense int-k like int4g32")

@@ -118,7 +118,7 @@ def run(model: str, quick: bool = False, max_tokens: int = 8192, points: list[st
         if quick and method != "int":
             options = {**options, "K": 32}
         t0 = time.perf_counter()
-        f = decompose(E, rank=1, method=method, seed=0, **options,
+        f = decompose(E, method=method, seed=0, **options,  # the options fix the size: no target
                       **({"token_weights": weights} if method != "int" else {}))
         seconds = time.perf_counter() - t0
         layer = from_factors(f, emb0.padding_idx, zero_padding_row=False)

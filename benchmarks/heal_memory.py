@@ -66,7 +66,7 @@ def _tiny_pair() -> tuple[Any, Any]:
                       max_position_embeddings=256, tie_word_embeddings=True)
     teacher = LlamaForCausalLM(cfg).eval()
     student = copy.deepcopy(teacher)
-    ef.factorize_(student, rank=1, method="int", bits=4, group=16)
+    ef.factorize_(student, method="int", bits=4, group=16)  # bits fix the size: no target
     return (LoadedModel("student", student, tok, "decoder", Path("/nonexistent-student")),
             LoadedModel("teacher", teacher, tok, "decoder", Path("/nonexistent-teacher")))
 

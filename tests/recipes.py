@@ -68,24 +68,24 @@ METHODS: dict[str, MethodRecipe] = {
     # gradient descent approaches the optimum, never exactly; from its spectral start a few steps suffice here
     "gd": MethodRecipe(exact=None, options={"steps": 20}, tol=1e-3),
     "eig": MethodRecipe(bad=(({"gram_precision": "float16"}, ConfigError, "gram_precision"),)),
-    "tt": MethodRecipe(exact={"rank": 1, "tt_rank": 10**6}, bad=(({"num_cores": 1}, ConfigError, "num_cores must be an integer >= 2"),)),
-    # codebooks: explicit settings (rank=1 is only the registry's target; sub_dim/K/stages decide the size);
+    "tt": MethodRecipe(exact={"tt_rank": 10**6}, bad=(({"num_cores": 1}, ConfigError, "num_cores must be an integer >= 2"),)),
+    # codebooks and int-k: explicit settings, which decide the size (no rank/ratio target needed);
     # exact when K ≥ vocab (every row its own centroid) with float32 codebooks
     "pq": MethodRecipe(
-        settings=tuple({"rank": 1, "sub_dim": sd, "K": k} for sd, k in ((8, 16), (4, 16), (2, 16), (2, 64))),
-        exact={"rank": 1, "sub_dim": 4, "K": 256, "codebook_dtype": "float32"},
+        settings=tuple({"sub_dim": sd, "K": k} for sd, k in ((8, 16), (4, 16), (2, 16), (2, 64))),
+        exact={"sub_dim": 4, "K": 256, "codebook_dtype": "float32"},
         bad=(({"sub_dim": 0}, ConfigError, "sub_dim must be an integer in"),
              ({"rotation": "spin"}, ConfigError, "rotation must be one of")),
         tol=1e-3,
     ),
     "rvq": MethodRecipe(
-        settings=tuple({"rank": 1, "sub_dim": 8, "K": 16, "stages": s} for s in (1, 2, 3, 4)),
-        exact={"rank": 1, "stages": 1, "sub_dim": 24, "K": 256, "codebook_dtype": "float32"},
+        settings=tuple({"sub_dim": 8, "K": 16, "stages": s} for s in (1, 2, 3, 4)),
+        exact={"stages": 1, "sub_dim": 24, "K": 256, "codebook_dtype": "float32"},
         bad=(({"stages": 0}, ConfigError, "stages must be an integer in"),),
         tol=1e-3,
     ),
     "int": MethodRecipe(
-        settings=tuple({"rank": 1, "bits": b, "group": 16} for b in (2, 3, 4, 8)),
+        settings=tuple({"bits": b, "group": 16} for b in (2, 3, 4, 8)),
         exact=None,  # integers: never exact (int8's error is the rounding, < 1%)
         bad=(({"bits": 7}, ConfigError, r"bits must be one of \(2, 3, 4, 5, 6, 8\)"),
              ({"bits": 4, "group": 48}, ConfigError, "group must be one of")),

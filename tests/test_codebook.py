@@ -41,7 +41,7 @@ CASES = [
 
 
 def _factors(method: str, opts: dict, E: torch.Tensor, **kw):
-    return ef.decompose(E, rank=2, method=method, **opts, **kw)
+    return ef.decompose(E, method=method, **opts, **kw)  # the options fix the size: no target
 
 
 # --- packing ----------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_int8_codebooks_halve_codebook_bytes_at_a_tiny_error_cost():
 
 
 def test_int8_codebook_module_heals_its_scales_not_its_integers(tiny_gpt2):
-    ef.factorize_(tiny_gpt2, method="pq", rank=2, sub_dim=4, K=16, codebook_dtype="int8")
+    ef.factorize_(tiny_gpt2, method="pq", sub_dim=4, K=16, codebook_dtype="int8")
     emb = tiny_gpt2.get_input_embeddings()
     assert not emb.codebooks.requires_grad and emb.codebook_scale.requires_grad
     h = torch.randn(3, emb.embedding_dim)
@@ -291,7 +291,7 @@ def test_forward_and_head_never_build_the_table():
                                          ("int", {"bits": 4, "group": 16})])
 def test_models_save_and_load_exactly(fixture, method, opts, request, tmp_path):
     model = request.getfixturevalue(fixture)
-    rep = ef.factorize_(model, rank=4, method=method, **opts)
+    rep = ef.factorize_(model, method=method, **opts)  # the options fix the size
     emb = model.get_input_embeddings()
     assert isinstance(emb, (CodebookEmbedding, IntKEmbedding)) and rep.method == method
     ef.save_compressed(model, tmp_path / "out")
@@ -341,7 +341,7 @@ def test_size_too_small_is_explained(tiny_gpt2):
 
 
 def test_quantize_stores_codebooks_in_fp16(tiny_gpt2, tmp_path):
-    ef.factorize_(tiny_gpt2, method="pq", rank=2, sub_dim=4, K=16, codebook_dtype="float32")
+    ef.factorize_(tiny_gpt2, method="pq", sub_dim=4, K=16, codebook_dtype="float32")
     emb = tiny_gpt2.get_input_embeddings()
     before = emb.num_bytes()
     q = ef.quantize_(tiny_gpt2, "int8")

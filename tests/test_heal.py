@@ -470,7 +470,7 @@ def test_heal_trains_half_precision_codebooks_and_scales_in_float32(request, tmp
     kind = "encoder" if fixture == "tiny_bert" else "decoder"
     tok = word_tokenizer()
     student_model = copy.deepcopy(model)
-    ef.factorize_(student_model, rank=1, method=method, **options)
+    ef.factorize_(student_model, method=method, **options)  # the options fix the size
     emb = student_model.get_input_embeddings()
     halves = {k: v.detach().clone() for k, v in emb.named_parameters() if v.dtype == torch.float16}
     assert halves, "the format under test stores no float16 parameter"
@@ -495,7 +495,7 @@ def test_format_heal_defaults_yield_to_explicit_options(tiny_bert):
     table with HealConfig's (table only, lr 5e-4)."""
     tok = word_tokenizer()
     student_model = copy.deepcopy(tiny_bert)
-    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16)
+    ef.factorize_(student_model, method="pq", sub_dim=4, K=16)
     student = LoadedModel("student", student_model, tok, "encoder", Path("/nonexistent-student"))
     teacher = LoadedModel("teacher", tiny_bert, tok, "encoder", Path("/nonexistent-teacher"))
     opts = {k: v for k, v in OPTS.items() if k != "lr"}
@@ -517,7 +517,7 @@ def test_relative_lr_steps_each_table_tensor_by_lr_times_its_rms(tiny_bert, rela
     small entries (int8 scales) is not wrecked by the lr that suits codebooks."""
     tok = word_tokenizer()
     student_model = copy.deepcopy(tiny_bert)
-    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16, codebook_dtype="float32")
+    ef.factorize_(student_model, method="pq", sub_dim=4, K=16, codebook_dtype="float32")
     emb = student_model.get_input_embeddings()
     with torch.no_grad():
         emb.codebooks.mul_(0.01)  # small entries, as int8 scales have
@@ -537,7 +537,7 @@ def test_int8_codebooks_train_as_floats_and_are_saved_as_int8(tiny_bert, tiny_gp
     model = tiny_bert if kind == "encoder" else tiny_gpt2
     tok = word_tokenizer()
     student_model = copy.deepcopy(model)
-    ef.factorize_(student_model, rank=1, method="pq", sub_dim=4, K=16, codebook_dtype="int8")
+    ef.factorize_(student_model, method="pq", sub_dim=4, K=16, codebook_dtype="int8")
     emb = student_model.get_input_embeddings()
     before_q, before_rows = emb.codebooks.detach().clone(), emb.dense().detach().clone()
     student = LoadedModel("student", student_model, tok, kind, Path("/nonexistent-student"))

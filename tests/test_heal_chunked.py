@@ -36,7 +36,7 @@ def compressed_pair(teacher: torch.nn.Module, method: str, options: dict, dtype=
     perturbed so the KL is far from 0, with every floating-point weight trainable."""
     teacher.to(dtype)
     student = copy.deepcopy(teacher)
-    ef.factorize_(student, rank=1, method=method, **options)
+    ef.factorize_(student, method=method, **options)  # the options fix the size
     student.to(dtype)
     torch.manual_seed(1)
     with torch.no_grad():

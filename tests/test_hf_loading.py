@@ -92,13 +92,13 @@ RECIPES: dict[str, Callable[[nn.Module], None]] = {
     "quantized": _quantized(8),
     "tiered": lambda m: _install(m, _tiered),
     "zeros": lambda m: _install(m, _zeros),
-    "codebook": lambda m: ef.factorize_(m, rank=1, method="pq", sub_dim=4, K=16),
-    "intk": lambda m: ef.factorize_(m, rank=1, method="int", bits=4, group=16),
+    "codebook": lambda m: ef.factorize_(m, method="pq", sub_dim=4, K=16),
+    "intk": lambda m: ef.factorize_(m, method="int", bits=4, group=16),
 }
 EXTRA_CASES = {
     "quantized-int4": _quantized(4),
-    "codebook-rvq": lambda m: ef.factorize_(m, rank=1, method="rvq", sub_dim=8, K=16, stages=2),
-    "codebook-int8": lambda m: ef.factorize_(m, rank=1, method="pq", sub_dim=4, K=16, codebook_dtype="int8"),
+    "codebook-rvq": lambda m: ef.factorize_(m, method="rvq", sub_dim=8, K=16, stages=2),
+    "codebook-int8": lambda m: ef.factorize_(m, method="pq", sub_dim=4, K=16, codebook_dtype="int8"),
     "tiered-compact": lambda m: _install(m, _tiered_compact),  # the planner's layout: positions from a tier map
 }  # same format, another config (packed nibbles)
 

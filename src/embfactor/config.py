@@ -22,13 +22,18 @@ class FactorizationConfig:
             default for the matrix shape.
         rank, ratio, energy, max_error, size: exactly one target (see :func:`embfactor.decomposition.resolve_rank`);
             ``size`` is a byte target, "16x" (x fewer embedding bytes than fp32) or "2.5MB", for which the
-            method picks its settings (rank, sub-vector width, stages, bits) to fit.
+            method picks its settings (rank, sub-vector width, stages, bits) to fit. No target is needed when
+            ``method_options`` fix the size on their own (``bits`` for int, ``sub_dim``/``M`` for pq, ``stages``/
+            ``sub_dim``/``M`` for rvq, ``tt_rank`` for tt); a rank, ratio or size given with them must allow the
+            bytes they store (checked on the table's shape); energy/max_error with them are refused when compressing.
         seed: seed for randomized methods; results are deterministic given it.
         method_options: extra keyword arguments passed to the method (e.g. ``{"power_iters": 6}`` for rsvd).
         factorize_head: when the output head is tied to the input embedding, share the factors with it.
 
     Example:
         >>> FactorizationConfig(ratio=6, method="svd").rank is None
+        True
+        >>> FactorizationConfig(method="int", method_options={"bits": 4, "group": 32}).ratio is None   # bits fix it
         True
     """
 
@@ -44,11 +49,20 @@ class FactorizationConfig:
 
     def __post_init__(self) -> None:
         # imported here, not at the top: the CLI imports this module to parse flags, before torch is needed
-        from embfactor.decomposition import get_method, validate_target
+        from embfactor.decomposition import fixes_size, get_method, missing_target_message, validate_target
 
-        validate_target(self.rank, self.ratio, self.energy, self.max_error, self.size)
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+        targets = {"rank": self.rank, "ratio": self.ratio, "energy": self.energy, "max_error": self.max_error,
+                   "size": self.size}
+        given = {k: v for k, v in targets.items() if v is not None}
+        fixed = self.method not in (None, "auto") and fixes_size(self.method, self.method_options)
+        if not given and not fixed and self.method != "auto":  # auto explains its own need (a size)
+            raise ConfigError(missing_target_message(self.method))
+        if given:
+            # energy/max_error with options that fix the size are refused where a table is compressed (before the
+            # load in pipeline.compress), not here: folders saved with them by earlier versions must still load
+            validate_target(self.rank, self.ratio, self.energy, self.max_error, self.size)
         if self.method == "auto":
             # the byte-budget planner (embfactor.plan): tiers of formats chosen on the model, for a size target
             if self.size is None:

@@ -483,10 +483,11 @@ class ModelScorer:
     """
 
     def __init__(self, lm, *, texts: Sequence[str] | None = None, tokens: int = 512, window: int = 256,
-                 passages: int = 48) -> None:
+                 passages: int = 48, original: torch.Tensor | None = None) -> None:
         self.lm = lm
         self.weight = lm.model.get_input_embeddings().weight
-        self.original = self.weight.detach().clone()
+        # the table to put back: a copy the caller already holds (the planner's), else a new one
+        self.original = self.weight.detach().clone() if original is None else original
         if lm.kind == "decoder":
             from embfactor.eval.perplexity import token_ids
 
@@ -568,7 +569,7 @@ def plan_model(
     order = token_order(counts)
     best = plans[0]
     if check > 0 and len(plans) > 1:
-        scorer = scorer or ModelScorer(lm)
+        scorer = scorer or ModelScorer(lm, original=E)  # E is a copy: one table copy for both
         try:
             for p in plans[:check]:
                 if progress:

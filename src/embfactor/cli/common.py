@@ -131,7 +131,9 @@ def add_method_arg(p: argparse.ArgumentParser, *, options: bool = False) -> None
         p.add_argument(
             "--method-option", action="append", default=[], metavar="KEY=VALUE",
             help="a method option, repeatable: e.g. sub_dim=4, K=256, stages=3, rotation=random (pq/rvq); bits=4, "
-            "group=32, symmetric=false (int); power_iters=6 (rsvd)",
+            "group=32, symmetric=false (int); power_iters=6 (rsvd); tt_rank=16 (tt). Options that fix the stored "
+            "size (int: bits; pq: sub_dim or M; rvq: stages, sub_dim or M; tt: tt_rank) need no --size/--ratio/"
+            "--rank; one given with them must allow their bytes",
         )
     p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default 0)")
 

@@ -12,6 +12,7 @@ from embfactor.cli.common import (
     add_method_arg, add_model_arg, add_target_args, check_outputs, mb, parse_method_options, table, write_json,
 )
 from embfactor.config import FactorizationConfig
+from embfactor.errors import ConfigError
 
 
 def render(r: dict[str, Any]) -> str:
@@ -67,9 +68,17 @@ CHECK_COLUMNS = ["plan", "alpha", "bytes", "proxy error", "score"]
 
 def run(args: argparse.Namespace) -> int:
     check_outputs(folder=args.output, files=[("--json", args.json)], inputs=[args.model])
+    from embfactor.decomposition import fixes_size, missing_target_message  # torch: not at parser build time
+
+    options = parse_method_options(args.method_option)
+    targets = (args.rank, args.ratio, args.energy, args.max_error, args.size)
+    if all(t is None for t in targets) and args.method != "auto" and not fixes_size(args.method, options):
+        # the target is optional for options that fix the size (--method int --method-option bits=4); say in flags
+        # what to add (FactorizationConfig would say it in keywords), before the model is loaded
+        raise ConfigError(missing_target_message(args.method, cli=True))
     config = FactorizationConfig(
         method=args.method, rank=args.rank, ratio=args.ratio, energy=args.energy, max_error=args.max_error,
-        size=args.size, seed=args.seed, method_options=parse_method_options(args.method_option),
+        size=args.size, seed=args.seed, method_options=options,
     )
     from embfactor.pipeline import compress
 
@@ -84,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="factorize a model's embedding and save the compressed model")
     add_model_arg(p)
-    add_target_args(p, size=True)
+    add_target_args(p, required=False, size=True)  # optional: method options can fix the size
     add_method_arg(p, options=True)
     p.add_argument("--output", "-o", required=True, help="output folder (a new folder or an earlier embfactor output)")
     p.add_argument(

@@ -25,22 +25,29 @@ from embfactor.decomposition.rank import (
     budget_bytes, max_rank, parse_size, rank_for_bytes, rank_for_ratio, resolve_rank, validate_target,
 )
 from embfactor.decomposition.registry import (
-    available_methods, get_method, method_infos, register_method, takes_budget,
+    available_methods, check_explicit_size, explicit_size, fixes_size, get_method, method_infos,
+    missing_target_message, refuse_spectrum_target, register_method, takes_budget,
 )
 
 __all__ = [
     "Factors",
     "available_methods",
     "budget_bytes",
+    "check_explicit_size",
+    "explicit_size",
+    "explicit_size_rank",
+    "fixes_size",
     "decompose",
     "default_method",
     "get_method",
     "max_rank",
     "method_infos",
+    "missing_target_message",
     "optimal_relative_error",
     "parse_size",
     "rank_for_bytes",
     "rank_for_ratio",
+    "refuse_spectrum_target",
     "register_method",
     "relative_error",
     "resolve_rank",
@@ -66,6 +73,47 @@ def default_method(shape: tuple[int, int], rank: int | None = None) -> str:
     return "eig" if max(vocab, d) >= 4 * min(vocab, d) else "svd"
 
 
+def explicit_size_rank(
+    shape: tuple[int, int],
+    method: str,
+    options: dict[str, Any],
+    *,
+    rank: int | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+) -> int:
+    """The rank argument for a method whose ``options`` fix the stored size (``int`` with ``bits=``, ...).
+
+    Without a target: the equal-budget rank of the bytes the options store (what the report and the saved record
+    call the rank of byte formats). With ``rank``/``ratio`` (or ``budget_bytes`` among the options): that target's
+    rank, after checking that its byte budget allows the options' bytes (:func:`check_explicit_size`); the
+    options win, a budget too small for them is an error naming both. ``energy``/``max_error`` are refused: they
+    pick a rank from the spectrum, which fixed bytes leave nothing to pick.
+
+    Example:
+        >>> explicit_size_rank((100, 64), "int", {"bits": 4})        # 3,600 bytes = the fp32 bytes of rank 5
+        5
+    """
+    vocab, d = int(shape[0]), int(shape[1])
+    nbytes = explicit_size(method, shape, options)
+    refuse_spectrum_target(method, options, energy=energy, max_error=max_error)
+    targets = {k: v for k, v in (("rank", rank), ("ratio", ratio)) if v is not None}
+    budget = options.get("budget_bytes")
+    if targets:
+        r = resolve_rank((vocab, d), rank=rank, ratio=ratio)
+        if budget is None:
+            # a ratio is read as bytes (fp32 bytes / stored bytes >= ratio), not through its floored rank: int4 g32
+            # (7.11x) agrees with ratio=7 on any shape; a rank as the fp32 bytes of a rank-r U·V
+            budget = 4.0 * vocab * d / ratio if ratio is not None else 4.0 * r * (vocab + d)
+        k, v = next(iter(targets.items()))
+        check_explicit_size(method, shape, options, budget=budget, target=f"{k}={v:g}")  # ratio 16.0 -> 16
+        return r
+    if budget is not None:
+        check_explicit_size(method, shape, options, budget=budget, target=f"budget_bytes={budget:,.0f}")
+    return max(1, min(nbytes // (4 * (vocab + d)), max_rank(vocab, d)))
+
+
 def decompose(
     E: torch.Tensor,
     rank: int | None = None,
@@ -82,7 +130,8 @@ def decompose(
 
     Args:
         E: the embedding matrix; float16/bfloat16 are decomposed in float32 and the factors cast back.
-        rank, ratio, energy, max_error: exactly one rank target (see :func:`resolve_rank`).
+        rank, ratio, energy, max_error: exactly one rank target (see :func:`resolve_rank`); none when ``options``
+            fix the size (``bits=`` for int, ``sub_dim=`` for pq, ...): see :func:`explicit_size_rank`.
         method: a registered name (``available_methods()``); None picks :func:`default_method` for the shape.
         seed: seed of randomized methods; results are deterministic given it.
         progress: show a progress bar for iterative methods.
@@ -101,8 +150,14 @@ def decompose(
     """
     E = as_matrix(E)
     info = get_method(method) if method is not None else None
-    sv = spectrum(E) if (energy is not None or max_error is not None) else None
-    r = resolve_rank(tuple(E.shape), rank=rank, ratio=ratio, energy=energy, max_error=max_error, singular_values=sv)
+    if info is not None and info.fixes_size(options):
+        r = explicit_size_rank(tuple(E.shape), method, options, rank=rank, ratio=ratio, energy=energy,
+                               max_error=max_error)
+    else:
+        sv = spectrum(E) if (energy is not None or max_error is not None) else None
+        r = resolve_rank(
+            tuple(E.shape), rank=rank, ratio=ratio, energy=energy, max_error=max_error, singular_values=sv
+        )
     if info is None:
         info = get_method(default_method(tuple(E.shape), r))
     info.check_options(options)

@@ -20,6 +20,7 @@ iterations by default; all rows are then encoded.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,15 +245,20 @@ def _kmeans(x: np.ndarray, w: np.ndarray | None, K: int, *, niter: int, seed: in
 
 
 def _encode(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Nearest-centroid codes for each row of x, one sub-space per (M × K × sub) centroid block, via faiss PQ."""
+    """Nearest-centroid codes for each row of x, one sub-space per (M × K × sub) centroid block, via faiss PQ.
+
+    uint8 codes for K ≤ 256, int32 above (int64 would take 8 bytes per row and sub-space: 256 MB for a 250k-row
+    table in 3-column sub-vectors).
+    """
     import faiss
 
     M, K, sub = centroids.shape
+    dtype = np.uint8 if K <= 256 else np.int32
     nbits = int(math.log2(K)) if K & (K - 1) == 0 else None
     if nbits is not None and nbits <= 16:
         pq = faiss.ProductQuantizer(M * sub, M, nbits)
         faiss.copy_array_to_vector(np.ascontiguousarray(centroids, dtype=np.float32).ravel(), pq.centroids)
-        out = np.empty((x.shape[0], M), dtype=np.int64)
+        out = np.empty((x.shape[0], M), dtype=dtype)
         for s in range(0, x.shape[0], 65536):
             packed = pq.compute_codes(np.ascontiguousarray(x[s : s + 65536]))
             if nbits == 8:
@@ -260,7 +266,7 @@ def _encode(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
             else:
                 out[s : s + 65536] = _unpack_faiss_codes(packed, M, nbits)
         return out
-    out = np.empty((x.shape[0], M), dtype=np.int64)
+    out = np.empty((x.shape[0], M), dtype=dtype)
     for m in range(M):
         index = faiss.IndexFlatL2(sub)
         index.add(np.ascontiguousarray(centroids[m], dtype=np.float32))
@@ -385,7 +391,7 @@ def quantize_table(
         scale = X.norm(dim=1).to(cb_dtype).float()
         X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
     resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
-    codes = np.empty((n, stages, M), dtype=np.int64)
+    codes = np.empty((n, stages, M), dtype=np.uint8 if K_eff <= 256 else np.int32)  # see _encode
     books = np.zeros((stages, M, K_eff, sub_dim), dtype=np.float32)
     for s in range(stages):
         train = resid[train_idx]
@@ -554,8 +560,51 @@ def _codebook_method(
                           method=name, **opts)
 
 
+def _stored_bytes(vocab: int, d: int, options: Mapping[str, Any], method: str) -> int:
+    """Bytes pq/rvq store with explicit settings, resolved as :func:`_codebook_method` and quantize_table do."""
+    sub_dim, M = options.get("sub_dim"), options.get("M")
+    if sub_dim is not None and M is not None:
+        raise ConfigError(f"give sub_dim or M, not both (got sub_dim={sub_dim!r}, M={M!r})")
+    if M is not None:
+        sub_dim = -(-d // _check_int("M", M, 1, d))
+    sub_dim = _check_int("sub_dim", sub_dim if sub_dim is not None else (8 if method == "rvq" else 4), 1, d)
+    K = _check_int("K", 256 if options.get("K") is None else options["K"], 2, 65536)
+    stages = options.get("stages")
+    stages = _check_int("stages", stages, 1, 16) if stages is not None else (2 if method == "rvq" else 1)
+    rotation = options.get("rotation", "none")
+    if rotation not in ROTATIONS:
+        raise ConfigError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+    dtype = options.get("codebook_dtype", "float16")
+    if dtype not in CODEBOOK_DTYPES:
+        raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {dtype!r}")
+    return codebook_bytes(
+        vocab, d, sub_dim=sub_dim, K=min(K, vocab), stages=stages, rotation=rotation,  # K > rows is lowered
+        row_scale=bool(options.get("row_scale", False)), codebook_dtype=dtype,
+    )
+
+
+def pq_stored_bytes(vocab: int, d: int, options: Mapping[str, Any]) -> int:
+    """Bytes ``pq`` stores with explicit ``sub_dim`` or ``M`` (K default 256).
+
+    Example:
+        >>> pq_stored_bytes(30522, 384, {"sub_dim": 4}) == codebook_bytes(30522, 384, sub_dim=4)
+        True
+    """
+    return _stored_bytes(vocab, d, options, "pq")
+
+
+def rvq_stored_bytes(vocab: int, d: int, options: Mapping[str, Any]) -> int:
+    """Bytes ``rvq`` stores with explicit ``stages``, ``sub_dim`` or ``M`` (defaults: 2 stages, sub_dim 8, K 256).
+
+    Example:
+        >>> rvq_stored_bytes(30522, 384, {"stages": 3}) == codebook_bytes(30522, 384, sub_dim=8, stages=3)
+        True
+    """
+    return _stored_bytes(vocab, d, options, "rvq")
+
+
 @register_method("pq", description="product quantization: frequency-weighted k-means codebooks per sub-vector (faiss)",
-                 data_aware=True)
+                 data_aware=True, size_options=("sub_dim", "M"), stored_bytes=pq_stored_bytes)
 def pq(
     E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False, token_weights: Any = None,
     budget_bytes: float | None = None, sub_dim: int | None = None, M: int | None = None, K: int | None = None,
@@ -574,7 +623,7 @@ def pq(
 
 
 @register_method("rvq", description="residual vector quantization: stages of product quantization on the residuals "
-                 "(faiss)", data_aware=True)
+                 "(faiss)", data_aware=True, size_options=("stages", "sub_dim", "M"), stored_bytes=rvq_stored_bytes)
 def rvq(
     E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False, token_weights: Any = None,
     budget_bytes: float | None = None, stages: int | None = None, sub_dim: int | None = None, M: int | None = None,

@@ -12,6 +12,7 @@ The packing here is ~40 lines of tensor code, vectorized, with exact byte counts
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +132,22 @@ def plan_int(vocab: int, d: int, budget_bytes: float, **fixed: Any) -> dict[str,
     return {"bits": b, "group": g, "symmetric": sym}
 
 
-@register_method("int", description="dense int-k (k = 2..8) per row or per group, packed, fp16 scales")
+def int_stored_bytes(vocab: int, d: int, options: Mapping[str, Any]) -> int:
+    """Bytes ``int`` stores with explicit ``bits`` (``group`` default 32, as :func:`int_method` uses it).
+
+    Example:
+        >>> int_stored_bytes(100, 64, {"bits": 4}) == grouped_bytes(100, 64, 4, 32)
+        True
+    """
+    group = options.get("group", "auto")
+    group = 32 if group == "auto" else group
+    if group not in GROUPS:
+        raise ConfigError(f"group must be one of {GROUPS} (None: per row), got {group!r}")
+    return grouped_bytes(vocab, d, check_kbits(options["bits"]), group, symmetric=options.get("symmetric", True))
+
+
+@register_method("int", description="dense int-k (k = 2..8) per row or per group, packed, fp16 scales",
+                 size_options=("bits",), stored_bytes=int_stored_bytes)
 def int_method(
     E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False,
     budget_bytes: float | None = None, token_weights: Any = None, bits: int | None = None,
@@ -139,8 +155,10 @@ def int_method(
 ) -> IntFactors:
     """Registered ``int``: explicit ``bits`` (``group`` default 32; None = per row), else the setting that fits.
 
-    ``rank`` is read as a budget, the fp32 bytes of a rank-r U·V (as pq/rvq read it). ``token_weights`` are
-    accepted and unused (uniform rounding serves every row alike), so sweeps can pass them to every method.
+    Explicit ``bits`` fix the size: no target is needed, and a target given with them is checked to allow their
+    bytes (:func:`embfactor.decomposition.registry.check_explicit_size`). ``rank`` is read as a budget, the fp32
+    bytes of a rank-r U·V (as pq/rvq read it). ``token_weights`` are accepted and unused (uniform rounding serves
+    every row alike), so sweeps can pass them to every method.
     """
     if bits is None and (budget_bytes is not None or rank is not None):
         budget = budget_bytes if budget_bytes is not None else 4.0 * rank * (E.shape[0] + E.shape[1])

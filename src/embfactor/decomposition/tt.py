@@ -14,8 +14,9 @@ tt_rank=32``) to set the TT rank directly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -300,7 +301,31 @@ def tt_rank_for_budget(
     return best
 
 
-@register_method("tt", description="tensor-train (TT-SVD); rank = parameter budget of a rank-r U·V, or tt_rank=")
+def _tt_rank_option(tt_rank: int | Sequence[int] | str) -> int | Sequence[int]:
+    if isinstance(tt_rank, str):  # e.g. from a config written by hand
+        try:
+            return int(tt_rank)
+        except ValueError:
+            raise ConfigError(f"tt_rank must be a positive integer, got {tt_rank!r}") from None
+    return tt_rank
+
+
+def tt_stored_bytes(vocab: int, d: int, options: Mapping[str, Any]) -> int:
+    """The fp32 bytes of the cores at an explicit ``tt_rank`` (4 × parameters, as a rank target's budget counts).
+
+    Example:
+        >>> tt_stored_bytes(200, 16, {"tt_rank": 4}) == 4 * tt(torch.randn(200, 16), 1, tt_rank=4).num_params
+        True
+    """
+    shapes = resolve_tt_shapes(
+        vocab, d, _tt_rank_option(options["tt_rank"]), num_cores=options.get("num_cores", 3),
+        vocab_shape=options.get("vocab_shape"), dim_shape=options.get("dim_shape"),
+    )
+    return 4 * tt_num_params(*shapes)
+
+
+@register_method("tt", description="tensor-train (TT-SVD); rank = parameter budget of a rank-r U·V, or tt_rank=",
+                 size_options=("tt_rank",), stored_bytes=tt_stored_bytes)
 def tt(
     E: torch.Tensor,
     rank: int,
@@ -324,11 +349,8 @@ def tt(
         tt_rank = tt_rank_for_budget(
             vocab, d, rank * (vocab + d), num_cores=num_cores, vocab_shape=vocab_shape, dim_shape=dim_shape
         )
-    elif isinstance(tt_rank, str):
-        try:
-            tt_rank = int(tt_rank)
-        except ValueError:
-            raise ConfigError(f"tt_rank must be a positive integer, got {tt_rank!r}") from None
+    else:
+        tt_rank = _tt_rank_option(tt_rank)
     f = tt_svd(E, tt_rank, num_cores=num_cores, vocab_shape=vocab_shape, dim_shape=dim_shape)
     f.meta["budget_rank"] = rank
     return f

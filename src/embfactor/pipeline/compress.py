@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from embfactor.config import FactorizationConfig
+from embfactor.decomposition import refuse_spectrum_target
 from embfactor.errors import ConfigError
 from embfactor.surgery.factorize import FactorizationReport
 
@@ -123,6 +124,8 @@ def compress(
     elif target:
         raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
     bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
+    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
+    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
     loaded = isinstance(model, LoadedModel)
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose

@@ -469,7 +469,7 @@ def plot_sweep(result: dict[str, Any]) -> bytes:
             if pts:
                 ax.plot([p["embedding_bytes"] for p in pts], [p[key] for p in pts], "o-", label=label)
                 for p in pts:
-                    ax.annotate(f"{p['ratio']:g}x", (p["embedding_bytes"], p[key]), fontsize=7,
+                    ax.annotate(f"{p['ratio']:.3g}x", (p["embedding_bytes"], p[key]), fontsize=7,
                                 textcoords="offset points", xytext=(3, 3))
         curve = sorted((c for c in result.get("int_k_curve") or [] if c.get(key) is not None),
                        key=lambda c: c["embedding_bytes"])

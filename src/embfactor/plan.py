@@ -101,7 +101,7 @@ def default_formats(d: int) -> list[FormatChoice]:
 
     PQ codebooks are int8 with fp16 column scales: a codebook costs K·d bytes whatever the sub-vector width (98 KB
     at d = 384 in int8), 7-13% of a 16x MiniLM budget in fp16 with two or three tiers; int8 halves that for a
-    rounding error ~0.4% of each column's range (MiniLM --size 16x: fidelity 0.9866 -> see frontier_notes.md).
+    rounding error ~0.4% of each column's range (MiniLM --size 16x: fidelity 0.9866 -> 0.9882; frontier_notes.md).
 
     Example:
         >>> [f.label for f in default_formats(384)][:2], default_formats(384)[5].label

@@ -82,22 +82,31 @@ def explicit_size_rank(
     ratio: float | None = None,
     energy: float | None = None,
     max_error: float | None = None,
+    size: str | float | None = None,
 ) -> int:
     """The rank argument for a method whose ``options`` fix the stored size (``int`` with ``bits=``, ...).
 
     Without a target: the equal-budget rank of the bytes the options store (what the report and the saved record
-    call the rank of byte formats). With ``rank``/``ratio`` (or ``budget_bytes`` among the options): that target's
-    rank, after checking that its byte budget allows the options' bytes (:func:`check_explicit_size`); the
-    options win, a budget too small for them is an error naming both. ``energy``/``max_error`` are refused: they
-    pick a rank from the spectrum, which fixed bytes leave nothing to pick.
+    call the rank of byte formats). With ``size``, ``rank``/``ratio`` (or ``budget_bytes`` among the options): that
+    target's rank (a size's: the largest rank whose fp32 U·V fits its bytes), after checking that its byte budget
+    allows the options' bytes (:func:`check_explicit_size`); the options win, a budget too small for them is an
+    error naming both. ``energy``/``max_error`` are refused: they pick a rank from the spectrum, which fixed bytes
+    leave nothing to pick.
 
     Example:
         >>> explicit_size_rank((100, 64), "int", {"bits": 4})        # 3,600 bytes = the fp32 bytes of rank 5
         5
+        >>> explicit_size_rank((100, 64), "int", {"bits": 4}, size="4x")   # 6,400 bytes allow them: rank 9
+        9
     """
     vocab, d = int(shape[0]), int(shape[1])
+    shape = (vocab, d)
     nbytes = explicit_size(method, shape, options)
     refuse_spectrum_target(method, options, energy=energy, max_error=max_error)
+    if size is not None:
+        size_budget = budget_bytes(size, vocab, d)
+        check_explicit_size(method, shape, options, budget=size_budget, target=f"size={size}")
+        return max(1, min(int(size_budget // (4 * (vocab + d))), max_rank(vocab, d)))
     targets = {k: v for k, v in (("rank", rank), ("ratio", ratio)) if v is not None}
     budget = options.get("budget_bytes")
     if targets:

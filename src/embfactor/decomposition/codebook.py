@@ -60,6 +60,17 @@ def int8_codebooks(books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def dequantize_codebooks(codebooks: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Codebooks as values: the stored float tensor as it is, or int8 values times their column ``scale`` (float32).
+
+    Example:
+        >>> q, scale = int8_codebooks(torch.tensor([[[[1.0, -2.0]]]]))
+        >>> [round(v, 3) for v in dequantize_codebooks(q, scale).flatten().tolist()]
+        [1.0, -2.0]
+    """
+    return codebooks if scale is None else codebooks.float() * scale.float()
+
+
 def code_dtype(K: int) -> torch.dtype:
     """uint8 codes for K ≤ 256, int16 (read as unsigned) up to 65,536 (torch has no uint16 indexing)."""
     return torch.uint8 if K <= 256 else torch.int16
@@ -105,9 +116,7 @@ class CodebookFactors(Factors):
 
     def books(self) -> torch.Tensor:
         """The codebooks as float32 (int8 values times their column scales)."""
-        if self.codebook_scale is None:
-            return self.codebooks.float()
-        return self.codebooks.float() * self.codebook_scale.float()
+        return dequantize_codebooks(self.codebooks, self.codebook_scale).float()
 
     @property
     def M(self) -> int:

@@ -22,6 +22,7 @@ from embfactor.decomposition.codebook import (
     CodebookFactors,
     code_dtype,
     codes_as_long,
+    dequantize_codebooks,
     float_dtype,
     int8_codebooks,
 )
@@ -131,9 +132,7 @@ class CodebookEmbedding(RowFormat):
     def books(self) -> torch.Tensor:
         """The codebooks as stored (float) or as int8 values times their column scales (float32, differentiable
         in the scales): S × M × K × sub_dim, a few hundred KB."""
-        if self.codebook_scale is None:
-            return self.codebooks
-        return self.codebooks.float() * self.codebook_scale.float()
+        return dequantize_codebooks(self.codebooks, self.codebook_scale)
 
     def for_training_(self) -> None:
         """int8 codebooks train as float32 values (their column scales folded in and dropped until storage)."""

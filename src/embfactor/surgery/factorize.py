@@ -11,7 +11,7 @@ from torch import nn
 
 from embfactor.config import FactorizationConfig
 from embfactor.decomposition import (
-    budget_bytes, check_explicit_size, decompose, explicit_size_rank, get_method, max_rank, optimal_relative_error,
+    budget_bytes, decompose, explicit_size_rank, get_method, max_rank, optimal_relative_error,
     rank_for_bytes, resolve_rank, spectrum, takes_budget,
 )
 from embfactor.errors import InvalidTypeError, SurgeryError
@@ -129,23 +129,6 @@ def as_module(model: Any, caller: str) -> nn.Module:
     return model
 
 
-def fixed_size_rank(shape: tuple[int, int] | torch.Size, config: FactorizationConfig) -> int:
-    """The rank to record for a config whose method options fix the stored size; ConfigError when its target
-    (size, ratio or rank) allows fewer bytes than those options store (see :func:`explicit_size_rank`).
-
-    Example:
-        >>> fixed_size_rank((100, 64), FactorizationConfig(method="int", method_options={"bits": 4}))
-        5
-    """
-    shape = (int(shape[0]), int(shape[1]))
-    if config.size is None:
-        return explicit_size_rank(shape, config.method, config.method_options, rank=config.rank, ratio=config.ratio,
-                                  energy=config.energy, max_error=config.max_error)
-    budget = budget_bytes(config.size, *shape)
-    check_explicit_size(config.method, shape, config.method_options, budget=budget, target=f"size={config.size}")
-    return max(1, min(int(budget // (4 * sum(shape))), max_rank(*shape)))
-
-
 def factorize_(
     model: nn.Module | Any,
     config: FactorizationConfig | None = None,
@@ -203,7 +186,8 @@ def factorize_(
         # the method options fix the stored size (int's bits=, pq's sub_dim=, ...): a target given with them is a
         # byte budget they must fit, checked here where it is named as the user gave it; the recorded rank is the
         # target's, or the equal-budget rank of the options' bytes. decompose gets no target: nothing to resolve
-        r = fixed_size_rank(E.shape, config)
+        r = explicit_size_rank(tuple(E.shape), config.method, config.method_options, rank=config.rank,
+                               ratio=config.ratio, energy=config.energy, max_error=config.max_error, size=config.size)
     elif config.size is not None:
         # a byte target: methods that choose their own settings get the budget; U·V methods get the largest
         # rank whose fp32 factors fit it (rank_for_bytes explains when none does)

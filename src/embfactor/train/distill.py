@@ -186,11 +186,17 @@ def decoder_loss(s_logits: torch.Tensor, t_logp: torch.Tensor, mask: torch.Tenso
         t_logp: the teacher's log-probabilities (:func:`teacher_logprobs`), the same shape.
         mask: 1 for positions that count.
     """
-    kl = F.kl_div(F.log_softmax(s_logits.float(), -1), t_logp, reduction="none", log_target=True).sum(-1)
+    kl = token_kl(s_logits, t_logp)
     if mask is None:
         return kl.mean()
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp_min(1)
+
+
+def token_kl(s_logits: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) at each position (the last dimension is the vocabulary), from the student's logits and
+    the teacher's log-probabilities."""
+    return F.kl_div(F.log_softmax(s_logits.float(), -1), t_logp, reduction="none", log_target=True).sum(-1)
 
 
 def teacher_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -205,9 +211,7 @@ def _kl_sum(s_hidden: torch.Tensor, t_hidden: torch.Tensor, weight: torch.Tensor
     # The same operations as decoder_loss ∘ teacher_logprobs, so the sum over chunks is the unchunked loss.
     with torch.no_grad():
         t_logp = teacher_logprobs(t_head(t_hidden))
-    s_logp = F.log_softmax(s_head(s_hidden).float(), -1)
-    kl = F.kl_div(s_logp, t_logp, reduction="none", log_target=True).sum(-1)
-    return (kl * weight).sum()
+    return (token_kl(s_head(s_hidden), t_logp) * weight).sum()
 
 
 def chunked_decoder_loss(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from embfactor.decomposition._common import HESSIAN_DAMP, inverse_cholesky
 from embfactor.decomposition.factors import _BLOCK_ROWS, Factors
 from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
@@ -119,7 +120,6 @@ def int_quantize(E: torch.Tensor, *, bits: int = 4, group: int | None = 32, symm
 
 # Rows rounded at once by :func:`hessian_round` (rows are independent; a 16,384 × 576 float32 block is 38 MB).
 _HESSIAN_ROWS = 16384
-HESSIAN_DAMP = 0.01  # of H's mean diagonal, added to its diagonal: GPTQ's default, and what the probes measured
 
 
 def hessian_round(E: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group: int | None = 32,
@@ -154,16 +154,9 @@ def hessian_round(E: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group: int
     bits = check_kbits(bits)
     if group not in GROUPS:
         raise ConfigError(f"group must be one of {GROUPS} (None: per row), got {group!r}")
-    if not 0 < damp < 1:
-        raise ConfigError(f"damp must be in (0, 1) (a share of H's mean diagonal), got {damp!r}")
     g = group or d
-    dp = -(-d // g) * g  # padded columns are zeros: they round to 0 with no error, and H is the identity there
-    Hp = torch.eye(dp, dtype=torch.float64)
-    Hp[:d, :d] = H.detach().double()
-    diag = Hp.diagonal()
-    diag[diag <= 0] = 1.0  # a column no input reaches: its error costs nothing, any positive weight keeps H definite
-    Hp += damp * float(diag.mean()) * torch.eye(dp, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
+    dp = -(-d // g) * g  # padded columns are zeros: they round to 0 with no error
+    U = inverse_cholesky(H, dp, damp=damp)
     qmax = (1 << (bits - 1)) - 1
     tiny = torch.finfo(torch.float16).tiny
     block = max(128 // g, 1) * g  # columns updated lazily together; a group never straddles two blocks

@@ -98,3 +98,16 @@ def test_head_second_moment_is_the_heads_inputs(tiny_llama_tied, tiny_llama_unti
     with torch.no_grad():  # Llama's last hidden state is the normed one the head reads
         h = tiny_llama_tied(input_ids=ids, output_hidden_states=True).hidden_states[-1].reshape(-1, H.shape[0])
     torch.testing.assert_close(H, (h.double().T @ h.double()) / h.shape[0])
+
+
+def test_external_gguf_table_matches_ggml_block_rounding():
+    """Q8_0 as llama.cpp computes it: per block of 32, d = absmax/127, values round(x / d), d stored in fp16."""
+    from embfactor.pipeline.references import external_table
+
+    E = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
+    T, nbytes, info = external_table("gguf-q8_0", E)
+    blocks = E.view(6, 2, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    expected = (torch.round(blocks * (1 / d)) * d.half().float()).view(6, 64)
+    torch.testing.assert_close(T, expected, atol=1e-6, rtol=0)
+    assert nbytes == 6 * 2 * 34 and info["bits_per_value"] == 8.5

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-HEAD_TOKENS = 2048  # tokens H is estimated on (4 windows of 512: 3.6x the width of SmolLM2, 576; damping covers the rest)
+# tokens H is estimated on: 4 windows of 512, 3.6x SmolLM2's width (576); the damping covers what they miss
+HEAD_TOKENS = 2048
 HEAD_WINDOW = 512
 
 

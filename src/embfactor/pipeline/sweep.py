@@ -122,10 +122,14 @@ def check_methods(methods: Sequence[str], *, skip_missing: bool) -> list[str]:
     """Registered methods among ``methods``; unknown ones raise UnknownMethodError (or warn with skip_missing)."""
     from embfactor.decomposition.registry import get_method
     from embfactor.errors import UnknownMethodError
+    from embfactor.pipeline.references import check_external, is_external
 
     out = []
     for m in methods:
-        if m == "auto":  # the byte-budget planner (embfactor.plan), not a registered decomposition
+        # the byte-budget planner (embfactor.plan) and other tools' formats (pipeline.references) are not registered
+        if m == "auto" or is_external(m):
+            if is_external(m):
+                check_external(m)  # its tool is installed: before the model is loaded
             out.append(m)
             continue
         try:
@@ -220,6 +224,12 @@ def sweep(
     emb = input_embedding(lm.model)
     vocab, dim = int(emb.num_embeddings), int(emb.embedding_dim)
     dense_bytes = vocab * dim * 4
+    from embfactor.pipeline.references import check_external, is_external
+
+    external = [m for m in method_list if is_external(m)]  # one reference point each, whatever the ratios
+    for m in external:
+        check_external(m, dim)
+    method_list = [m for m in method_list if m not in external]
     weights = data_weights(lm, [m for m in method_list if m != "auto"])
 
     def run_eval(m, ref):
@@ -227,10 +237,12 @@ def sweep(
 
     if int_k_curve is None:
         int_k_curve = any(m in ("pq", "rvq", "int", "auto") for m in method_list)
-    n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3 + (len(INT_K_CURVE) if int_k_curve else 0)
+    n_points = (len(method_list) * len(ratio_list) * len(quant_list) + 3 + len(external)
+                + (len(INT_K_CURVE) if int_k_curve else 0))
     bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
 
-    reference_rows = _reference_rows(lm, task, run_eval, bar)
+    reference_rows = _reference_rows(lm, task, run_eval, bar) + [
+        _external_row(lm, m, task, run_eval, bar) for m in external]
     int_curve = _int_k_curve(lm, task, run_eval, bar) if int_k_curve else []
     points: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -263,7 +275,8 @@ def sweep(
         "points": points,
         "skipped": skipped,
         "settings": {
-            "ratios" if sizes is None else "sizes": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
+            "ratios" if sizes is None else "sizes": ratio_list, "methods": method_list + external,
+            "quantize": quant_list, "heal_minutes": heal_minutes,
             "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},
         },
         "seconds": time.perf_counter() - t_start,
@@ -333,6 +346,24 @@ def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[st
         bar.update()
 
     return reference_rows
+
+
+def _external_row(lm: Any, name: str, task: str, run_eval: Any, bar: Any) -> dict[str, Any]:
+    """A reference row: the table stored by another tool (:mod:`embfactor.pipeline.references`), read back as it
+    reads it, in a copy of the model (a tied head reads the same table)."""
+    from embfactor.eval.tasks import input_embedding
+    from embfactor.pipeline.references import external_table
+
+    t0 = time.perf_counter()
+    q = clone_model(lm)
+    w = input_embedding(q.model).weight
+    table, nbytes, info = external_table(name, w.detach())
+    with torch.no_grad():
+        w.copy_(table.to(w.dtype))
+    res = run_eval(q, lm)
+    bar.update()
+    return {"label": name, "kind": "external", **info, "embedding_bytes": nbytes,
+            "bytes_ratio": w.numel() * 4 / nbytes, **_row(res, task), "seconds": time.perf_counter() - t0}
 
 
 def _int_k_curve(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, Any]]:

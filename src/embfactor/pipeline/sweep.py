@@ -29,7 +29,7 @@ QUANTIZE_MODES = {"none": None, "int8": 8, "int4": 4}
 INT_K_CURVE = ((8, None), (6, 32), (4, 32), (3, 32), (2, 32))
 # the numbers besides the headline metric that each task contributes to a sweep row
 _TASK_FIELDS = {
-    "similarity": ("spearman", "pearson", "fidelity", "fidelity_min"),
+    "similarity": ("spearman", "pearson", "fidelity", "fidelity_min", "fidelity_other"),
     "perplexity": ("perplexity", "kl", "top1_agreement", "reference_perplexity"),
     "classification": ("accuracy", "accuracy_std", "reference_accuracy"),
     "reconstruction": ("relative_error", "overlap_weighted", "overlap_uniform"),

@@ -111,3 +111,61 @@ def test_external_gguf_table_matches_ggml_block_rounding():
     expected = (torch.round(blocks * (1 / d)) * d.half().float()).view(6, 64)
     torch.testing.assert_close(T, expected, atol=1e-6, rtol=0)
     assert nbytes == 6 * 2 * 34 and info["bits_per_value"] == 8.5
+
+
+def _plain_hessian_round(E: torch.Tensor, H: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    """GPTQ's rule one column at a time, every later column updated at once (no lazy blocks, no transposes)."""
+    from embfactor.decomposition._common import inverse_cholesky
+
+    U, qmax, w = inverse_cholesky(H, E.shape[1]), 2 ** (bits - 1) - 1, E.clone().float()
+    out = torch.empty_like(w)
+    for c in range(E.shape[1]):
+        if c % g == 0:
+            sf = (w[:, c:c + g].abs().amax(1) / qmax).clamp_min(torch.finfo(torch.float16).tiny).half().float()
+        q = torch.round(w[:, c] / sf).clamp(-qmax, qmax)
+        out[:, c] = q * sf
+        w[:, c + 1:] -= ((w[:, c] - q * sf) / U[c, c])[:, None] * U[c, c + 1:][None]
+    return out
+
+
+def _plain_hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    from embfactor.decomposition._common import inverse_cholesky
+
+    M, _, sub = books.shape
+    U, w, out = inverse_cholesky(H, M * sub), X.clone(), torch.empty(X.shape[0], M, dtype=torch.long)
+    for m in range(M):
+        c0, c1 = m * sub, (m + 1) * sub
+        T = torch.linalg.inv(U[c0:c1, c0:c1])
+        out[:, m] = torch.cdist(w[:, c0:c1] @ T, books[m] @ T).argmin(1)
+        w[:, c1:] -= ((w[:, c0:c1] - books[m][out[:, m]]) @ T) @ U[c0:c1, c1:]
+    return out
+
+
+def well_conditioned_moment(d: int) -> torch.Tensor:
+    # correlated neighbours, spread scales, condition number ~100: float32 rounding does not flip any code
+    X = torch.randn(3000, d, generator=torch.Generator().manual_seed(6)) * torch.linspace(0.2, 2, d)
+    X[:, 1:] += 0.5 * X[:, :-1]
+    return (X.T @ X / X.shape[0]).double()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 16)])
+def test_hessian_round_matches_the_plain_rule(bits, group):
+    d = 160  # two lazy blocks of 128 columns and a partial one
+    E = torch.randn(300, d, generator=torch.Generator().manual_seed(7))
+    H = well_conditioned_moment(d)
+    torch.testing.assert_close(hessian_round(E, H, bits=bits, group=group).reconstruct(),
+                               _plain_hessian_round(E, H, bits, group), atol=0, rtol=0)
+
+
+def test_hessian_encode_matches_the_plain_rule_and_lowers_the_head_error():
+    from embfactor.decomposition.codebook import hessian_encode
+
+    d, sub = 150, 3
+    X = torch.randn(400, d, generator=torch.Generator().manual_seed(8))
+    books = torch.randn(d // sub, 16, sub, generator=torch.Generator().manual_seed(9))
+    H = correlated_moment(d)
+    codes = hessian_encode(X, books, H)
+    assert torch.equal(codes, _plain_hessian_encode(X, books, H))
+    nearest = torch.cdist(X.view(400, -1, sub).transpose(0, 1), books).argmin(-1).T
+    decoded = [books[torch.arange(d // sub), c].reshape(400, d) for c in (codes, nearest)]
+    assert head_error(X, decoded[0], H) < 0.8 * head_error(X, decoded[1], H)

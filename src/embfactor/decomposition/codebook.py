@@ -316,16 +316,25 @@ def hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor, *, dam
     """
     M, _, sub = books.shape
     U = inverse_cholesky(H, M * sub, damp=damp)
+    books = books.float()
+    block = max(128 // sub, 1) * sub  # columns updated lazily together (as hessian_round), whole sub-spaces
+    T = [torch.linalg.inv(U[m * sub:(m + 1) * sub, m * sub:(m + 1) * sub]) for m in range(M)]
     out = torch.empty(X.shape[0], M, dtype=torch.long)
     for r0 in range(0, X.shape[0], block_rows):
-        w = X[r0:r0 + block_rows].float().clone()
-        for m in range(M):
-            c0, c1 = m * sub, (m + 1) * sub
-            T = torch.linalg.inv(U[c0:c1, c0:c1])  # (w - b) T: the error in the metric of this sub-space
-            code = torch.cdist(w[:, c0:c1] @ T, books[m].float() @ T).argmin(1)
-            out[r0:r0 + w.shape[0], m] = code
-            err = (w[:, c0:c1] - books[m].float()[code]) @ T
-            w[:, c1:] -= err @ U[c0:c1, c1:]
+        wT = X[r0:r0 + block_rows].float().T.contiguous()  # columns as rows, as in hessian_round
+        rows = wT.shape[1]
+        for b0 in range(0, M * sub, block):
+            b1 = min(b0 + block, M * sub)
+            errs = torch.empty(b1 - b0, rows)
+            for c0 in range(b0, b1, sub):
+                m, c1 = c0 // sub, c0 + sub
+                x = wT[c0:c1].T  # rows × sub; (x - b) T[m] is the error in the metric of this sub-space
+                code = torch.cdist(x @ T[m], books[m] @ T[m]).argmin(1)
+                out[r0:r0 + rows, m] = code
+                err = ((x - books[m][code]) @ T[m]).T
+                errs[c0 - b0:c1 - b0] = err
+                wT[c1:b1].addmm_(U[c0:c1, c1:b1].T, err, alpha=-1)
+            wT[b1:].addmm_(U[b0:b1, b1:].T, errs, alpha=-1)
     return out
 
 

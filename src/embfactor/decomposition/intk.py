@@ -163,22 +163,26 @@ def hessian_round(E: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group: int
     codes = torch.empty(n, dp, dtype=torch.uint8)
     scales = torch.empty(n, dp // g, dtype=torch.float16)
     for r0 in range(0, n, _HESSIAN_ROWS):
-        w = torch.nn.functional.pad(E[r0:r0 + _HESSIAN_ROWS].detach().float(), (0, dp - d))
+        # columns as rows (d × rows, contiguous): each step reads and updates whole columns
+        wT = torch.nn.functional.pad(E[r0:r0 + _HESSIAN_ROWS].detach().float(), (0, dp - d)).T.contiguous()
+        rows = wT.shape[1]
+        codesT = torch.empty(dp, rows, dtype=torch.uint8)
         for b0 in range(0, dp, block):
             b1 = min(b0 + block, dp)
-            wb, ub = w[:, b0:b1], U[b0:b1, b0:b1]
+            wb, ub = wT[b0:b1], U[b0:b1, b0:b1]
             errs = torch.empty_like(wb)
             for i in range(b1 - b0):
                 c = b0 + i
                 if c % g == 0:
-                    sc = (wb[:, i:i + g].abs().amax(1) / qmax).clamp_min(tiny).half()
-                    scales[r0:r0 + wb.shape[0], c // g] = sc
+                    sc = (wb[i:i + g].abs().amax(0) / qmax).clamp_min(tiny).half()
+                    scales[r0:r0 + rows, c // g] = sc
                     sf = sc.float()
-                q = torch.round(wb[:, i] / sf).clamp_(-qmax, qmax)
-                codes[r0:r0 + wb.shape[0], c] = (q + qmax).to(torch.uint8)
-                errs[:, i] = (wb[:, i] - q * sf) / ub[i, i]
-                wb[:, i + 1:] -= errs[:, i:i + 1] * ub[i:i + 1, i + 1:]
-            w[:, b1:] -= errs @ U[b0:b1, b1:]
+                q = torch.round(wb[i] / sf).clamp_(-qmax, qmax)
+                codesT[c] = (q + qmax).to(torch.uint8)
+                torch.div(wb[i] - q * sf, ub[i, i], out=errs[i])
+                wb[i + 1:].addr_(ub[i, i + 1:], errs[i], alpha=-1)
+            wT[b1:].addmm_(U[b0:b1, b1:].T, errs, alpha=-1)
+        codes[r0:r0 + rows] = codesT.T
     packed = torch.cat([pack_bits(codes[s:s + QUANT_BLOCK_ROWS], bits) for s in range(0, n, QUANT_BLOCK_ROWS)])
     meta = {"bits": bits, "group": group, "symmetric": True, "rounding": "hessian"}
     return IntFactors(torch.empty(n, 0, dtype=E.dtype), torch.empty(0, d, dtype=E.dtype), "int", None, meta,

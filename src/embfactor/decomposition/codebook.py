@@ -379,14 +379,7 @@ def quantize_table(
     rng = np.random.default_rng(seed)
     X = E.detach().float().cpu()
     train_idx, train_w = _training_sample(n, w, max_train_points, rng)
-    R = _rotation(X, rotation, M, seed, train_idx)
-    if R is not None:
-        R = R.to(cb_dtype).float()  # quantize against the rotation as stored
-        X = X @ R
-    scale = None
-    if row_scale:
-        scale = X.norm(dim=1).to(cb_dtype).float()
-        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    X, R, scale = _rotate_and_scale(X, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
     resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
     codes, books = _fit_stages(resid, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff, niter=niter,
                                seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8)
@@ -407,6 +400,20 @@ def quantize_table(
     if w is not None:
         f.meta["weighted_relative_error"] = _weighted_error(E, f, torch.from_numpy(w).double())
     return f
+
+
+def _rotate_and_scale(X: torch.Tensor, rotation: str, row_scale: bool, *, M: int, seed: int, sample: np.ndarray,
+                      cb_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(the table to quantize, the rotation R, the row norms), R and the norms rounded to their storage dtype."""
+    R = _rotation(X, rotation, M, seed, sample)
+    if R is not None:
+        R = R.to(cb_dtype).float()  # quantize against the rotation as stored
+        X = X @ R
+    scale = None
+    if row_scale:
+        scale = X.norm(dim=1).to(cb_dtype).float()
+        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    return X, R, scale
 
 
 def _pq_settings(d: int, *, sub_dim: int | None, M: int | None, K: int, stages: int, niter: int, rotation: str,

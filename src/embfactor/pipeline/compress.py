@@ -81,6 +81,20 @@ def quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> in
     return bits
 
 
+def _checked_settings(
+    config: FactorizationConfig | None, target: dict[str, Any], quantize: str | int | None
+) -> tuple[FactorizationConfig, int | None]:
+    """(config, --quantize bits) of :func:`compress`, checked without the model (cheap checks before the load)."""
+    if config is None:
+        config = FactorizationConfig(**target)
+    elif target:
+        raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
+    bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
+    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
+    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
+    return config, bits
+
+
 def compress(
     model: str | os.PathLike | Any,
     config: FactorizationConfig | None = None,
@@ -119,13 +133,7 @@ def compress(
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
-    if config is None:
-        config = FactorizationConfig(**target)
-    elif target:
-        raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
-    bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
-    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
-    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
+    config, bits = _checked_settings(config, target, quantize)
     loaded = isinstance(model, LoadedModel)
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose

@@ -10,6 +10,7 @@ float32 scale per row (:func:`embfactor.quant.quantized_bytes`).
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import time
@@ -193,23 +194,16 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    from embfactor.eval.tasks import evaluate
-
     # --- validate everything before the (long) work ---
-    ratio_list, method_list, quant_list = _check_settings(
-        ratios, methods, quantize, heal_minutes, skip_missing, sizes
-    )
+    ratio_list, method_list, quant_list = _check_settings(ratios, methods, quantize, heal_minutes, skip_missing, sizes)
     from embfactor.train.heal import heal as heal_fn  # at call time: tests replace it with a fake
 
     heal = heal_fn if heal_minutes > 0 else None
-    t_start = time.perf_counter()
-    lm = _sweepable(model)
+    t_start, lm = time.perf_counter(), _sweepable(model)
     task, info, opts = _task_and_options(lm, task, task_options)
     weights = data_weights(lm, [m for m in method_list if m != "auto"])
 
-    def run_eval(m, ref):
-        return evaluate(m, task, reference=ref, progress=False, **opts)
-
+    run_eval = functools.partial(_evaluate, task=task, opts=opts)
     if int_k_curve is None:
         int_k_curve = any(m in ("pq", "rvq", "int", "auto") for m in method_list)
     n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3 + (len(INT_K_CURVE) if int_k_curve else 0)
@@ -228,6 +222,13 @@ def sweep(
     }
     return _sweep_table(lm, task, info, reference_rows, int_curve, points, skipped, settings,
                         time.perf_counter() - t_start)
+
+
+def _evaluate(m, ref, *, task: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation of a sweep point (``m``) against ``ref`` (None: the task's own numbers only)."""
+    from embfactor.eval.tasks import evaluate
+
+    return evaluate(m, task, reference=ref, progress=False, **opts)
 
 
 def _sweepable(model: str | Any):

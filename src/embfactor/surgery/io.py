@@ -57,8 +57,8 @@ def save_compressed(
     from safetensors.torch import save_model
 
     from embfactor import __version__
-    from embfactor.hf.integration import attach_quantization_config
-    from embfactor.hf.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
+    from embfactor.surgery.integration import attach_quantization_config
+    from embfactor.surgery.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
 
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None) if not isinstance(model, nn.Module) else None
@@ -90,7 +90,7 @@ def save_compressed(
         # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
         # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
         config.dtype = record["torch_dtype"]
-        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf)
+        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf registers its quantizer)
         attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
@@ -145,7 +145,7 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     Example:
         >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
     """
-    from embfactor.hf.loading import embfactor_quantization_config, from_pretrained_compressed
+    from embfactor.surgery.loading import embfactor_quantization_config, from_pretrained_compressed
 
     directory = Path(directory)
     record = read_record(directory)

@@ -143,10 +143,14 @@ def row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, 1.0, torch.nn.functional.cosine_similarity(a, b, dim=-1))
 
 
-def assert_same_outputs(original: nn.Module, other: nn.Module, *, min_cos: float = 0.999, rel: float = 0.02) -> None:
-    """(a): every table reader within ``rel`` relative error, every layer cos >= ``min_cos``, same greedy tokens."""
+def assert_same_outputs(original: nn.Module, other: nn.Module, *, min_cos: float = 0.999, rel: float = 0.02,
+                        readers: list[str] | None = None) -> None:
+    """(a): every table reader within ``rel`` relative error, every layer cos >= ``min_cos``, same greedy tokens.
+
+    ``readers``: the modules reading the table (default: the dense ``original``'s :func:`table_readers`).
+    """
     ids = IDS[0]
-    for fqn in table_readers(original):
+    for fqn in table_readers(original) if readers is None else readers:
         with torch.no_grad():
             want, got = original.get_submodule(fqn)(ids), other.get_submodule(fqn)(ids)
         err = float((got - want).norm() / want.norm())
@@ -224,7 +228,7 @@ def test_size_8x_saves_and_reloads_through_from_pretrained(name, tokenizer, tmp_
     assert report.factorization["bytes_ratio"] >= 7.9
     again = reload(tmp_path / "out", ARCHS[name].model)
     assert type(again.get_input_embeddings()) is type(model.get_input_embeddings())
-    assert_same_outputs(model, again, min_cos=0.99999, rel=1e-5)
+    assert_same_outputs(model, again, min_cos=0.99999, rel=1e-5, readers=table_readers(original))
     # the planned table is lossy, but every module still reads it the way the original read its own table
     for fqn in table_readers(original):
         with torch.no_grad():
@@ -249,3 +253,126 @@ def test_extreme_embedding_scales_are_carried_and_saved(name, scale, tmp_path):
     ef.save_compressed(model, tmp_path / "out")
     assert_same_outputs(original, reload(tmp_path / "out", ARCHS[name].model))
     assert_same_outputs(original, ef.load_compressed(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["gemma3", "bart", "t5"])
+def test_the_plans_check_scores_the_model_as_it_is_saved(name, tokenizer, tmp_path):
+    """The planner scores candidates in the original module (which scales): the saved model must score the same."""
+    from embfactor.data import read_texts
+    from embfactor.eval.embed import pooled_embeddings
+    from embfactor.models import LoadedModel
+    from embfactor.pipeline.compress import compress
+    from embfactor.plan import ModelScorer, calibration_split
+
+    original = build(name)
+    k = kind(original).replace("seq2seq", "encoder")
+    (tmp_path / "calibration.txt").write_text("\n\n".join(wiki_texts()))
+    report = compress(LoadedModel(name, copy.deepcopy(original), tokenizer, k, tmp_path / "src"), size="8x",
+                      method="auto", method_options=PLANNER_FORMATS, output=tmp_path / "out",
+                      text_files=[str(tmp_path / "calibration.txt")], progress=False)
+    predicted = report.factorization["plan"]["score"]
+    saved = LoadedModel(name, reload(tmp_path / "out", ARCHS[name].model), tokenizer, k, tmp_path / "out")
+    scorer = ModelScorer(LoadedModel(name, original, tokenizer, k, tmp_path / "src"),
+                         texts=calibration_split(read_texts([tmp_path / "calibration.txt"]))[1])
+    with torch.inference_mode():
+        if k == "decoder":
+            lp = torch.log_softmax(saved.model(input_ids=scorer.batch).logits.float(), -1)
+            measured = -float((scorer.ref.exp() * (scorer.ref - lp)).sum(-1).mean())
+        else:
+            measured = float((pooled_embeddings(saved, scorer.texts, batch_size=16) * scorer.ref).sum(-1).mean())
+    assert measured == pytest.approx(predicted, abs=1e-4), (measured, predicted)
+
+
+# --- (c): what a format cannot reproduce is refused before any work ----------------------------------------------
+class Shifted(nn.Embedding):
+    """An embedding whose forward adds a constant: not a scaled lookup."""
+
+    def forward(self, ids):
+        return super().forward(ids) + 0.5
+
+
+class PerColumn(nn.Embedding):
+    """An embedding whose forward scales each column by its own factor (reproducible: carried as a list)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * torch.linspace(0.01, 100.0, self.embedding_dim)
+
+
+def with_embedding(model: nn.Module, cls: type[nn.Embedding], **kw: Any) -> nn.Module:
+    old = model.get_input_embeddings()
+    new = cls(old.num_embeddings, old.embedding_dim, old.padding_idx, **kw)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+    model.set_input_embeddings(new)
+    if model.get_output_embeddings() is not None and model.config.tie_word_embeddings:
+        model.get_output_embeddings().weight = new.weight
+    return model
+
+
+@pytest.mark.parametrize("cls, kw, match", [
+    (Shifted, {}, r"LlamaForCausalLM\.model\.embed_tokens \(Shifted\): its forward is not a scaled lookup"),
+    (nn.Embedding, {"max_norm": 1.0}, r"LlamaForCausalLM\.model\.embed_tokens \(Embedding\) renormalizes"),
+])
+def test_what_a_format_cannot_reproduce_is_refused_before_any_work(cls, kw, match, tokenizer, monkeypatch):
+    from embfactor.models import LoadedModel
+    from embfactor.pipeline.compress import compress
+
+    model = with_embedding(build("llama-tied"), cls, **kw)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SurgeryError, match=match):
+        ef.factorize_(model, method="int", bits=8)
+    monkeypatch.setattr("embfactor.plan.plan_compress_", lambda *a, **k: pytest.fail("the planner ran"))
+    with pytest.raises(SurgeryError, match=match):
+        compress(LoadedModel("llama", model, tokenizer, "decoder", Path("src")), size="8x", progress=False)
+    assert type(model.get_input_embeddings()) is cls  # untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_module_sharing_the_table_that_is_not_an_embedding_is_refused():
+    model = build("llama")
+    model.extra = nn.Linear(D, V, bias=False)
+    model.extra.weight = model.get_input_embeddings().weight
+    with pytest.raises(SurgeryError, match=r"LlamaForCausalLM\.extra \(Linear\) holds the input table"):
+        ef.factorize_(model, method="int", bits=8)
+    assert isinstance(model.get_input_embeddings(), nn.Embedding)
+
+
+def test_a_per_column_scale_is_carried_through_save_and_from_pretrained(tmp_path):
+    original = with_embedding(build("llama"), PerColumn)
+    model = copy.deepcopy(original)
+    ef.factorize_(model, method="int", bits=8)
+    assert isinstance(model.get_input_embeddings().embed_scale, list)
+    assert_same_outputs(original, model)
+    ef.save_compressed(model, tmp_path / "out")
+    # the folder names LlamaForCausalLM (a plain embedding): the scale comes from the saved quantization_config
+    assert_same_outputs(original, reload(tmp_path / "out", "LlamaForCausalLM"))
+
+
+def test_a_bf16_scaled_embedding_keeps_its_scale():
+    original = build("gemma3").to(torch.bfloat16)
+    model = copy.deepcopy(original)
+    ef.factorize_(model, method="int", bits=8)
+    scale = model.get_input_embeddings().embed_scale
+    assert scale == pytest.approx(D**0.5, rel=1e-2)
+    with torch.no_grad():
+        want, got = original.get_input_embeddings()(IDS[0]).float(), model.get_input_embeddings()(IDS[0]).float()
+    assert float((got - want).norm() / want.norm()) < 0.02
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_quantized_factors_keep_the_shared_readers_and_scales(name, tmp_path):
+    """quantize_ swaps the format again: the encoder's and decoder's views must follow it to the new table."""
+    from embfactor.layers import SharedEmbedding
+
+    readers = table_readers(build(name))
+    factors = build(name)
+    ef.factorize_(factors, rank=16, method="svd")
+    model = copy.deepcopy(factors)
+    ef.quantize_(model, "int8")
+    table = model.get_input_embeddings()
+    views = [model.get_submodule(f) for f in readers[1:]]
+    assert views and all(isinstance(v, SharedEmbedding) and v.table is table for v in views)
+    assert_same_outputs(factors, model, readers=readers)  # int8 factors: near-lossless against the float ones
+    ef.save_compressed(model, tmp_path / "out")
+    again = reload(tmp_path / "out", ARCHS[name].model)
+    assert_same_outputs(model, again, min_cos=0.99999, rel=1e-5, readers=readers)

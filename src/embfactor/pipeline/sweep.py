@@ -371,22 +371,18 @@ def _int_k_curve(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, 
     from embfactor.decomposition.intk import int_quantize
     from embfactor.eval.tasks import input_embedding
     from embfactor.formats import from_factors
-    from embfactor.layers import FactorizedLMHead
-    from embfactor.surgery import find_embedding_and_head, fqn_of, replace_modules_
+    from embfactor.surgery import install_format_
 
     emb = input_embedding(lm.model)
     dense_bytes = emb.weight.numel() * 4
-    tied = bool(find_embedding_and_head(lm.model).tied)
     rows: list[dict[str, Any]] = []
     for bits, group in INT_K_CURVE:
         t0 = time.perf_counter()
         q = clone_model(lm)
         layer = from_factors(int_quantize(emb.weight.detach(), bits=bits, group=group), emb.padding_idx,
                              zero_padding_row=False)
-        replace_modules_(q.model, {fqn_of(q.model, input_embedding(q.model)): layer})
-        if tied:  # the tied head reads the same int-k table
-            head = q.model.get_output_embeddings()
-            replace_modules_(q.model, {fqn_of(q.model, head): FactorizedLMHead(layer, getattr(head, "bias", None))})
+        # as compress installs a table: a tied head reads it, and the module's scale and shared readers are kept
+        install_format_(q.model, layer, method="int", rank=bits)
         res = run_eval(q, lm)
         rows.append({
             "label": f"int{bits} " + (f"g{group}" if group else "per row"), "kind": "dense-int-k", "bits": bits,

@@ -16,6 +16,7 @@ from embfactor.decomposition import (
 )
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.formats import from_factors, is_row_format
+from embfactor.surgery.conform import table_readers
 from embfactor.surgery.integration import attach_quantization_config
 from embfactor.surgery.meta import CompressionMeta, set_meta
 from embfactor.surgery.replace import apply_structure_, fqn_of
@@ -177,6 +178,7 @@ def factorize_(
     site = find_embedding_and_head(model, module_name)
     emb_fqn, emb, head_fqn = site.embedding_module, site.embedding, site.head_module
     tie = site.tied and config.factorize_head
+    readers = table_readers(model, emb, emb_fqn, site.head)  # refuses what a format cannot reproduce, before any work
     params_before = count_params(model)
     E = emb.weight.detach()
     sv = spectrum(E)
@@ -192,7 +194,8 @@ def factorize_(
     # --- the model is mutated only below this line ---
     # copy=False: f is this call's own temporary, so the layer adopts its U (one vocab × r block less at the peak)
     new = from_factors(f, pad, sparse=emb.sparse, zero_padding_row=pad_is_zero, copy=False).to(emb.weight.device)
-    apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tie, head_module=head_fqn)
+    apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tie, head_module=head_fqn,
+                     embed_scale=readers.embed_scale, shared_modules=readers.shared)
     del E
     report = _factorization_report(
         model, site, new, f, rank=r, tie=tie, params_before=params_before,
@@ -200,7 +203,8 @@ def factorize_(
     )
     set_meta(model, CompressionMeta(
         embedding_module=emb_fqn, head_module=head_fqn if tie else None, tied_head=tie, rank=r, method=f.method,
-        factorization=config.to_dict(), report=report.to_dict(),
+        factorization=config.to_dict(), report=report.to_dict(), embed_scale=readers.embed_scale,
+        shared_modules=readers.shared,
     ))
     attach_quantization_config(model)  # so that model.save_pretrained writes a folder from_pretrained rebuilds
     return report
@@ -288,14 +292,16 @@ def install_format_(
         raise InvalidTypeError(f"install_format_ needs a storage format (RowFormat), got {type(new_embedding).__name__}")
     site = find_embedding_and_head(model, module_name)
     tie = site.tied and tie_head
+    readers = table_readers(model, site.embedding, site.embedding_module, site.head)
     meta = CompressionMeta(
         embedding_module=site.embedding_module, head_module=site.head_module if tie else None, tied_head=tie,
         rank=rank, method=method or new_embedding.format_name, factorization=FactorizationConfig(rank=rank).to_dict(),
+        embed_scale=readers.embed_scale, shared_modules=readers.shared,
     )
     # --- the model is mutated only below this line ---
     apply_structure_(
         model, embedding_module=site.embedding_module, new_embedding=new_embedding, tied_head=tie,
-        head_module=site.head_module,
+        head_module=site.head_module, embed_scale=readers.embed_scale, shared_modules=readers.shared,
     )
     set_meta(model, meta)
     attach_quantization_config(model)

@@ -209,6 +209,8 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
             new_embedding=new,
             tied_head=bool(record["tied_head"]),
             head_module=record["head_module"],
+            embed_scale=record.get("embed_scale"),
+            shared_modules=record.get("shared_modules"),
         )
     except (SurgeryError, AttributeError, TypeError, UnknownMethodError) as e:
         raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None

@@ -95,6 +95,15 @@ def _checked_settings(
     return config, bits
 
 
+def _refuse_unreproducible(model: torch.nn.Module) -> None:
+    """What a format cannot reproduce (an embedding that does more than scale its lookup) is refused before any work."""
+    from embfactor.surgery import find_embedding_and_head
+    from embfactor.surgery.conform import table_readers
+
+    site = find_embedding_and_head(model)
+    table_readers(model, site.embedding, site.embedding_module, site.head)
+
+
 def compress(
     model: str | os.PathLike | Any,
     config: FactorizationConfig | None = None,
@@ -129,8 +138,7 @@ def compress(
     from embfactor.fileio import check_output_dir, release_mapped_pages
     from embfactor.models import LoadedModel, load_model, source_path
     from embfactor.plan import plan_compress_, wants_plan
-    from embfactor.surgery import factorize_, find_embedding_and_head, get_meta, quantize_, save_compressed
-    from embfactor.surgery.conform import table_readers
+    from embfactor.surgery import factorize_, get_meta, quantize_, save_compressed
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
@@ -144,10 +152,7 @@ def compress(
     lm = model if loaded else load_model(str(model))
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
-    # what a format cannot reproduce (an embedding that does more than scale its lookup) is refused before any work
-    site = find_embedding_and_head(lm.model)
-    table_readers(lm.model, site.embedding, site.embedding_module, site.head)
-    del site
+    _refuse_unreproducible(lm.model)
     stages.update()
     bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
     stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")

@@ -95,13 +95,28 @@ def _checked_settings(
     return config, bits
 
 
-def _refuse_unreproducible(model: torch.nn.Module) -> None:
-    """What a format cannot reproduce (an embedding that does more than scale its lookup) is refused before any work."""
-    from embfactor.surgery import find_embedding_and_head
-    from embfactor.surgery.conform import table_readers
+def _compress_table(lm: Any, config: FactorizationConfig, texts: list[str] | None, *, stages: Any, progress: bool,
+                    bytes_before: int) -> Any:
+    """Replace ``lm``'s embedding table as ``config`` asks (the planner, or factorize_); its report."""
+    from embfactor.fileio import release_mapped_pages
+    from embfactor.plan import plan_compress_, wants_plan
+    from embfactor.surgery import factorize_, get_meta
 
-    site = find_embedding_and_head(model)
-    table_readers(model, site.embedding, site.embedding_module, site.head)
+    stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
+    weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
+    stages.set_postfix_str("decomposing")
+    dense = lm.model.get_input_embeddings()
+    if wants_plan(config):  # --size without --method, or --method auto: the byte-budget planner
+        rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
+    else:
+        rep = factorize_(lm.model, config, progress=progress, token_weights=weights)
+    meta = get_meta(lm.model)
+    # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
+    meta.report["bytes_before"] = bytes_before
+    if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
+        release_mapped_pages(dense.weight)
+    del dense
+    return rep
 
 
 def compress(
@@ -135,10 +150,10 @@ def compress(
 
     from embfactor.data import read_texts
     from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
-    from embfactor.fileio import check_output_dir, release_mapped_pages
+    from embfactor.fileio import check_output_dir
     from embfactor.models import LoadedModel, load_model, source_path
-    from embfactor.plan import plan_compress_, wants_plan
-    from embfactor.surgery import factorize_, get_meta, quantize_, save_compressed
+    from embfactor.surgery import find_embedding_and_head, quantize_, save_compressed
+    from embfactor.surgery.conform import table_readers
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
@@ -152,23 +167,13 @@ def compress(
     lm = model if loaded else load_model(str(model))
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
-    _refuse_unreproducible(lm.model)
+    # what a format cannot reproduce (an embedding that does more than scale its lookup) is refused before any work
+    site = find_embedding_and_head(lm.model)
+    table_readers(lm.model, site.embedding, site.embedding_module, site.head)
+    del site
     stages.update()
     bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
-    stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
-    weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
-    stages.set_postfix_str("decomposing")
-    dense = lm.model.get_input_embeddings()
-    if wants_plan(config):  # --size without --method, or --method auto: the byte-budget planner
-        rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
-    else:
-        rep = factorize_(lm.model, config, progress=progress, token_weights=weights)
-    meta = get_meta(lm.model)
-    # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
-    meta.report["bytes_before"] = bytes_before
-    if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
-        release_mapped_pages(dense.weight)
-    del dense
+    rep = _compress_table(lm, config, texts, stages=stages, progress=progress, bytes_before=bytes_before)
     stages.update()
     quant = quantize_(lm.model, bits) if bits is not None else None
     out = None

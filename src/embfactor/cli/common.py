@@ -138,6 +138,18 @@ def add_method_arg(p: argparse.ArgumentParser, *, options: bool = False) -> None
     p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default 0)")
 
 
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    """``--verify N`` / ``--no-verify``: the check of the written model (``args.verify``: None, N or 0)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--verify", type=int, metavar="N", default=None,
+        help="after saving, load the written folder with from_pretrained and score it against the original on N "
+        "held-out samples: passages for encoders (default 64), 256-token windows for decoders (default 2); the "
+        "command fails, writing nothing, when it is far worse than the model that was compressed",
+    )
+    g.add_argument("--no-verify", dest="verify", action="store_const", const=0, help="skip that check")
+
+
 def file_size(path: Path) -> int | None:
     return path.stat().st_size if path.is_file() else None
 

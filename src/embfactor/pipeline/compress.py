@@ -32,9 +32,11 @@ class CompressReport:
     bytes_after: int | None
     seconds: float
     quantization: dict[str, Any] | None = None
+    verified: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.factorization.to_dict()
+        d = {"verified": self.verified} if self.verified is not None else {}  # first: the written model's figure
+        d.update(self.factorization.to_dict())
         d.update(
             model=self.model, output=self.output, kind=self.kind, bytes_before=self.bytes_before,
             bytes_after=self.bytes_after, decompose_seconds=self.factorization.seconds, seconds=self.seconds,
@@ -89,6 +91,7 @@ def compress(
     progress: bool = True,
     quantize: str | int | None = None,
     text_files: Sequence[str] | None = None,
+    verify: int | bool | None = None,
     **target: Any,
 ) -> CompressReport:
     """Load ``model`` (a name, a path or a LoadedModel), factorize it, optionally quantize, and save to ``output``.
@@ -102,6 +105,10 @@ def compress(
         output: folder to save to (None: compress in memory only; the LoadedModel passed in holds the result).
         quantize: "int8"/"int4" to store the factors as per-row integers.
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
+        verify: after saving, load the written folder as users do and score it against the original on held-out
+            text (:mod:`embfactor.pipeline.verify`); raises VerificationError, writing nothing, when it is far worse
+            than the model that was compressed. None/True: the default sample (64 passages or 2 windows of 256
+            tokens); a number: that many; 0/False: skip.
 
     Example:
         >>> report = compress("minilm", ratio=6, output="out/minilm-r6")      # doctest: +SKIP
@@ -130,12 +137,19 @@ def compress(
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
-    stages = tqdm(total=3, desc="compress", unit="stage", disable=not progress, leave=False)
+    checking = output is not None and verify is not False and verify != 0
+    stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model if not loaded else model.name}")
     lm = model if loaded else load_model(str(model))
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
     stages.update()
+    verifier = None
+    if checking:  # the original's outputs on held-out text, before the model changes
+        from embfactor.pipeline.verify import Verifier
+
+        stages.set_postfix_str("scoring the original on held-out text")
+        verifier = Verifier(lm, samples=None if verify is True else verify)
     bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
     stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
     weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
@@ -154,17 +168,25 @@ def compress(
     stages.update()
     quant = quantize_(lm.model, bits) if bits is not None else None
     out = None
+    if verifier is not None:
+        from embfactor.pipeline.verify import plan_check_score
+
+        stages.set_postfix_str("scoring the compressed model in memory")
+        verifier.plan_score = plan_check_score(rep.to_dict())
+        verifier.predict(lm)
+        stages.update()
     if output is not None:
-        stages.set_postfix_str("saving")
+        stages.set_postfix_str("saving and verifying the written model" if verifier else "saving")
         out = save_compressed(
-            lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name}
+            lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name},
+            verify=verifier,
         )
     stages.update()
     stages.close()
     return CompressReport(
         model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
         bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
-        seconds=time.perf_counter() - t0, quantization=quant,
+        seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def save_compressed(
     inputs: tuple[str | os.PathLike, ...] = (),
     files: dict[str, bytes] | None = None,
     modules_from: str | os.PathLike | None = None,
+    verify: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
 
@@ -44,6 +46,8 @@ def save_compressed(
             :func:`embfactor.load_model` returns after :func:`factorize_` (its tokenizer is saved too).
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model that every
             ``embfactor`` command accepts; default: the tokenizer of a ``load_model`` result.
+        verify: called with the complete temporary folder before it is renamed into place (a
+            :class:`embfactor.pipeline.verify.Verifier`); if it raises, nothing is written.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
         files: more files (name -> contents) written into the same temporary folder, so they appear in the one
@@ -101,6 +105,11 @@ def save_compressed(
             (tmp / name).write_bytes(data)
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
         (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        if verify is not None:
+            verified = verify(tmp)
+            if isinstance(verified, dict):  # the measured figure, for inspect and /info as for this run
+                record["verified"] = verified
+                (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return Path(directory)
 
 

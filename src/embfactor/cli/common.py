@@ -150,6 +150,19 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-verify", dest="verify", action="store_const", const=0, help="skip that check")
 
 
+def verified_figures(v: dict[str, Any]) -> str:
+    """``fidelity 0.9981 to the original on 64 held-out ... (in memory 0.9981)``: the verified record in words."""
+    m, p = v["measured"], v.get("predicted") or {}
+    if v["metric"] == "fidelity":
+        text = f"fidelity {m['fidelity']:.4f} to the original"
+        mem = f"in memory {p['fidelity']:.4f}" if p else ""
+    else:
+        text = (f"KL {m['kl']:.4f} nats to the original, top-1 agreement {m['top1_agreement']:.3f}, "
+                f"perplexity x{m['perplexity_ratio']:.3f}")
+        mem = f"in memory KL {p['kl']:.4f}" if p else ""
+    return f"{text} on {v['text']} (loaded with {v['loaded_with']}" + (f"; {mem})" if mem else ")")
+
+
 def file_size(path: Path) -> int | None:
     return path.stat().st_size if path.is_file() else None
 

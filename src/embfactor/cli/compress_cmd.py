@@ -9,7 +9,8 @@ import argparse
 from typing import Any
 
 from embfactor.cli.common import (
-    add_method_arg, add_model_arg, add_target_args, add_verify_args, check_outputs, mb, parse_method_options, table, write_json,
+    add_method_arg, add_model_arg, add_target_args, add_verify_args, check_outputs, mb, parse_method_options, table,
+    verified_figures, write_json,
 )
 from embfactor.config import FactorizationConfig
 from embfactor.errors import ConfigError
@@ -25,19 +26,6 @@ def summary(r: dict[str, Any]) -> list[str]:
     if v:
         lines.append(f"written model, {verified_figures(v)}")
     return lines
-
-
-def verified_figures(v: dict[str, Any]) -> str:
-    """``fidelity 0.9981 to the original on 64 held-out ... (in memory 0.9981)``: the verified record in words."""
-    m, p = v["measured"], v.get("predicted") or {}
-    if v["metric"] == "fidelity":
-        text = f"fidelity {m['fidelity']:.4f} to the original"
-        mem = f"in memory {p['fidelity']:.4f}" if p else ""
-    else:
-        text = (f"KL {m['kl']:.4f} nats to the original, top-1 agreement {m['top1_agreement']:.3f}, "
-                f"perplexity x{m['perplexity_ratio']:.3f}")
-        mem = f"in memory KL {p['kl']:.4f}" if p else ""
-    return f"{text} on {v['text']} (loaded with {v['loaded_with']}" + (f"; {mem})" if mem else ")")
 
 
 def render(r: dict[str, Any]) -> str:

@@ -111,9 +111,10 @@ def compress(
             tokens); a number: that many; 0/False: skip.
 
     Example:
-        >>> report = compress("minilm", ratio=6, output="out/minilm-r6")      # doctest: +SKIP
-        >>> report.factorization.ratio                                       # doctest: +SKIP
-        6.06...
+        >>> import embfactor as ef
+        >>> report = ef.compress("minilm", size="8x", output="out/minilm-8x")    # doctest: +SKIP
+        >>> report.verified["measured"]["fidelity"], report.to_dict()["bytes_ratio"]   # doctest: +SKIP
+        (0.999..., 8.0...)
     """
     from tqdm.auto import tqdm
 

@@ -188,8 +188,9 @@ def sweep(
         InvalidInputError: task not applicable to the model.
 
     Example:
-        >>> r = sweep("minilm", ratios=[4, 8], methods=["svd"])        # doctest: +SKIP
-        >>> [(p["ratio"], p["spearman"]) for p in r["points"]]        # doctest: +SKIP
+        >>> import embfactor as ef
+        >>> r = ef.sweep("minilm", sizes="8x,16x", methods="auto,int")     # doctest: +SKIP
+        >>> [(p["label"], round(p["fidelity"], 4)) for p in r["points"]]    # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 

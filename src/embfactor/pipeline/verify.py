@@ -18,7 +18,7 @@ text): it scored the table inside the *original* module, so a replacement that l
 as a written model far worse than the check predicted.
 
 Example:
-    >>> v = Verifier(lm)                          # before the model is changed: the original's outputs  # doctest: +SKIP
+    >>> v = Verifier(lm)                          # the original's outputs, before it changes       # doctest: +SKIP
     >>> ...                                       # compress lm in place                             # doctest: +SKIP
     >>> v.predict(lm)                             # the in-memory compressed model's figure          # doctest: +SKIP
     >>> save_compressed(lm.model, out, verify=v)  # loads the temporary folder, raises if far worse  # doctest: +SKIP

@@ -266,3 +266,22 @@ def test_reconstruction_task_does_not_warn_about_sequence_length(tiny_bert_dir, 
         logger.removeHandler(handler)
     assert counts.sum() > 4
     assert not [r for r in records if "indexing errors" in r.getMessage()]
+
+
+def test_quiet_silences_third_party_progress_bars(tmp_path, capsys, monkeypatch):
+    """-q: no bar at all, transformers' own included ("Converting and de-quantizing GGUF tensors" when a GGUF file
+    loads through transformers, which takes no flag to turn it off); without -q that bar shows."""
+    from embfactor import gguf_loader
+    from tests.test_gguf_loader import _tiny_llama, write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_llama(tied=True), tokenizer=True)
+    monkeypatch.setattr(gguf_loader, "_unsupported", lambda reader: "load it through transformers")
+    argv = ["compress", str(path), "--method", "int", "--method-option", "bits=8", "--verify", "1"]
+    assert main([*argv, "-o", str(tmp_path / "loud")]) == 0
+    assert "de-quantizing GGUF tensors" in capsys.readouterr().err  # the bar the test is about exists
+    assert main([*argv, "-o", str(tmp_path / "quiet"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "GGUF" not in err and "it/s" not in err and "%|" not in err, err
+    from tqdm import tqdm
+
+    assert not tqdm(range(1), file=None).disable  # restored after the command

@@ -25,6 +25,10 @@ def summary(r: dict[str, Any]) -> list[str]:
     v = r.get("verified")
     if v:
         lines.append(f"written model, {verified_figures(v)}")
+    if r.get("size_choice"):
+        from embfactor.decomposition.choice import describe_choice
+
+        lines.append(describe_choice(r["size_choice"]))
     return lines
 
 

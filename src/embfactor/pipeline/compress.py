@@ -33,6 +33,7 @@ class CompressReport:
     seconds: float
     quantization: dict[str, Any] | None = None
     verified: dict[str, Any] | None = None
+    size_choice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {"verified": self.verified} if self.verified is not None else {}  # first: the written model's figure
@@ -43,6 +44,8 @@ class CompressReport:
         )
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.size_choice is not None:
+            d["size_choice"] = self.size_choice
         return d
 
 
@@ -160,6 +163,7 @@ def compress(
         rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
     else:
         rep = factorize_(lm.model, config, progress=progress, token_weights=weights)
+    choice = None if wants_plan(config) else size_choice_of(config, rep.to_dict())
     meta = get_meta(lm.model)
     # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
     meta.report["bytes_before"] = bytes_before
@@ -188,7 +192,21 @@ def compress(
         model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
         bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
         seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
+        size_choice=choice,
     )
 
 
-__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits"]
+def size_choice_of(config: FactorizationConfig, report: dict[str, Any]) -> dict[str, Any] | None:
+    """For a byte ``size`` given to one method that picks its settings (pq, rvq, int): the setting it picked and
+    the finer one it narrowly missed (:func:`embfactor.decomposition.choice.size_choice`); else None."""
+    from embfactor.decomposition import budget_bytes, fixes_size
+    from embfactor.decomposition.choice import size_choice
+
+    if config.size is None or fixes_size(config.method, config.method_options) or not report.get("format_config"):
+        return None
+    vocab, d = report["vocab_size"], report["hidden_size"]
+    return size_choice(config.method, vocab, d, budget_bytes(config.size, vocab, d), report["format_config"],
+                       report["embedding_bytes_after"], config.method_options)
+
+
+__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits", "size_choice_of"]

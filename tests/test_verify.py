@@ -39,7 +39,7 @@ def test_compress_reports_the_measured_figure_of_the_written_model(tiny_bert_dir
     argv = ["compress", str(tiny_bert_dir), "--method", "int", "--method-option", "bits=8", "-o", str(out), "-q"]
     assert main([*argv, "--json", str(rep), "--verify", "8"]) == 0
     text = capsys.readouterr().out
-    assert text.splitlines()[2].startswith("written model, fidelity ")  # the summary block leads the report
+    assert text.splitlines()[2].startswith("written model, reloaded with BertModel.from_pretrained: fidelity ")  # the summary block leads the report
     v = json.loads(rep.read_text())["verified"]
     assert v["ok"] and v["metric"] == "fidelity" and v["text"] == "8 held-out Wikipedia passages"
     assert v["loaded_with"] == "BertModel.from_pretrained"

@@ -24,7 +24,7 @@ def summary(r: dict[str, Any]) -> list[str]:
                      f"({r['bytes_ratio']:.2f}x fewer bytes than fp32)")
     v = r.get("verified")
     if v:
-        lines.append(f"written model, {verified_figures(v)}")
+        lines.append(verified_figures(v))
     if r.get("size_choice"):
         from embfactor.decomposition.choice import describe_choice
 

@@ -20,7 +20,7 @@ def render(r: dict[str, Any]) -> str:
         f"healed {a_or_an(r['kind'])} ({r['mode']}): {r['steps']} steps in {r['seconds']:.0f} s, "
         f"{r['trainable_params']:,} trainable parameters, best at step {r['best_step']}"
     )
-    lead = [f"written model, {verified_figures(r['verified'])}", ""] if r.get("verified") else []
+    lead = [verified_figures(r["verified"]), ""] if r.get("verified") else []
     return "\n".join([*lead, head, table(rows, ["", "before", "best"]), f"saved to {r['output']}"])
 
 

@@ -86,6 +86,29 @@ def quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> in
     return bits
 
 
+def _checked_settings(
+    config: FactorizationConfig | None, target: dict[str, Any], quantize: str | int | None
+) -> tuple[FactorizationConfig, int | None]:
+    """(config, --quantize bits) of :func:`compress`, checked without the model (cheap checks before the load)."""
+    if config is None:
+        config = FactorizationConfig(**target)
+    elif target:
+        raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
+    bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
+    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
+    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
+    return config, bits
+
+
+def _refuse_unreproducible(model: torch.nn.Module) -> None:
+    """What a format cannot reproduce (an embedding that does more than scale its lookup) is refused before any work."""
+    from embfactor.surgery import find_embedding_and_head
+    from embfactor.surgery.conform import table_readers
+
+    site = find_embedding_and_head(model)
+    table_readers(model, site.embedding, site.embedding_module, site.head)
+
+
 def compress(
     model: str | os.PathLike | Any,
     config: FactorizationConfig | None = None,
@@ -130,13 +153,7 @@ def compress(
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
-    if config is None:
-        config = FactorizationConfig(**target)
-    elif target:
-        raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
-    bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
-    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
-    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
+    config, bits = _checked_settings(config, target, quantize)
     loaded = isinstance(model, LoadedModel)
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
@@ -147,6 +164,7 @@ def compress(
     lm = model if loaded else load_model(str(model))
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
+    _refuse_unreproducible(lm.model)
     stages.update()
     verifier = None
     if checking:  # the original's outputs on held-out text, before the model changes

@@ -61,8 +61,8 @@ def save_compressed(
     from safetensors.torch import save_model
 
     from embfactor import __version__
-    from embfactor.hf.integration import attach_quantization_config
-    from embfactor.hf.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
+    from embfactor.surgery.integration import attach_quantization_config
+    from embfactor.surgery.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
 
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None) if not isinstance(model, nn.Module) else None
@@ -94,7 +94,7 @@ def save_compressed(
         # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
         # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
         config.dtype = record["torch_dtype"]
-        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf)
+        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf registers its quantizer)
         attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
@@ -154,7 +154,7 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     Example:
         >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
     """
-    from embfactor.hf.loading import embfactor_quantization_config, from_pretrained_compressed
+    from embfactor.surgery.loading import embfactor_quantization_config, from_pretrained_compressed
 
     directory = Path(directory)
     record = read_record(directory)
@@ -218,6 +218,8 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
             new_embedding=new,
             tied_head=bool(record["tied_head"]),
             head_module=record["head_module"],
+            embed_scale=record.get("embed_scale"),
+            shared_modules=record.get("shared_modules"),
         )
     except (SurgeryError, AttributeError, TypeError, UnknownMethodError) as e:
         raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None

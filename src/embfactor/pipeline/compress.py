@@ -131,10 +131,8 @@ def compress(
         output: folder to save to (None: compress in memory only; the LoadedModel passed in holds the result).
         quantize: "int8"/"int4" to store the factors as per-row integers.
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
-        verify: after saving, load the written folder as users do and score it against the original on held-out
-            text (:mod:`embfactor.pipeline.verify`); raises VerificationError, writing nothing, when it is far worse
-            than the model that was compressed. None/True: the default sample (64 passages or 2 windows of 256
-            tokens); a number: that many; 0/False: skip.
+        verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
+            64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
 
     Example:
         >>> import embfactor as ef
@@ -145,11 +143,10 @@ def compress(
     from tqdm.auto import tqdm
 
     from embfactor.data import read_texts
-    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
-    from embfactor.fileio import check_output_dir, release_mapped_pages
+    from embfactor.fileio import check_output_dir
     from embfactor.models import LoadedModel, load_model, source_path
-    from embfactor.plan import plan_compress_, wants_plan
-    from embfactor.surgery import factorize_, get_meta, quantize_, save_compressed
+    from embfactor.plan import wants_plan
+    from embfactor.surgery import quantize_, save_compressed
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
@@ -166,37 +163,15 @@ def compress(
         check_output_dir(output, inputs=(lm.source,))
     _refuse_unreproducible(lm.model)
     stages.update()
-    verifier = None
-    if checking:  # the original's outputs on held-out text, before the model changes
-        from embfactor.pipeline.verify import Verifier
-
-        stages.set_postfix_str("scoring the original on held-out text")
-        verifier = Verifier(lm, samples=None if verify is True else verify)
-    bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
-    stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
-    weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
-    stages.set_postfix_str("decomposing")
-    dense = lm.model.get_input_embeddings()
-    if wants_plan(config):  # --size without --method, or --method auto: the byte-budget planner
-        rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
-    else:
-        rep = factorize_(lm.model, config, progress=progress, token_weights=weights)
+    verifier = _verifier(lm, verify, stages) if checking else None  # the original's outputs, before it changes
+    rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages)
     choice = None if wants_plan(config) else size_choice_of(config, rep.to_dict())
-    meta = get_meta(lm.model)
-    # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
-    meta.report["bytes_before"] = bytes_before
-    if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
-        release_mapped_pages(dense.weight)
-    del dense
     stages.update()
     quant = quantize_(lm.model, bits) if bits is not None else None
     out = None
     if verifier is not None:
-        from embfactor.pipeline.verify import plan_check_score
-
         stages.set_postfix_str("scoring the compressed model in memory")
-        verifier.plan_score = plan_check_score(rep.to_dict())
-        verifier.predict(lm)
+        verifier.predict(lm, plan_report=rep.to_dict())
         stages.update()
     if output is not None:
         stages.set_postfix_str("saving and verifying the written model" if verifier else "saving")
@@ -212,6 +187,37 @@ def compress(
         seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
         size_choice=choice,
     )
+
+
+def _verifier(lm: Any, verify: int | bool | None, stages: Any) -> Any:
+    from embfactor.pipeline.verify import Verifier
+
+    stages.set_postfix_str("scoring the original on held-out text")
+    return Verifier(lm, samples=None if verify is True else verify)
+
+
+def _compress_in_place(lm: Any, config: FactorizationConfig, texts: list[str] | None, progress: bool,
+                       stages: Any) -> tuple[Any, int]:
+    """Replace ``lm``'s table (the planner, or one method): (its report, the model's bytes before)."""
+    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
+    from embfactor.fileio import release_mapped_pages
+    from embfactor.plan import plan_compress_, wants_plan
+    from embfactor.surgery import factorize_, get_meta
+
+    bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
+    stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
+    weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
+    stages.set_postfix_str("decomposing")
+    dense = lm.model.get_input_embeddings()
+    if wants_plan(config):  # --size without --method, or --method auto: the byte-budget planner
+        rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
+    else:
+        rep = factorize_(lm.model, config, progress=progress, token_weights=weights)
+    # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
+    get_meta(lm.model).report["bytes_before"] = bytes_before
+    if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
+        release_mapped_pages(dense.weight)
+    return rep, bytes_before
 
 
 def size_choice_of(config: FactorizationConfig, report: dict[str, Any]) -> dict[str, Any] | None:

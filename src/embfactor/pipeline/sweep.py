@@ -189,9 +189,7 @@ def sweep(
         InvalidInputError: task not applicable to the model.
 
     Example:
-        >>> import embfactor as ef
-        >>> r = ef.sweep("minilm", sizes="8x,16x", methods="auto,int")     # doctest: +SKIP
-        >>> [(p["label"], round(p["fidelity"], 4)) for p in r["points"]]    # doctest: +SKIP
+        >>> [(p["label"], p["fidelity"]) for p in ef.sweep("minilm", sizes="8x", methods="auto,int")["points"]]  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 

@@ -114,8 +114,11 @@ class Verifier:
                 "perplexity_ratio": math.exp(nll - ref_nll), "perplexity": math.exp(nll),
                 "reference_perplexity": math.exp(ref_nll)}
 
-    def predict(self, lm: Any) -> dict[str, float]:
-        """Score the compressed model in memory (what the written one must match)."""
+    def predict(self, lm: Any, plan_report: dict[str, Any] | None = None) -> dict[str, float]:
+        """Score the compressed model in memory (what the written one must match); ``plan_report``: a compress
+        report whose planner check (if any) is a second prediction."""
+        if plan_report is not None:
+            self.plan_score = plan_check_score(plan_report)
         self.predicted = self.score(lm)
         return self.predicted
 

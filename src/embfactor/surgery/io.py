@@ -99,18 +99,26 @@ def save_compressed(
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, data in (files or {}).items():
-            if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
-                raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
-            (tmp / name).write_bytes(data)
+        _write_files(tmp, files or {})
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        if verify is not None:
-            verified = verify(tmp)
-            if isinstance(verified, dict):  # the measured figure, for inspect and /info as for this run
-                record["verified"] = verified
-                (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        _write_record(tmp, record, verify)
     return Path(directory)
+
+
+def _write_files(tmp: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
+            raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
+        (tmp / name).write_bytes(data)
+
+
+def _write_record(tmp: Path, record: dict[str, Any], verify: Callable[[Path], Any] | None) -> None:
+    """embfactor.json, then the check of the complete folder; its figure is recorded too (for inspect and /info)."""
+    (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    verified = verify(tmp) if verify is not None else None
+    if isinstance(verified, dict):
+        record["verified"] = verified
+        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:

@@ -524,6 +524,26 @@ def codebook_bytes(vocab: int, d: int, *, sub_dim: int, K: int = 256, stages: in
 _SUB_DIMS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
+def codebook_settings(vocab: int, d: int, *, method: str = "pq", K: int | None = None,
+                      **fixed: Any) -> list[tuple[int, dict[str, Any]]]:
+    """Every (bytes, settings) :func:`plan_codebook` considers, in its order of preference (finest first).
+
+    Example:
+        >>> codebook_settings(30522, 384)[3]
+        (3126720, {'sub_dim': 4, 'K': 256, 'stages': 1})
+    """
+    extra = {k: fixed[k] for k in ("rotation", "row_scale", "codebook_dtype") if k in fixed}
+    if method == "rvq":
+        cands = [(8, s) for s in range(16, 1, -1)] + [(sd, 1) for sd in _SUB_DIMS if sd >= 8]
+    else:
+        cands = [(sd, 1) for sd in _SUB_DIMS if sd <= d]
+    if fixed.get("sub_dim") is not None:
+        cands = [(fixed["sub_dim"], s) for s in range(16 if method == "rvq" else 1, 0, -1)]
+    ks = [K] if K is not None else [256, 128, 64, 32, 16, 8, 4, 2]
+    return [(codebook_bytes(vocab, d, sub_dim=sd, K=k, stages=st, **extra), {"sub_dim": sd, "K": k, "stages": st})
+            for k in ks for sd, st in cands]
+
+
 def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq", K: int | None = None,
                   **fixed: Any) -> dict[str, Any]:
     """The settings (sub_dim, K, stages) with the most bytes that fit ``budget_bytes`` (smaller sub-vectors first).
@@ -536,22 +556,14 @@ def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq"
         >>> plan_codebook(30522, 384, 30522 * 384 * 4 / 16)
         {'sub_dim': 5, 'K': 256, 'stages': 1}
     """
-    extra = {k: fixed[k] for k in ("rotation", "row_scale", "codebook_dtype") if k in fixed}
-    if method == "rvq":
-        cands = [(8, s) for s in range(16, 1, -1)] + [(sd, 1) for sd in _SUB_DIMS if sd >= 8]
-    else:
-        cands = [(sd, 1) for sd in _SUB_DIMS if sd <= d]
-    if fixed.get("sub_dim") is not None:
-        cands = [(fixed["sub_dim"], s) for s in range(16 if method == "rvq" else 1, 0, -1)]
-    ks = [K] if K is not None else [256, 128, 64, 32, 16, 8, 4, 2]
-    for k in ks:
-        for sd, st in cands:
-            if codebook_bytes(vocab, d, sub_dim=sd, K=k, stages=st, **extra) <= budget_bytes:
-                return {"sub_dim": sd, "K": k, "stages": st}
-    smallest = min(codebook_bytes(vocab, d, sub_dim=sd, K=ks[-1], stages=st, **extra) for sd, st in cands)
+    settings = codebook_settings(vocab, d, method=method, K=K, **fixed)
+    for nbytes, setting in settings:
+        if nbytes <= budget_bytes:
+            return setting
+    smallest, setting = min(settings, key=lambda c: c[0])
     raise ConfigError(
         f"no {method} setting fits {budget_bytes:,.0f} bytes for a {vocab} × {d} table; the smallest "
-        f"(K={ks[-1]}) takes {smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
+        f"(K={setting['K']}) takes {smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
     )
 
 

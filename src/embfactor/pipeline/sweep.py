@@ -189,8 +189,7 @@ def sweep(
         InvalidInputError: task not applicable to the model.
 
     Example:
-        >>> r = sweep("minilm", ratios=[4, 8], methods=["svd"])        # doctest: +SKIP
-        >>> [(p["ratio"], p["spearman"]) for p in r["points"]]        # doctest: +SKIP
+        >>> [(p["label"], p["fidelity"]) for p in ef.sweep("minilm", sizes="8x", methods="auto,int")["points"]]  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 

@@ -385,7 +385,6 @@ def quantize_table(
     codebook_dtype: str = "float16",
     threads: int | None = None,
     method: str = "pq",
-    hessian: torch.Tensor | None = None,
 ) -> CodebookFactors:
     """Product quantization of E with ``stages`` residual stages (1: PQ, more: RVQ); see the module docstring.
 
@@ -406,8 +405,6 @@ def quantize_table(
             "int8" (codebooks as int8 with one fp16 scale per codebook column, the rest fp16: half the codebook
             bytes, which are 7-13% of a 16x MiniLM table, for a rounding error ~0.4% of each column's range).
         threads: sub-spaces clustered side by side (None: torch's thread count); faiss itself runs one thread each.
-        hessian: (d × d) second moment of a tied head's inputs: rows are encoded in the head's metric with error
-            feedback (:func:`hessian_encode`; one stage, no rotation or row scale). Codebooks are trained as before.
 
     Example:
         >>> f = quantize_table(torch.randn(500, 10), sub_dim=4, K=32, stages=2)
@@ -421,9 +418,6 @@ def quantize_table(
     n, d = E.shape
     sub_dim, M, K, stages, niter = _pq_settings(d, sub_dim=sub_dim, M=M, K=K, stages=stages, niter=niter,
                                                 rotation=rotation, codebook_dtype=codebook_dtype)
-    if hessian is not None and (stages != 1 or rotation != "none" or row_scale):
-        raise ConfigError("encoding in the head's metric (hessian=...) takes one stage, no rotation, no row scale; "
-                          f"got stages={stages}, rotation={rotation!r}, row_scale={row_scale}")
     K_eff = min(K, n)
     max_train_points = _check_int("max_train_points", max_train_points or K_eff * 64, K_eff)
     cb_dtype = float_dtype(codebook_dtype)
@@ -435,13 +429,11 @@ def quantize_table(
     X, R, scale = _rotate_and_scale(X, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
     resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
     codes, books = _fit_stages(resid, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff, niter=niter,
-                               seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8, hessian=hessian)
+                               seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8)
     cdt = code_dtype(K_eff)
     codes_t = torch.from_numpy(codes - (32768 if cdt == torch.int16 else 0)).to(cdt)
     meta = {"K": K_eff, "sub_dim": sub_dim, "M": M, "stages": stages, "rotation": rotation, "row_scale": row_scale,
             "niter": niter, "train_points": int(train_idx.size), "weighted": w is not None}
-    if hessian is not None:
-        meta["encoding"] = "hessian"
     if K_eff < K:
         meta["K_requested"] = K
     books_t, books_scale = torch.from_numpy(books), None
@@ -493,9 +485,8 @@ def _pq_settings(d: int, *, sub_dim: int | None, M: int | None, K: int, stages: 
 
 def _fit_stages(resid: np.ndarray, train_idx: np.ndarray, train_w: np.ndarray | None, *, stages: int, M: int,
                 sub_dim: int, K: int, niter: int, seed: int, threads: int | None, cb_dtype: torch.dtype,
-                int8: bool, hessian: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, codebooks) of ``stages`` residual PQ stages over ``resid`` (padded rows; updated in place);
-    ``hessian``: encoded in a tied head's metric (:func:`hessian_encode`)."""
+                int8: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, codebooks) of ``stages`` residual PQ stages over ``resid`` (padded rows; updated in place)."""
     n = resid.shape[0]
     codes = np.empty((n, stages, M), dtype=np.uint8 if K <= 256 else np.int32)  # see _encode
     books = np.zeros((stages, M, K, sub_dim), dtype=np.float32)
@@ -514,10 +505,7 @@ def _fit_stages(resid: np.ndarray, train_idx: np.ndarray, train_w: np.ndarray | 
                 books[s, m] = (q.float() * sc.float())[0, 0].numpy()
             else:
                 books[s, m] = c.to(cb_dtype).float().numpy()
-        if hessian is None:
-            codes[:, s] = _encode(resid, books[s])
-        else:
-            codes[:, s] = hessian_encode(torch.from_numpy(resid), torch.from_numpy(books[s]), hessian).numpy()
+        codes[:, s] = _encode(resid, books[s])
         for m in range(M):
             resid[:, m * sub_dim : (m + 1) * sub_dim] -= books[s, m][codes[:, s, m]]
     return codes, books
@@ -723,9 +711,35 @@ def pq(
     :func:`quantize_table` (``hessian``: encode in a tied head's metric).
     """
     options = dict(sub_dim=sub_dim, M=M, K=K, rotation=rotation, row_scale=row_scale, niter=niter,
-                   max_train_points=max_train_points, codebook_dtype=codebook_dtype, threads=threads,
-                   hessian=hessian)
-    return _codebook_method("pq", E, rank, budget_bytes, options, None, token_weights, seed)
+                   max_train_points=max_train_points, codebook_dtype=codebook_dtype, threads=threads)
+    if hessian is not None and (rotation != "none" or row_scale):
+        raise ConfigError("encoding in the head's metric (hessian=...) takes no rotation and no row scale; got "
+                          f"rotation={rotation!r}, row_scale={row_scale}")
+    f = _codebook_method("pq", E, rank, budget_bytes, options, None, token_weights, seed)
+    return f if hessian is None else encode_in_metric(E, f, hessian, token_weights=token_weights)
+
+
+def encode_in_metric(E: torch.Tensor, f: CodebookFactors, H: torch.Tensor, *, token_weights: Any = None
+                     ) -> CodebookFactors:
+    """``f`` (one PQ stage, no rotation or row scale) with its rows of E encoded anew in a tied head's metric
+    (:func:`hessian_encode`); the codebooks stay as trained. Returns ``f``, changed.
+
+    Example:
+        >>> E = torch.randn(300, 8)
+        >>> f = product_quantize(E, sub_dim=2, K=16)
+        >>> encode_in_metric(E, f, torch.eye(8)).meta["encoding"]
+        'hessian'
+    """
+    from embfactor.decomposition.wsvd import check_token_weights
+
+    X = torch.nn.functional.pad(E.detach().float(), (0, f.M * f.sub_dim - E.shape[1]))
+    codes = hessian_encode(X, f.books()[0], H)
+    f.codes = (codes - (32768 if f.codes.dtype == torch.int16 else 0)).to(f.codes.dtype)[:, None, :]
+    f.meta["encoding"] = "hessian"
+    if token_weights is not None:
+        w = check_token_weights(token_weights, E.shape[0], "pq").double()
+        f.meta["weighted_relative_error"] = _weighted_error(E, f, w)
+    return f
 
 
 @register_method("rvq", description="residual vector quantization: stages of product quantization on the residuals "

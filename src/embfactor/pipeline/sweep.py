@@ -211,11 +211,9 @@ def sweep(
     run_eval = functools.partial(_evaluate, task=task, opts=opts)
     if int_k_curve is None:
         int_k_curve = any(m in ("pq", "rvq", "int", "auto") for m in method_list)
-    n_points = (len(method_list) * len(ratio_list) * len(quant_list) + 3 + len(external)
-                + (len(INT_K_CURVE) if int_k_curve else 0))
+    n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3 + (len(INT_K_CURVE) if int_k_curve else 0)
     bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
-    reference_rows = _reference_rows(lm, task, run_eval, bar) + [
-        _external_row(lm, m, task, run_eval, bar) for m in external]
+    reference_rows = _reference_rows(lm, task, run_eval, bar, external)
     int_curve = _int_k_curve(lm, task, run_eval, bar) if int_k_curve else []
     points, skipped = _grid_points(
         lm, method_list, ratio_list, quant_list, by_size=sizes is not None, bar=bar,
@@ -337,8 +335,9 @@ def _check_settings(
     return ratio_list, method_list, quant_list
 
 
-def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, Any]]:
-    """The original model and its dense int8/int4 tables: the points every compressed one is compared with."""
+def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any, external: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The original model and its dense int8/int4 tables: the points every compressed one is compared with; then
+    the ``external`` tools' formats (:func:`_external_row`)."""
     from embfactor.eval.tasks import input_embedding
     from embfactor.quant import fake_quantize_rows, quantized_bytes
 
@@ -370,7 +369,8 @@ def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[st
         del q
         bar.update()
 
-    return reference_rows
+    bar.total += len(external)
+    return reference_rows + [_external_row(lm, m, task, run_eval, bar) for m in external]
 
 
 def _external_references(lm, method_list: list[str]) -> tuple[list[str], list[str]]:

@@ -169,3 +169,23 @@ def test_hessian_encode_matches_the_plain_rule_and_lowers_the_head_error():
     nearest = torch.cdist(X.view(400, -1, sub).transpose(0, 1), books).argmin(-1).T
     decoded = [books[torch.arange(d // sub), c].reshape(400, d) for c in (codes, nearest)]
     assert head_error(X, decoded[0], H) < 0.8 * head_error(X, decoded[1], H)
+
+
+def test_planner_fits_and_errors_in_the_head_metric():
+    """fit_rows passes H to int and pq (the same rows as the direct calls); row_errors measures diff·H·diffᵀ."""
+    from embfactor.decomposition.codebook import encode_in_metric, pq
+    from embfactor.plan import FormatChoice, fit_rows, row_errors
+
+    d = 24
+    E = torch.randn(400, d, generator=torch.Generator().manual_seed(10))
+    H = correlated_moment(d)
+    f_int = fit_rows(E, FormatChoice("int", {"bits": 4, "group": 16}), None, hessian=H)
+    torch.testing.assert_close(f_int.reconstruct(), hessian_round(E, H, bits=4, group=16).reconstruct())
+    f_pq = fit_rows(E, FormatChoice("pq", {"sub_dim": 3, "K": 16}), None, hessian=H)
+    assert f_pq.meta["encoding"] == "hessian"
+    assert torch.equal(f_pq.codes, encode_in_metric(E, pq(E, sub_dim=3, K=16), H).codes)
+    errs = row_errors(E, f_int, metric=H)
+    diff = (E - f_int.reconstruct()).double()
+    torch.testing.assert_close(errs, ((diff @ H) * diff).sum(1))
+    with pytest.raises(ConfigError, match="no rotation and no row scale"):
+        pq(E, sub_dim=3, K=16, rotation="random", hessian=H)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def save_compressed(
     inputs: tuple[str | os.PathLike, ...] = (),
     files: dict[str, bytes] | None = None,
     modules_from: str | os.PathLike | None = None,
+    verify: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
 
@@ -44,6 +46,8 @@ def save_compressed(
             :func:`embfactor.load_model` returns after :func:`factorize_` (its tokenizer is saved too).
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model that every
             ``embfactor`` command accepts; default: the tokenizer of a ``load_model`` result.
+        verify: called with the complete temporary folder before it is renamed into place (a
+            :class:`embfactor.pipeline.verify.Verifier`); if it raises, nothing is written.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
         files: more files (name -> contents) written into the same temporary folder, so they appear in the one
@@ -95,13 +99,26 @@ def save_compressed(
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, data in (files or {}).items():
-            if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
-                raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
-            (tmp / name).write_bytes(data)
+        _write_files(tmp, files or {})
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        _write_record(tmp, record, verify)
     return Path(directory)
+
+
+def _write_files(tmp: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
+            raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
+        (tmp / name).write_bytes(data)
+
+
+def _write_record(tmp: Path, record: dict[str, Any], verify: Callable[[Path], Any] | None) -> None:
+    """embfactor.json, then the check of the complete folder; its figure is recorded too (for inspect and /info)."""
+    (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    verified = verify(tmp) if verify is not None else None
+    if isinstance(verified, dict):
+        record["verified"] = verified
+        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:

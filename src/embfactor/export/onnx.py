@@ -187,15 +187,28 @@ def fold_weight_transposes(proto: Any, keep: list[str]) -> int:
     return folded
 
 
-def dense_tables(proto: Any, vocab: int, d: int) -> list[str]:
-    """Float initializers holding a whole vocab × d table (what a compressed export must not contain)."""
+def dense_tables(proto: Any, vocab: int, d: int, *, besides: list[str] = ()) -> list[str]:
+    """Float initializers holding a whole vocab × d table (what a compressed export must not contain), except those of
+    the ``besides`` module scopes (an untied output head, which embfactor does not compress)."""
     from onnx import TensorProto
 
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    marks = [m for s in besides for m in (f"{s}.", f"/{s.replace('.', '/')}/")]
     return [
         f"{t.name} {list(t.dims)}" for t in proto.graph.initializer
         if t.data_type in floats and len(t.dims) >= 2 and vocab in t.dims and d * vocab <= _numel(t.dims)
+        and not any(m in t.name for m in marks)
     ]
+
+
+def untied_head(model: Any) -> list[str]:
+    """The graph scope of a causal LM's own (untied, uncompressed) output head, if it has one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    from embfactor.layers.head import FactorizedLMHead
+
+    if head is None or isinstance(head, FactorizedLMHead):
+        return []
+    return [f"model.{n}" for n, m in model.named_modules() if m is head]
 
 
 def _numel(dims: Any) -> int:
@@ -237,25 +250,36 @@ def session(data: bytes | str | Path, threads: int = 1) -> Any:
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def compare_with_torch(lm: Any, data: bytes, names: list[str], texts: list[str] = CHECK_TEXTS) -> dict[str, float]:
-    """Run the ONNX file and the PyTorch model on ``texts``: worst cosine (mean-pooled vectors for an encoder,
-    last-position logits for a decoder) and largest absolute difference of the outputs."""
-    import numpy as np
+def check_feeds(lm: Any, names: list[str], texts: list[str] = CHECK_TEXTS) -> dict[str, Any]:
+    """Inputs to check a file on: ``texts`` tokenized (padded), or :func:`example_inputs` without a tokenizer."""
     import torch
 
     tok = lm.tokenizer
+    if tok is None:
+        vocab = lm.model.get_input_embeddings().num_embeddings
+        return dict(zip(names, example_inputs(vocab, names, length=6)))
     if getattr(tok, "pad_token", None) is None:
         tok.pad_token = tok.eos_token
     enc = tok(texts, padding=True, return_tensors="pt")
-    feeds = {n: enc[n] if n in enc else torch.zeros_like(enc["input_ids"]) for n in names}
+    return {n: enc[n] if n in enc else torch.zeros_like(enc["input_ids"]) for n in names}
+
+
+def compare_with_torch(lm: Any, data: bytes, names: list[str]) -> dict[str, float]:
+    """Run the ONNX file and the PyTorch model on :func:`check_feeds`: worst cosine (mean-pooled vectors for an
+    encoder, last-position logits for a decoder) and largest absolute difference of the outputs."""
+    import numpy as np
+    import torch
+
+    feeds = check_feeds(lm, names)
     out = session(data).run(None, {n: v.numpy().astype(np.int64) for n, v in feeds.items()})[0]
     with torch.no_grad():
         res = lm.model(**feeds, **({"use_cache": False} if lm.kind == "decoder" else {}))
     ref = (res.logits if lm.kind == "decoder" else res.last_hidden_state).numpy()
     mask = feeds["attention_mask"].numpy()[..., None].astype(np.float64)
+    rows = np.arange(len(mask))
     if lm.kind == "decoder":
         last = mask[:, :, 0].sum(1).astype(int) - 1
-        a, b = out[np.arange(len(texts)), last], ref[np.arange(len(texts)), last]
+        a, b = out[rows, last], ref[rows, last]
     else:
         a, b = (out * mask).sum(1) / mask.sum(1), (ref * mask).sum(1) / mask.sum(1)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -311,7 +335,7 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
     proto = export_graph(model, names, lm.kind)
     data = proto.SerializeToString()
     emb = model.get_input_embeddings()
-    dense = dense_tables(proto, emb.num_embeddings, emb.embedding_dim)
+    dense = dense_tables(proto, emb.num_embeddings, emb.embedding_dim, besides=untied_head(model))
     if dense:
         raise ExportError(f"the exported graph holds a dense vocab x d table ({', '.join(dense)}); nothing written")
     report = OnnxExportReport(

@@ -21,14 +21,14 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import onnx  # noqa: E402
+import onnx
 
-import embfactor as ef  # noqa: E402
-from embfactor.cli.main import main  # noqa: E402
-from embfactor.export import export_onnx  # noqa: E402
-from embfactor.export.onnx import dense_tables, session  # noqa: E402
-from tests.conftest import VOCAB, _llama, write_st_modules  # noqa: E402
-from tests.test_hf_loading import CASES, IDS, MASK, _bert, _install, recipe  # noqa: E402
+import embfactor as ef
+from embfactor.cli.main import main
+from embfactor.export import export_onnx
+from embfactor.export.onnx import dense_tables, session
+from tests.conftest import VOCAB, _llama, write_st_modules
+from tests.test_hf_loading import CASES, IDS, MASK, _bert, _install, recipe
 
 EXPORTABLE = [c for c in CASES if c != "tt"]
 

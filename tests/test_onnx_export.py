@@ -252,3 +252,33 @@ def test_sentence_transformers_loads_the_file_without_exporting(tmp_path, tokeni
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.99999
     assert sorted(p.name for p in (out / "onnx").iterdir()) == ["model.onnx"]  # loaded, not exported again
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_a_scaled_embedding_keeps_its_scale_in_the_graph(tmp_path, tokenizer, scale):
+    """Gemma 3 multiplies its lookup by embed_scale (and ties its head): the graph applies it, at extreme values too."""
+    from tests.test_conformance import build
+
+    model = build("gemma3")
+    model.get_input_embeddings().embed_scale.fill_(scale)
+    ef.factorize_(model, method="int", bits=8)
+    assert model.get_input_embeddings().embed_scale == pytest.approx(scale)
+    ef.save_compressed(model, tmp_path / "g", tokenizer=tokenizer)
+    report = export_onnx(tmp_path / "g")
+    assert report.check["onnx/model.onnx"]["min_cosine"] >= 0.99999
+    ids = IDS.clamp(max=model.config.vocab_size - 1)
+    got = session(tmp_path / "g" / "onnx" / "model.onnx").run(
+        None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_encoder_decoders_are_refused(tmp_path, tokenizer, capsys):
+    from tests.test_conformance import build
+
+    model = build("t5")
+    ef.factorize_(model, method="int", bits=8)
+    ef.save_compressed(model, tmp_path / "t5", tokenizer=tokenizer)
+    assert main(["export", str(tmp_path / "t5"), "--onnx"]) == 2
+    assert "is an encoder-decoder" in capsys.readouterr().err and not (tmp_path / "t5" / "onnx").exists()

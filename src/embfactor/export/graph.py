@@ -3,8 +3,8 @@
 Tracing a model (``torch.onnx.export(..., dynamo=False)``) records what its modules compute on example inputs. A
 storage format's ``forward`` checks ids with Python branches, the codebook format runs a fused C loop, a tiered table
 selects each tier's ids with ``nonzero`` (data-dependent shapes): none of these trace into a graph that serves any
-input. :func:`traceable_tables` swaps, for the duration of an export, each format's ``forward`` (and each tied head's)
-for :func:`export_rows`, which keeps the stored integers, codebooks and scales as they are (uint8 / int8 / fp16
+input. :func:`traceable_tables` swaps, for the duration of an export, each format's ``lookup`` (and each tied head's
+``forward``) for :func:`export_rows`, which keeps the stored integers, codebooks and scales as they are (uint8 / int8 / fp16
 initializers) and decodes only the looked-up rows inside the graph:
 
   - int-k: Gather of packed uint8 rows, the bit unpacking (shifts and masks), times the fp16 scales;
@@ -82,7 +82,9 @@ def _tiered_rows(fmt: TieredFormat, ids: torch.Tensor) -> torch.Tensor:
     return fmt._mask_padding(out, ids)
 
 
-def _table_forward(self: RowFormat, input: torch.Tensor) -> torch.Tensor:
+def _table_lookup(self: RowFormat, input: torch.Tensor) -> torch.Tensor:
+    # replaces ``lookup`` (the id checks have Python branches), so ``forward``'s embed_scale and the modules that
+    # share the table (SharedEmbedding reads ``lookup``) stay as they are
     rows = export_rows(self, input.reshape(-1).long())
     return rows.reshape(*input.shape, self.embedding_dim)
 
@@ -105,16 +107,17 @@ def traceable_tables(model: nn.Module) -> Iterator[list[str]]:
     Yields :func:`table_scopes`. The model is restored on exit, also on error.
     """
     check_exportable(model)
-    patched: list[nn.Module] = []
+    patched: list[tuple[nn.Module, str]] = []
     try:
         for name in table_scopes(model):
             m = model.get_submodule(name)
-            m.forward = types.MethodType(_head_forward if isinstance(m, FactorizedLMHead) else _table_forward, m)
-            patched.append(m)
+            verb, fn = ("forward", _head_forward) if isinstance(m, FactorizedLMHead) else ("lookup", _table_lookup)
+            setattr(m, verb, types.MethodType(fn, m))
+            patched.append((m, verb))
         yield table_scopes(model)
     finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
+        for m, verb in patched:
+            m.__dict__.pop(verb, None)
 
 
 def table_scopes(model: nn.Module) -> list[str]:

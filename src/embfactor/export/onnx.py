@@ -332,6 +332,11 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
     from embfactor.export.graph import check_exportable
 
     check_exportable(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise InvalidInputError(
+            f"{folder}: {type(model).__name__} is an encoder-decoder; ONNX export covers encoders (last_hidden_state) "
+            "and causal LMs (logits)"
+        )
     proto = export_graph(model, names, lm.kind)
     data = proto.SerializeToString()
     emb = model.get_input_embeddings()

@@ -28,9 +28,12 @@ from embfactor.cli.main import main
 from embfactor.export import export_onnx
 from embfactor.export.onnx import dense_tables, session
 from tests.conftest import VOCAB, _llama, write_st_modules
-from tests.test_hf_loading import CASES, IDS, MASK, _bert, _install, recipe
+from tests.test_hf_loading import IDS, MASK, _bert, _install, all_formats, recipe
 
-EXPORTABLE = [c for c in CASES if c != "tt"]
+# every registered format on its own (a new format is tested here without changes), and "every-format": one tiered
+# table (compact index) holding the variants the planner builds: int-k, PQ with int8 codebooks, RVQ with rotation
+# and row scales, low rank, int4 low rank, zeros
+EXPORTABLE = [c for c in all_formats() if c != "tt"]
 
 
 def _every_format(E: torch.Tensor) -> torch.nn.Module:

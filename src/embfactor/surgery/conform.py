@@ -86,6 +86,8 @@ def embed_scale_of(module: nn.Embedding, where: str) -> EmbedScale:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise SurgeryError(f"{what}: its forward returns {shape} for {len(ids)} token ids, not rows of its "
                            f"{tuple(module.weight.shape)} table; embfactor replaces only an embedding's table")
+    finite = plain.isfinite().all(-1)  # a NaN/Inf row is the table's fault, refused later with its own error
+    out, plain = out[finite], plain[finite]
     if torch.equal(out, plain):
         return None
     out, plain = out.double(), plain.double()

@@ -95,6 +95,32 @@ def test_heal_verifies_its_final_save_and_fails_when_it_differs(tiny_bert, tmp_p
     r = heal(student, teacher, texts=TEXTS, steps=2, output=tmp_path / "ok", verify=8, **OPTS)
     assert r["verified"]["ok"] and r["verified"]["measured"]["fidelity"] > 0.99
     break_loaded_embeddings(monkeypatch)
-    with pytest.raises(ef.VerificationError if hasattr(ef, "VerificationError") else Exception, match="far worse"):
+    with pytest.raises(ef.VerificationError, match="far worse"):
         heal(student, teacher, texts=TEXTS, steps=2, output=tmp_path / "bad", verify=8, **OPTS)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_planner_s_check_catches_a_model_broken_in_memory_too(tiny_bert_dir, tmp_path, capsys, monkeypatch):
+    """A replacement that loses part of the original module's forward (as a dropped sqrt(d) scale did) is wrong in
+    memory and on disk alike: the written model is then compared with the plan's check of the same table, on the
+    check's own text."""
+    import embfactor.plan as plan
+
+    real = plan.plan_compress_
+
+    def scale_dropped(lm, config, **kw):
+        rep = real(lm, config, **kw)
+        with torch.no_grad():  # every row of the installed table 8x too small, in memory and as saved
+            for p in lm.model.get_input_embeddings().parameters():
+                if p.is_floating_point():
+                    p.mul_(0.125)
+        return rep
+
+    out, rep = tmp_path / "out", tmp_path / "rep.json"
+    argv = ["compress", str(tiny_bert_dir), "--size", "4x", "-o", str(out), "-q", "--json", str(rep)]
+    assert main(argv) == 0  # as planned: passes, and the plan's check agrees with the written model
+    check = json.loads(rep.read_text())["verified"]["plan_check"]
+    assert check["measured"] == pytest.approx(check["predicted"], abs=1e-4)
+    monkeypatch.setattr(plan, "plan_compress_", scale_dropped)
+    assert main([*argv[:4], "-o", str(tmp_path / "bad"), "-q"]) == 2
+    assert "predicted by the plan's check" in capsys.readouterr().err and not (tmp_path / "bad").exists()

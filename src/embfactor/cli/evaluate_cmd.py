@@ -9,7 +9,8 @@ from embfactor.cli.common import add_model_arg, check_outputs, fmt, table, write
 
 # rows shown first, in this order; anything else numeric follows
 _ORDER = (
-    "spearman", "pearson", "fidelity", "fidelity_docs", "fidelity_passages", "fidelity_min",
+    "spearman", "pearson", "fidelity", "fidelity_docs", "fidelity_passages", "fidelity_min", "fidelity_other",
+    "fidelity_other_min",
     "perplexity", "reference_perplexity", "kl", "top1_agreement", "nll",
     "accuracy", "accuracy_std", "reference_accuracy", "reference_accuracy_std", "accuracy_delta",
     "relative_error", "overlap_weighted", "overlap_uniform", "weighted_mass",

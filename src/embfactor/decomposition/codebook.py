@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from embfactor.decomposition._common import HESSIAN_DAMP, inverse_cholesky
 from embfactor.decomposition.factors import _BLOCK_ROWS, Factors
 from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
@@ -291,6 +292,52 @@ def _unpack_faiss_codes(packed: np.ndarray, M: int, nbits: int) -> np.ndarray:
 
 
 # --- the decompositions -------------------------------------------------------------------------------------
+def hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor, *, damp: float = HESSIAN_DAMP,
+                   block_rows: int = 16384) -> torch.Tensor:
+    """PQ codes of X's rows chosen in a tied head's metric, sub-space by sub-space with error feedback (GPTVQ-style).
+
+    As :func:`embfactor.decomposition.intk.hessian_round` for scalars: sub-space m's codeword is the nearest in the
+    metric ``(U_mm⁻¹)ᵀ U_mm⁻¹`` (U the upper Cholesky factor of H⁻¹), and its error is fed forward to the sub-spaces
+    not yet encoded through U. With H = identity this is plain nearest-codeword encoding.
+
+    Args:
+        X: (n × M·sub) rows (zero-padded to the codebooks' width).
+        books: (M × K × sub) float codebooks as stored.
+        H: (d × d) second moment of the head's inputs, d ≤ M·sub.
+
+    Returns:
+        (n × M) int64 codes.
+
+    Example:
+        >>> X, books = torch.randn(20, 8), torch.randn(2, 16, 4)
+        >>> plain = torch.cdist(X.view(20, 2, 4).transpose(0, 1), books).argmin(-1).T
+        >>> torch.equal(hessian_encode(X, books, torch.eye(8)), plain)
+        True
+    """
+    M, _, sub = books.shape
+    U = inverse_cholesky(H, M * sub, damp=damp)
+    books = books.float()
+    block = max(128 // sub, 1) * sub  # columns updated lazily together (as hessian_round), whole sub-spaces
+    T = [torch.linalg.inv(U[m * sub:(m + 1) * sub, m * sub:(m + 1) * sub]) for m in range(M)]
+    out = torch.empty(X.shape[0], M, dtype=torch.long)
+    for r0 in range(0, X.shape[0], block_rows):
+        wT = X[r0:r0 + block_rows].float().T.contiguous()  # columns as rows, as in hessian_round
+        rows = wT.shape[1]
+        for b0 in range(0, M * sub, block):
+            b1 = min(b0 + block, M * sub)
+            errs = torch.empty(b1 - b0, rows)
+            for c0 in range(b0, b1, sub):
+                m, c1 = c0 // sub, c0 + sub
+                x = wT[c0:c1].T  # rows × sub; (x - b) T[m] is the error in the metric of this sub-space
+                code = torch.cdist(x @ T[m], books[m] @ T[m]).argmin(1)
+                out[r0:r0 + rows, m] = code
+                err = ((x - books[m][code]) @ T[m]).T
+                errs[c0 - b0:c1 - b0] = err
+                wT[c1:b1].addmm_(U[c0:c1, c1:b1].T, err, alpha=-1)
+            wT[b1:].addmm_(U[b0:b1, b1:].T, errs, alpha=-1)
+    return out
+
+
 def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
@@ -338,6 +385,7 @@ def quantize_table(
     codebook_dtype: str = "float16",
     threads: int | None = None,
     method: str = "pq",
+    hessian: torch.Tensor | None = None,
 ) -> CodebookFactors:
     """Product quantization of E with ``stages`` residual stages (1: PQ, more: RVQ); see the module docstring.
 
@@ -358,6 +406,8 @@ def quantize_table(
             "int8" (codebooks as int8 with one fp16 scale per codebook column, the rest fp16: half the codebook
             bytes, which are 7-13% of a 16x MiniLM table, for a rounding error ~0.4% of each column's range).
         threads: sub-spaces clustered side by side (None: torch's thread count); faiss itself runs one thread each.
+        hessian: (d × d) second moment of a tied head's inputs: rows are encoded in the head's metric with error
+            feedback (:func:`hessian_encode`; one stage, no rotation or row scale). Codebooks are trained as before.
 
     Example:
         >>> f = quantize_table(torch.randn(500, 10), sub_dim=4, K=32, stages=2)
@@ -371,6 +421,9 @@ def quantize_table(
     n, d = E.shape
     sub_dim, M, K, stages, niter = _pq_settings(d, sub_dim=sub_dim, M=M, K=K, stages=stages, niter=niter,
                                                 rotation=rotation, codebook_dtype=codebook_dtype)
+    if hessian is not None and (stages != 1 or rotation != "none" or row_scale):
+        raise ConfigError("encoding in the head's metric (hessian=...) takes one stage, no rotation, no row scale; "
+                          f"got stages={stages}, rotation={rotation!r}, row_scale={row_scale}")
     K_eff = min(K, n)
     max_train_points = _check_int("max_train_points", max_train_points or K_eff * 64, K_eff)
     cb_dtype = float_dtype(codebook_dtype)
@@ -382,11 +435,13 @@ def quantize_table(
     X, R, scale = _rotate_and_scale(X, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
     resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
     codes, books = _fit_stages(resid, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff, niter=niter,
-                               seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8)
+                               seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8, hessian=hessian)
     cdt = code_dtype(K_eff)
     codes_t = torch.from_numpy(codes - (32768 if cdt == torch.int16 else 0)).to(cdt)
     meta = {"K": K_eff, "sub_dim": sub_dim, "M": M, "stages": stages, "rotation": rotation, "row_scale": row_scale,
             "niter": niter, "train_points": int(train_idx.size), "weighted": w is not None}
+    if hessian is not None:
+        meta["encoding"] = "hessian"
     if K_eff < K:
         meta["K_requested"] = K
     books_t, books_scale = torch.from_numpy(books), None
@@ -438,8 +493,9 @@ def _pq_settings(d: int, *, sub_dim: int | None, M: int | None, K: int, stages: 
 
 def _fit_stages(resid: np.ndarray, train_idx: np.ndarray, train_w: np.ndarray | None, *, stages: int, M: int,
                 sub_dim: int, K: int, niter: int, seed: int, threads: int | None, cb_dtype: torch.dtype,
-                int8: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, codebooks) of ``stages`` residual PQ stages over ``resid`` (padded rows; updated in place)."""
+                int8: bool, hessian: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, codebooks) of ``stages`` residual PQ stages over ``resid`` (padded rows; updated in place);
+    ``hessian``: encoded in a tied head's metric (:func:`hessian_encode`)."""
     n = resid.shape[0]
     codes = np.empty((n, stages, M), dtype=np.uint8 if K <= 256 else np.int32)  # see _encode
     books = np.zeros((stages, M, K, sub_dim), dtype=np.float32)
@@ -458,7 +514,10 @@ def _fit_stages(resid: np.ndarray, train_idx: np.ndarray, train_w: np.ndarray | 
                 books[s, m] = (q.float() * sc.float())[0, 0].numpy()
             else:
                 books[s, m] = c.to(cb_dtype).float().numpy()
-        codes[:, s] = _encode(resid, books[s])
+        if hessian is None:
+            codes[:, s] = _encode(resid, books[s])
+        else:
+            codes[:, s] = hessian_encode(torch.from_numpy(resid), torch.from_numpy(books[s]), hessian).numpy()
         for m in range(M):
             resid[:, m * sub_dim : (m + 1) * sub_dim] -= books[s, m][codes[:, s, m]]
     return codes, books
@@ -655,16 +714,17 @@ def pq(
     E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False, token_weights: Any = None,
     budget_bytes: float | None = None, sub_dim: int | None = None, M: int | None = None, K: int | None = None,
     rotation: str = "none", row_scale: bool = False, niter: int = 10, max_train_points: int | None = None,
-    codebook_dtype: str = "float16", threads: int | None = None,
+    codebook_dtype: str = "float16", threads: int | None = None, hessian: torch.Tensor | None = None,
 ) -> CodebookFactors:
     """Registered ``pq``: explicit ``sub_dim``/``M`` (K default 256), else the setting that fits the budget.
 
     ``rank`` is read as a budget, the fp32 bytes of a rank-r U·V (so ``--ratio 16`` means ~16x fewer bytes than
     fp32, as ``tt`` reads it as a parameter budget); ``budget_bytes`` (``--size``) overrides it. Other options as
-    :func:`quantize_table`.
+    :func:`quantize_table` (``hessian``: encode in a tied head's metric).
     """
     options = dict(sub_dim=sub_dim, M=M, K=K, rotation=rotation, row_scale=row_scale, niter=niter,
-                   max_train_points=max_train_points, codebook_dtype=codebook_dtype, threads=threads)
+                   max_train_points=max_train_points, codebook_dtype=codebook_dtype, threads=threads,
+                   hessian=hessian)
     return _codebook_method("pq", E, rank, budget_bytes, options, None, token_weights, seed)
 
 

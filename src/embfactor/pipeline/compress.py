@@ -163,7 +163,7 @@ def compress(
         check_output_dir(output, inputs=(lm.source,))
     _refuse_unreproducible(lm.model)
     stages.update()
-    verifier = _verifier(lm, verify, stages) if checking else None  # the original's outputs, before it changes
+    verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
     rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages)
     choice = None if wants_plan(config) else size_choice_of(config, rep.to_dict())
     stages.update()
@@ -189,11 +189,19 @@ def compress(
     )
 
 
-def _verifier(lm: Any, verify: int | bool | None, stages: Any) -> Any:
+def _verifier(lm: Any, verify: int | bool | None, stages: Any, config: FactorizationConfig,
+              texts: list[str] | None) -> Any:
+    """The check of the written model; with the planner, also on the text its check scores plans on."""
     from embfactor.pipeline.verify import Verifier
+    from embfactor.plan import calibration_split, wants_plan
 
+    check_texts = None
+    if wants_plan(config):  # the split plan_compress_ makes
+        from embfactor.data import wiki_split
+
+        check_texts = calibration_split(texts if texts is not None else wiki_split("train"))[1]
     stages.set_postfix_str("scoring the original on held-out text")
-    return Verifier(lm, samples=None if verify is True else verify)
+    return Verifier(lm, samples=None if verify is True else verify, check_texts=check_texts)
 
 
 def _compress_in_place(lm: Any, config: FactorizationConfig, texts: list[str] | None, progress: bool,

@@ -30,7 +30,7 @@ QUANTIZE_MODES = {"none": None, "int8": 8, "int4": 4}
 INT_K_CURVE = ((8, None), (6, 32), (4, 32), (3, 32), (2, 32))
 # the numbers besides the headline metric that each task contributes to a sweep row
 _TASK_FIELDS = {
-    "similarity": ("spearman", "pearson", "fidelity", "fidelity_min"),
+    "similarity": ("spearman", "pearson", "fidelity", "fidelity_min", "fidelity_other"),
     "perplexity": ("perplexity", "kl", "top1_agreement", "reference_perplexity"),
     "classification": ("accuracy", "accuracy_std", "reference_accuracy"),
     "reconstruction": ("relative_error", "overlap_weighted", "overlap_uniform"),
@@ -124,9 +124,14 @@ def check_methods(methods: Sequence[str], *, skip_missing: bool) -> list[str]:
     from embfactor.decomposition.registry import get_method
     from embfactor.errors import UnknownMethodError
 
+    from embfactor.pipeline.references import check_external, is_external
+
     out = []
     for m in methods:
-        if m == "auto":  # the byte-budget planner (embfactor.plan), not a registered decomposition
+        # the byte-budget planner (embfactor.plan) and other tools' formats (pipeline.references) are not registered
+        if m == "auto" or is_external(m):
+            if is_external(m):
+                check_external(m)  # its tool is installed: before the model is loaded
             out.append(m)
             continue
         try:
@@ -200,14 +205,17 @@ def sweep(
     heal = heal_fn if heal_minutes > 0 else None
     t_start, lm = time.perf_counter(), _sweepable(model)
     task, info, opts = _task_and_options(lm, task, task_options)
+    external, method_list = _external_references(lm, method_list)
     weights = data_weights(lm, [m for m in method_list if m != "auto"])
 
     run_eval = functools.partial(_evaluate, task=task, opts=opts)
     if int_k_curve is None:
         int_k_curve = any(m in ("pq", "rvq", "int", "auto") for m in method_list)
-    n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3 + (len(INT_K_CURVE) if int_k_curve else 0)
+    n_points = (len(method_list) * len(ratio_list) * len(quant_list) + 3 + len(external)
+                + (len(INT_K_CURVE) if int_k_curve else 0))
     bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
-    reference_rows = _reference_rows(lm, task, run_eval, bar)
+    reference_rows = _reference_rows(lm, task, run_eval, bar) + [
+        _external_row(lm, m, task, run_eval, bar) for m in external]
     int_curve = _int_k_curve(lm, task, run_eval, bar) if int_k_curve else []
     points, skipped = _grid_points(
         lm, method_list, ratio_list, quant_list, by_size=sizes is not None, bar=bar,
@@ -216,7 +224,7 @@ def sweep(
     )
     bar.close()
     settings = {
-        "ratios" if sizes is None else "sizes": ratio_list, "methods": method_list, "quantize": quant_list,
+        "ratios" if sizes is None else "sizes": ratio_list, "methods": method_list + external, "quantize": quant_list,
         "heal_minutes": heal_minutes, "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},
     }
     return _sweep_table(lm, task, info, reference_rows, int_curve, points, skipped, settings,
@@ -363,6 +371,35 @@ def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[st
         bar.update()
 
     return reference_rows
+
+
+def _external_references(lm, method_list: list[str]) -> tuple[list[str], list[str]]:
+    """(other tools' formats, the other methods) of a sweep; each format is checked against the table's width."""
+    from embfactor.eval.tasks import input_embedding
+    from embfactor.pipeline.references import check_external, is_external
+
+    external = [m for m in method_list if is_external(m)]  # one reference point each, whatever the ratios
+    for m in external:
+        check_external(m, int(input_embedding(lm.model).embedding_dim))
+    return external, [m for m in method_list if m not in external]
+
+
+def _external_row(lm: Any, name: str, task: str, run_eval: Any, bar: Any) -> dict[str, Any]:
+    """A reference row: the table stored by another tool (:mod:`embfactor.pipeline.references`), read back as it
+    reads it, in a copy of the model (a tied head reads the same table)."""
+    from embfactor.eval.tasks import input_embedding
+    from embfactor.pipeline.references import external_table
+
+    t0 = time.perf_counter()
+    q = clone_model(lm)
+    w = input_embedding(q.model).weight
+    table, nbytes, info = external_table(name, w.detach())
+    with torch.no_grad():
+        w.copy_(table.to(w.dtype))
+    res = run_eval(q, lm)
+    bar.update()
+    return {"label": name, "kind": "external", **info, "embedding_bytes": nbytes,
+            "bytes_ratio": w.numel() * 4 / nbytes, **_row(res, task), "seconds": time.perf_counter() - t0}
 
 
 def _int_k_curve(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, Any]]:

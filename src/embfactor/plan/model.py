@@ -87,6 +87,7 @@ def plan_model(
     seed: int = 0,
     scorer: ModelScorer | None = None,
     progress: Callable[[str], None] | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[Plan, Any]:
     """Choose and build the storage of ``lm``'s embedding within ``budget_bytes``: (plan, RowFormat module).
 
@@ -100,6 +101,8 @@ def plan_model(
         check: how many of the proxy's plans are scored on the model (0: trust the proxy).
         formats, alphas, cuts, max_tiers: the search space (defaults :func:`default_formats`, ALPHAS, MASS_CUTS).
         scorer: a :class:`ModelScorer` (default: one on the bundled Wikipedia's training part).
+        hessian: the second moment of a tied head's inputs (:func:`embfactor.eval.head.head_second_moment`):
+            int-k tiers round and PQ tiers encode in the head's metric, and the proxy measures errors in it.
 
     Example:
         >>> plan, module = plan_model(load_model("minilm"), 46_881_792 / 16, counts)     # doctest: +SKIP
@@ -109,7 +112,7 @@ def plan_model(
     E = lm.model.get_input_embeddings().weight.detach().float().clone()
     t0 = time.perf_counter()
     plans, fits = candidate_plans(E, counts, budget_bytes, formats=formats, alphas=alphas, cuts=cuts,
-                                  max_tiers=max_tiers, seed=seed, progress=progress)
+                                  max_tiers=max_tiers, seed=seed, progress=progress, hessian=hessian)
     if not plans:
         raise ConfigError(f"no tier plan fits {budget_bytes:,.0f} bytes; ask for a smaller ratio")
     order = token_order(counts)
@@ -129,7 +132,7 @@ def plan_model(
     if progress:
         progress(f"building {best.label}")
     padding_idx = lm.model.get_input_embeddings().padding_idx
-    module = build_plan(E, best, order, counts, padding_idx=padding_idx, seed=seed)
+    module = build_plan(E, best, order, counts, padding_idx=padding_idx, seed=seed, hessian=hessian)
     best.bytes = int(module.num_bytes())
     for t, child in zip(best.tiers, getattr(module, "tiers", [module])):
         t.bytes = int(child.num_bytes())

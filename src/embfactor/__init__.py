@@ -32,6 +32,7 @@ _LAZY = {
     "CompressReport": "embfactor.pipeline.compress",
     "heal": "embfactor.pipeline.heal",
     "evaluate": "embfactor.pipeline.evaluate",
+    "export_onnx": "embfactor.export",
     "sweep": "embfactor.pipeline.sweep",
     "describe": "embfactor.pipeline.describe",
     "ModelFacts": "embfactor.pipeline.describe",

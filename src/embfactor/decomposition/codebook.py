@@ -316,7 +316,7 @@ def _rotation(E: torch.Tensor, kind: str, M: int, seed: int, sample: np.ndarray)
     opq.pq = pq = faiss.ProductQuantizer(d, M, 8)
     pq.cp.min_points_per_centroid = 1  # as in _kmeans: no warning spam for small tables
     # OPQMatrix seeds its random initialization itself (fixed seeds): deterministic without our seed
-    opq.train(np.ascontiguousarray(E.float().numpy()[sample]))
+    opq.train(np.ascontiguousarray(E[torch.from_numpy(np.asarray(sample, dtype=np.int64))].float().numpy()))
     # faiss applies y = A x with A (d_out × d_in) row-major; our convention quantizes E·R, so R = Aᵀ
     A = faiss.vector_to_array(opq.A).reshape(d, d)
     return torch.from_numpy(A.T.copy()).float()
@@ -389,21 +389,25 @@ def quantize_table(
     int8 = codebook_dtype == "int8"
     w = None if token_weights is None else check_token_weights(token_weights, n, method).numpy().astype(np.float32)
     rng = np.random.default_rng(seed)
-    X = E.detach().float().cpu()
+    E = E.detach().cpu()
     train_idx, train_w = _training_sample(n, w, max_train_points, rng)
-    R = _rotation(X, rotation, M, seed, train_idx)
+    R = _rotation(E, rotation, M, seed, train_idx)
     if R is not None:
         R = R.to(cb_dtype).float()  # quantize against the rotation as stored
-        X = X @ R
-    scale = None
-    if row_scale:
-        scale = X.norm(dim=1).to(cb_dtype).float()
-        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
-    resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
+    # No copy of the table: the training rows' residuals are fitted stage by stage, then every row is encoded
+    # through all stages a block at a time (a row's codes depend only on the row and the codebooks). The whole-table
+    # residual this replaces held two padded float32 copies at once (1.3 GB for a 262,144 x 640 table).
+    scale = _row_scales(E, R, cb_dtype) if row_scale else None
+    pad = M * sub_dim - d
+
+    def block_of(a: int, b: int) -> np.ndarray:
+        return _prepared_rows(E[a:b], R, pad, None if scale is None else scale[a:b])
+
     codes = np.empty((n, stages, M), dtype=np.uint8 if K_eff <= 256 else np.int32)  # see _encode
     books = np.zeros((stages, M, K_eff, sub_dim), dtype=np.float32)
+    t_idx = torch.from_numpy(np.asarray(train_idx, dtype=np.int64))
+    train = _prepared_rows(E[t_idx], R, pad, None if scale is None else scale[t_idx])
     for s in range(stages):
-        train = resid[train_idx]
 
         def fit(m: int, s: int = s, train: np.ndarray = train) -> np.ndarray:
             x = np.ascontiguousarray(train[:, m * sub_dim : (m + 1) * sub_dim])
@@ -417,9 +421,15 @@ def quantize_table(
                 books[s, m] = (q.float() * sc.float())[0, 0].numpy()
             else:
                 books[s, m] = c.to(cb_dtype).float().numpy()
-        codes[:, s] = _encode(resid, books[s])
-        for m in range(M):
-            resid[:, m * sub_dim : (m + 1) * sub_dim] -= books[s, m][codes[:, s, m]]
+        if s + 1 < stages:  # the next stage trains on what this one leaves of the training rows
+            _subtract(train, books[s], _encode(train, books[s]))
+    step = max(1024, ENCODE_BLOCK_VALUES // max(1, M * sub_dim))
+    for a in range(0, n, step):
+        x = block_of(a, min(n, a + step))
+        for s in range(stages):
+            codes[a : a + x.shape[0], s] = c = _encode(x, books[s])
+            if s + 1 < stages:
+                _subtract(x, books[s], c)
     cdt = code_dtype(K_eff)
     codes_t = torch.from_numpy(codes - (32768 if cdt == torch.int16 else 0)).to(cdt)
     meta = {"K": K_eff, "sub_dim": sub_dim, "M": M, "stages": stages, "rotation": rotation, "row_scale": row_scale,
@@ -437,6 +447,38 @@ def quantize_table(
     if w is not None:
         f.meta["weighted_relative_error"] = _weighted_error(E, f, torch.from_numpy(w).double())
     return f
+
+
+# Float32 values of the table encoded at once (64 MB): a 128,256 x 4096 table is read in blocks of 4,096 rows.
+ENCODE_BLOCK_VALUES = 1 << 24
+
+
+def _prepared_rows(rows: torch.Tensor, R: torch.Tensor | None, pad: int, scale: torch.Tensor | None) -> np.ndarray:
+    """Rows as the codes quantize them: float32, rotated by ``R``, divided by their ``scale``, zero-padded by
+    ``pad`` columns (a new array)."""
+    X = rows.float()
+    if R is not None:
+        X = X @ R
+    if scale is not None:
+        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    return torch.nn.functional.pad(X, (0, pad)).numpy().copy()
+
+
+def _row_scales(E: torch.Tensor, R: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Each row's norm (after the rotation, which keeps norms) rounded to the stored ``dtype``, in blocks."""
+    out = torch.empty(E.shape[0])
+    step = max(1024, ENCODE_BLOCK_VALUES // max(1, E.shape[1]))
+    for a in range(0, E.shape[0], step):
+        X = E[a : a + step].float()
+        out[a : a + step] = (X @ R if R is not None else X).norm(dim=1)
+    return out.to(dtype).float()
+
+
+def _subtract(x: np.ndarray, books: np.ndarray, codes: np.ndarray) -> None:
+    """Residuals in place: each sub-space of ``x`` minus its codebook row (M × K × sub books, n × M codes)."""
+    sub = books.shape[2]
+    for m in range(books.shape[0]):
+        x[:, m * sub : (m + 1) * sub] -= books[m][codes[:, m]]
 
 
 def _weighted_error(E: torch.Tensor, f: CodebookFactors, w: torch.Tensor) -> float:

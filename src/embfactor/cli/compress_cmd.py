@@ -52,6 +52,8 @@ def render(r: dict[str, Any]) -> str:
              f"{mb(q['embedding_bytes'])} ({q['bytes_ratio']:.1f}x)"]
         )
     tail = f"wall time: {r['seconds']:.1f} s (decomposition {r['decompose_seconds']:.2f} s); saved to {r['output']}"
+    if r.get("path") == "table-only":
+        tail += f"\ntable-only path ({r['path_reason']}): {r['check_note']}"
     parts = [head, table(rows, ["", "before", "after"])]
     if plan:
         from embfactor.plan import describe_plan, describe_checks
@@ -59,6 +61,8 @@ def render(r: dict[str, Any]) -> str:
         parts += ["plan (tiers by token frequency):", table(describe_plan(plan), PLAN_COLUMNS),
                   "candidate plans checked on the model (calibration text; higher is better):",
                   table(describe_checks(plan), CHECK_COLUMNS)]
+        if r.get("stage_seconds"):
+            parts.append("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()))
     return "\n".join([*parts, tail])
 
 
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from embfactor.pipeline import compress
 
     r = compress(
-        args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text
+        args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text,
+        table_only=True if args.table_only else None,
     ).to_dict()
     print(render(r))
     write_json(args.json, r)
@@ -105,6 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quantize", choices=["int8", "int4"],
         help="store the factors U and V as per-row int8 or int4 (with float32 scales), dequantized on gather; "
         "with pq/rvq: store the codebooks in fp16",
+    )
+    p.add_argument(
+        "--table-only", action="store_true",
+        help="read only the embedding of a safetensors folder and copy its other tensors unchanged, shard by shard "
+        "(the planner, plans chosen by its proxy: no model is loaded); chosen by itself when the float32 model "
+        "would not fit in memory",
     )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

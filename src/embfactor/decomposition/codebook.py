@@ -152,6 +152,11 @@ class CodebookFactors(Factors):
         return decode(self.codes[start:stop], self.books(), self.shape[1], self.rotation,
                       None if self.row_scale is None else self.row_scale[start:stop])
 
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reconstructed rows at ``ids`` (float32), decoded from their codes alone."""
+        return decode(self.codes[ids], self.books(), self.shape[1], self.rotation,
+                      None if self.row_scale is None else self.row_scale[ids])
+
     def reconstruct(self) -> torch.Tensor:
         """The dense (vocab × d) table (costs vocab × d memory)."""
         return torch.cat([self.rows(s, s + _BLOCK_ROWS) for s in range(0, self.shape[0], _BLOCK_ROWS)])

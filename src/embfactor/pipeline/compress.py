@@ -32,6 +32,7 @@ class CompressReport:
     bytes_after: int | None
     seconds: float
     quantization: dict[str, Any] | None = None
+    stages: dict[str, float] | None = None  # seconds of loading and saving (the planner's own stages are its report's)
 
     def to_dict(self) -> dict[str, Any]:
         d = self.factorization.to_dict()
@@ -39,6 +40,8 @@ class CompressReport:
             model=self.model, output=self.output, kind=self.kind, bytes_before=self.bytes_before,
             bytes_after=self.bytes_after, decompose_seconds=self.factorization.seconds, seconds=self.seconds,
         )
+        if self.stages:
+            d["stage_seconds"] = {**self.stages, **d.get("stage_seconds", {})}
         if self.quantization is not None:
             d["quantization"] = self.quantization
         return d
@@ -89,6 +92,7 @@ def compress(
     progress: bool = True,
     quantize: str | int | None = None,
     text_files: Sequence[str] | None = None,
+    table_only: bool | None = None,
     **target: Any,
 ) -> CompressReport:
     """Load ``model`` (a name, a path or a LoadedModel), factorize it, optionally quantize, and save to ``output``.
@@ -102,6 +106,9 @@ def compress(
         output: folder to save to (None: compress in memory only; the LoadedModel passed in holds the result).
         quantize: "int8"/"int4" to store the factors as per-row integers.
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
+        table_only: True: read only the embedding of a safetensors folder and copy the other tensors
+            (:mod:`embfactor.pipeline.table_only`; the planner only, checked by its proxy); None (default): so when
+            the float32 model would not fit in the memory available; False: always load the model.
 
     Example:
         >>> report = compress("minilm", ratio=6, output="out/minilm-r6")      # doctest: +SKIP
@@ -130,9 +137,13 @@ def compress(
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
+    reason = None if loaded else table_only_reason(model, config, output, table_only, quantize=bits)
+    if reason is not None:
+        return _compress_table_only(model, config, output, texts, reason, progress, t0)
     stages = tqdm(total=3, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model if not loaded else model.name}")
     lm = model if loaded else load_model(str(model))
+    seconds = {"load": time.perf_counter() - t0}
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
     stages.update()
@@ -154,18 +165,78 @@ def compress(
     stages.update()
     quant = quantize_(lm.model, bits) if bits is not None else None
     out = None
+    t = time.perf_counter()
     if output is not None:
         stages.set_postfix_str("saving")
         out = save_compressed(
             lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name}
         )
+    seconds["save"] = time.perf_counter() - t
     stages.update()
     stages.close()
     return CompressReport(
         model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
         bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
-        seconds=time.perf_counter() - t0, quantization=quant,
+        seconds=time.perf_counter() - t0, quantization=quant, stages={k: round(v, 2) for k, v in seconds.items()},
     )
 
 
-__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits"]
+def table_only_reason(model: Any, config: FactorizationConfig, output: Any, table_only: bool | None, *,
+                      quantize: int | None = None) -> str | None:
+    """Why ``compress`` takes the table-only path (None: it loads the model), decided before anything is loaded.
+
+    Asked for (``table_only=True``): the model must be a safetensors folder, the method the planner, and an output
+    given (ConfigError otherwise). Automatic (None): a planner run on a safetensors folder whose float32 model plus
+    the planner's working set exceeds the memory available (``embfactor.pipeline.table_only.full_load_bytes``).
+    """
+    from embfactor.plan import wants_plan
+    from embfactor.pipeline.table_only import SHARD_INDEX, SINGLE_FILE
+
+    if table_only is False:
+        return None
+    folder = Path(str(model)).expanduser()
+    is_folder = folder.is_dir() and ((folder / SINGLE_FILE).is_file() or (folder / SHARD_INDEX).is_file())
+    if table_only:
+        if not is_folder:
+            raise ConfigError(f"--table-only reads a folder of safetensors weights ({SINGLE_FILE} or {SHARD_INDEX}); "
+                              f"{model!s} is not one")
+        if not wants_plan(config):
+            raise ConfigError("--table-only runs the planner: give --size without --method (or --method auto)")
+        if quantize is not None:
+            raise ConfigError("--quantize does not apply to --table-only (the planner stores int-k and codebooks)")
+        if output is None:
+            raise ConfigError("--table-only writes its result to a folder: give --output")
+        return "asked for (--table-only)"
+    if not is_folder or not wants_plan(config) or output is None or quantize is not None:
+        return None
+    from embfactor.pipeline.table_only import available_memory, full_load_bytes, open_checkpoint, table_numel
+
+    ckpt = open_checkpoint(folder)
+    need, have = full_load_bytes(ckpt, table_numel(folder, ckpt)), available_memory()
+    if need <= have:
+        return None
+    return (f"automatic: loading the model in float32 and planning would take ~{need / 2**30:.1f} GiB, "
+            f"{have / 2**30:.1f} GiB are available")
+
+
+def _compress_table_only(model: Any, config: FactorizationConfig, output: Any, texts: list[str] | None, reason: str,
+                         progress: bool, t0: float) -> CompressReport:
+    from tqdm.auto import tqdm
+
+    from embfactor.plan import PlanReport
+    from embfactor.pipeline.table_only import compress_table_only, open_checkpoint, output_weight_bytes
+
+    bar = tqdm(total=1, desc="compress (table only)", unit="stage", disable=not progress, leave=False)
+    try:
+        rep = compress_table_only(model, config, output, texts=texts, reason=reason, progress=bar.set_postfix_str)
+    finally:
+        bar.close()
+    kind = rep.pop("kind")
+    return CompressReport(
+        model=str(model), kind=kind, output=str(output), factorization=PlanReport(rep),
+        bytes_before=open_checkpoint(model).bytes_on_disk(), bytes_after=output_weight_bytes(output),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits", "table_only_reason"]

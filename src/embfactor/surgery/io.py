@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, withou
 from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
 
 WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
 # the metadata fields every record has (report and extra are optional)
 _META_KEYS = ("embedding_module", "head_module", "tied_head", "rank", "method", "factorization")
 
@@ -33,6 +35,7 @@ def save_compressed(
     inputs: tuple[str | os.PathLike, ...] = (),
     files: dict[str, bytes] | None = None,
     modules_from: str | os.PathLike | None = None,
+    weights: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
 
@@ -50,6 +53,8 @@ def save_compressed(
             swap together with the model (heal's classifier and resume state): never a model without them.
         modules_from: a sentence-transformers folder whose modules (modules.json, pooling, normalization, prompts)
             the output keeps; default: the folder :func:`embfactor.load_model` loaded the model from.
+        weights: writes the weight files into the temporary folder instead of ``model``'s state (the table-only
+            path copies its source's shards around the format's tensors; the model there lives on the meta device).
 
     Example:
         >>> save_compressed(model, "out/minilm-r6", tokenizer=tok)   # doctest: +SKIP
@@ -85,7 +90,10 @@ def save_compressed(
         **(extra or {}),
     }
     with atomic_directory(directory, inputs=inputs) as tmp:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
+        if weights is not None:
+            weights(tmp)
+        else:
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
         config.architectures = [architecture]
         # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
         # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
@@ -150,6 +158,8 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     directory = Path(directory)
     record = read_record(directory)
     for name in (WEIGHTS_FILE, HF_CONFIG_FILE):
+        if name == WEIGHTS_FILE and (directory / SHARD_INDEX).is_file():  # a sharded output (the table-only path)
+            continue
         if not (directory / name).is_file():
             raise ModelNotFoundError(f"{directory / name} is missing; the folder is not a complete embfactor output")
     if embfactor_quantization_config(directory) is not None:

@@ -28,8 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
-from benchmarks.common import RESULTS_DIR, environment, markdown_table  # noqa: E402
-from benchmarks.memory import _run_measured  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, markdown_table
+from benchmarks.memory import _run_measured
 
 E5_DIR = Path("~/.cache/embfactor/models/multilingual-e5-small").expanduser()
 
@@ -91,7 +91,7 @@ def write_synthetic(folder: Path, arch: dict[str, Any], dtype_name: str, tokeniz
     import torch
     from transformers import AutoTokenizer, LlamaConfig
 
-    from embfactor.pipeline.table_only import SHARD_INDEX, Entry, TORCH_TO_ST, write_safetensors
+    from embfactor.pipeline.table_only import SHARD_INDEX, TORCH_TO_ST, Entry, write_safetensors
 
     t0 = time.perf_counter()
     dtype = getattr(torch, dtype_name)
@@ -171,11 +171,13 @@ def tokenizer_source(vocab: int, work: Path) -> Path:
 # --- measuring ---------------------------------------------------------------------------------------------------
 GENERATE = (
     "import sys, time, torch, embfactor; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-    "t0 = time.perf_counter(); m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t1 = time.perf_counter()\n"
+    "t0 = time.perf_counter(); m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto')\n"
+    "t1 = time.perf_counter()\n"
     "tok = AutoTokenizer.from_pretrained(sys.argv[1]); ids = tok('The capital of France is', return_tensors='pt')\n"
     "out = m.generate(**ids, max_new_tokens=8, do_sample=False)\n"
-    "print(type(m.get_input_embeddings()).__name__, m.dtype, out.shape[1] - ids['input_ids'].shape[1], "
-    "round(t1 - t0, 1), round(time.perf_counter() - t1, 1))\n"
+    "rss = {l.split(':')[0]: int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('Rss')}\n"
+    "print(type(m.get_input_embeddings()).__name__, m.dtype, 'new tokens', out.shape[1] - ids['input_ids'].shape[1],"
+    " 'load s', round(t1 - t0, 1), 'generate s', round(time.perf_counter() - t1, 1), 'RSS MB', rss)\n"
 )
 
 
@@ -223,11 +225,11 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> str
     table = [[r["name"], f"{r['vocab']:,} x {r['d']}", r.get("dtype", "float32"), r.get("path", "-"),
               r.get("seconds", "-"), r.get("peak_rss_mb", "-"), r.get("table_fp32_mb"), r.get("rss_per_fp32_table", "-"),
               r.get("bytes_ratio", "-"), r.get("plan", r.get("status"))] for r in rows]
-    lines = [f"## compress --size 8x as the table grows\n",
-             f"`{command}` — {env['time_utc']}, {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, "
-             f"1-min load average at start {env['load_average_1m']}. **Measured on a shared machine** (other jobs "
-             "ran at the same time): wall times are noisy and only comparable within one run; peak RSS is the "
-             "kernel's ru_maxrss of the compress process.\n",
+    lines = ["## compress --size 8x as the table grows\n",
+             (f"`{command}` — {env['time_utc']}, {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, "
+              f"1-min load average at start {env['load_average_1m']}. **Measured on a shared machine** (other jobs "
+              "ran at the same time): wall times are noisy and only comparable within one run; peak RSS is the "
+              "kernel's ru_maxrss of the compress process.\n"),
              markdown_table(table, ["point", "table", "dtype", "path", "wall s", "peak RSS MB", "fp32 table MB",
                                     "RSS / table", "x fewer bytes", "plan"]), ""]
     for r in rows:

@@ -189,8 +189,8 @@ def table_only_reason(model: Any, config: FactorizationConfig, output: Any, tabl
     given (ConfigError otherwise). Automatic (None): a planner run on a safetensors folder whose float32 model plus
     the planner's working set exceeds the memory available (``embfactor.pipeline.table_only.full_load_bytes``).
     """
-    from embfactor.plan import wants_plan
     from embfactor.pipeline.table_only import SHARD_INDEX, SINGLE_FILE
+    from embfactor.plan import wants_plan
 
     if table_only is False:
         return None
@@ -223,8 +223,8 @@ def _compress_table_only(model: Any, config: FactorizationConfig, output: Any, t
                          progress: bool, t0: float) -> CompressReport:
     from tqdm.auto import tqdm
 
-    from embfactor.plan import PlanReport
     from embfactor.pipeline.table_only import compress_table_only, open_checkpoint, output_weight_bytes
+    from embfactor.plan import PlanReport
 
     bar = tqdm(total=1, desc="compress (table only)", unit="stage", disable=not progress, leave=False)
     try:

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from embfactor.errors import ConfigError, CorruptFileError, ModelNotFoundError
+from embfactor.surgery.io import SHARD_INDEX
+from embfactor.surgery.io import WEIGHTS_FILE as SINGLE_FILE
 
-from embfactor.surgery.io import SHARD_INDEX, WEIGHTS_FILE as SINGLE_FILE  # noqa: E402 - after the torch import
 # safetensors dtype names -> (numpy storage dtype, torch dtype); bf16 and fp8 are read as raw bytes and viewed
 ST_DTYPES: dict[str, tuple[Any, torch.dtype]] = {
     "F64": (np.float64, torch.float64), "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
@@ -436,5 +437,12 @@ def compress_table_only(
     return report
 
 
-__all__ = ["Checkpoint", "open_checkpoint", "available_memory", "full_load_bytes", "compress_table_only",
-           "write_safetensors", "copy_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "available_memory",
+    "compress_table_only",
+    "copy_checkpoint",
+    "full_load_bytes",
+    "open_checkpoint",
+    "write_safetensors",
+]

@@ -82,20 +82,8 @@ class ModelScorer:
         self.weight.data = self.original
 
 
-def plan_model(
-    lm,
-    budget_bytes: float,
-    counts: torch.Tensor,
-    *,
-    check: int = CHECK_PLANS,
-    formats: Sequence[FormatChoice] | None = None,
-    alphas: Sequence[float] = ALPHAS,
-    cuts: Sequence[float] = MASS_CUTS,
-    max_tiers: int = MAX_TIERS,
-    seed: int = 0,
-    scorer: ModelScorer | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[Plan, Any]:
+def plan_model(lm, budget_bytes: float, counts: torch.Tensor, *, check: int = CHECK_PLANS,
+               scorer: ModelScorer | None = None, **search: Any) -> tuple[Plan, Any]:
     """Choose and build the storage of ``lm``'s embedding within ``budget_bytes``: (plan, RowFormat module).
 
     The model is left as it was (candidate tables are scored in place and the original is put back); the caller
@@ -106,8 +94,8 @@ def plan_model(
         budget_bytes: the most bytes the stored table may take.
         counts: token counts on calibration text (:func:`embfactor.data.frequency.token_counts`).
         check: how many of the proxy's plans are scored on the model (0: trust the proxy).
-        formats, alphas, cuts, max_tiers: the search space (defaults :func:`default_formats`, ALPHAS, MASS_CUTS).
         scorer: a :class:`ModelScorer` (default: one on the bundled Wikipedia's training part).
+        search: :func:`plan_table`'s options (formats, alphas, cuts, max_tiers, seed, progress).
 
     Example:
         >>> plan, module = plan_model(load_model("minilm"), 46_881_792 / 16, counts)     # doctest: +SKIP
@@ -118,10 +106,8 @@ def plan_model(
     E = emb.weight.detach().float()  # the model's own table when it is float32: the check never writes into it
     if scorer is None and check > 0:
         scorer = ModelScorer(lm)
-    plan, module, seconds = plan_table(E, budget_bytes, counts, check=check, formats=formats, alphas=alphas, cuts=cuts,
-                                       max_tiers=max_tiers, seed=seed, scorer=scorer, padding_idx=emb.padding_idx,
-                                       progress=progress)
-    plan.seconds = seconds
+    plan, module, _ = plan_table(E, budget_bytes, counts, check=check, scorer=scorer, padding_idx=emb.padding_idx,
+                                 **search)
     return plan, module
 
 
@@ -142,7 +128,9 @@ def plan_table(
 ) -> tuple[Plan, Any, dict[str, float]]:
     """Choose and build the storage of table ``E``: (plan, RowFormat module, seconds per stage).
 
-    Without a ``scorer`` (or with ``check=0``) the proxy's best plan is built: what the table-only path does, which
+    ``check``, ``formats``, ``alphas``, ``cuts``, ``max_tiers``: as :func:`candidate_plans` (the search space);
+    ``scorer`` scores the first ``check`` plans on a model. Without a ``scorer`` (or with ``check=0``) the proxy's
+    best plan is built: what the table-only path does, which
     has no model to score plans on. ``E`` is read, never written; it may be in any float dtype (bf16 rows are
     converted a block at a time).
 

@@ -103,13 +103,19 @@ def write_synthetic(folder: Path, arch: dict[str, Any], dtype_name: str, tokeniz
     h, inter, hd = arch["hidden_size"], arch["intermediate_size"], arch["head_dim"]
     nq, nkv = arch["num_attention_heads"], arch["num_key_value_heads"]
     g = torch.Generator().manual_seed(1)
+    # Layer weights are N(0, 0.02) values copied from a 32M-value pool at random offsets: drawing 7.5 billion normal
+    # values took minutes of CPU; copying costs what writing them does.
+    pool = (torch.randn(1 << 25, generator=g) * 0.02).to(dtype)
 
     def rnd(*shape: int) -> Any:
-        t = torch.empty(*shape, dtype=dtype)
-        step = max(1, (1 << 24) // shape[-1])
-        for a in range(0, shape[0], step):  # float32 a block at a time
-            t[a:a + step] = (torch.randn(min(step, shape[0] - a), *shape[1:], generator=g) * 0.02).to(dtype)
-        return t
+        t = torch.empty(math.prod(shape), dtype=dtype)
+        at = 0
+        while at < t.numel():
+            start = int(torch.randint(0, pool.numel() // 2, (1,), generator=g))
+            n = min(t.numel() - at, pool.numel() - start)
+            t[at:at + n] = pool[start:start + n]
+            at += n
+        return t.view(*shape)
 
     def layer(i: int) -> dict[str, Any]:
         p = f"model.layers.{i}."
@@ -162,9 +168,12 @@ def tokenizer_source(vocab: int, work: Path) -> Path:
         return e5
     folder = work / "smollm2-tokenizer"
     if not (folder / "tokenizer.json").is_file():
-        from embfactor.models import load_model
+        from transformers import AutoTokenizer
 
-        load_model("smollm2").tokenizer.save_pretrained(folder)
+        from embfactor.models import smollm2_path
+
+        gguf = smollm2_path()  # the tokenizer alone, from the GGUF's metadata (the model is not needed)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
     return folder
 
 

@@ -135,9 +135,8 @@ def compress(
         output: folder to save to (None: compress in memory only; the LoadedModel passed in holds the result).
         quantize: "int8"/"int4" to store the factors as per-row integers.
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
-        table_only: True: read only the embedding of a safetensors folder and copy the other tensors
-            (:mod:`embfactor.pipeline.table_only`; the planner only, checked by its proxy); None (default): so when
-            the float32 model would not fit in the memory available; False: always load the model.
+        table_only: True: the table-only path (:mod:`.table_only`: the planner's proxy, the other tensors copied);
+            None: taken when the float32 model would not fit in memory; False: always load the model.
         verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
             64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
 
@@ -153,7 +152,7 @@ def compress(
     from embfactor.fileio import check_output_dir
     from embfactor.models import LoadedModel, load_model, source_path
     from embfactor.plan import wants_plan
-    from embfactor.surgery import quantize_, save_compressed
+    from embfactor.surgery import quantize_
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
@@ -162,8 +161,7 @@ def compress(
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
-    reason = None if loaded else table_only_reason(model, config, output, table_only, quantize=bits)
-    if reason is not None:
+    if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits)):
         return _compress_table_only(model, config, output, texts, reason, progress, t0)
     checking = output is not None and verify is not False and verify != 0
     stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
@@ -184,14 +182,8 @@ def compress(
         stages.set_postfix_str("scoring the compressed model in memory")
         verifier.predict(lm, plan_report=rep.to_dict())
         stages.update()
-    t = time.perf_counter()
     if output is not None:
-        stages.set_postfix_str("saving and verifying the written model" if verifier else "saving")
-        out = save_compressed(
-            lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name},
-            verify=verifier,
-        )
-    seconds["save"] = time.perf_counter() - t
+        out, seconds["save"] = _save(lm, output, verifier, stages)
     stages.update()
     stages.close()
     return CompressReport(
@@ -200,6 +192,17 @@ def compress(
         seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
         size_choice=choice, stages={k: round(v, 2) for k, v in seconds.items()},
     )
+
+
+def _save(lm: Any, output: Any, verifier: Any, stages: Any) -> tuple[Path, float]:
+    """Write (and verify) the compressed model: (the folder, seconds taken)."""
+    from embfactor.surgery import save_compressed
+
+    t = time.perf_counter()
+    stages.set_postfix_str("saving and verifying the written model" if verifier else "saving")
+    out = save_compressed(lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,),
+                          extra={"source_model": lm.name}, verify=verifier)
+    return out, time.perf_counter() - t
 
 
 def _verifier(lm: Any, verify: int | bool | None, stages: Any) -> Any:

@@ -291,8 +291,8 @@ def meta_model(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     import transformers
     from transformers import AutoConfig, AutoModel
 
-    from embfactor.hf.st_folder import sentence_transformers_files
     from embfactor.surgery.hfconfig import check_model_config
+    from embfactor.surgery.st_folder import sentence_transformers_files
 
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -329,6 +329,69 @@ def _renamed(tensors: dict[str, torch.Tensor], model_key: str, ckpt_key: str) ->
 
 
 # --- the pipeline ----------------------------------------------------------------------------------------------------
+@dataclass
+class TableSource:
+    """What the table-only path reads: the checkpoint, the model's structure on the meta device with the real table
+    in its embedding (a tied head sharing it), the table's name in the checkpoint, and the tokenizer."""
+
+    ckpt: Checkpoint
+    model: Any
+    site: Any
+    key: str
+    tokenizer: Any
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self.site.embedding.weight
+
+
+def open_table(folder: Path) -> TableSource:
+    """The table of the checkpoint in ``folder`` memory-mapped into its model's meta structure (nothing else read)."""
+    from transformers import AutoTokenizer
+
+    from embfactor.surgery.factorize import find_embedding_and_head
+
+    ckpt = open_checkpoint(folder)
+    # the model's own dtype: that of most of its floating tensors on disk (bf16 stays bf16)
+    floats = [ST_DTYPES[i["dtype"]][1] for i in map(ckpt.info, ckpt.weight_map) if i["dtype"] in ST_DTYPES]
+    floats = [d for d in floats if d.is_floating_point]
+    model, _ = meta_model(folder, max(set(floats), key=floats.count) if floats else torch.float32)
+    site = find_embedding_and_head(model)
+    key = checkpoint_key(ckpt, site.embedding_module, model)
+    E = ckpt.tensor(key)
+    if tuple(E.shape) != (site.embedding.num_embeddings, site.embedding.embedding_dim):
+        raise CorruptFileError(f"{folder}: {key} is {tuple(E.shape)}, config.json says "
+                               f"{(site.embedding.num_embeddings, site.embedding.embedding_dim)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - tokenizers raise many types
+        raise ModelNotFoundError(f"{folder}: no usable tokenizer for the token counts ({e})") from None
+    site.embedding.weight = torch.nn.Parameter(E, requires_grad=False)
+    if site.tied:
+        site.head.weight = site.embedding.weight
+    return TableSource(ckpt, model, site, key, tokenizer)
+
+
+def write_output(src: TableSource, output: str | os.PathLike) -> None:
+    """Save ``src.model`` (its format installed) to ``output``: its shards copied around the format's tensors."""
+    from embfactor import __version__
+    from embfactor.surgery import get_meta, save_compressed
+
+    own = {k: v for k, v in src.model.state_dict().items() if not v.is_meta}
+    drop = {src.key}
+    if src.site.tied and src.site.head_module:  # a tied head stored under its own name too is the same table
+        drop |= {k for k in src.ckpt.weight_map if k == f"{src.site.head_module}.weight"}
+    add = _renamed(own, f"{src.site.embedding_module}.weight", src.key)
+
+    def write_weights(tmp: Path) -> None:
+        copy_checkpoint(src.ckpt, tmp, drop=drop, add=add, add_to=src.ckpt.weight_map[src.key],
+                        metadata={"format": "pt", "embfactor_version": __version__})
+
+    get_meta(src.model).report["bytes_before"] = src.ckpt.bytes_on_disk()
+    save_compressed(src.model, output, tokenizer=src.tokenizer, inputs=(src.ckpt.folder,), weights=write_weights,
+                    extra={"source_model": str(src.ckpt.folder)}, modules_from=src.ckpt.folder)
+
+
 def compress_table_only(
     folder: str | os.PathLike,
     config: Any,
@@ -348,89 +411,46 @@ def compress_table_only(
         reason: why this path was taken, recorded in the report.
 
     Returns:
-        The planner's report dict, with ``path``, ``path_reason``, ``check`` and ``stage_seconds``.
+        The planner's report dict, with ``path``, ``path_reason``, ``check``, ``kind`` and ``stage_seconds``.
 
     Example:
         >>> r = compress_table_only("llama-8b", FactorizationConfig(size="8x"), "out/llama-8b-8x")  # doctest: +SKIP
         >>> r["path"], r["check"]                                                                    # doctest: +SKIP
         ('table-only', 'proxy')
     """
-    from transformers import AutoTokenizer
+    import dataclasses
 
     from embfactor.data.frequency import token_counts
     from embfactor.decomposition import budget_bytes
+    from embfactor.models import kind_of
     from embfactor.plan import AUTO, _formats_from_options, apply_plan_, calibration_split, plan_table
-    from embfactor.surgery import save_compressed
-    from embfactor.surgery.factorize import find_embedding_and_head
 
-    stages: dict[str, float] = {}
-    t0 = t = time.perf_counter()
-    folder = Path(folder)
-    ckpt = open_checkpoint(folder)
-    # the model's own dtype: that of its floating tensors on disk (bf16 stays bf16)
-    dtypes = [ST_DTYPES[ckpt.info(n)["dtype"]][1] for n in ckpt.weight_map if ckpt.info(n)["dtype"] in ST_DTYPES]
-    floats = [d for d in dtypes if d.is_floating_point]
-    dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    model, _ = meta_model(folder, dtype)
-    site = find_embedding_and_head(model)
-    emb_key = checkpoint_key(ckpt, site.embedding_module, model)
-    E = ckpt.tensor(emb_key)
-    if tuple(E.shape) != (site.embedding.num_embeddings, site.embedding.embedding_dim):
-        raise CorruptFileError(f"{folder}: {emb_key} is {tuple(E.shape)}, config.json says "
-                               f"{(site.embedding.num_embeddings, site.embedding.embedding_dim)}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - tokenizers raise many types
-        raise ModelNotFoundError(f"{folder}: no usable tokenizer for the token counts ({e})") from None
-    stages["open"] = time.perf_counter() - t
-    # --- the table goes into the meta model's embedding (a tied head keeps sharing it) ---
-    site.embedding.weight = torch.nn.Parameter(E, requires_grad=False)
-    if site.tied:
-        site.head.weight = site.embedding.weight
-    t = time.perf_counter()
+    t0 = time.perf_counter()
+    src = open_table(Path(folder))
+    stages = {"open": time.perf_counter() - t0}
+    E = src.table
     vocab, d = E.shape
     if texts is None:
         from embfactor.data import wiki_split
 
         texts = wiki_split("train")
-    count_texts, _ = calibration_split(texts)
-    counts = token_counts(tokenizer, count_texts, vocab_size=vocab)
+    t = time.perf_counter()
+    counts = token_counts(src.tokenizer, calibration_split(texts)[0], vocab_size=vocab)
     stages["counting"] = time.perf_counter() - t
-    budget = budget_bytes(config.size, vocab, d)
-    plan, module, plan_stages = plan_table(E, budget, counts, check=0, padding_idx=site.embedding.padding_idx,
-                                           seed=config.seed, progress=progress,
-                                           formats=_formats_from_options(config.method_options, d))
+    plan, module, plan_stages = plan_table(E, budget_bytes(config.size, vocab, d), counts, check=0,
+                                           padding_idx=src.site.embedding.padding_idx, seed=config.seed,
+                                           progress=progress, formats=_formats_from_options(config.method_options, d))
     stages.update(plan_stages)
-    import dataclasses
-
-    config = dataclasses.replace(config, method=AUTO)
     t = time.perf_counter()
-    report = apply_plan_(model, module, plan, config, seconds=time.perf_counter() - t0)
+    report = apply_plan_(src.model, module, plan, dataclasses.replace(config, method=AUTO),
+                         seconds=time.perf_counter() - t0)
     stages["error"] = time.perf_counter() - t
-    t = time.perf_counter()
-    own = {k: v for k, v in model.state_dict().items() if not v.is_meta}
-    drop = {emb_key}
-    if site.tied and site.head_module:  # a tied head stored under its own name too is the same table
-        drop |= {k for k in ckpt.weight_map if k in (f"{site.head_module}.weight",)}
-    add = _renamed(own, f"{site.embedding_module}.weight", emb_key)
-    from embfactor import __version__
-
-    def write_weights(tmp: Path) -> None:
-        copy_checkpoint(ckpt, tmp, drop=drop, add=add, add_to=ckpt.weight_map[emb_key],
-                        metadata={"format": "pt", "embfactor_version": __version__})
-
     if progress:
         progress("writing")
-    from embfactor.surgery import get_meta
-
-    get_meta(model).report["bytes_before"] = ckpt.bytes_on_disk()
-    save_compressed(model, output, tokenizer=tokenizer, inputs=(folder,), extra={"source_model": str(folder)},
-                    weights=write_weights, modules_from=folder)
+    t = time.perf_counter()
+    write_output(src, output)
     stages["save"] = time.perf_counter() - t
-    del E, site
-    from embfactor.models import kind_of
-
-    report.update(kind=kind_of(model), path="table-only", path_reason=reason, check="proxy",
+    report.update(kind=kind_of(src.model), path="table-only", path_reason=reason, check="proxy",
                   check_note="table-only: the plan was chosen by the proxy (row errors weighted by token counts); "
                   "no model was loaded to score plans on",
                   stage_seconds={k: round(v, 2) for k, v in stages.items()}, seconds=time.perf_counter() - t0)

@@ -56,14 +56,11 @@ def save_compressed(
             swap together with the model (heal's classifier and resume state): never a model without them.
         modules_from: a sentence-transformers folder whose modules (modules.json, pooling, normalization, prompts)
             the output keeps; default: the folder :func:`embfactor.load_model` loaded the model from.
-        weights: writes the weight files into the temporary folder instead of ``model``'s state (the table-only
-            path copies its source's shards around the format's tensors; the model there lives on the meta device).
+        weights: writes the weight files into the temporary folder in place of ``model``'s (the table-only path).
 
     Example:
         >>> save_compressed(model, "out/minilm-r6", tokenizer=tok)   # doctest: +SKIP
     """
-    from safetensors.torch import save_model
-
     from embfactor import __version__
     from embfactor.surgery.integration import attach_quantization_config
     from embfactor.surgery.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
@@ -93,10 +90,7 @@ def save_compressed(
         **(extra or {}),
     }
     with atomic_directory(directory, inputs=inputs) as tmp:
-        if weights is not None:
-            weights(tmp)
-        else:
-            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
+        (weights or _model_weights(model))(tmp)
         config.architectures = [architecture]
         # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
         # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
@@ -110,6 +104,16 @@ def save_compressed(
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
         _write_record(tmp, record, verify)
     return Path(directory)
+
+
+def _model_weights(model: nn.Module) -> Callable[[Path], None]:
+    """Writes ``model``'s state as model.safetensors (shared tensors once)."""
+    from safetensors.torch import save_model
+
+    from embfactor import __version__
+
+    return lambda tmp: save_model(model, str(tmp / WEIGHTS_FILE),
+                                  metadata={"format": "pt", "embfactor_version": __version__})
 
 
 def _write_files(tmp: Path, files: dict[str, bytes]) -> None:

@@ -452,7 +452,7 @@ def compress_table_only(
     stages["save"] = time.perf_counter() - t
     report.update(kind=kind_of(src.model), path="table-only", path_reason=reason, check="proxy",
                   check_note="table-only: the plan was chosen by the proxy (row errors weighted by token counts); "
-                  "no model was loaded to score plans on",
+                  "no model was loaded to score plans on or to verify the written folder against",
                   stage_seconds={k: round(v, 2) for k, v in stages.items()}, seconds=time.perf_counter() - t0)
     return report
 

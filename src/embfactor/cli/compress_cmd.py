@@ -70,12 +70,16 @@ def render(r: dict[str, Any]) -> str:
         )
     tail = f"wall time: {r['seconds']:.1f} s (decomposition {r['decompose_seconds']:.2f} s); saved to {r['output']}"
     parts = [*summary(r), "", head, table(rows, ["", "before", "after"])]
+    if r.get("path") == "table-only":
+        tail += f"\ntable-only path ({r['path_reason']}): {r['check_note']}"
     if plan:
         from embfactor.plan import describe_plan, describe_checks
 
         parts += ["plan (tiers by token frequency):", table(describe_plan(plan), PLAN_COLUMNS),
                   "candidate plans checked on the model (calibration text; higher is better):",
                   table(describe_checks(plan), CHECK_COLUMNS)]
+        if r.get("stage_seconds"):
+            parts.append("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()))
     return "\n".join([*parts, tail])
 
 
@@ -101,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     r = compress(
         args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text,
+        table_only=True if args.table_only else None,
         verify=args.verify,
     ).to_dict()
     print(render(r))
@@ -125,6 +130,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with pq/rvq: store the codebooks in fp16",
     )
     add_verify_args(p)
+    p.add_argument(
+        "--table-only", action="store_true",
+        help="read only the embedding of a safetensors folder and copy its other tensors unchanged, shard by shard "
+        "(the planner, plans chosen by its proxy: no model is loaded); chosen by itself when the float32 model "
+        "would not fit in memory",
+    )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -153,6 +153,11 @@ class CodebookFactors(Factors):
         return decode(self.codes[start:stop], self.books(), self.shape[1], self.rotation,
                       None if self.row_scale is None else self.row_scale[start:stop])
 
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reconstructed rows at ``ids`` (float32), decoded from their codes alone."""
+        return decode(self.codes[ids], self.books(), self.shape[1], self.rotation,
+                      None if self.row_scale is None else self.row_scale[ids])
+
     def reconstruct(self) -> torch.Tensor:
         """The dense (vocab × d) table (costs vocab × d memory)."""
         return torch.cat([self.rows(s, s + _BLOCK_ROWS) for s in range(0, self.shape[0], _BLOCK_ROWS)])
@@ -363,7 +368,7 @@ def _rotation(E: torch.Tensor, kind: str, M: int, seed: int, sample: np.ndarray)
     opq.pq = pq = faiss.ProductQuantizer(d, M, 8)
     pq.cp.min_points_per_centroid = 1  # as in _kmeans: no warning spam for small tables
     # OPQMatrix seeds its random initialization itself (fixed seeds): deterministic without our seed
-    opq.train(np.ascontiguousarray(E.float().numpy()[sample]))
+    opq.train(np.ascontiguousarray(E[torch.from_numpy(np.asarray(sample, dtype=np.int64))].float().numpy()))
     # faiss applies y = A x with A (d_out × d_in) row-major; our convention quantizes E·R, so R = Aᵀ
     A = faiss.vector_to_array(opq.A).reshape(d, d)
     return torch.from_numpy(A.T.copy()).float()
@@ -424,12 +429,14 @@ def quantize_table(
     int8 = codebook_dtype == "int8"
     w = None if token_weights is None else check_token_weights(token_weights, n, method).numpy().astype(np.float32)
     rng = np.random.default_rng(seed)
-    X = E.detach().float().cpu()
+    E = E.detach().cpu()
     train_idx, train_w = _training_sample(n, w, max_train_points, rng)
-    X, R, scale = _rotate_and_scale(X, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
-    resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
-    codes, books = _fit_stages(resid, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff, niter=niter,
-                               seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8)
+    # No copy of the table: the training rows' residuals are fitted stage by stage, then every row is encoded
+    # through all stages a block at a time (a row's codes depend only on the row and the codebooks). The whole-table
+    # residual this replaces held two padded float32 copies at once (1.3 GB for a 262,144 x 640 table).
+    R, scale = _rotation_and_scales(E, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
+    codes, books = _fit_stages(E, R, scale, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff,
+                               niter=niter, seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8)
     cdt = code_dtype(K_eff)
     codes_t = torch.from_numpy(codes - (32768 if cdt == torch.int16 else 0)).to(cdt)
     meta = {"K": K_eff, "sub_dim": sub_dim, "M": M, "stages": stages, "rotation": rotation, "row_scale": row_scale,
@@ -449,18 +456,45 @@ def quantize_table(
     return f
 
 
-def _rotate_and_scale(X: torch.Tensor, rotation: str, row_scale: bool, *, M: int, seed: int, sample: np.ndarray,
-                      cb_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(the table to quantize, the rotation R, the row norms), R and the norms rounded to their storage dtype."""
-    R = _rotation(X, rotation, M, seed, sample)
+# Float32 values of the table encoded at once (64 MB): a 128,256 x 4096 table is read in blocks of 4,096 rows.
+ENCODE_BLOCK_VALUES = 1 << 24
+
+
+def _prepared_rows(rows: torch.Tensor, R: torch.Tensor | None, pad: int, scale: torch.Tensor | None) -> np.ndarray:
+    """Rows as the codes quantize them: float32, rotated by ``R``, divided by their ``scale``, zero-padded by
+    ``pad`` columns (a new array)."""
+    X = rows.float()
+    if R is not None:
+        X = X @ R
+    if scale is not None:
+        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    return torch.nn.functional.pad(X, (0, pad)).numpy().copy()
+
+
+def _row_scales(E: torch.Tensor, R: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Each row's norm (after the rotation, which keeps norms) rounded to the stored ``dtype``, in blocks."""
+    out = torch.empty(E.shape[0])
+    step = max(1024, ENCODE_BLOCK_VALUES // max(1, E.shape[1]))
+    for a in range(0, E.shape[0], step):
+        X = E[a : a + step].float()
+        out[a : a + step] = (X @ R if R is not None else X).norm(dim=1)
+    return out.to(dtype).float()
+
+
+def _subtract(x: np.ndarray, books: np.ndarray, codes: np.ndarray) -> None:
+    """Residuals in place: each sub-space of ``x`` minus its codebook row (M × K × sub books, n × M codes)."""
+    sub = books.shape[2]
+    for m in range(books.shape[0]):
+        x[:, m * sub : (m + 1) * sub] -= books[m][codes[:, m]]
+
+
+def _rotation_and_scales(E: torch.Tensor, rotation: str, row_scale: bool, *, M: int, seed: int, sample: np.ndarray,
+                         cb_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the rotation R, the row norms), rounded to their storage dtype; the codes quantize (E·R) / norms."""
+    R = _rotation(E, rotation, M, seed, sample)
     if R is not None:
         R = R.to(cb_dtype).float()  # quantize against the rotation as stored
-        X = X @ R
-    scale = None
-    if row_scale:
-        scale = X.norm(dim=1).to(cb_dtype).float()
-        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
-    return X, R, scale
+    return R, _row_scales(E, R, cb_dtype) if row_scale else None
 
 
 def _pq_settings(d: int, *, sub_dim: int | None, M: int | None, K: int, stages: int, niter: int, rotation: str,
@@ -483,15 +517,18 @@ def _pq_settings(d: int, *, sub_dim: int | None, M: int | None, K: int, stages: 
     return sub_dim, M, K, stages, niter
 
 
-def _fit_stages(resid: np.ndarray, train_idx: np.ndarray, train_w: np.ndarray | None, *, stages: int, M: int,
-                sub_dim: int, K: int, niter: int, seed: int, threads: int | None, cb_dtype: torch.dtype,
-                int8: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, codebooks) of ``stages`` residual PQ stages over ``resid`` (padded rows; updated in place)."""
-    n = resid.shape[0]
+def _fit_stages(E: torch.Tensor, R: torch.Tensor | None, scale: torch.Tensor | None, train_idx: np.ndarray,
+                train_w: np.ndarray | None, *, stages: int, M: int, sub_dim: int, K: int, niter: int, seed: int,
+                threads: int | None, cb_dtype: torch.dtype, int8: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, codebooks) of ``stages`` residual PQ stages of E: trained on the rows ``train_idx``, then every row
+    encoded a block at a time (see :data:`ENCODE_BLOCK_VALUES`)."""
+    n, d = E.shape
+    pad = M * sub_dim - d
     codes = np.empty((n, stages, M), dtype=np.uint8 if K <= 256 else np.int32)  # see _encode
     books = np.zeros((stages, M, K, sub_dim), dtype=np.float32)
+    t_idx = torch.from_numpy(np.asarray(train_idx, dtype=np.int64))
+    train = _prepared_rows(E[t_idx], R, pad, None if scale is None else scale[t_idx])
     for s in range(stages):
-        train = resid[train_idx]
 
         def fit(m: int, s: int = s, train: np.ndarray = train) -> np.ndarray:
             x = np.ascontiguousarray(train[:, m * sub_dim : (m + 1) * sub_dim])
@@ -505,9 +542,15 @@ def _fit_stages(resid: np.ndarray, train_idx: np.ndarray, train_w: np.ndarray | 
                 books[s, m] = (q.float() * sc.float())[0, 0].numpy()
             else:
                 books[s, m] = c.to(cb_dtype).float().numpy()
-        codes[:, s] = _encode(resid, books[s])
-        for m in range(M):
-            resid[:, m * sub_dim : (m + 1) * sub_dim] -= books[s, m][codes[:, s, m]]
+        if s + 1 < stages:  # the next stage trains on what this one leaves of the training rows
+            _subtract(train, books[s], _encode(train, books[s]))
+    step = max(1024, ENCODE_BLOCK_VALUES // max(1, M * sub_dim))
+    for a in range(0, n, step):
+        x = _prepared_rows(E[a : a + step], R, pad, None if scale is None else scale[a : a + step])
+        for s in range(stages):
+            codes[a : a + x.shape[0], s] = c = _encode(x, books[s])
+            if s + 1 < stages:
+                _subtract(x, books[s], c)
     return codes, books
 
 

@@ -32,6 +32,7 @@ class CompressReport:
     bytes_after: int | None
     seconds: float
     quantization: dict[str, Any] | None = None
+    stages: dict[str, float] | None = None  # seconds of loading and saving (the planner's own stages are its report's)
     verified: dict[str, Any] | None = None
     size_choice: dict[str, Any] | None = None
 
@@ -42,6 +43,8 @@ class CompressReport:
             model=self.model, output=self.output, kind=self.kind, bytes_before=self.bytes_before,
             bytes_after=self.bytes_after, decompose_seconds=self.factorization.seconds, seconds=self.seconds,
         )
+        if self.stages:
+            d["stage_seconds"] = {**self.stages, **d.get("stage_seconds", {})}
         if self.quantization is not None:
             d["quantization"] = self.quantization
         if self.size_choice is not None:
@@ -117,6 +120,7 @@ def compress(
     progress: bool = True,
     quantize: str | int | None = None,
     text_files: Sequence[str] | None = None,
+    table_only: bool | None = None,
     verify: int | bool | None = None,
     **target: Any,
 ) -> CompressReport:
@@ -131,6 +135,8 @@ def compress(
         output: folder to save to (None: compress in memory only; the LoadedModel passed in holds the result).
         quantize: "int8"/"int4" to store the factors as per-row integers.
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
+        table_only: True: the table-only path (:mod:`.table_only`: the planner's proxy, the other tensors copied);
+            None: taken when the float32 model would not fit in memory; False: always load the model.
         verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
             64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
 
@@ -146,7 +152,7 @@ def compress(
     from embfactor.fileio import check_output_dir
     from embfactor.models import LoadedModel, load_model, source_path
     from embfactor.plan import wants_plan
-    from embfactor.surgery import quantize_, save_compressed
+    from embfactor.surgery import quantize_
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
@@ -155,10 +161,13 @@ def compress(
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
+    if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits)):
+        return _compress_table_only(model, config, output, texts, reason, progress, t0)
     checking = output is not None and verify is not False and verify != 0
     stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model if not loaded else model.name}")
     lm = model if loaded else load_model(str(model))
+    seconds = {"load": time.perf_counter() - t0}
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
     _refuse_unreproducible(lm.model)
@@ -174,19 +183,26 @@ def compress(
         verifier.predict(lm, plan_report=rep.to_dict())
         stages.update()
     if output is not None:
-        stages.set_postfix_str("saving and verifying the written model" if verifier else "saving")
-        out = save_compressed(
-            lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name},
-            verify=verifier,
-        )
+        out, seconds["save"] = _save(lm, output, verifier, stages)
     stages.update()
     stages.close()
     return CompressReport(
         model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
         bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
         seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
-        size_choice=choice,
+        size_choice=choice, stages={k: round(v, 2) for k, v in seconds.items()},
     )
+
+
+def _save(lm: Any, output: Any, verifier: Any, stages: Any) -> tuple[Path, float]:
+    """Write (and verify) the compressed model: (the folder, seconds taken)."""
+    from embfactor.surgery import save_compressed
+
+    t = time.perf_counter()
+    stages.set_postfix_str("saving and verifying the written model" if verifier else "saving")
+    out = save_compressed(lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,),
+                          extra={"source_model": lm.name}, verify=verifier)
+    return out, time.perf_counter() - t
 
 
 def _verifier(lm: Any, verify: int | bool | None, stages: Any, config: FactorizationConfig,
@@ -241,4 +257,62 @@ def size_choice_of(config: FactorizationConfig, report: dict[str, Any]) -> dict[
                        report["embedding_bytes_after"], config.method_options)
 
 
-__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits", "size_choice_of"]
+__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits", "size_choice_of", "table_only_reason"]
+
+
+def table_only_reason(model: Any, config: FactorizationConfig, output: Any, table_only: bool | None, *,
+                      quantize: int | None = None) -> str | None:
+    """Why ``compress`` takes the table-only path (None: it loads the model), decided before anything is loaded.
+
+    Asked for (``table_only=True``): the model must be a safetensors folder, the method the planner, and an output
+    given (ConfigError otherwise). Automatic (None): a planner run on a safetensors folder whose float32 model plus
+    the planner's working set exceeds the memory available (``embfactor.pipeline.table_only.full_load_bytes``).
+    """
+    from embfactor.pipeline.table_only import SHARD_INDEX, SINGLE_FILE
+    from embfactor.plan import wants_plan
+
+    if table_only is False:
+        return None
+    folder = Path(str(model)).expanduser()
+    is_folder = folder.is_dir() and ((folder / SINGLE_FILE).is_file() or (folder / SHARD_INDEX).is_file())
+    if table_only:
+        if not is_folder:
+            raise ConfigError(f"--table-only reads a folder of safetensors weights ({SINGLE_FILE} or {SHARD_INDEX}); "
+                              f"{model!s} is not one")
+        if not wants_plan(config):
+            raise ConfigError("--table-only runs the planner: give --size without --method (or --method auto)")
+        if quantize is not None:
+            raise ConfigError("--quantize does not apply to --table-only (the planner stores int-k and codebooks)")
+        if output is None:
+            raise ConfigError("--table-only writes its result to a folder: give --output")
+        return "asked for (--table-only)"
+    if not is_folder or not wants_plan(config) or output is None or quantize is not None:
+        return None
+    from embfactor.pipeline.table_only import available_memory, full_load_bytes, open_checkpoint, table_numel
+
+    ckpt = open_checkpoint(folder)
+    need, have = full_load_bytes(ckpt, table_numel(folder, ckpt)), available_memory()
+    if need <= have:
+        return None
+    return (f"automatic: loading the model in float32 and planning would take ~{need / 2**30:.1f} GiB, "
+            f"{have / 2**30:.1f} GiB are available")
+
+
+def _compress_table_only(model: Any, config: FactorizationConfig, output: Any, texts: list[str] | None, reason: str,
+                         progress: bool, t0: float) -> CompressReport:
+    from tqdm.auto import tqdm
+
+    from embfactor.pipeline.table_only import compress_table_only, open_checkpoint, output_weight_bytes
+    from embfactor.plan import PlanReport
+
+    bar = tqdm(total=1, desc="compress (table only)", unit="stage", disable=not progress, leave=False)
+    try:
+        rep = compress_table_only(model, config, output, texts=texts, reason=reason, progress=bar.set_postfix_str)
+    finally:
+        bar.close()
+    kind = rep.pop("kind")
+    return CompressReport(
+        model=str(model), kind=kind, output=str(output), factorization=PlanReport(rep),
+        bytes_before=open_checkpoint(model).bytes_on_disk(), bytes_after=output_weight_bytes(output),
+        seconds=time.perf_counter() - t0,
+    )

@@ -140,12 +140,21 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
         texts = wiki_split("train")
     count_texts, check_texts = calibration_split(texts)
     scorer = ModelScorer(lm, texts=check_texts) if check > 0 else None
+    stages = {"check_reference": time.perf_counter() - t0}
+    t = time.perf_counter()
     counts = token_counts(lm.tokenizer, count_texts, vocab_size=vocab)
+    stages["counting"] = time.perf_counter() - t
     plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress, scorer=scorer,
                               formats=_formats_from_options(config.method_options, d),
                               hessian=_head_metric(lm, config.method_options, count_texts, progress))
+    stages.update(plan.seconds)
     config = dataclasses.replace(config, method=AUTO)
-    return PlanReport(apply_plan_(lm.model, module, plan, config, seconds=time.perf_counter() - t0))
+    t = time.perf_counter()
+    report = apply_plan_(lm.model, module, plan, config, seconds=time.perf_counter() - t0)
+    stages["error"] = time.perf_counter() - t
+    report.update(path="full", check="model" if check > 0 else "proxy",
+                  stage_seconds={k: round(v, 2) for k, v in stages.items()})
+    return PlanReport(report)
 
 
 def _head_metric(lm, options: dict[str, Any], texts: Sequence[str],

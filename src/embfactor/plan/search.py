@@ -157,6 +157,28 @@ def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, s
     return info.fn(E, None, seed=seed, **opts)
 
 
+class RowwiseFit:
+    """A whole-table fit of a format that quantizes each row on its own (int-k), read by recomputing rows from ``E``.
+
+    The proxy needs each format's row errors and, for the check, the rows of a few plans; a row of int-k depends
+    only on that row, so nothing is kept: holding the packed fits of the five int-k candidates cost 0.8x the fp32
+    table.
+    """
+
+    def __init__(self, E: torch.Tensor, fmt: FormatChoice, hessian: torch.Tensor | None = None) -> None:
+        # hessian: rows are still independent under head-metric rounding (the feedback runs across a row's columns)
+        self.E, self.fmt, self.hessian = E, fmt, hessian
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return fit_rows(self.E[start:stop], self.fmt, None, hessian=self.hessian).rows(0, stop - start)
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        return fit_rows(self.E[ids], self.fmt, None, hessian=self.hessian).rows(0, ids.numel())
+
+
+ROWWISE_METHODS = ("int",)
+
+
 def row_errors(E: torch.Tensor, factors: Any, block: int = 16384, *,
                metric: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error of each row of ``E`` against the factors' reconstruction (float64, vocab).
@@ -204,6 +226,7 @@ class Plan:
     proxy: float = 0.0
     score: float | None = None
     checked: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage of choosing and building it
 
     @property
     def label(self) -> str:
@@ -214,7 +237,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"tiers": [t.to_dict() for t in self.tiers], "bytes": self.bytes, "alpha": self.alpha,
-                "proxy_error": self.proxy, "score": self.score, "checked": self.checked}
+                "proxy_error": self.proxy, "score": self.score, "checked": self.checked,
+                "stage_seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
 def tier_map_bytes(vocab: int, tiers: int) -> int:
@@ -349,7 +373,8 @@ def candidate_plans(
     for f in formats:
         if progress:
             progress(f"fitting {f.label}")
-        fits[f] = fit_rows(E, f, w_fit, seed, quick=True, hessian=hessian)
+        fits[f] = (RowwiseFit(E, f, hessian) if f.method in ROWWISE_METHODS
+                   else fit_rows(E, f, w_fit, seed, quick=True, hessian=hessian))
         errors[f] = row_errors(E, fits[f], metric=hessian)
     ranked: list[list[Plan]] = []
     seen: set = set()
@@ -393,7 +418,10 @@ def assemble(E: torch.Tensor, plan: Plan, order: torch.Tensor, fits: dict[Format
 
 
 def _rows_of(factors: Any, ids: torch.Tensor, block: int = 16384) -> torch.Tensor:
-    # the Factors API reads contiguous row ranges; gather the ranges that cover ``ids`` block by block
+    # rows at ``ids`` where the fit can read them directly (no range of the table decoded around them); otherwise
+    # the Factors API reads contiguous row ranges: gather the ranges that cover ``ids`` block by block
+    if hasattr(factors, "take"):
+        return torch.cat([factors.take(c) for c in ids.split(block)]) if ids.numel() else torch.empty(0)
     parts = []
     for s in range(0, ids.numel(), block):
         chunk = ids[s:s + block]

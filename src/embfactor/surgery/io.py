@@ -21,6 +21,7 @@ from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, withou
 from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
 
 WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
 # the metadata fields every record has (report and extra are optional)
 _META_KEYS = ("embedding_module", "head_module", "tied_head", "rank", "method", "factorization")
 
@@ -35,6 +36,7 @@ def save_compressed(
     files: dict[str, bytes] | None = None,
     modules_from: str | os.PathLike | None = None,
     verify: Callable[[Path], Any] | None = None,
+    weights: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
 
@@ -54,12 +56,11 @@ def save_compressed(
             swap together with the model (heal's classifier and resume state): never a model without them.
         modules_from: a sentence-transformers folder whose modules (modules.json, pooling, normalization, prompts)
             the output keeps; default: the folder :func:`embfactor.load_model` loaded the model from.
+        weights: writes the weight files into the temporary folder in place of ``model``'s (the table-only path).
 
     Example:
         >>> save_compressed(model, "out/minilm-r6", tokenizer=tok)   # doctest: +SKIP
     """
-    from safetensors.torch import save_model
-
     from embfactor import __version__
     from embfactor.surgery.integration import attach_quantization_config
     from embfactor.surgery.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
@@ -89,7 +90,7 @@ def save_compressed(
         **(extra or {}),
     }
     with atomic_directory(directory, inputs=inputs) as tmp:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
+        (weights or _model_weights(model))(tmp)
         config.architectures = [architecture]
         # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
         # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
@@ -103,6 +104,16 @@ def save_compressed(
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
         _write_record(tmp, record, verify)
     return Path(directory)
+
+
+def _model_weights(model: nn.Module) -> Callable[[Path], None]:
+    """Writes ``model``'s state as model.safetensors (shared tensors once)."""
+    from safetensors.torch import save_model
+
+    from embfactor import __version__
+
+    return lambda tmp: save_model(model, str(tmp / WEIGHTS_FILE),
+                                  metadata={"format": "pt", "embfactor_version": __version__})
 
 
 def _write_files(tmp: Path, files: dict[str, bytes]) -> None:
@@ -167,6 +178,8 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     directory = Path(directory)
     record = read_record(directory)
     for name in (WEIGHTS_FILE, HF_CONFIG_FILE):
+        if name == WEIGHTS_FILE and (directory / SHARD_INDEX).is_file():  # a sharded output (the table-only path)
+            continue
         if not (directory / name).is_file():
             raise ModelNotFoundError(f"{directory / name} is missing; the folder is not a complete embfactor output")
     if embfactor_quantization_config(directory) is not None:

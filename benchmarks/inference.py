@@ -259,8 +259,11 @@ def run(*, quick: bool = False, smollm2: str | None = None, minilm: str | None =
         data["heads"] = bench_heads(E, head_formats(E, comp.get_input_embeddings(), quick=True), QUICK_HEAD_BATCHES,
                                     quick=True)
         prompt = torch.randint(1, 4000, (8, 16), generator=torch.Generator().manual_seed(0))
-        data["decoder"] = bench_decoder({"original fp32": orig, "compressed fp32": comp}, prompt,
-                                        new_tokens=8, prefill=128, quick=True)
+        import copy
+
+        models = {"original fp32": orig, "compressed fp32": comp, "original bf16": bf16_layers(copy.deepcopy(orig)),
+                  "compressed bf16": bf16_layers(copy.deepcopy(comp))}
+        data["decoder"] = bench_decoder(models, prompt, new_tokens=8, prefill=128, quick=True)
         data["load"] = []
     else:
         from embfactor.data.corpora import lee_background

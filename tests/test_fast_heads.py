@@ -136,3 +136,15 @@ def test_training_keeps_the_differentiable_path():
     h = torch.randn(3, D, requires_grad=True)
     emb.project(h).square().sum().backward()
     assert h.grad is not None and emb.scale.grad is not None and emb.lo.grad is not None
+
+
+def test_forward_and_head_under_torch_compile():
+    """Dynamo traces the formats; the C kernels (ctypes calls) and the cached token map are graph breaks."""
+    fmt = TieredFormat([_intk(5, 32, True, 64), CodebookEmbedding.from_factors(
+        product_quantize(decaying_matrix(N, 64, seed=7), sub_dim=4, K=16))], padding_idx=PAD)
+    ids, h = torch.randint(0, 2 * N, (2, 5)), torch.randn(3, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        rows, logits = torch.compile(fmt, backend="eager")(ids), torch.compile(fmt.project, backend="eager")(h)
+        torch.testing.assert_close(rows, fmt(ids))
+        torch.testing.assert_close(logits, fmt.project(h))

@@ -136,14 +136,20 @@ def emit_load_rss(path: str) -> None:
 
 
 # --- measurements ----------------------------------------------------------------------------------------------
-def head_formats(E: torch.Tensor, plan: nn.Module | None, *, quick: bool) -> dict[str, nn.Module]:
-    """One head per storage format built from the table E (settings near 8x where the format allows)."""
+def head_formats(E: torch.Tensor, plan: nn.Module | None, *, quick: bool, formats: bool = True
+                 ) -> dict[str, nn.Module]:
+    """One head per storage format built from the table E (settings near 8x where the format allows), and the plan.
+
+    ``formats=False``: the plan alone.
+    """
     import embfactor as ef
     from embfactor.formats import from_factors
 
     vocab, d = E.shape
     r = max(d // 8, 2)
     out: dict[str, nn.Module] = {}
+    if not formats:
+        return {"plan: " + _plan_name(plan): plan.requires_grad_(False)} if plan is not None else {}
     lowrank = ef.decompose(E, rank=r, method="eig")
     out[f"lowrank r={r}"] = from_factors(lowrank)
     from embfactor.formats import QuantizedFactorizedEmbedding
@@ -249,10 +255,15 @@ def bench_encoder(models: dict[str, tuple[nn.Module, Any]], texts: list[str], *,
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
+PARTS = ("load", "heads", "formats", "decoder", "encoder")
+
+
 def run(*, quick: bool = False, smollm2: str | None = None, minilm: str | None = None,
-        output: str | Path | None = None) -> dict[str, Any]:
+        output: str | Path | None = None, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """Measure ``parts`` (full mode; quick mode runs all): ``heads`` the plan's head and the dense ones, ``formats``
+    every format's head too, ``decoder`` generation and prefill, ``encoder`` MiniLM, ``load`` peak RSS."""
     env = environment()
-    data: dict[str, Any] = {"quick": quick, "environment": env}
+    data: dict[str, Any] = {"quick": quick, "environment": env, "parts": list(parts), "heads": [], "decoder": []}
     if quick:
         tiny = _tiny_models()
         orig, comp = tiny["original"][0], tiny["compressed"][0]
@@ -265,30 +276,35 @@ def run(*, quick: bool = False, smollm2: str | None = None, minilm: str | None =
         models = {"original fp32": orig, "compressed fp32": comp, "original bf16": bf16_layers(copy.deepcopy(orig)),
                   "compressed bf16": bf16_layers(copy.deepcopy(comp))}
         data["decoder"] = bench_decoder(models, prompt, new_tokens=8, prefill=128, quick=True)
-        data["load"] = []
     else:
         from embfactor.data.corpora import lee_background
 
         smol_dir = compressed_folder("smollm2", "8x", smollm2)
-        mini_dir = compressed_folder("minilm", "16x", minilm)
-        data["load"] = [r for p in ("smollm2", str(smol_dir), "minilm", str(mini_dir))
-                        for r in run_isolated("benchmarks.inference", "emit_load_rss", {"path": p}, timeout=900)]
+        mini_dir = compressed_folder("minilm", "16x", minilm) if {"load", "encoder"} & set(parts) else None
+        if "load" in parts:
+            data["load"] = [r for p in ("smollm2", str(smol_dir), "minilm", str(mini_dir))
+                            for r in run_isolated("benchmarks.inference", "emit_load_rss", {"path": p}, timeout=900)]
         orig, tok = _load("smollm2")
         comp, _ = _load(smol_dir)
-        E = orig.get_input_embeddings().weight.detach()
-        data["heads"] = bench_heads(E, head_formats(E, comp.get_input_embeddings(), quick=False), HEAD_BATCHES,
-                                    quick=False)
+        if {"heads", "formats"} & set(parts):
+            E = orig.get_input_embeddings().weight.detach()
+            heads = head_formats(E, comp.get_input_embeddings(), quick=False, formats="formats" in parts)
+            data["heads"] = bench_heads(E, heads, HEAD_BATCHES, quick=False)
         texts = lee_background()
-        enc = tok(texts[:8], truncation=True, max_length=32, return_tensors="pt", padding="max_length")
-        prompt = enc["input_ids"][:, :32]
-        orig_b, comp_b = bf16_layers(_load("smollm2")[0]), bf16_layers(_load(smol_dir)[0])
-        data["decoder"] = bench_decoder({"original fp32": orig, "compressed fp32": comp, "original bf16": orig_b,
-                                         "compressed bf16": comp_b}, prompt, new_tokens=64, prefill=512, quick=False)
-        del orig, comp, orig_b, comp_b
-        mini, mtok = _load("minilm")
-        mini_c, _ = _load(mini_dir)
-        data["encoder"] = bench_encoder({"original fp32": (mini, mtok), "compressed fp32": (mini_c, mtok)},
-                                        texts, batch=32, quick=False)
+        if "decoder" in parts:
+            enc = tok(texts[:8], truncation=True, max_length=32, return_tensors="pt", padding="max_length")
+            prompt = enc["input_ids"][:, :32]
+            orig_b, comp_b = bf16_layers(_load("smollm2")[0]), bf16_layers(_load(smol_dir)[0])
+            data["decoder"] = bench_decoder({"original fp32": orig, "compressed fp32": comp, "original bf16": orig_b,
+                                             "compressed bf16": comp_b}, prompt, new_tokens=64, prefill=512,
+                                            quick=False)
+            del orig_b, comp_b
+        del orig, comp
+        if "encoder" in parts:
+            mini, mtok = _load("minilm")
+            mini_c, _ = _load(mini_dir)
+            data["encoder"] = bench_encoder({"original fp32": (mini, mtok), "compressed fp32": (mini_c, mtok)},
+                                            texts, batch=32, quick=False)
     data["smollm2_folder"] = None if quick else str(smol_dir)
     md = render(data)
     prefix = Path(output if output is not None else RESULTS_DIR) / f"inference{'_quick' if quick else ''}"
@@ -307,14 +323,17 @@ def render(data: dict[str, Any]) -> str:
             "disturb much less than wall time.")
     s = [header("Inference: compressed models beside their originals", data["environment"], None, cmd), note, ""]
     heads = data["heads"]
-    s += ["### Tied head: logits of B hidden vectors", ""]
-    s.append(markdown_table(
-        [[r["head"], r["batch"], fmt_cell(r["wall_ms"]), fmt_cell(r["wall_vs_dense_fp32"]), fmt_cell(r["cpu1_ms"]),
-          fmt_cell(r["cpu1_vs_dense_fp32"])] for r in heads],
-        ["head", "B", "wall ms", "wall / dense fp32", "cpu1 ms", "cpu1 / dense fp32"]))
-    s += ["", "### Decoder: greedy generation and prefill", ""]
-    s.append(markdown_table([[r["measure"], r["model"], fmt_cell(r["tokens_per_s"]), fmt_cell(r["seconds"])]
-                             for r in data["decoder"]], ["measure", "model", "tokens/s", "seconds"]))
+    if heads:
+        s += ["### Tied head: logits of B hidden vectors", ""]
+        s.append(markdown_table(
+            [[r["head"], r["batch"], fmt_cell(r["wall_ms"]), fmt_cell(r["wall_vs_dense_fp32"]), fmt_cell(r["cpu1_ms"]),
+              fmt_cell(r["cpu1_vs_dense_fp32"])] for r in heads],
+            ["head", "B", "wall ms", "wall / dense fp32", "cpu1 ms", "cpu1 / dense fp32"]))
+        s.append("")
+    if data["decoder"]:
+        s += ["### Decoder: greedy generation and prefill", ""]
+        s.append(markdown_table([[r["measure"], r["model"], fmt_cell(r["tokens_per_s"]), fmt_cell(r["seconds"])]
+                                 for r in data["decoder"]], ["measure", "model", "tokens/s", "seconds"]))
     if data.get("encoder"):
         s += ["", "### Encoder", ""]
         s.append(markdown_table([[r["measure"], r["model"], fmt_cell(r["texts_per_s"])] for r in data["encoder"]],
@@ -332,8 +351,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smollm2", help="a SmolLM2 folder compressed with --size 8x (default: made in the cache)")
     p.add_argument("--minilm", help="a MiniLM folder compressed with --size 16x (default: made in the cache)")
     p.add_argument("--output", help=f"results folder (default {RESULTS_DIR})")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     a = p.parse_args(argv)
-    run(quick=a.quick, smollm2=a.smollm2, minilm=a.minilm, output=a.output)
+    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
+    if bad := sorted(set(parts) - set(PARTS)):
+        p.error(f"--parts: unknown part(s) {bad}; choose from {','.join(PARTS)}")
+    run(quick=a.quick, smollm2=a.smollm2, minilm=a.minilm, output=a.output, parts=parts)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.embfactor-installed
-DEMO_OUT ?= out/minilm-r6
+DEMO_OUT ?= out/minilm-8x
 QUICK_OUT ?= out/bench-quick
 
 .PHONY: setup demo test bench bench-quick lint lint-errors clean
@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The product's main job: the byte-budget planner at a near-lossless size, the written model verified.
 demo: $(STAMP)
-	$(VENV)/bin/embfactor compress minilm --ratio 6 --output $(DEMO_OUT) --json $(DEMO_OUT).json
+	$(VENV)/bin/embfactor compress minilm --size 8x --output $(DEMO_OUT) --json $(DEMO_OUT).json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

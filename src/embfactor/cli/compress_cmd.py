@@ -9,10 +9,27 @@ import argparse
 from typing import Any
 
 from embfactor.cli.common import (
-    add_method_arg, add_model_arg, add_target_args, check_outputs, mb, parse_method_options, table, write_json,
+    add_method_arg, add_model_arg, add_target_args, add_verify_args, check_outputs, mb, parse_method_options, table,
+    verified_figures, write_json,
 )
 from embfactor.config import FactorizationConfig
 from embfactor.errors import ConfigError
+
+
+def summary(r: dict[str, Any]) -> list[str]:
+    """The lines a user wants first: the model's bytes on disk, the embedding's bytes, the written model's quality."""
+    lines = [f"model on disk: {mb(r['bytes_before'])} -> {mb(r['bytes_after'])}"]
+    if r.get("embedding_bytes_after"):
+        lines.append(f"embedding: {mb(r['embedding_bytes_before'])} -> {mb(r['embedding_bytes_after'])} "
+                     f"({r['bytes_ratio']:.2f}x fewer bytes than fp32)")
+    v = r.get("verified")
+    if v:
+        lines.append(verified_figures(v))
+    if r.get("size_choice"):
+        from embfactor.decomposition.choice import describe_choice
+
+        lines.append(describe_choice(r["size_choice"]))
+    return lines
 
 
 def render(r: dict[str, Any]) -> str:
@@ -52,7 +69,7 @@ def render(r: dict[str, Any]) -> str:
              f"{mb(q['embedding_bytes'])} ({q['bytes_ratio']:.1f}x)"]
         )
     tail = f"wall time: {r['seconds']:.1f} s (decomposition {r['decompose_seconds']:.2f} s); saved to {r['output']}"
-    parts = [head, table(rows, ["", "before", "after"])]
+    parts = [*summary(r), "", head, table(rows, ["", "before", "after"])]
     if plan:
         from embfactor.plan import describe_plan, describe_checks
 
@@ -83,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     from embfactor.pipeline import compress
 
     r = compress(
-        args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text
+        args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text,
+        verify=args.verify,
     ).to_dict()
     print(render(r))
     write_json(args.json, r)
@@ -106,6 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="store the factors U and V as per-row int8 or int4 (with float32 scales), dequantized on gather; "
         "with pq/rvq: store the codebooks in fp16",
     )
+    add_verify_args(p)
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

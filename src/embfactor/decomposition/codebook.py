@@ -369,20 +369,8 @@ def quantize_table(
     if E.ndim != 2:
         raise InvalidInputError(f"E must be a 2-D (vocab × d) table, got shape {tuple(E.shape)}")
     n, d = E.shape
-    if sub_dim is not None and M is not None:
-        raise ConfigError(f"give sub_dim or M, not both (got sub_dim={sub_dim!r}, M={M!r})")
-    if M is not None:
-        M = _check_int("M", M, 1, d)
-        sub_dim = -(-d // M)
-    sub_dim = _check_int("sub_dim", 4 if sub_dim is None else sub_dim, 1, d)
-    M = -(-d // sub_dim)
-    K = _check_int("K", K, 2, 65536)
-    stages = _check_int("stages", stages, 1, 16)
-    niter = _check_int("niter", niter, 1, 1000)
-    if rotation not in ROTATIONS:
-        raise ConfigError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
-    if codebook_dtype not in CODEBOOK_DTYPES:
-        raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {codebook_dtype!r}")
+    sub_dim, M, K, stages, niter = _pq_settings(d, sub_dim=sub_dim, M=M, K=K, stages=stages, niter=niter,
+                                                rotation=rotation, codebook_dtype=codebook_dtype)
     K_eff = min(K, n)
     max_train_points = _check_int("max_train_points", max_train_points or K_eff * 64, K_eff)
     cb_dtype = float_dtype(codebook_dtype)
@@ -391,35 +379,10 @@ def quantize_table(
     rng = np.random.default_rng(seed)
     X = E.detach().float().cpu()
     train_idx, train_w = _training_sample(n, w, max_train_points, rng)
-    R = _rotation(X, rotation, M, seed, train_idx)
-    if R is not None:
-        R = R.to(cb_dtype).float()  # quantize against the rotation as stored
-        X = X @ R
-    scale = None
-    if row_scale:
-        scale = X.norm(dim=1).to(cb_dtype).float()
-        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    X, R, scale = _rotate_and_scale(X, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
     resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
-    codes = np.empty((n, stages, M), dtype=np.uint8 if K_eff <= 256 else np.int32)  # see _encode
-    books = np.zeros((stages, M, K_eff, sub_dim), dtype=np.float32)
-    for s in range(stages):
-        train = resid[train_idx]
-
-        def fit(m: int, s: int = s, train: np.ndarray = train) -> np.ndarray:
-            x = np.ascontiguousarray(train[:, m * sub_dim : (m + 1) * sub_dim])
-            return _kmeans(x, train_w, K_eff, niter=niter, seed=seed + 1000 * s + m)
-
-        for m, cent in enumerate(_map_subspaces(fit, list(range(M)), threads)):
-            # round the codebook to its storage dtype before encoding, so codes match the stored codebook
-            c = torch.from_numpy(cent)
-            if int8:
-                q, sc = int8_codebooks(c[None, None])
-                books[s, m] = (q.float() * sc.float())[0, 0].numpy()
-            else:
-                books[s, m] = c.to(cb_dtype).float().numpy()
-        codes[:, s] = _encode(resid, books[s])
-        for m in range(M):
-            resid[:, m * sub_dim : (m + 1) * sub_dim] -= books[s, m][codes[:, s, m]]
+    codes, books = _fit_stages(resid, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff, niter=niter,
+                               seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8)
     cdt = code_dtype(K_eff)
     codes_t = torch.from_numpy(codes - (32768 if cdt == torch.int16 else 0)).to(cdt)
     meta = {"K": K_eff, "sub_dim": sub_dim, "M": M, "stages": stages, "rotation": rotation, "row_scale": row_scale,
@@ -437,6 +400,68 @@ def quantize_table(
     if w is not None:
         f.meta["weighted_relative_error"] = _weighted_error(E, f, torch.from_numpy(w).double())
     return f
+
+
+def _rotate_and_scale(X: torch.Tensor, rotation: str, row_scale: bool, *, M: int, seed: int, sample: np.ndarray,
+                      cb_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(the table to quantize, the rotation R, the row norms), R and the norms rounded to their storage dtype."""
+    R = _rotation(X, rotation, M, seed, sample)
+    if R is not None:
+        R = R.to(cb_dtype).float()  # quantize against the rotation as stored
+        X = X @ R
+    scale = None
+    if row_scale:
+        scale = X.norm(dim=1).to(cb_dtype).float()
+        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    return X, R, scale
+
+
+def _pq_settings(d: int, *, sub_dim: int | None, M: int | None, K: int, stages: int, niter: int, rotation: str,
+                 codebook_dtype: str) -> tuple[int, int, int, int, int]:
+    """(sub_dim, M, K, stages, niter) of :func:`quantize_table`, checked (ConfigError quoting the bad value)."""
+    if sub_dim is not None and M is not None:
+        raise ConfigError(f"give sub_dim or M, not both (got sub_dim={sub_dim!r}, M={M!r})")
+    if M is not None:
+        M = _check_int("M", M, 1, d)
+        sub_dim = -(-d // M)
+    sub_dim = _check_int("sub_dim", 4 if sub_dim is None else sub_dim, 1, d)
+    M = -(-d // sub_dim)
+    K = _check_int("K", K, 2, 65536)
+    stages = _check_int("stages", stages, 1, 16)
+    niter = _check_int("niter", niter, 1, 1000)
+    if rotation not in ROTATIONS:
+        raise ConfigError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+    if codebook_dtype not in CODEBOOK_DTYPES:
+        raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {codebook_dtype!r}")
+    return sub_dim, M, K, stages, niter
+
+
+def _fit_stages(resid: np.ndarray, train_idx: np.ndarray, train_w: np.ndarray | None, *, stages: int, M: int,
+                sub_dim: int, K: int, niter: int, seed: int, threads: int | None, cb_dtype: torch.dtype,
+                int8: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, codebooks) of ``stages`` residual PQ stages over ``resid`` (padded rows; updated in place)."""
+    n = resid.shape[0]
+    codes = np.empty((n, stages, M), dtype=np.uint8 if K <= 256 else np.int32)  # see _encode
+    books = np.zeros((stages, M, K, sub_dim), dtype=np.float32)
+    for s in range(stages):
+        train = resid[train_idx]
+
+        def fit(m: int, s: int = s, train: np.ndarray = train) -> np.ndarray:
+            x = np.ascontiguousarray(train[:, m * sub_dim : (m + 1) * sub_dim])
+            return _kmeans(x, train_w, K, niter=niter, seed=seed + 1000 * s + m)
+
+        for m, cent in enumerate(_map_subspaces(fit, list(range(M)), threads)):
+            # round the codebook to its storage dtype before encoding, so codes match the stored codebook
+            c = torch.from_numpy(cent)
+            if int8:
+                q, sc = int8_codebooks(c[None, None])
+                books[s, m] = (q.float() * sc.float())[0, 0].numpy()
+            else:
+                books[s, m] = c.to(cb_dtype).float().numpy()
+        codes[:, s] = _encode(resid, books[s])
+        for m in range(M):
+            resid[:, m * sub_dim : (m + 1) * sub_dim] -= books[s, m][codes[:, s, m]]
+    return codes, books
 
 
 def _weighted_error(E: torch.Tensor, f: CodebookFactors, w: torch.Tensor) -> float:
@@ -499,6 +524,26 @@ def codebook_bytes(vocab: int, d: int, *, sub_dim: int, K: int = 256, stages: in
 _SUB_DIMS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
+def codebook_settings(vocab: int, d: int, *, method: str = "pq", K: int | None = None,
+                      **fixed: Any) -> list[tuple[int, dict[str, Any]]]:
+    """Every (bytes, settings) :func:`plan_codebook` considers, in its order of preference (finest first).
+
+    Example:
+        >>> codebook_settings(30522, 384)[3]
+        (3126720, {'sub_dim': 4, 'K': 256, 'stages': 1})
+    """
+    extra = {k: fixed[k] for k in ("rotation", "row_scale", "codebook_dtype") if k in fixed}
+    if method == "rvq":
+        cands = [(8, s) for s in range(16, 1, -1)] + [(sd, 1) for sd in _SUB_DIMS if sd >= 8]
+    else:
+        cands = [(sd, 1) for sd in _SUB_DIMS if sd <= d]
+    if fixed.get("sub_dim") is not None:
+        cands = [(fixed["sub_dim"], s) for s in range(16 if method == "rvq" else 1, 0, -1)]
+    ks = [K] if K is not None else [256, 128, 64, 32, 16, 8, 4, 2]
+    return [(codebook_bytes(vocab, d, sub_dim=sd, K=k, stages=st, **extra), {"sub_dim": sd, "K": k, "stages": st})
+            for k in ks for sd, st in cands]
+
+
 def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq", K: int | None = None,
                   **fixed: Any) -> dict[str, Any]:
     """The settings (sub_dim, K, stages) with the most bytes that fit ``budget_bytes`` (smaller sub-vectors first).
@@ -511,22 +556,14 @@ def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq"
         >>> plan_codebook(30522, 384, 30522 * 384 * 4 / 16)
         {'sub_dim': 5, 'K': 256, 'stages': 1}
     """
-    extra = {k: fixed[k] for k in ("rotation", "row_scale", "codebook_dtype") if k in fixed}
-    if method == "rvq":
-        cands = [(8, s) for s in range(16, 1, -1)] + [(sd, 1) for sd in _SUB_DIMS if sd >= 8]
-    else:
-        cands = [(sd, 1) for sd in _SUB_DIMS if sd <= d]
-    if fixed.get("sub_dim") is not None:
-        cands = [(fixed["sub_dim"], s) for s in range(16 if method == "rvq" else 1, 0, -1)]
-    ks = [K] if K is not None else [256, 128, 64, 32, 16, 8, 4, 2]
-    for k in ks:
-        for sd, st in cands:
-            if codebook_bytes(vocab, d, sub_dim=sd, K=k, stages=st, **extra) <= budget_bytes:
-                return {"sub_dim": sd, "K": k, "stages": st}
-    smallest = min(codebook_bytes(vocab, d, sub_dim=sd, K=ks[-1], stages=st, **extra) for sd, st in cands)
+    settings = codebook_settings(vocab, d, method=method, K=K, **fixed)
+    for nbytes, setting in settings:
+        if nbytes <= budget_bytes:
+            return setting
+    smallest, setting = min(settings, key=lambda c: c[0])
     raise ConfigError(
         f"no {method} setting fits {budget_bytes:,.0f} bytes for a {vocab} × {d} table; the smallest "
-        f"(K={ks[-1]}) takes {smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
+        f"(K={setting['K']}) takes {smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
     )
 
 

@@ -109,6 +109,20 @@ def int_quantize(E: torch.Tensor, *, bits: int = 4, group: int | None = 32, symm
                       packed=packed, scale=scale, lo=lo, bits=bits, group=group)
 
 
+def int_settings(vocab: int, d: int, **fixed: Any) -> list[tuple[int, dict[str, Any]]]:
+    """Every (bytes, settings) :func:`plan_int` chooses among.
+
+    Example:
+        >>> int_settings(30522, 384, bits=4, group=32)
+        [(6592752, {'bits': 4, 'group': 32, 'symmetric': True})]
+    """
+    sym = fixed.get("symmetric", True)
+    bits_c = [fixed["bits"]] if fixed.get("bits") is not None else KBITS
+    groups_c = [fixed["group"]] if "group" in fixed else GROUPS
+    return [(grouped_bytes(vocab, d, b, g, symmetric=sym), {"bits": b, "group": g, "symmetric": sym})
+            for b in bits_c for g in groups_c]
+
+
 def plan_int(vocab: int, d: int, budget_bytes: float, **fixed: Any) -> dict[str, Any]:
     """The (bits, group) with the most bytes within ``budget_bytes`` (at equal bytes: more bits).
 
@@ -116,10 +130,7 @@ def plan_int(vocab: int, d: int, budget_bytes: float, **fixed: Any) -> dict[str,
         >>> plan_int(30522, 384, 30522 * 384 * 4 / 6)     # 6x fewer bytes than fp32
         {'bits': 5, 'group': 64, 'symmetric': True}
     """
-    sym = fixed.get("symmetric", True)
-    bits_c = [fixed["bits"]] if fixed.get("bits") is not None else KBITS
-    groups_c = [fixed["group"]] if "group" in fixed else GROUPS
-    cands = [(grouped_bytes(vocab, d, b, g, symmetric=sym), b, g) for b in bits_c for g in groups_c]
+    cands = int_settings(vocab, d, **fixed)
     fits = [c for c in cands if c[0] <= budget_bytes]
     if not fits:
         smallest = min(c[0] for c in cands)
@@ -128,8 +139,7 @@ def plan_int(vocab: int, d: int, budget_bytes: float, **fixed: Any) -> dict[str,
             f"{smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
         )
     # most bytes first; at equal bytes, more bits beat finer groups (int4 g64 > int3 g16 measured on MiniLM)
-    _, b, g = max(fits, key=lambda c: (c[0], c[1]))
-    return {"bits": b, "group": g, "symmetric": sym}
+    return max(fits, key=lambda c: (c[0], c[1]["bits"]))[1]
 
 
 def int_stored_bytes(vocab: int, d: int, options: Mapping[str, Any]) -> int:

@@ -1,4 +1,4 @@
-"""transformers integration: a ``quantization_config`` naming the embedding's storage format, and its HfQuantizer.
+"""transformers integration: the HfQuantizer of embfactor's ``quantization_config`` (:mod:`embfactor.surgery.qconfig`).
 
 ``from_pretrained`` builds the model on the meta device, calls :meth:`EmbfactorHfQuantizer.preprocess_model` (which
 swaps the dense embedding for ``get_format(format).empty(...)`` and the tied head for a ``FactorizedLMHead``), then
@@ -10,139 +10,14 @@ goes through this one path: nothing here knows a format beyond its registered na
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from embfactor.errors import ConfigError, CorruptFileError
-from embfactor.hf.hook import QUANT_METHOD
-
-if TYPE_CHECKING:
-    from embfactor.surgery.meta import CompressionMeta
-
-# Version of the quantization_config layout below; a folder with a newer one was written by a newer embfactor.
-HF_FORMAT_VERSION = 1
-_FIELDS = ("format", "format_config", "num_embeddings", "embedding_dim", "padding_idx", "embedding_module",
-           "head_module", "tied_head")
-
-
-def format_class(name: str) -> type[nn.Module]:
-    """The module class of a registered storage format (an unknown name raises, listing the valid ones)."""
-    from embfactor.formats import get_format
-
-    return get_format(name)
-
-
-def format_of(layer: nn.Module) -> tuple[str, dict[str, Any]]:
-    """(format name, format config) of an embfactor embedding module: what ``empty`` needs besides the sizes."""
-    return layer.format_name, dict(layer.format_config())
-
-
-class EmbfactorConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of a compressed folder: which format stores the embedding, and where it sits.
-
-    Args:
-        format: registered storage format name (``embfactor.formats.available_formats()``).
-        format_config: the format's settings beyond the sizes (its ``format_config()``).
-        num_embeddings, embedding_dim, padding_idx: the table's shape and padding row (a size of None: the size of
-            the model's embedding, for records whose sizes are checked after loading).
-        embedding_module: fully qualified name of the input embedding in the model.
-        head_module: name of the output head tied to it (None when the head is not tied).
-        tied_head: whether the head is a FactorizedLMHead sharing the embedding's tensors.
-        format_version: layout version of this config (a newer one needs a newer embfactor).
-        embfactor_version: the embfactor version that wrote the folder (for error messages).
-
-    Example:
-        >>> cfg = EmbfactorConfig(format="factorized", format_config={"rank": 8}, num_embeddings=100,
-        ...                       embedding_dim=32, embedding_module="embed")
-        >>> cfg.to_dict()["quant_method"]
-        'embfactor'
-    """
-
-    def __init__(
-        self,
-        format: str,
-        format_config: dict[str, Any],
-        num_embeddings: int | None,
-        embedding_dim: int | None,
-        embedding_module: str,
-        padding_idx: int | None = None,
-        head_module: str | None = None,
-        tied_head: bool = False,
-        format_version: int = HF_FORMAT_VERSION,
-        embfactor_version: str | None = None,
-        meta: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.pop("quant_method", None)
-        written_by = f"written by embfactor {embfactor_version}" if embfactor_version else "written by embfactor"
-        if not isinstance(format_version, int) or format_version > HF_FORMAT_VERSION:
-            from embfactor import __version__
-
-            raise CorruptFileError(
-                f"quantization_config format_version {format_version!r} ({written_by}) is newer than this embfactor "
-                f"{__version__} reads ({HF_FORMAT_VERSION}): upgrade embfactor (pip install -U embfactor)"
-            )
-        if not isinstance(format, str) or not isinstance(format_config, dict):
-            raise ConfigError(
-                f"quantization_config needs a format name and a format_config object, got {format!r} and "
-                f"{format_config!r}"
-            )
-        if not isinstance(embedding_module, str) or not embedding_module:
-            raise ConfigError(f"quantization_config embedding_module must be a module name, got {embedding_module!r}")
-        if tied_head and not head_module:
-            raise ConfigError("quantization_config tied_head=true needs head_module (the output head's name)")
-        self.quant_method = QUANT_METHOD
-        self.format = format
-        self.format_config = dict(format_config)
-        self.num_embeddings = None if num_embeddings is None else int(num_embeddings)
-        self.embedding_dim = None if embedding_dim is None else int(embedding_dim)
-        self.padding_idx = padding_idx
-        self.embedding_module = embedding_module
-        self.head_module = head_module if tied_head else None
-        self.tied_head = bool(tied_head)
-        self.format_version = format_version
-        self.embfactor_version = embfactor_version
-        # what embfactor's tools read back (method, rank, factorization settings); not needed to rebuild the model
-        self.meta = dict(meta or {})
-        self.extra = kwargs  # unknown keys from a newer writer are kept (and written back), not lost
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("quant_method", *_FIELDS, "format_version", "embfactor_version", "meta")}
-        return {**self.extra, **d}
-
-    @classmethod
-    def from_model(cls, model: nn.Module, meta: CompressionMeta) -> EmbfactorConfig:
-        """The config describing a model factorized in this session (``meta``: its embfactor metadata)."""
-        from embfactor import __version__
-
-        layer = model.get_submodule(meta.embedding_module)
-        name, config = format_of(layer)
-        keep = {"method": meta.method, "rank": meta.rank, "factorization": meta.factorization}
-        return cls(
-            format=name, format_config=config, num_embeddings=layer.num_embeddings, embedding_dim=layer.embedding_dim,
-            padding_idx=layer.padding_idx, embedding_module=meta.embedding_module,
-            head_module=meta.head_module, tied_head=meta.tied_head,
-            embfactor_version=__version__, meta=keep,
-        )
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> EmbfactorConfig:
-        """The config equivalent to an embfactor.json record (folders written before config.json carried one).
-
-        The sizes come from the model (as embfactor 0.1.0 rebuilt them); the record's own sizes are checked against
-        the loaded embedding afterwards (:func:`embfactor.surgery.io.check_record_against_model`).
-        """
-        return cls(
-            format=record["layer_type"], format_config=record["layer_config"], num_embeddings=None,
-            embedding_dim=None, padding_idx=record.get("padding_idx"),
-            embedding_module=record["embedding_module"], head_module=record.get("head_module"),
-            tied_head=bool(record.get("tied_head")), embfactor_version=record.get("embfactor_version"),
-            meta={k: record[k] for k in ("method", "rank", "factorization") if k in record},
-        )
+from embfactor.errors import CorruptFileError
+from embfactor.surgery.qconfig import EmbfactorConfig, format_class
 
 
 def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -186,7 +61,8 @@ def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch
             f"quantization_config format_config {qconfig.format_config!r} does not fit format {qconfig.format!r} ({e})"
         ) from None
     apply_structure_(model, embedding_module=qconfig.embedding_module, new_embedding=new,
-                     tied_head=qconfig.tied_head, head_module=qconfig.head_module)
+                     tied_head=qconfig.tied_head, head_module=qconfig.head_module, embed_scale=qconfig.embed_scale,
+                     shared_modules=qconfig.shared_modules)
     return new
 
 
@@ -224,6 +100,7 @@ class EmbfactorHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         qc = self.quantization_config
         new = build_structure_(model, qc, dtype=kwargs.get("dtype"))
+        new.awaiting_weights = True  # until _process_model_after_weight_loading: see RowFormat.weight
         # Non-persistent buffers are derived from the format's config (e.g. the block format's bucket starts), not
         # saved; transformers re-creates them uninitialized after loading, so compute them here on the CPU from a
         # small real instance and put them back afterwards.
@@ -247,10 +124,12 @@ class EmbfactorHfQuantizer(HfQuantizer):
             sub = layer.get_submodule(owner) if owner else layer
             current = sub._buffers[attr]
             sub._buffers[attr] = value.to(current.device if current.device.type != "meta" else "cpu")
+        layer.awaiting_weights = False
         set_meta(model, CompressionMeta(
             embedding_module=qc.embedding_module, head_module=qc.head_module, tied_head=qc.tied_head,
             rank=qc.meta.get("rank", qc.format_config.get("rank")), method=qc.meta.get("method", qc.format),
-            factorization=qc.meta.get("factorization", {}),
+            factorization=qc.meta.get("factorization", {}), embed_scale=qc.embed_scale,
+            shared_modules=qc.shared_modules,
         ))
         return model
 

@@ -32,15 +32,20 @@ class CompressReport:
     bytes_after: int | None
     seconds: float
     quantization: dict[str, Any] | None = None
+    verified: dict[str, Any] | None = None
+    size_choice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.factorization.to_dict()
+        d = {"verified": self.verified} if self.verified is not None else {}  # first: the written model's figure
+        d.update(self.factorization.to_dict())
         d.update(
             model=self.model, output=self.output, kind=self.kind, bytes_before=self.bytes_before,
             bytes_after=self.bytes_after, decompose_seconds=self.factorization.seconds, seconds=self.seconds,
         )
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.size_choice is not None:
+            d["size_choice"] = self.size_choice
         return d
 
 
@@ -81,6 +86,29 @@ def quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> in
     return bits
 
 
+def _checked_settings(
+    config: FactorizationConfig | None, target: dict[str, Any], quantize: str | int | None
+) -> tuple[FactorizationConfig, int | None]:
+    """(config, --quantize bits) of :func:`compress`, checked without the model (cheap checks before the load)."""
+    if config is None:
+        config = FactorizationConfig(**target)
+    elif target:
+        raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
+    bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
+    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
+    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
+    return config, bits
+
+
+def _refuse_unreproducible(model: torch.nn.Module) -> None:
+    """What a format cannot reproduce (an embedding that does more than scale its lookup) is refused before any work."""
+    from embfactor.surgery import find_embedding_and_head
+    from embfactor.surgery.conform import table_readers
+
+    site = find_embedding_and_head(model)
+    table_readers(model, site.embedding, site.embedding_module, site.head)
+
+
 def compress(
     model: str | os.PathLike | Any,
     config: FactorizationConfig | None = None,
@@ -89,6 +117,7 @@ def compress(
     progress: bool = True,
     quantize: str | int | None = None,
     text_files: Sequence[str] | None = None,
+    verify: int | bool | None = None,
     **target: Any,
 ) -> CompressReport:
     """Load ``model`` (a name, a path or a LoadedModel), factorize it, optionally quantize, and save to ``output``.
@@ -102,40 +131,79 @@ def compress(
         output: folder to save to (None: compress in memory only; the LoadedModel passed in holds the result).
         quantize: "int8"/"int4" to store the factors as per-row integers.
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
+        verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
+            64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
 
     Example:
-        >>> report = compress("minilm", ratio=6, output="out/minilm-r6")      # doctest: +SKIP
-        >>> report.factorization.ratio                                       # doctest: +SKIP
-        6.06...
+        >>> import embfactor as ef
+        >>> report = ef.compress("minilm", size="8x", output="out/minilm-8x")    # doctest: +SKIP
+        >>> report.verified["measured"]["fidelity"], report.to_dict()["bytes_ratio"]   # doctest: +SKIP
+        (0.999..., 8.0...)
     """
     from tqdm.auto import tqdm
 
     from embfactor.data import read_texts
-    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
-    from embfactor.fileio import check_output_dir, release_mapped_pages
+    from embfactor.fileio import check_output_dir
     from embfactor.models import LoadedModel, load_model, source_path
-    from embfactor.plan import plan_compress_, wants_plan
-    from embfactor.surgery import factorize_, get_meta, quantize_, save_compressed
+    from embfactor.plan import wants_plan
+    from embfactor.surgery import quantize_, save_compressed
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
-    if config is None:
-        config = FactorizationConfig(**target)
-    elif target:
-        raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
-    bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
-    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
-    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
+    config, bits = _checked_settings(config, target, quantize)
     loaded = isinstance(model, LoadedModel)
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
-    stages = tqdm(total=3, desc="compress", unit="stage", disable=not progress, leave=False)
+    checking = output is not None and verify is not False and verify != 0
+    stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model if not loaded else model.name}")
     lm = model if loaded else load_model(str(model))
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
+    _refuse_unreproducible(lm.model)
     stages.update()
+    verifier = _verifier(lm, verify, stages) if checking else None  # the original's outputs, before it changes
+    rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages)
+    choice = None if wants_plan(config) else size_choice_of(config, rep.to_dict())
+    stages.update()
+    quant = quantize_(lm.model, bits) if bits is not None else None
+    out = None
+    if verifier is not None:
+        stages.set_postfix_str("scoring the compressed model in memory")
+        verifier.predict(lm, plan_report=rep.to_dict())
+        stages.update()
+    if output is not None:
+        stages.set_postfix_str("saving and verifying the written model" if verifier else "saving")
+        out = save_compressed(
+            lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name},
+            verify=verifier,
+        )
+    stages.update()
+    stages.close()
+    return CompressReport(
+        model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
+        bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
+        seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
+        size_choice=choice,
+    )
+
+
+def _verifier(lm: Any, verify: int | bool | None, stages: Any) -> Any:
+    from embfactor.pipeline.verify import Verifier
+
+    stages.set_postfix_str("scoring the original on held-out text")
+    return Verifier(lm, samples=None if verify is True else verify)
+
+
+def _compress_in_place(lm: Any, config: FactorizationConfig, texts: list[str] | None, progress: bool,
+                       stages: Any) -> tuple[Any, int]:
+    """Replace ``lm``'s table (the planner, or one method): (its report, the model's bytes before)."""
+    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
+    from embfactor.fileio import release_mapped_pages
+    from embfactor.plan import plan_compress_, wants_plan
+    from embfactor.surgery import factorize_, get_meta
+
     bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
     stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
     weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
@@ -145,27 +213,24 @@ def compress(
         rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
     else:
         rep = factorize_(lm.model, config, progress=progress, token_weights=weights)
-    meta = get_meta(lm.model)
     # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
-    meta.report["bytes_before"] = bytes_before
+    get_meta(lm.model).report["bytes_before"] = bytes_before
     if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
         release_mapped_pages(dense.weight)
-    del dense
-    stages.update()
-    quant = quantize_(lm.model, bits) if bits is not None else None
-    out = None
-    if output is not None:
-        stages.set_postfix_str("saving")
-        out = save_compressed(
-            lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name}
-        )
-    stages.update()
-    stages.close()
-    return CompressReport(
-        model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
-        bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
-        seconds=time.perf_counter() - t0, quantization=quant,
-    )
+    return rep, bytes_before
 
 
-__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits"]
+def size_choice_of(config: FactorizationConfig, report: dict[str, Any]) -> dict[str, Any] | None:
+    """For a byte ``size`` given to one method that picks its settings (pq, rvq, int): the setting it picked and
+    the finer one it narrowly missed (:func:`embfactor.decomposition.choice.size_choice`); else None."""
+    from embfactor.decomposition import budget_bytes, fixes_size
+    from embfactor.decomposition.choice import size_choice
+
+    if config.size is None or fixes_size(config.method, config.method_options) or not report.get("format_config"):
+        return None
+    vocab, d = report["vocab_size"], report["hidden_size"]
+    return size_choice(config.method, vocab, d, budget_bytes(config.size, vocab, d), report["format_config"],
+                       report["embedding_bytes_after"], config.method_options)
+
+
+__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits", "size_choice_of"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def save_compressed(
     inputs: tuple[str | os.PathLike, ...] = (),
     files: dict[str, bytes] | None = None,
     modules_from: str | os.PathLike | None = None,
+    verify: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
 
@@ -44,6 +46,8 @@ def save_compressed(
             :func:`embfactor.load_model` returns after :func:`factorize_` (its tokenizer is saved too).
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model that every
             ``embfactor`` command accepts; default: the tokenizer of a ``load_model`` result.
+        verify: called with the complete temporary folder before it is renamed into place (a
+            :class:`embfactor.pipeline.verify.Verifier`); if it raises, nothing is written.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
         files: more files (name -> contents) written into the same temporary folder, so they appear in the one
@@ -57,8 +61,8 @@ def save_compressed(
     from safetensors.torch import save_model
 
     from embfactor import __version__
-    from embfactor.hf.integration import attach_quantization_config
-    from embfactor.hf.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
+    from embfactor.surgery.integration import attach_quantization_config
+    from embfactor.surgery.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
 
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None) if not isinstance(model, nn.Module) else None
@@ -90,18 +94,31 @@ def save_compressed(
         # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
         # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
         config.dtype = record["torch_dtype"]
-        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf)
+        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf registers its quantizer)
         attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, data in (files or {}).items():
-            if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
-                raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
-            (tmp / name).write_bytes(data)
+        _write_files(tmp, files or {})
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        _write_record(tmp, record, verify)
     return Path(directory)
+
+
+def _write_files(tmp: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
+            raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
+        (tmp / name).write_bytes(data)
+
+
+def _write_record(tmp: Path, record: dict[str, Any], verify: Callable[[Path], Any] | None) -> None:
+    """embfactor.json, then the check of the complete folder; its figure is recorded too (for inspect and /info)."""
+    (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    verified = verify(tmp) if verify is not None else None
+    if isinstance(verified, dict):
+        record["verified"] = verified
+        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:
@@ -145,7 +162,7 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     Example:
         >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
     """
-    from embfactor.hf.loading import embfactor_quantization_config, from_pretrained_compressed
+    from embfactor.surgery.loading import embfactor_quantization_config, from_pretrained_compressed
 
     directory = Path(directory)
     record = read_record(directory)
@@ -209,6 +226,8 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
             new_embedding=new,
             tied_head=bool(record["tied_head"]),
             head_module=record["head_module"],
+            embed_scale=record.get("embed_scale"),
+            shared_modules=record.get("shared_modules"),
         )
     except (SurgeryError, AttributeError, TypeError, UnknownMethodError) as e:
         raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None

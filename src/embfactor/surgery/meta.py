@@ -18,6 +18,8 @@ from embfactor.errors import CorruptFileError
 
 META_ATTR = "embfactor_meta"
 META_VERSION = 1
+# fields a record may lack (written before they existed)
+_OPTIONAL = ("report", "embed_scale", "shared_modules")
 
 
 @dataclass
@@ -33,6 +35,10 @@ class CompressionMeta:
         factorization: the FactorizationConfig as a dict (``FactorizationConfig.to_dict()``).
         report: the FactorizationReport as a dict, plus what later steps add (``quantization``, ``bytes_before``).
         extra: more facts to record (e.g. ``source_model``).
+        embed_scale: what the replaced embedding module multiplied its lookup by (None: nothing; a float, or one
+            per column), applied by the format on the input side only.
+        shared_modules: other input modules that read the same table (name -> their own embed_scale), e.g. T5's
+            ``encoder.embed_tokens`` and ``decoder.embed_tokens`` next to ``shared``.
 
     Example:
         >>> m = CompressionMeta("embed", None, False, 8, "svd", {})
@@ -48,6 +54,8 @@ class CompressionMeta:
     factorization: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    embed_scale: float | list[float] | None = None
+    shared_modules: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         """The fields as embfactor.json stores them (``extra`` merged in at the top level)."""
@@ -57,11 +65,12 @@ class CompressionMeta:
     @classmethod
     def from_record(cls, record: dict[str, Any], *, source: str = "embfactor.json") -> CompressionMeta:
         """Read the fields from a record; CorruptFileError names the missing ones."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("report", "extra")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in (*_OPTIONAL, "extra")]
         missing = [k for k in names if k not in record]
         if missing:
             raise CorruptFileError(f"{source}: missing fields {missing}")
-        return cls(**{k: record[k] for k in names}, report=dict(record.get("report") or {}))
+        return cls(**{k: record[k] for k in names}, report=dict(record.get("report") or {}),
+                   embed_scale=record.get("embed_scale"), shared_modules=dict(record.get("shared_modules") or {}))
 
 
 def get_meta(model: nn.Module) -> CompressionMeta | None:

@@ -255,7 +255,7 @@ class CodebookEmbedding(RowFormat):
                 if cols is None:
                     out[:, s:e] = logits
                 else:
-                    out.index_copy_(1, cols[s:e], logits)
+                    out.index_copy_(1, cols[s:e], logits.to(out.dtype))
             return True
         codes = self.codes.view(self.num_embeddings, -1)
         lut = self.lookup_tables(h)

@@ -30,7 +30,7 @@ def _put(out: torch.Tensor, logits: torch.Tensor, s: int, e: int, cols: torch.Te
     if cols is None:
         out[:, s:e] = logits
     else:
-        out.index_copy_(1, cols[s:e], logits)
+        out.index_copy_(1, cols[s:e], logits.to(out.dtype))
 
 
 @register_format("intk", factors=IntFactors)

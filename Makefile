@@ -39,6 +39,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.memory --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/quality.py --quick
 	$(PY) benchmarks/tt_speed.py --quick
+	$(PY) -m benchmarks.inference --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/quant_frontier.py --quick
 	$(PY) benchmarks/codebook_frontier.py --quick --model minilm
 	$(PY) benchmarks/codebook_frontier.py --quick --model smollm2

@@ -168,6 +168,18 @@ class RowFormat(nn.Module):
             outs.append(torch.nn.functional.linear(hidden, rows.to(hidden.dtype)))
         return torch.cat(outs, dim=-1)
 
+    def project_into(self, hidden: torch.Tensor, out: torch.Tensor, cols: torch.Tensor | None = None) -> None:
+        """Write the logits of ``hidden`` (B × d) into ``out`` (B × n'): column v, or ``cols[v]`` when given.
+
+        A tiered table calls it on each tier so that the logits land in token order in one pass. Formats with a
+        kernel that writes scattered columns (int-k, codebooks) override it; this default projects then copies.
+        """
+        logits = self.project(hidden).to(out.dtype)
+        if cols is None:
+            out[:, : self.num_embeddings] = logits
+        else:
+            out.index_copy_(1, cols, logits)
+
     # --- shared by every format ----------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return scale_rows(self.lookup(input), self.embed_scale)

@@ -32,6 +32,10 @@ from embfactor.formats.base import QUANTIZED_TABLE_HEALING, RowFormat, check_for
 # vocabulary rows per chunk of the LUT head: the int64 copy of a chunk's codes is 8·S·M bytes per row
 # (4.7 MB at SmolLM2's M = 144), and the (B × chunk) logits block stays small.
 _HEAD_CHUNK = 4096
+# batch rows up to which the LUT kernels run (a C·K·B float table: 1.5 MB at SmolLM2's sub 3 and B = 8); above,
+# rows are decoded _GEMM_CHUNK at a time and multiplied by GEMM
+_LUT_MAX_BATCH = 16
+_GEMM_CHUNK = 4096
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -195,28 +199,33 @@ class CodebookEmbedding(RowFormat):
         pad = self.M * self.sub_dim - self.embedding_dim
         if pad:
             h = F.pad(h, (0, pad))
-        return torch.einsum("bmj,smkj->bsmk", h.view(h.shape[0], self.M, self.sub_dim), self.books().float())
+        # one multiply-add over (B × S × M × K) per sub-vector column: einsum's M tiny batched GEMMs, or a sum over a
+        # last dim of 3, ran 5-20x slower than this at batch 1
+        hv = h.view(h.shape[0], 1, self.M, self.sub_dim, 1)
+        books = self.books().float()
+        lut = books[None, ..., 0] * hv[..., 0, :]
+        for j in range(1, self.sub_dim):
+            term = books[None, ..., j] * hv[..., j, :]
+            lut = lut + term if lut.requires_grad else lut.add_(term)
+        return lut
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) -> (..., vocab) logits Σ_{s,m} LUT[s, m, codes[v, s, m]], a chunk of vocabulary at a time.
 
-        One batch row, inference: a fused C loop over the uint8 codes (:mod:`embfactor.formats._lut_kernel`);
-        else (training, no compiler, int16 codes) a flat gather from the (S·M·K) table summed per row. Several rows:
-        ``embedding_bag(mode="sum")`` over the codes with the (S·M·K × B) table, one bag per vocabulary row
-        (measured: 4.9 ms against 11.9 ms for the dense fp32 head at batch 8 on SmolLM2's shape).
+        Inference with uint8 codes on CPU: up to ``_LUT_MAX_BATCH`` rows, a fused C loop over the codes with the
+        lookup tables in cache (:mod:`embfactor.formats._lut_kernel`; codes read once); more rows (prefill), the
+        rows are decoded a chunk at a time (the fused gather kernel) and multiplied by GEMM, as the LUT's work grows
+        with the batch and a GEMM's does not per byte read. Otherwise (training, no compiler, int16 codes) a flat
+        gather from the (S·M·K) table summed per row, or ``embedding_bag(mode="sum")`` for several rows.
         """
         lead = hidden.shape[:-1]
         h = hidden.reshape(-1, self.embedding_dim)
         B = h.shape[0]
+        if not self._differentiable(h):
+            out = torch.empty(B, self.num_embeddings, dtype=torch.float32, device=h.device)
+            if self._project_kernel(h, out, None):
+                return self._finish(out, hidden, lead)
         lut = self.lookup_tables(h).reshape(B, -1)  # B × (S·M·K)
-        fused = None
-        if B == 1 and not (torch.is_grad_enabled() and lut.requires_grad):
-            from embfactor.formats._lut_kernel import lut_sum
-
-            # the fused C kernel reads each code byte once (see _lut_kernel); inference only, uint8 codes
-            fused = lut_sum(self.codes.view(self.num_embeddings, -1), lut.view(-1, self.K))
-        if fused is not None:
-            return self._finish(fused.unsqueeze(0), hidden, lead)
         offs = self._offsets().view(1, -1)
         outs = []
         table = lut.T.contiguous() if B > 1 else lut.view(-1)
@@ -227,6 +236,51 @@ class CodebookEmbedding(RowFormat):
             else:
                 outs.append(F.embedding_bag(idx, table, mode="sum").T)
         return self._finish(torch.cat(outs, dim=-1), hidden, lead)
+
+    def _differentiable(self, h: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (h.requires_grad or self._trains_books())
+
+    def _project_kernel(self, h: torch.Tensor, out: torch.Tensor, cols: torch.Tensor | None) -> bool:
+        """The C kernels' logits (before row scales and the padding row) into ``out``; False if they do not apply."""
+        from embfactor.formats._lut_kernel import lut_kernel, lut_sum, lut_sum_batch
+
+        B = h.shape[0]
+        if lut_kernel() is None or self.codes.dtype != torch.uint8 or h.device.type != "cpu":
+            return False
+        if B > _LUT_MAX_BATCH:
+            for s in range(0, self.num_embeddings, _GEMM_CHUNK):
+                e = min(s + _GEMM_CHUNK, self.num_embeddings)
+                rows = self._decoded_rows(s, e)
+                # bf16 activations: a bf16 GEMM (AVX512-BF16 runs it at 2-3x the fp32 rate)
+                logits = torch.mm(h, rows.to(h.dtype).T) if h.dtype == torch.bfloat16 else torch.mm(h.float(), rows.T)
+                if cols is None:
+                    out[:, s:e] = logits
+                else:
+                    out.index_copy_(1, cols[s:e], logits.to(out.dtype))
+            return True
+        codes = self.codes.view(self.num_embeddings, -1)
+        lut = self.lookup_tables(h)
+        if B == 1:
+            return lut_sum(codes, lut.reshape(-1, self.K), out=out[0], cols=cols) is not None
+        return lut_sum_batch(codes, lut.reshape(B, -1, self.K).permute(1, 2, 0), out, cols)
+
+    def _decoded_rows(self, s: int, e: int) -> torch.Tensor:
+        """Rows [s, e) in float32, rotated, without row scales (``_finish`` applies them to the logits)."""
+        from embfactor.formats._lut_kernel import pq_gather
+
+        rows = pq_gather(self.codes, torch.arange(s, e), self.books())[:, : self.embedding_dim]
+        return rows @ self.rotation.float().T if self.rotation is not None else rows
+
+    def project_into(self, hidden: torch.Tensor, out: torch.Tensor, cols: torch.Tensor | None = None) -> None:
+        """Logits into ``out`` at column v or ``cols[v]``: at inference the C kernels write the scattered columns
+        themselves; otherwise :meth:`project` then a copy."""
+        h = hidden.reshape(-1, self.embedding_dim)
+        kernel = out.dtype == torch.float32 and self.row_scale is None and not self._differentiable(h)
+        if kernel and self._project_kernel(h, out, cols):
+            if self.zero_padding_row:
+                out[:, self.padding_idx if cols is None else int(cols[self.padding_idx])] = 0.0
+            return
+        super().project_into(hidden, out, cols)
 
     def _finish(self, logits: torch.Tensor, hidden: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         if self.row_scale is not None:

@@ -103,6 +103,8 @@ class FactorizedEmbedding(RowFormat):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden · (U·V)ᵀ computed as (hidden·Vᵀ)·Uᵀ: r·(d + vocab) multiply-adds per row instead of d·vocab."""
+        if hidden.dtype != self.U.dtype:  # bfloat16 activations on a float32 table: logits in the table's dtype
+            return F.linear(F.linear(hidden.to(self.U.dtype), self.V), self.U).to(hidden.dtype)
         return F.linear(F.linear(hidden, self.V), self.U)
 
     def num_bytes(self) -> int:

@@ -279,6 +279,10 @@ _SIGNATURES = {
 def lut_kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, building it on first use; None when no compiler is available."""
     global _lib, _tried
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # a ctypes call is opaque to Dynamo and to tracing: under torch.compile the kernel broke the graph and its
+        # output rows came back uninitialized; compiled and traced code takes the PyTorch path instead
+        return None
     if _tried or os.environ.get("EMBFACTOR_NO_KERNELS"):
         return _lib
     with _lock:

@@ -39,3 +39,21 @@ def test_compact_index_matches_the_position_map_and_costs_one_byte_per_token():
 def test_compact_index_refuses_a_permutation_out_of_id_order():
     with pytest.raises(InvalidInputError, match="increasing id order"):
         get_format("tiered")(_tiers(), torch.tensor([7, 0, 1, 2, 6, 3, 4, 8, 5, 9]), compact_index=True)
+
+
+def test_maps_first_built_under_inference_mode_serve_later_calls():
+    """The verification of a written model first runs it under inference_mode; the cached token maps must not be
+    inference tensors (no version counter, unusable with autograd) afterwards."""
+    from embfactor.formats import FactorizedEmbedding, TieredFormat
+    from embfactor.layers.head import FactorizedLMHead
+
+    fmt = TieredFormat([FactorizedEmbedding(10, 16, rank=4), FactorizedEmbedding(90, 16, rank=2)],
+                       torch.arange(100), compact_index=True)
+    head, h, ids = FactorizedLMHead(fmt), torch.randn(2, 16), torch.tensor([1, 50])
+    with torch.inference_mode():
+        first_logits, first_rows = head(h), fmt(ids)
+    logits, rows = head(h), fmt(ids)
+    torch.testing.assert_close(logits, first_logits.clone())
+    torch.testing.assert_close(rows, first_rows.clone())
+    logits.sum().backward()
+    assert fmt.tiers[0].U.grad is not None

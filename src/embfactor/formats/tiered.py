@@ -19,6 +19,12 @@ from embfactor.errors import ConfigError, InvalidInputError
 from embfactor.formats.base import RowFormat, check_format_args, get_format, is_row_format, register_format
 
 
+def _version_of(t: torch.Tensor) -> int:
+    # an inference tensor (a buffer made under torch.inference_mode) has no version counter; it cannot be written
+    # outside inference mode, so 0 stands for "unchanged"
+    return 0 if t.is_inference() else t._version
+
+
 @register_format("tiered")
 class TieredFormat(RowFormat):
     """A vocab × d table whose rows are split into tiers stored in any formats.
@@ -97,9 +103,10 @@ class TieredFormat(RowFormat):
         """
         if not self.compact_index:
             return self.position
-        key = (self.tier_of.data_ptr(), self.tier_of._version, self.tier_of.device)
+        key = (self.tier_of.data_ptr(), _version_of(self.tier_of), self.tier_of.device)
         if self._pos_cache is None or self._pos_cache[0] != key:
-            self._pos_cache = (key, self._positions_from_tiers())
+            with torch.inference_mode(False):  # a cached map must serve later autograd calls too
+                self._pos_cache = (key, self._positions_from_tiers())
         return self._pos_cache[1]
 
     @property
@@ -138,10 +145,11 @@ class TieredFormat(RowFormat):
         Cached (int64, 8 bytes per token) until the position map changes, as ``token_positions``.
         """
         pos = self.token_positions()
-        key = (pos.data_ptr(), pos._version, pos.device)
+        key = (pos.data_ptr(), _version_of(pos), pos.device)
         if self._tok_cache is None or self._tok_cache[0] != key:
-            tokens = torch.empty_like(pos)
-            tokens[pos] = torch.arange(pos.shape[0], device=pos.device)
+            with torch.inference_mode(False):  # a cached map must serve later autograd calls too
+                tokens = torch.empty_like(pos)
+                tokens[pos] = torch.arange(pos.shape[0], device=pos.device)
             self._tok_cache = (key, tokens)
         return self._tok_cache[1]
 

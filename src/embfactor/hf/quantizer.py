@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from embfactor.surgery.meta import CompressionMeta
 
 # Version of the quantization_config layout below; a folder with a newer one was written by a newer embfactor.
-HF_FORMAT_VERSION = 1
+# 2: ``rest`` may name Linears stored as integers (IntKLinear); a folder without them is written as version 1, which
+# every earlier embfactor reads.
+HF_FORMAT_VERSION = 2
 _FIELDS = ("format", "format_config", "num_embeddings", "embedding_dim", "padding_idx", "embedding_module",
            "head_module", "tied_head")
 
@@ -52,8 +54,11 @@ class EmbfactorConfig(QuantizationConfigMixin):
         embedding_module: fully qualified name of the input embedding in the model.
         head_module: name of the output head tied to it (None when the head is not tied).
         tied_head: whether the head is a FactorizedLMHead sharing the embedding's tensors.
-        format_version: layout version of this config (a newer one needs a newer embfactor).
+        format_version: layout version of this config (a newer one needs a newer embfactor); default: the oldest
+            that holds it.
         embfactor_version: the embfactor version that wrote the folder (for error messages).
+        rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`); its
+            ``linear_modules`` are rebuilt as integer Linears before the weights load.
 
     Example:
         >>> cfg = EmbfactorConfig(format="factorized", format_config={"rank": 8}, num_embeddings=100,
@@ -72,12 +77,15 @@ class EmbfactorConfig(QuantizationConfigMixin):
         padding_idx: int | None = None,
         head_module: str | None = None,
         tied_head: bool = False,
-        format_version: int = HF_FORMAT_VERSION,
+        format_version: int | None = None,
         embfactor_version: str | None = None,
         meta: dict[str, Any] | None = None,
+        rest: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
+        if format_version is None:  # the oldest layout that holds this config
+            format_version = rest_format_version(rest)
         written_by = f"written by embfactor {embfactor_version}" if embfactor_version else "written by embfactor"
         if not isinstance(format_version, int) or format_version > HF_FORMAT_VERSION:
             from embfactor import __version__
@@ -108,10 +116,15 @@ class EmbfactorConfig(QuantizationConfigMixin):
         self.embfactor_version = embfactor_version
         # what embfactor's tools read back (method, rank, factorization settings); not needed to rebuild the model
         self.meta = dict(meta or {})
+        if rest is not None and not isinstance(rest, dict):
+            raise ConfigError(f"quantization_config rest must be an object, got {rest!r}")
+        self.rest = dict(rest or {})
         self.extra = kwargs  # unknown keys from a newer writer are kept (and written back), not lost
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("quant_method", *_FIELDS, "format_version", "embfactor_version", "meta")}
+        if self.rest:
+            d["rest"] = self.rest
         return {**self.extra, **d}
 
     @classmethod
@@ -126,7 +139,7 @@ class EmbfactorConfig(QuantizationConfigMixin):
             format=name, format_config=config, num_embeddings=layer.num_embeddings, embedding_dim=layer.embedding_dim,
             padding_idx=layer.padding_idx, embedding_module=meta.embedding_module,
             head_module=meta.head_module, tied_head=meta.tied_head,
-            embfactor_version=__version__, meta=keep,
+            embfactor_version=__version__, meta=keep, rest=meta.rest,
         )
 
     @classmethod
@@ -142,7 +155,13 @@ class EmbfactorConfig(QuantizationConfigMixin):
             embedding_module=record["embedding_module"], head_module=record.get("head_module"),
             tied_head=bool(record.get("tied_head")), embfactor_version=record.get("embfactor_version"),
             meta={k: record[k] for k in ("method", "rank", "factorization") if k in record},
+            rest=record.get("rest") or {},
         )
+
+
+def rest_format_version(rest: dict[str, Any] | None) -> int:
+    """The quantization_config version a folder needs: 2 with integer Linears, else 1 (which older embfactors read)."""
+    return 2 if isinstance(rest, dict) and rest.get("linear_modules") else 1
 
 
 def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -222,8 +241,11 @@ class EmbfactorHfQuantizer(HfQuantizer):
         self._derived: dict[str, torch.Tensor] = {}
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from embfactor.surgery.rest import build_rest_structure_
+
         qc = self.quantization_config
         new = build_structure_(model, qc, dtype=kwargs.get("dtype"))
+        build_rest_structure_(model, qc.rest, dtype=kwargs.get("dtype"))
         # Non-persistent buffers are derived from the format's config (e.g. the block format's bucket starts), not
         # saved; transformers re-creates them uninitialized after loading, so compute them here on the CPU from a
         # small real instance and put them back afterwards.
@@ -250,7 +272,7 @@ class EmbfactorHfQuantizer(HfQuantizer):
         set_meta(model, CompressionMeta(
             embedding_module=qc.embedding_module, head_module=qc.head_module, tied_head=qc.tied_head,
             rank=qc.meta.get("rank", qc.format_config.get("rank")), method=qc.meta.get("method", qc.format),
-            factorization=qc.meta.get("factorization", {}),
+            factorization=qc.meta.get("factorization", {}), rest=dict(qc.rest),
         ))
         return model
 

@@ -32,15 +32,25 @@ class CompressReport:
     bytes_after: int | None
     seconds: float
     quantization: dict[str, Any] | None = None
+    rest: dict[str, Any] | None = None
+
+    def model_bytes(self) -> dict[str, Any]:
+        """The whole model's bytes on disk, input -> output (the report's first lines), and whether it grew."""
+        after = self.bytes_after
+        return {"input": self.bytes_before, "output": after, "larger": after is not None and after > self.bytes_before,
+                "ratio": self.bytes_before / after if after else None}
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.factorization.to_dict()
+        d: dict[str, Any] = {"model_bytes": self.model_bytes()}  # first: what a user who asked for less reads first
+        d.update(self.factorization.to_dict())
         d.update(
             model=self.model, output=self.output, kind=self.kind, bytes_before=self.bytes_before,
             bytes_after=self.bytes_after, decompose_seconds=self.factorization.seconds, seconds=self.seconds,
         )
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.rest is not None:
+            d["rest"] = self.rest
         return d
 
 
@@ -89,6 +99,7 @@ def compress(
     progress: bool = True,
     quantize: str | int | None = None,
     text_files: Sequence[str] | None = None,
+    rest: str = "auto",
     **target: Any,
 ) -> CompressReport:
     """Load ``model`` (a name, a path or a LoadedModel), factorize it, optionally quantize, and save to ``output``.
@@ -102,6 +113,9 @@ def compress(
         output: folder to save to (None: compress in memory only; the LoadedModel passed in holds the result).
         quantize: "int8"/"int4" to store the factors as per-row integers.
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
+        rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` keeps the
+            source's precision (bf16 for a GGUF source), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` for every
+            other nn.Linear's weight as integers.
 
     Example:
         >>> report = compress("minilm", ratio=6, output="out/minilm-r6")      # doctest: +SKIP
@@ -117,6 +131,7 @@ def compress(
     from embfactor.plan import plan_compress_, wants_plan
     from embfactor.surgery import factorize_, get_meta, quantize_, save_compressed
     from embfactor.surgery.io import WEIGHTS_FILE
+    from embfactor.surgery.rest import check_rest, store_rest_
 
     t0 = time.perf_counter()
     if config is None:
@@ -124,6 +139,7 @@ def compress(
     elif target:
         raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
     bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
+    check_rest(rest)
     # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
     refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
     loaded = isinstance(model, LoadedModel)
@@ -136,7 +152,7 @@ def compress(
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
     stages.update()
-    bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
+    bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)  # a GGUF source: the file
     stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
     weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
     stages.set_postfix_str("decomposing")
@@ -153,6 +169,7 @@ def compress(
     del dense
     stages.update()
     quant = quantize_(lm.model, bits) if bits is not None else None
+    stored_rest = store_rest_(lm.model, rest, source=lm.source)
     out = None
     if output is not None:
         stages.set_postfix_str("saving")
@@ -164,7 +181,7 @@ def compress(
     return CompressReport(
         model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
         bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
-        seconds=time.perf_counter() - t0, quantization=quant,
+        seconds=time.perf_counter() - t0, quantization=quant, rest=stored_rest,
     )
 
 

@@ -18,6 +18,7 @@ from embfactor.surgery.factorize import as_module
 from embfactor.surgery.replace import apply_structure_
 from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, without_absent_pooler
 from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
+from embfactor.surgery.rest import dtype_name, rest_dtype, stored_rest
 
 WEIGHTS_FILE = "model.safetensors"
 # the metadata fields every record has (report and extra are optional)
@@ -84,12 +85,16 @@ def save_compressed(
         **meta.to_record(),
         **(extra or {}),
     }
+    stored = rest_dtype(model)
     with atomic_directory(directory, inputs=inputs) as tmp:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
+        with stored_rest(model):  # the rest in the precision it is stored in (the source's, or --rest's)
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
         config.architectures = [architecture]
         # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
-        # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
-        config.dtype = record["torch_dtype"]
+        # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so. It is
+        # the stored rest's (a bf16 source loads as bf16, as its own folder did); embfactor's loaders load in the
+        # record's torch_dtype (the dtype embfactor computes in).
+        config.dtype = dtype_name(stored) if stored is not None else record["torch_dtype"]
         # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf)
         attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))

@@ -33,6 +33,8 @@ class CompressionMeta:
         factorization: the FactorizationConfig as a dict (``FactorizationConfig.to_dict()``).
         report: the FactorizationReport as a dict, plus what later steps add (``quantization``, ``bytes_before``).
         extra: more facts to record (e.g. ``source_model``).
+        rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`: ``dtype``, ``linear``,
+            ``linear_modules``); empty for a model whose rest is stored as it is in memory.
 
     Example:
         >>> m = CompressionMeta("embed", None, False, 8, "svd", {})
@@ -48,6 +50,7 @@ class CompressionMeta:
     factorization: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    rest: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         """The fields as embfactor.json stores them (``extra`` merged in at the top level)."""
@@ -57,11 +60,12 @@ class CompressionMeta:
     @classmethod
     def from_record(cls, record: dict[str, Any], *, source: str = "embfactor.json") -> CompressionMeta:
         """Read the fields from a record; CorruptFileError names the missing ones."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("report", "extra")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("report", "extra", "rest")]
         missing = [k for k in names if k not in record]
         if missing:
             raise CorruptFileError(f"{source}: missing fields {missing}")
-        return cls(**{k: record[k] for k in names}, report=dict(record.get("report") or {}))
+        return cls(**{k: record[k] for k in names}, report=dict(record.get("report") or {}),
+                   rest=dict(record.get("rest") or {}))
 
 
 def get_meta(model: nn.Module) -> CompressionMeta | None:
@@ -79,8 +83,11 @@ def model_dtype(model: nn.Module, layer: nn.Module) -> torch.dtype:
 
     transformers' ``model.dtype`` is the first floating parameter's, which is the embedding's when it comes first.
     """
+    from embfactor.surgery.rest import rest_tensors
+
     own = {id(p) for p in layer.parameters()}
+    rest = {id(t) for t in rest_tensors(model)}  # not an integer Linear's fp16 scales either
     for p in model.parameters():
-        if id(p) not in own and p.is_floating_point():
+        if id(p) not in own and id(p) in rest:
             return p.dtype
     return getattr(layer, "out_dtype", torch.float32)

@@ -17,7 +17,7 @@ from embfactor.errors import ConfigError
 
 def model_bytes_line(r: dict[str, Any]) -> str:
     """The report's first line: the whole model's weights on disk, input -> output, and plainly when it grew."""
-    b = r["model_bytes"]
+    b = r["bytes"]
     line = f"model on disk: {mb(b['input'])} -> {mb(b['output'])}"
     if b["output"] is None:
         return line + " (not saved)"

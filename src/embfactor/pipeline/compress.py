@@ -41,7 +41,8 @@ class CompressReport:
                 "ratio": self.bytes_before / after if after else None}
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model_bytes": self.model_bytes()}  # first: what a user who asked for less reads first
+        # "bytes" first (and first in embfactor's sorted JSON): what a user who asked for a smaller model reads first
+        d: dict[str, Any] = {"bytes": self.model_bytes()}
         d.update(self.factorization.to_dict())
         d.update(
             model=self.model, output=self.output, kind=self.kind, bytes_before=self.bytes_before,

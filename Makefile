@@ -46,6 +46,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/heal_speed.py --quick
 	$(PY) benchmarks/heal_memory.py --quick --output $(QUICK_OUT)
 	$(PY) -m benchmarks.cli_frontier --quick
+	$(PY) -m benchmarks.whole_model_bytes --quick --output $(QUICK_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

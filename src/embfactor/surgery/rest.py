@@ -179,15 +179,26 @@ def store_rest_(model: nn.Module, rest: str = "auto", *, source: str | Path | No
     if rest in REST_SETTINGS and not linears:
         raise SurgeryError(f"--rest {rest}: {type(model).__name__} has no nn.Linear besides its embedding to store")
     # ---- validated: mutate below
-    with torch.no_grad():
-        for t in rest_tensors(model):
-            if t.dtype != dtype and t.dtype.itemsize > dtype.itemsize:
-                t.copy_(t.to(dtype))  # rounded to what is stored; computed in its own dtype
+    round_rest_(model, dtype)
     if linears:  # integers of the weights as the precision above stores them (int8 of a GGUF: of its bf16 copy)
         replace_modules_(model, {k: IntKLinear.from_linear(m, **REST_SETTINGS[rest]) for k, m in linears.items()})
     meta.rest = {"dtype": dtype_name(dtype), "linear": rest if linears else None, "linear_modules": sorted(linears)}
     attach_quantization_config(model)
     return {**meta.rest, "bytes": rest_bytes(model)}
+
+
+def round_rest_(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Round the rest's values to ``dtype`` (default: its stored dtype) in place, keeping their own dtype.
+
+    What a save then writes is exactly the model in memory (heal calls it after training the rest).
+    """
+    dtype = dtype or rest_dtype(model)
+    if dtype is None:
+        return
+    with torch.no_grad():
+        for t in rest_tensors(model):
+            if t.dtype != dtype and t.dtype.itemsize > dtype.itemsize:
+                t.copy_(t.to(dtype))
 
 
 def rest_bytes(model: nn.Module) -> int:

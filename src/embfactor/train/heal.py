@@ -44,6 +44,7 @@ from embfactor.train.checkpoint import (
     restore_optimizer,
     state_files,
 )
+from embfactor.surgery.rest import round_rest_
 from embfactor.train.config import HealConfig
 from embfactor.train.distill import (
     bf16_supported,
@@ -549,6 +550,7 @@ class _HealRun:
         cast_parameters(self.params, self.stored_dtypes)  # the model in memory is the one saved
         self.stored_form(True)
         model = self.acc.unwrap_model(self.model)
+        round_rest_(model)  # a trained rest (--train-all) in the precision it was saved in
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())  # integer tensors (a format's codes) cannot require gradients
         model.eval()

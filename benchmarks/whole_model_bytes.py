@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
-from benchmarks.common import RESULTS_DIR, environment, header, write_result_files  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, header, write_result_files
 
 RESTS = ("auto", "int8", "int4")
 PERPLEXITY = {"max_tokens": 4096, "window": 512, "stride": 512}
@@ -111,12 +111,12 @@ def _line(r: dict[str, Any]) -> str:
 def render(res: dict[str, Any], command: str) -> str:
     lines = [header("Whole-model bytes on disk, input -> output, and the written model's quality",
                     res["environment"], None, command), "",
-             "Input: the source's weights files (a GGUF file, or the folder's safetensors); output: the written "
-             "model.safetensors. `auto` keeps the source's precision (GGUF: bf16). Quality is measured on the folder "
+             ("Input: the source's weights files (a GGUF file, or the folder's safetensors); output: the written "
+              "model.safetensors. `auto` keeps the source's precision (GGUF: bf16). Quality is measured on the folder "
              "as written and reloaded, against the original (encoders: fidelity = mean cosine of pooled embeddings "
              "on held-out Wikipedia passages, Lee Spearman; decoders: perplexity on 4,096 held-out tokens, "
              "windows of 512, KL and top-1 agreement vs the original). Measured on a shared machine: bytes and "
-             "quality do not depend on its load.", "",
+             "quality do not depend on its load."), "",
              "| model | rest | input | output | output / input | rest bytes | quality vs original |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in res["rows"]:

@@ -35,7 +35,7 @@ class IntKLinear(nn.Module):
     Example:
         >>> lin = IntKLinear.from_linear(nn.Linear(64, 16), bits=8)
         >>> lin(torch.randn(2, 64)).shape, lin.num_bytes()
-        (torch.Size([2, 16]), 1120)
+        (torch.Size([2, 16]), 1056)
     """
 
     def __init__(

@@ -141,7 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="8x", help="compress --size (default 8x)")
     p.add_argument("--keep", type=Path, help="keep the written folders here (default: a temporary folder)")
     p.add_argument("--output", default=str(RESULTS_DIR), help="folder of the results files")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="only write the results of these runs' JSON files (one model each, run side by side) as one")
     args = p.parse_args(argv)
+    command = "python -m benchmarks.whole_model_bytes" + (" --quick" if args.quick else " --mpnet MPNET_DIR")
+    if args.merge:
+        import json
+
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        res = {"quick": False, "environment": runs[0]["environment"], "rows": [r for run in runs for r in run["rows"]]}
+        return _write(res, command, Path(args.output))
     import torch
 
     torch.manual_seed(0)
@@ -161,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    res = {"quick": args.quick, "environment": environment(), "rows": rows}
-    command = "python -m benchmarks.whole_model_bytes" + (" --quick" if args.quick else " --mpnet DIR")
-    prefix = Path(args.output) / ("whole_model_bytes" + ("_quick" if args.quick else ""))
-    files = write_result_files(prefix, res, render(res, command))
+    return _write({"quick": args.quick, "environment": environment(), "rows": rows}, command, Path(args.output))
+
+
+def _write(res: dict[str, Any], command: str, output: Path) -> int:
+    files = write_result_files(output / ("whole_model_bytes" + ("_quick" if res["quick"] else "")), res,
+                               render(res, command))
     print(f"wrote {files['markdown']} and {files['json']}")
     return 0
 

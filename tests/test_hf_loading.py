@@ -347,7 +347,7 @@ def test_plain_hf_folder_gets_no_sentence_transformers_files(tmp_path, tiny_bert
 
 
 def test_modules_outside_the_folder_are_not_copied(tmp_path, st_folder):
-    from embfactor.hf.st_folder import sentence_transformers_files
+    from embfactor.surgery.st_folder import sentence_transformers_files
 
     (tmp_path / "elsewhere").mkdir()
     modules = json.loads((st_folder / "modules.json").read_text())

@@ -18,7 +18,10 @@ FORBIDDEN = {
     "decomposition": {"formats", "layers", "surgery", "pipeline", "eval", "train", "models", "hf", "cli", "server"},
     "formats": {"layers", "surgery", "pipeline", "eval", "train", "models", "hf", "cli", "server"},
     "layers": {"surgery", "pipeline", "eval", "train", "models", "hf", "cli", "server"},
-    "surgery": {"pipeline", "eval", "train", "models", "cli", "server"},
+    # surgery owns the quantization_config record (surgery.qconfig); hf registers it and its quantizer with
+    # transformers and sits above surgery (issue 23: the two imported each other inside functions)
+    "surgery": {"pipeline", "eval", "train", "models", "hf", "cli", "server"},
+    "hf": {"pipeline", "eval", "train", "cli", "server"},
     "eval": {"pipeline", "train", "cli", "server"},
     "pipeline": {"cli", "server"},
     "config": {"formats", "layers", "surgery", "pipeline", "eval", "train", "cli", "server"},
@@ -123,3 +126,12 @@ def test_arrows_point_one_way():
 def test_the_checker_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_registered_quant_method_is_the_records():
+    """hf.hook keeps the name as a literal (importing the record would import torch on `import embfactor`)."""
+    from embfactor.hf.hook import QUANT_METHOD
+    from embfactor.surgery.qconfig import QUANT_METHOD as RECORD_METHOD
+    from embfactor.surgery.qconfig import EmbfactorConfig
+
+    assert QUANT_METHOD == RECORD_METHOD == EmbfactorConfig("int", {}, 4, 2, "e").quant_method

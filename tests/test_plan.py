@@ -256,7 +256,7 @@ def test_plans_are_checked_on_text_held_apart_from_the_counts(monkeypatch):
         seen["count"] = list(texts)
         raise Stop
 
-    monkeypatch.setattr(plan_mod, "ModelScorer", fake_scorer)
+    monkeypatch.setattr("embfactor.plan.apply.ModelScorer", fake_scorer)
     monkeypatch.setattr("embfactor.data.frequency.token_counts", fake_counts)
     emb = torch.nn.Embedding(VOCAB, D)
     lm = type("LM", (), {"model": type("M", (), {"get_input_embeddings": lambda self: emb})(), "tokenizer": None})()

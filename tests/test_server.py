@@ -562,3 +562,73 @@ def test_compressed_tied_llama_folder_serves(tiny_llama_tied, tmp_path):
     ref = lm.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2)
     assert body["text"] == tok.decode(ref[0, 3:], skip_special_tokens=True) and body["new_tokens"] == 8
     assert client.post("/score", json={"texts": ["the cat sat on the mat"]}).json()["scores"][0]["tokens"] == 5
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def test_oversized_bodies_get_their_413_whatever_the_client(encoder_lm):
+    """Clients that write the whole body before reading the answer (urllib, which also sends Connection: close;
+    requests) get the 413 and its JSON for bodies of 2, 20 and 200 MiB over the default 2 MB limit: the server no
+    longer closes with the body unread (a reset: urllib saw ConnectionResetError at 20 MiB every time), and what it
+    discards is not kept (the process grows by far less than one body while they are sent)."""
+    import urllib.error
+    import urllib.request
+
+    requests = pytest.importorskip("requests")
+    body = b"x" * (200 << 20)
+    with live_server(create_app(encoder_lm)) as (host, port):
+        url = f"http://{host}:{port}/embed"
+
+        def post(client: str, size: int) -> tuple[int, dict]:
+            data = memoryview(body)[:size] if client == "requests" else body[:size]
+            if client == "requests":
+                r = requests.post(url, data=data, headers={"content-type": "application/json"}, timeout=60)
+                return r.status_code, r.json()
+            req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        peak, stop = [0], threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss_bytes())
+                time.sleep(0.005)
+
+        base = _rss_bytes()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            for size in (200 << 20, 20 << 20, 2 << 20):
+                for client in ("urllib", "requests"):
+                    status, answer = post(client, size)
+                    assert status == 413 and "max_body_bytes=2000000" in answer["detail"], (client, size, answer)
+        finally:
+            stop.set()
+            sampler.join()
+        # urllib copies a body slice of 200 MiB (body[:size]); the server must add little on top of that
+        assert peak[0] - base < (200 << 20) + (64 << 20), f"RSS grew by {(peak[0] - base) >> 20} MiB"
+
+
+def test_lingering_close_ends_after_the_request_timeout(encoder_lm):
+    """A client that stops sending its oversized body after the 413 reads the answer and then an end of stream; the
+    server discards for at most --request-timeout seconds and then closes (its sends fail)."""
+    with live_server(create_app(encoder_lm, Limits(max_body_bytes=1000)), request_timeout=1) as (host, port):
+        with socket.create_connection((host, port), timeout=10) as conn:
+            conn.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: 10000000\r\n\r\n" + b"x" * 100_000)
+            reply, seconds = read_until_closed(conn, limit=10)
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 413") and b"max_body_bytes=1000" in body and seconds < 5
+            conn.sendall(b"x" * 100_000)  # lingering: still read and discarded
+            time.sleep(2)
+            with pytest.raises(OSError):  # closed after the request timeout: a reset
+                for _ in range(100):
+                    conn.sendall(b"x" * 100_000)
+                    time.sleep(0.01)

@@ -16,7 +16,7 @@ from torch import nn
 
 from embfactor.errors import CorruptFileError, ModelNotFoundError, some_names
 from embfactor.fileio import MARKER_FILE, is_temporary_dir
-from embfactor.hf.st_folder import SOURCE_ATTR, sentence_transformers_files
+from embfactor.surgery.st_folder import SOURCE_ATTR, sentence_transformers_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -276,14 +276,14 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL) -> LoadedModel:
         ('encoder', 30522)
     """
     lm = _load_model(name)
-    # recorded so that saving a compressed copy keeps a sentence-transformers folder's modules (embfactor.hf.st_folder)
+    # recorded so that saving a compressed copy keeps a sentence-transformers folder's modules (embfactor.surgery.st_folder)
     setattr(lm.model, SOURCE_ATTR, str(lm.source))
     return lm
 
 
 def _load_model(name: str | os.PathLike) -> LoadedModel:
-    from embfactor.hf.loading import embfactor_quantization_config, record_from_quantization_config
     from embfactor.surgery.io import load_compressed, read_record
+    from embfactor.surgery.loading import embfactor_quantization_config, record_from_quantization_config
 
     _quiet_transformers()
     name = str(name)

@@ -12,6 +12,8 @@ import sys
 from types import ModuleType
 from typing import Any
 
+# The quant_method of embfactor.surgery.qconfig.EmbfactorConfig (tests/test_imports.py checks they agree): a literal
+# here, since importing the record would import torch and transformers on `import embfactor`.
 QUANT_METHOD = "embfactor"
 _TARGET = "transformers.quantizers.auto"
 _registered = False
@@ -38,7 +40,8 @@ def register() -> bool:
         return False
     if not hasattr(auto, "register_quantizer") or not hasattr(auto, "register_quantization_config"):
         return False
-    from embfactor.hf.quantizer import EmbfactorConfig, EmbfactorHfQuantizer
+    from embfactor.hf.quantizer import EmbfactorHfQuantizer
+    from embfactor.surgery.qconfig import EmbfactorConfig
 
     # setdefault, not the decorators: they refuse a second registration, and a re-imported embfactor (tests,
     # importlib.reload) must keep working. Registering twice from two threads puts the same classes in: harmless.

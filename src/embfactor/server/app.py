@@ -15,6 +15,7 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,6 +156,53 @@ def text_perplexities(lm: LoadedModel, token_ids: list[list[int]]) -> list[tuple
     return out
 
 
+@dataclass(frozen=True)
+class _Served:
+    """What the endpoints need: the model, the limits, and the token caps derived from the model."""
+
+    lm: LoadedModel
+    limits: Limits
+    max_tokens: int
+    max_len: int | None
+
+
+class ModelWorker:
+    """Runs model calls one at a time on one thread; at most ``max_pending`` wait for it (429 beyond).
+
+    The lock also serializes direct callers of the same functions (the module docstring says why one thread).
+    """
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embfactor-model")
+        self.pending = 0
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+        def call() -> T:
+            with self.lock:
+                try:
+                    with torch.inference_mode():
+                        return fn(*args)
+                finally:
+                    # batches of different sizes leave freed activations in glibc's heap: RSS crept up ~40 MB over
+                    # 1,200 mixed requests without this (benchmarks/load_test.py); it costs well under a millisecond
+                    release_free_heap()
+
+        return call
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.pending >= self.max_pending:
+            raise RequestError(
+                429, f"server busy: {self.pending} requests are queued (max_pending={self.max_pending})"
+            )
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._locked(fn, *args))
+        finally:
+            self.pending -= 1
+
+
 def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     """A FastAPI app serving ``lm``: /health, /info, /embed (encoders), /generate and /score (decoders).
 
@@ -170,9 +218,7 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     lm.model.eval()
     max_len = model_max_length(lm.model)
     max_tokens = min(limits.max_tokens, max_len) if max_len else limits.max_tokens
-    lock = threading.Lock()
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embfactor-model")
-    pending = 0
+    worker = ModelWorker(limits.max_pending)
     app = FastAPI(
         title="embfactor",
         version=_version(),
@@ -185,39 +231,14 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     app.router.route_class = route_class(limits.max_body_bytes)
     add_offline_docs(app)
     app.state.lm = lm
-    app.state.worker = worker
+    app.state.worker = worker.executor
     app.state.limits = limits
-    info = model_info(lm, limits)
+    _add_error_handlers(app)
+    _add_routes(app, _Served(lm, limits, max_tokens, max_len), worker)
+    return app
 
-    def locked(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
-        def call() -> T:
-            with lock:
-                try:
-                    with torch.inference_mode():
-                        return fn(*args)
-                finally:
-                    # batches of different sizes leave freed activations in glibc's heap: RSS crept up ~40 MB over
-                    # 1,200 mixed requests without this (benchmarks/load_test.py); it costs well under a millisecond
-                    release_free_heap()
 
-        return call
-
-    async def run(fn: Callable[..., T], *args: Any) -> T:
-        nonlocal pending
-        if pending >= limits.max_pending:
-            raise RequestError(429, f"server busy: {pending} requests are queued (max_pending={limits.max_pending})")
-        pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(worker, locked(fn, *args))
-        finally:
-            pending -= 1
-
-    def need(kind: str, endpoint: str) -> None:
-        if lm.kind != kind:
-            other = "/embed" if lm.kind == "encoder" else "/generate and /score"
-            a = "an" if kind == "encoder" else "a"
-            raise RequestError(400, f"{endpoint} needs {a} {kind} model; {lm.name} is not one (use {other})")
-
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         # FastAPI's handler echoes the bad input, which may not be JSON-renderable (a 500 instead of this 422)
@@ -231,9 +252,13 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     async def _embfactor_error(request: Request, e: EmbfactorError) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, status_code=422)
 
+
+def _add_routes(app: FastAPI, s: _Served, worker: ModelWorker) -> None:
+    info = model_info(s.lm, s.limits)
+
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, str]:
-        return {"status": "ok", "kind": lm.kind}
+        return {"status": "ok", "kind": s.lm.kind}
 
     @app.get("/info", response_model=InfoResponse)
     async def get_info() -> dict[str, Any]:
@@ -242,68 +267,78 @@ def create_app(lm: LoadedModel, limits: Limits | None = None) -> FastAPI:
     @app.post("/embed", response_model=EmbedResponse)
     async def embed(req: EmbedRequest) -> dict[str, Any]:
         """Mean-pooled sentence embeddings (as sentence-transformers computes them for MiniLM)."""
-        need("encoder", "/embed")
-
-        def work() -> dict[str, Any]:
-            from embfactor.eval.embed import sentence_embeddings
-
-            counts = _check_texts(req.texts, limits, max_tokens, lm.tokenizer)
-            e = sentence_embeddings(lm.model, lm.tokenizer, req.texts, max_length=max_tokens, normalize=req.normalize)
-            if not torch.isfinite(e).all():
-                raise RequestError(422, "the model produced non-finite embeddings for these texts")
-            return {"embeddings": e.tolist(), "dim": int(e.shape[1]), "tokens": counts}
-
-        return await run(work)
+        _need(s.lm, "encoder", "/embed")
+        return await worker.run(_embed, s, req)
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest) -> dict[str, Any]:
         """Continue a prompt: greedy at temperature 0, seeded sampling otherwise."""
-        need("decoder", "/generate")
-        if req.max_new_tokens is None:
-            req.max_new_tokens = min(32, limits.max_new_tokens)
-        if req.max_new_tokens > limits.max_new_tokens:
-            raise RequestError(
-                422, f"max_new_tokens={req.max_new_tokens} is above the server's cap of {limits.max_new_tokens}"
-            )
-        if req.temperature > limits.max_temperature or not math.isfinite(req.temperature):
-            raise RequestError(422, f"temperature must be in [0, {limits.max_temperature}], got {req.temperature}")
-
-        def work() -> dict[str, Any]:
-            (n,) = _check_texts([req.prompt], limits, max_tokens, lm.tokenizer)
-            ids = lm.tokenizer(req.prompt)["input_ids"]
-            if max_len and n + req.max_new_tokens > max_len:
-                raise RequestError(
-                    413, f"prompt ({n} tokens) + max_new_tokens ({req.max_new_tokens}) > the model's "
-                    f"{max_len} positions; shorten the prompt or ask for fewer tokens"
-                )
-            new, why = generate_text(
-                lm, ids, max_new_tokens=req.max_new_tokens, temperature=float(req.temperature), seed=req.seed
-            )
-            text = lm.tokenizer.decode(new, skip_special_tokens=True)
-            return {"text": text, "prompt_tokens": n, "new_tokens": len(new), "finish_reason": why}
-
-        return await run(work)
+        _need(s.lm, "decoder", "/generate")
+        _check_generate_request(req, s.limits)
+        return await worker.run(_generate, s, req)
 
     @app.post("/score", response_model=ScoreResponse)
     async def score(req: ScoreRequest) -> dict[str, Any]:
         """Perplexity of each text under the model (next-token prediction)."""
-        need("decoder", "/score")
+        _need(s.lm, "decoder", "/score")
+        return await worker.run(_score, s, req)
 
-        def work() -> dict[str, Any]:
-            counts = _check_texts(req.texts, limits, max_tokens, lm.tokenizer)
-            for i, n in enumerate(counts):
-                if n < 2:
-                    raise RequestError(422, f"texts[{i}] has {n} token(s); perplexity needs at least 2")
-            ids = lm.tokenizer(req.texts)["input_ids"]
-            res = text_perplexities(lm, ids)
-            scores = [TextScore(perplexity=math.exp(min(nll, 700.0)), nll=nll, tokens=k) for nll, k in res]
-            total = sum(k for _, k in res)
-            mean = sum(nll * k for nll, k in res) / total
-            return {"scores": scores, "perplexity": math.exp(min(mean, 700.0))}
 
-        return await run(work)
+def _need(lm: LoadedModel, kind: str, endpoint: str) -> None:
+    if lm.kind != kind:
+        other = "/embed" if lm.kind == "encoder" else "/generate and /score"
+        a = "an" if kind == "encoder" else "a"
+        raise RequestError(400, f"{endpoint} needs {a} {kind} model; {lm.name} is not one (use {other})")
 
-    return app
+
+def _embed(s: _Served, req: EmbedRequest) -> dict[str, Any]:
+    from embfactor.eval.embed import sentence_embeddings
+
+    counts = _check_texts(req.texts, s.limits, s.max_tokens, s.lm.tokenizer)
+    e = sentence_embeddings(s.lm.model, s.lm.tokenizer, req.texts, max_length=s.max_tokens, normalize=req.normalize)
+    if not torch.isfinite(e).all():
+        raise RequestError(422, "the model produced non-finite embeddings for these texts")
+    return {"embeddings": e.tolist(), "dim": int(e.shape[1]), "tokens": counts}
+
+
+def _check_generate_request(req: GenerateRequest, limits: Limits) -> None:
+    """Settle the request's max_new_tokens and check it and the temperature against the limits (before queueing)."""
+    if req.max_new_tokens is None:
+        req.max_new_tokens = min(32, limits.max_new_tokens)
+    if req.max_new_tokens > limits.max_new_tokens:
+        raise RequestError(
+            422, f"max_new_tokens={req.max_new_tokens} is above the server's cap of {limits.max_new_tokens}"
+        )
+    if req.temperature > limits.max_temperature or not math.isfinite(req.temperature):
+        raise RequestError(422, f"temperature must be in [0, {limits.max_temperature}], got {req.temperature}")
+
+
+def _generate(s: _Served, req: GenerateRequest) -> dict[str, Any]:
+    (n,) = _check_texts([req.prompt], s.limits, s.max_tokens, s.lm.tokenizer)
+    ids = s.lm.tokenizer(req.prompt)["input_ids"]
+    if s.max_len and n + req.max_new_tokens > s.max_len:
+        raise RequestError(
+            413, f"prompt ({n} tokens) + max_new_tokens ({req.max_new_tokens}) > the model's "
+            f"{s.max_len} positions; shorten the prompt or ask for fewer tokens"
+        )
+    new, why = generate_text(
+        s.lm, ids, max_new_tokens=req.max_new_tokens, temperature=float(req.temperature), seed=req.seed
+    )
+    text = s.lm.tokenizer.decode(new, skip_special_tokens=True)
+    return {"text": text, "prompt_tokens": n, "new_tokens": len(new), "finish_reason": why}
+
+
+def _score(s: _Served, req: ScoreRequest) -> dict[str, Any]:
+    counts = _check_texts(req.texts, s.limits, s.max_tokens, s.lm.tokenizer)
+    for i, n in enumerate(counts):
+        if n < 2:
+            raise RequestError(422, f"texts[{i}] has {n} token(s); perplexity needs at least 2")
+    ids = s.lm.tokenizer(req.texts)["input_ids"]
+    res = text_perplexities(s.lm, ids)
+    scores = [TextScore(perplexity=math.exp(min(nll, 700.0)), nll=nll, tokens=k) for nll, k in res]
+    total = sum(k for _, k in res)
+    mean = sum(nll * k for nll, k in res) / total
+    return {"scores": scores, "perplexity": math.exp(min(mean, 700.0))}
 
 
 def json_safe(value: Any) -> Any:

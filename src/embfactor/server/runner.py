@@ -6,6 +6,13 @@ with enough of them, the server) forever. :class:`TimedH11Protocol` gives every 
 to arrive in full, headers and body, counted from when the connection became ready for it; past that the client
 gets a 408 (when nothing was answered yet) and the connection is closed. Time the model spends on a request that
 did arrive is not limited.
+
+A response that closes the connection while the request body is still arriving (a 413 for a body over
+``--max-body-bytes`` sent with ``Connection: close``, as Python's urllib does) used to close the socket with the rest of
+the body unread: the kernel then answers with a reset, and a client that writes its whole body before reading (urllib
+at 20 MB, every time) saw ``BrokenPipeError`` or ``ConnectionResetError`` instead of the 413. The connection now closes
+the way Apache and nginx close it (a *lingering close*): the response is sent and the write side shut (FIN), then the
+rest of the body is read and discarded, nothing kept, until the client closes or ``request_timeout`` seconds pass.
 """
 
 from __future__ import annotations
@@ -30,19 +37,59 @@ _408 = b"the request did not arrive in full within %.0f seconds\n"
 _REQUEST_IN = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 
 
+class _LingeringTransport:
+    """The transport as uvicorn's protocol and request cycles see it: ``close()`` is the protocol's lingering close."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: TimedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        self._protocol._close()
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # write, get_extra_info, ... of the real transport
+        return getattr(self._transport, name)
+
+
 class TimedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request to arrive in full (``request_timeout`` seconds).
 
     The deadline starts when the connection opens and again after each response; it ends when h11 has parsed the
     whole request (their side ``DONE``). Subclass with another ``request_timeout`` (see :func:`make_config`).
+    Closing while the request body is still arriving lingers (module docstring), for at most ``request_timeout``.
     """
 
     request_timeout: float = REQUEST_TIMEOUT
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._request_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
+        self._no_linger = False
         super().connection_made(transport)
+        self._raw = transport
+        self.transport = _LingeringTransport(transport, self)  # type: ignore[assignment]
         self._start_request_clock()
+
+    def _close(self) -> None:
+        """Close, or, when the client is still sending its request, shut our side and discard what still arrives."""
+        raw = self._raw
+        if self._lingering:
+            return
+        if self._no_linger or raw.is_closing() or self.conn.their_state in _REQUEST_IN or not raw.can_write_eof():
+            raw.close()
+            return
+        self._lingering = True
+        self._stop_request_clock()
+        raw.write_eof()  # the response already written goes out, then FIN: the client reads it once it has sent
+        raw.resume_reading()  # flow control may have paused reading while the unread body piled up
+        self._request_timer = self.loop.call_later(self.request_timeout, raw.close)
+
+    def shutdown(self) -> None:
+        self._no_linger = True  # the server is stopping: close at once
+        super().shutdown()
 
     def _start_request_clock(self) -> None:
         self._stop_request_clock()
@@ -54,6 +101,8 @@ class TimedH11Protocol(H11Protocol):
             self._request_timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a body already answered: discarded (the client closes when it has sent it)
         super().data_received(data)
         if self.conn.their_state in _REQUEST_IN:  # the whole request is in: the model's time is not limited
             self._stop_request_clock()
@@ -79,7 +128,7 @@ class TimedH11Protocol(H11Protocol):
                 b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
                 b"content-length: %d\r\n\r\n%s" % (len(msg), msg)
             )
-        self.transport.close()
+        self._raw.close()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -16,7 +16,7 @@ from embfactor.decomposition import (
 )
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.formats import from_factors, is_row_format
-from embfactor.hf.integration import attach_quantization_config
+from embfactor.surgery.integration import attach_quantization_config
 from embfactor.surgery.meta import CompressionMeta, set_meta
 from embfactor.surgery.replace import apply_structure_, fqn_of
 

@@ -1,7 +1,7 @@
 """Reading a saved model's transformers config: the class it names, its dtype, sanity checks, an absent pooler.
 
 Shared by both loaders (:func:`embfactor.surgery.io.load_compressed` and the ``from_pretrained`` path in
-:mod:`embfactor.hf.loading`) and by :func:`embfactor.models.load_model`; it imports neither of them.
+:mod:`embfactor.surgery.loading`) and by :func:`embfactor.models.load_model`; it imports neither of them.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ def save_compressed(
     from safetensors.torch import save_model
 
     from embfactor import __version__
-    from embfactor.hf.integration import attach_quantization_config
-    from embfactor.hf.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
+    from embfactor.surgery.integration import attach_quantization_config
+    from embfactor.surgery.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
 
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None) if not isinstance(model, nn.Module) else None
@@ -95,7 +95,7 @@ def save_compressed(
         # the stored rest's (a bf16 source loads as bf16, as its own folder did); embfactor's loaders load in the
         # record's torch_dtype (the dtype embfactor computes in).
         config.dtype = dtype_name(stored) if stored is not None else record["torch_dtype"]
-        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf)
+        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf registers its quantizer)
         attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
@@ -150,7 +150,7 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     Example:
         >>> model = load_compressed("out/minilm-r6")   # doctest: +SKIP
     """
-    from embfactor.hf.loading import embfactor_quantization_config, from_pretrained_compressed
+    from embfactor.surgery.loading import embfactor_quantization_config, from_pretrained_compressed
 
     directory = Path(directory)
     record = read_record(directory)

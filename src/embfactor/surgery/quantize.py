@@ -9,9 +9,9 @@ from torch import nn
 from embfactor.errors import SurgeryError
 from embfactor.formats.lowrank import FactorizedEmbedding
 from embfactor.formats.quantized import QuantizedFactorizedEmbedding, parse_bits
-from embfactor.hf.integration import attach_quantization_config
 from embfactor.layers.head import FactorizedLMHead
 from embfactor.surgery.factorize import as_module
+from embfactor.surgery.integration import attach_quantization_config
 from embfactor.surgery.meta import CompressionMeta, get_meta
 from embfactor.surgery.replace import replace_modules_
 

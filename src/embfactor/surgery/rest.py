@@ -166,7 +166,7 @@ def store_rest_(model: nn.Module, rest: str = "auto", *, source: str | Path | No
         >>> store_rest_(model, "int8", source="SmolLM2.gguf")["dtype"]   # doctest: +SKIP
         'bfloat16'
     """
-    from embfactor.hf.integration import attach_quantization_config
+    from embfactor.surgery.integration import attach_quantization_config
     from embfactor.surgery.meta import get_meta
     from embfactor.surgery.replace import replace_modules_
 

@@ -32,13 +32,14 @@ def from_pretrained_compressed(directory: str | os.PathLike, record: dict[str, A
     Example:
         >>> model = from_pretrained_compressed(folder, read_record(folder))   # doctest: +SKIP
     """
+    # importing transformers' quantizer registry registers embfactor's quantizer (the hook `import embfactor`
+    # installs, embfactor.hf.hook), which from_pretrained looks up by the record's quant_method
+    import transformers.quantizers.auto  # noqa: F401
     from safetensors import SafetensorError
 
-    from embfactor.hf.hook import register
-    from embfactor.hf.quantizer import EmbfactorConfig, format_class
     from embfactor.surgery.hfconfig import read_model_config, without_absent_pooler, without_load_report
+    from embfactor.surgery.qconfig import EmbfactorConfig, format_class
 
-    register()
     directory = Path(directory)
     marker, weights = directory / MARKER_FILE, directory / WEIGHTS_FILE
     config, cls, dtype = read_model_config(directory, record)
@@ -89,7 +90,7 @@ def embfactor_quantization_config(directory: str | os.PathLike) -> dict[str, Any
     """
     import json
 
-    from embfactor.hf.hook import QUANT_METHOD
+    from embfactor.surgery.qconfig import QUANT_METHOD
 
     try:
         config = json.loads((Path(directory) / HF_CONFIG_FILE).read_text())

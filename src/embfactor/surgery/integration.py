@@ -26,10 +26,8 @@ def attach_quantization_config(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
     if meta is None or config is None or not hasattr(config, "to_json_file"):
         return None
-    from embfactor.hf.hook import register
-    from embfactor.hf.quantizer import EmbfactorConfig
+    from embfactor.surgery.qconfig import EmbfactorConfig
 
-    register()
     qconfig = EmbfactorConfig.from_model(model, meta)
     config.quantization_config = qconfig
     quantizer = getattr(model, "hf_quantizer", None)

@@ -1,0 +1,56 @@
+"""Calibration text of the planner: the split that holds text apart from the token counts, passages to score on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+CHECK_EVERY = 5  # one calibration text in five is held apart from the token counts for the check
+
+
+def calibration_split(texts: Sequence[str], every: int = CHECK_EVERY) -> tuple[list[str], list[str]]:
+    """(texts to count tokens on, texts to check plans on): every ``every``-th text is held apart.
+
+    Checking plans on the very text whose counts ordered the tokens rewards starving every token that text happens
+    to lack: on MiniLM at 16x the check then preferred a plan with a 12-column PQ tail (calibration score 0.9935 vs
+    0.9922) that held-out text scored 0.981 vs 0.987. Held-apart text contains tokens the counts missed, as real
+    input does. With fewer than ``2 * every`` texts the split is by non-empty lines; one line is both.
+
+    Example:
+        >>> calibration_split([f"t{i}" for i in range(10)])
+        (['t1', 't2', 't3', 't4', 't6', 't7', 't8', 't9'], ['t0', 't5'])
+    """
+    items = [t for t in texts if t.strip()]
+    if len(items) < 2 * every:
+        items = [line for t in items for line in t.splitlines() if line.strip()]
+    if len(items) < 2:
+        return items, items
+    every = min(every, len(items))
+    return [t for i, t in enumerate(items) if i % every], items[::every]
+
+
+def spread(items: Sequence[str], n: int) -> list[str]:
+    """At most ``n`` items taken evenly across ``items`` (calibration text from the whole corpus, not its start)."""
+    return list(items[:: max(1, len(items) // n)])[:n]
+
+
+def calibration_passages(n: int = 64, sentences: int = 3, articles: Sequence[str] | None = None) -> list[str]:
+    """Passages of up to ``sentences`` sentences from the first line of ``n`` articles spread over ``articles``
+    (default: the *training* part of the bundled Wikipedia extract; the held-out part stays for evaluation)."""
+    import re
+
+    from embfactor.data import wiki_split
+
+    split = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+    out: list[str] = []
+    arts = list(articles) if articles is not None else wiki_split("train")
+    for article in spread(arts, n) if len(arts) > n else arts:
+        sents = [s.strip() for s in split.split(article.strip().splitlines()[0]) if s.strip()]
+        if sents:
+            out.append(" ".join(sents[:sentences]))
+    return out
+
+
+def _train_text() -> list[str]:
+    from embfactor.data import wiki_split
+
+    return spread(wiki_split("train"), 16)

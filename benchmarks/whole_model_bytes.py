@@ -48,10 +48,12 @@ def _mb(n: int) -> str:
 
 
 def measure(name: str, source: str, size: str, work: Path, *, quick: bool = False,
-            shown: str | None = None) -> list[dict[str, Any]]:
+            shown: str | None = None, from_output: str | None = None) -> list[dict[str, Any]]:
     """Compress ``source`` once, store its rest each way, write, reload and score each folder against the source.
 
-    ``shown``: how the commands in the results name the source (default: ``source``).
+    ``shown``: how the commands in the results name the source (default: ``source``). ``from_output``: an
+    ``embfactor compress SOURCE --size SIZE`` output written earlier (with any rest): its table is reused instead of
+    planning again (the planner is deterministic; SmolLM2's plan takes minutes of CPU on a shared machine).
     """
     from embfactor.eval.size import weights_bytes_on_disk
     from embfactor.eval.tasks import evaluate
@@ -66,16 +68,24 @@ def measure(name: str, source: str, size: str, work: Path, *, quick: bool = Fals
     if quick and task == "perplexity":
         opts = {"max_tokens": 256, "window": 64, "stride": 64}
     t0 = time.perf_counter()
-    lm = load_model(source)
-    report = compress(lm, size=size, progress=False)  # in memory; the rest stored as the default (auto)
+    src = source_path(source) or Path(source)
+    if from_output is not None:
+        lm = load_model(from_output)
+        if lm.record.get("factorization", {}).get("size") != size or lm.record.get("source_model") != source:
+            raise SystemExit(f"error: {from_output} is not an output of compress {source} --size {size}")
+        table_bytes = lm.record["report"].get("embedding_bytes_after")
+    else:
+        lm = load_model(source)
+        report = compress(lm, size=size, progress=False)  # in memory; the rest stored as the default (auto)
+        table_bytes = report.factorization.to_dict().get("embedding_bytes_after")
     plan_seconds = time.perf_counter() - t0
-    bytes_in = weights_bytes_on_disk(source_path(source) or Path(source))
+    bytes_in = weights_bytes_on_disk(src)
     rows = []
     for rest in RESTS:
         model = lm.model if rest == "auto" else copy.deepcopy(lm.model)
-        stored = store_rest_(model, rest, source=lm.source)
+        stored = store_rest_(model, rest, source=src)
         out = work / f"{name}-{size}-{rest}"
-        save_compressed(model, out, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": source})
+        save_compressed(model, out, tokenizer=lm.tokenizer, inputs=(src,), extra={"source_model": source})
         if model is not lm.model:
             del model
         written = load_model(out)
@@ -84,7 +94,7 @@ def measure(name: str, source: str, size: str, work: Path, *, quick: bool = Fals
         row = {
             "model": name, "size": size, "rest": rest, "rest_dtype": stored["dtype"], "bytes_in": bytes_in,
             "bytes_out": bytes_out, "ratio": bytes_in / bytes_out, "larger": bytes_out > bytes_in,
-            "embedding_bytes": report.factorization.to_dict().get("embedding_bytes_after"),
+            "embedding_bytes": table_bytes, "table_from": from_output and "an earlier compress output",
             "rest_bytes": stored["bytes"], "task": task, "plan_seconds": round(plan_seconds, 1),
             "command": f"embfactor compress {shown or source} --size {size}"
             + (f" --rest {rest}" if rest != "auto" else "")
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="8x", help="compress --size (default 8x)")
     p.add_argument("--keep", type=Path, help="keep the written folders here (default: a temporary folder)")
     p.add_argument("--output", default=str(RESULTS_DIR), help="folder of the results files")
+    p.add_argument("--from-output", help="with one model: its `compress --size SIZE` output written earlier, whose "
+                   "table is reused instead of planning again")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="only write the results of these runs' JSON files (one model each, run side by side) as one")
     args = p.parse_args(argv)
@@ -166,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.models:
                 if sources.get(name) is None:
                     p.error(f"--models {name}: give --mpnet DIR (python -m benchmarks.extra_models mpnet --dest DIR)")
-                rows += measure(name, sources[name], args.size, work, shown="MPNET_DIR" if name == "mpnet" else None)
+                rows += measure(name, sources[name], args.size, work, shown="MPNET_DIR" if name == "mpnet" else None,
+                                from_output=args.from_output if len(args.models) == 1 else None)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

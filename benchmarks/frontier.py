@@ -9,7 +9,10 @@ the last tier takes the rest and has no ``@``. FORMAT:
 - ``pq<sub>[k<K>]`` (``pq4``, ``pq6k4096``): frequency-weighted PQ (faiss k-means), fp16 codebooks;
 - ``rvq<sub>x<stages>[k<K>]``: residual stages of weighted PQ;
 - ``prq<sub>x<stages>[b<beam>]``: faiss ProductResidualQuantizer with beam search (trained on a weighted sample);
-- ``plsq<sub>x<stages>``: faiss ProductLocalSearchQuantizer (LSQ++), trained on a weighted sample.
+- ``plsq<sub>x<stages>``: faiss ProductLocalSearchQuantizer (LSQ++), trained on a weighted sample;
+- other tools' formats (``embfactor.pipeline.references``): ``gguf-q8_0``, ``gguf-q5_0``, ``gguf-q4_0`` (llama.cpp's
+  block types by the gguf package's quantizers), ``torchao-int8``, ``torchao-int4`` (torchao, if installed), at the
+  bytes the tool stores: external references at the same protocol as the plans.
 
 Byte counts: integers + fp16 scales/codebooks + the tier map (one byte per row, none for one tier; rows of
 2026-11-30 before 18:36 UTC counted ⌈log2 tiers⌉ bits).
@@ -142,6 +145,11 @@ _FMT = re.compile(
 
 def build_format(spec: str, E: torch.Tensor, w: np.ndarray, seed: int = 0) -> tuple[torch.Tensor, float]:
     """(reconstructed rows, stored bytes) of rows ``E`` in format ``spec`` (see the module docstring)."""
+    from embfactor.pipeline.references import external_table, is_external
+
+    if is_external(spec):
+        table, nbytes, _ = external_table(spec, E)
+        return table, nbytes
     m = _FMT.match(spec)
     if m is None:
         raise ValueError(f"unknown format {spec!r}")
@@ -224,11 +232,12 @@ def evaluate_table(lm, ref, Eh: torch.Tensor, args: argparse.Namespace, cache: d
     opts: dict[str, Any] = {}
     if args.quick:
         opts = {"texts": ["a b c", "d e f", "a b d", "w5 w9 e"], "fidelity_texts": ["w1 w2", "w3 a"],
+                "other_texts": ["w5 w1", "e d"],
                 "human": np.array([[1, .2, .8, .1], [.2, 1, .5, .3], [.8, .5, 1, .6], [.1, .3, .6, 1.0]])}
     elif args.passages != 200:
         opts["fidelity_texts"] = wiki_passages()[: args.passages]
     r = similarity(lm, reference=ref, cache=cache, **opts)
-    return {k: r[k] for k in ("fidelity", "spearman", "fidelity_min")}
+    return {k: r[k] for k in ("fidelity", "spearman", "fidelity_min", "fidelity_other")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         ref = _tiny("encoder")
-        args.plans = args.plans or ["int4g32", "int8g32@v0.2+pq4k16"]
+        args.plans = args.plans or ["int4g32", "int8g32@v0.2+pq4k16", "gguf-q4_0"]
         counts = torch.arange(ref.model.get_input_embeddings().num_embeddings, 0, -1).double()
     else:
         from embfactor.data import wiki_split
@@ -306,13 +315,14 @@ def render(src: Path, dst: Path) -> None:
         dec = "perplexity" in mine[0]
         out += [f"## {model}", "",
                 "| plan | alpha | x fewer bytes than fp32 | weighted rel. error | "
-                + ("perplexity (original) | KL |" if dec else "fidelity | Lee Spearman |")
+                + ("perplexity (original) | KL |" if dec else "fidelity | Lee Spearman | fidelity, newsgroups |")
                 + " tiers (rows / token mass) | date | command |",
-                "|---|---:|---:|---:|---:|---:|---|---|---|"]
+                "|---|---:|---:|---:|---:|---:|" + ("" if dec else "---:|") + "---|---|---|"]
         for r in mine:
             tiers = "; ".join(f"{t['format']} {t['rows']:,} / {100 * t['mass']:.1f}%" for t in r["tiers"])
             q = (f"{r['perplexity']:.2f} ({r['reference_perplexity']:.2f}) | {r['kl']:.4f}" if dec
-                 else f"{r['fidelity']:.4f} | {r['spearman']:.4f}")
+                 else f"{r['fidelity']:.4f} | {r['spearman']:.4f} | "
+                 + (f"{r['fidelity_other']:.4f}" if r.get("fidelity_other") is not None else "—"))
             out.append(f"| `{r['plan']}` | {r['alpha']} | {r['ratio']:.2f} | {r['werr']:.4f} | {q} | {tiers} | "
                        f"{r['date']} | `{r['command']}` |")
         out.append("")

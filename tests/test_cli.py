@@ -266,3 +266,67 @@ def test_reconstruction_task_does_not_warn_about_sequence_length(tiny_bert_dir, 
         logger.removeHandler(handler)
     assert counts.sum() > 4
     assert not [r for r in records if "indexing errors" in r.getMessage()]
+
+
+def test_quiet_silences_third_party_progress_bars(tmp_path, capsys, monkeypatch):
+    """-q: no bar at all, transformers' own included ("Converting and de-quantizing GGUF tensors" when a GGUF file
+    loads through transformers, which takes no flag to turn it off); without -q that bar shows."""
+    from embfactor import gguf_loader
+    from tests.test_gguf_loader import _tiny_llama, write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_llama(tied=True), tokenizer=True)
+    monkeypatch.setattr(gguf_loader, "_unsupported", lambda reader: "load it through transformers")
+    argv = ["compress", str(path), "--method", "int", "--method-option", "bits=8", "--verify", "1"]
+    assert main([*argv, "-o", str(tmp_path / "loud")]) == 0
+    assert "de-quantizing GGUF tensors" in capsys.readouterr().err  # the bar the test is about exists
+    assert main([*argv, "-o", str(tmp_path / "quiet"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "GGUF" not in err and "it/s" not in err and "%|" not in err, err
+    from tqdm import tqdm
+
+    assert not tqdm(range(1), file=None).disable  # restored after the command
+
+
+def test_a_size_target_for_one_method_says_what_it_picked_and_what_it_narrowly_missed(tiny_bert_dir, tmp_path,
+                                                                                       capsys, monkeypatch):
+    import embfactor.decomposition.choice as choice
+
+    monkeypatch.setattr(choice, "NEAR", 0.1)  # the tiny table's int-k settings are 6% apart or more
+    fp32 = 4 * 120 * 32
+    sizes = sorted({b for b, _ in choice.settings_for("int", 120, 32, {})})
+    finer = next(b for b, lower in zip(sizes[1:], sizes) if b < lower * 1.08)  # a step finer by under 8%
+    size = f"{fp32 * 1.01 / finer:.4f}x"  # its bytes are 1% over this budget
+    rep = tmp_path / "r.json"
+    argv = ["compress", str(tiny_bert_dir), "--method", "int", "--size", size, "-q", "--no-verify"]
+    assert main([*argv, "-o", str(tmp_path / "a"), "--json", str(rep)]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(rep.read_text())
+    c = r["size_choice"]
+    assert c["bytes"] == r["embedding_bytes_after"] < finer
+    assert "int picked bits=" in out and f"{c['bytes']:,} bytes" in out
+    f = c["finer"]
+    assert f["bytes"] == finer and 0 < f["over"] <= 0.1 and "over the budget" in out
+    assert f"{f['flags'][0]}, or {f['flags'][1]} instead of --size, gets it" in out
+    # each suggested flag does get the finer setting
+    for flags in (f["flags"][0].split(), f["flags"][1].split()):
+        argv = ["compress", str(tiny_bert_dir), "--method", "int", *flags, "-q", "--no-verify"]
+        assert main([*argv, "-o", str(tmp_path / "b"), "--json", str(rep)]) == 0
+        assert json.loads(rep.read_text())["embedding_bytes_after"] == finer
+
+
+def test_pq_15x_on_minilm_s_shape_names_sub_dim_4():
+    """The issue's case, in arithmetic: MiniLM's table at --method pq --size 15x stores sub_dim 5 (18.4x) because
+    sub_dim 4 (14.99x) is 0.04% over; the report names both flags, and --size 14.99x does pick sub_dim 4."""
+    from embfactor.decomposition.choice import size_choice
+    from embfactor.decomposition.codebook import codebook_bytes, plan_codebook
+
+    vocab, d = 30522, 384
+    budget = vocab * d * 4 / 15
+    picked = plan_codebook(vocab, d, budget)
+    c = size_choice("pq", vocab, d, budget, picked, codebook_bytes(vocab, d, sub_dim=picked["sub_dim"]))
+    assert picked["sub_dim"] == 5 and c["finer"]["settings"] == {"sub_dim": 4}
+    assert c["finer"]["flags"] == ["--size 14.99x", "--method-option sub_dim=4"]
+    assert plan_codebook(vocab, d, vocab * d * 4 / 14.99)["sub_dim"] == 4
+    # a budget that the finer setting misses by more than NEAR: only what was picked is said
+    assert "finer" not in size_choice("pq", vocab, d, vocab * d * 4 / 17, plan_codebook(vocab, d, vocab * d * 4 / 17),
+                                      codebook_bytes(vocab, d, sub_dim=5))

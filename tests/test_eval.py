@@ -170,6 +170,26 @@ def test_similarity_known_answers(bert_lm):
     assert r["n_fidelity_texts"] == 8 and r["n_pairs"] == 15 and r["metric"] == "spearman"
 
 
+def test_similarity_other_domain_fidelity(bert_lm):
+    """Newsgroup posts by default (fidelity 1 against itself), scored apart from ``fidelity``; [] leaves them out."""
+    from embfactor.data import newsgroup_posts
+
+    posts = newsgroup_posts()
+    assert len(posts) == 100 and len(set(posts)) == 100 and all(200 <= len(p) <= 600 for p in posts)
+    assert sum(p.count(">") for p in posts) > 100  # quoted replies: not the Wikipedia prose of calibration
+    human = np.random.default_rng(0).random((6, 6))
+    same = evaluate(bert_lm, "similarity", reference=clone(bert_lm), texts=TEXTS, human=human + human.T,
+                    fidelity_texts=["a cat"])
+    assert same["fidelity_other"] == pytest.approx(1.0, abs=1e-6) and same["n_other_texts"] == 100
+    low = evaluate(factorized(bert_lm, rank=2), "similarity", reference=bert_lm, texts=TEXTS, human=human + human.T,
+                   fidelity_texts=["a cat"], other_texts=posts[:5] + ["the dog sat"])
+    assert 0.0 < low["fidelity_other"] < 0.9999 and low["n_other_texts"] == 6
+    assert low["fidelity_other_min"] <= low["fidelity_other"]
+    none = evaluate(bert_lm, "similarity", reference=clone(bert_lm), texts=TEXTS, human=human + human.T,
+                    fidelity_texts=["a cat"], other_texts=[])
+    assert "fidelity_other" not in none and none["fidelity"] == pytest.approx(same["fidelity"])
+
+
 def test_similarity_fidelity_drops_after_factorization(bert_lm):
     human = np.random.default_rng(0).random((6, 6))
     r = evaluate(factorized(bert_lm, rank=2), "similarity", reference=bert_lm, texts=TEXTS, human=human + human.T,

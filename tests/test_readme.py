@@ -283,7 +283,24 @@ def test_synopsis_check_catches_a_flag_the_command_lacks() -> None:
 
 def test_demo_output_check_catches_a_changed_table() -> None:
     table = "\n".join(_demo_table())
-    _check_demo_output(table.replace("wall time: 4.7 s", "wall time: 12.25 s"))
-    changed = table.replace("embedding parameters", "embedding params")
+    _check_demo_output(re.sub(r"wall time: [\d.]+ s", "wall time: 12.25 s", table))
+    changed = table.replace("model on disk", "model size")
     with pytest.raises(AssertionError, match="is not what `make demo` prints"):
         _check_demo_output(changed)
+
+
+def test_readme_first_screen_is_the_demo() -> None:
+    """The first screen shows `make demo` and what it prints, and `make demo` is the planner at 8x on minilm: the
+    summary (whole-model bytes, embedding bytes, the written model's measured quality) leads its output."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe and "embfactor compress minilm --size 8x " in recipe.group(1), "make demo is not compress --size 8x"
+    first = "\n".join(README.read_text().splitlines()[:40])
+    assert "make demo" in first and "## What `make demo` prints" in first, "the demo is not on the README's first screen"
+    assert "--size 8x" in first
+    table = _demo_table()
+    assert table[0].startswith("model on disk: ") and " -> " in table[0]
+    assert table[1].startswith("embedding: ") and "8.00x fewer bytes than fp32" in table[1]
+    assert re.match(r"written model, reloaded with \w+\.from_pretrained: fidelity 0\.99\d\d to the original", table[2])
+    last = "\n".join(README.read_text().splitlines()[:60])
+    assert "tiers" in last and "rank 63" not in first, "low rank belongs to its own section, not the first screen"

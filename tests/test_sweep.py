@@ -173,3 +173,30 @@ def test_sweep_with_healing(tiny_bert_dir, opts, monkeypatch):
     assert [c[:3] for c in calls] == [(FactorizedEmbedding, torch.nn.Embedding, 0.5)] * 2 and calls[0][3] == {"lr": 1e-3}
     assert [p["label"] for p in r["points"]] == ["svd+heal0.5m"] * 2
     assert r["points"][0]["heal"] == {"steps": 7, "seconds": 1.0, "best_eval": {"loss": 0.5}}  # history left out
+
+
+def test_external_references_are_reference_rows(tiny_bert_dir, opts):
+    """gguf's Q8_0/Q4_0 enter a sweep as reference points, computed by the gguf package, at their stored bytes."""
+    from embfactor.pipeline.sweep import sweep
+
+    r = sweep(str(tiny_bert_dir), ratios="4", methods="svd,gguf-q8_0,gguf-q4_0", progress=False, task_options=opts)
+    ext = {p["label"]: p for p in r["reference"] if p.get("kind") == "external"}
+    assert set(ext) == {"gguf-q8_0", "gguf-q4_0"}
+    # blocks of 32 values: 34 bytes (Q8_0) and 18 bytes (Q4_0) per block; a 32-wide row is one block
+    assert ext["gguf-q8_0"]["embedding_bytes"] == 120 * 34 and ext["gguf-q4_0"]["embedding_bytes"] == 120 * 18
+    assert ext["gguf-q8_0"]["fidelity"] > ext["gguf-q4_0"]["fidelity"] and ext["gguf-q8_0"]["fidelity"] > 0.999
+    assert [p["method"] for p in r["points"]] == ["svd"] and "gguf-q4_0" in r["settings"]["methods"]
+
+
+def test_external_reference_errors(tiny_bert_dir, opts):
+    import torch
+
+    from embfactor.pipeline.references import check_external, external_table
+    from embfactor.pipeline.sweep import sweep
+
+    with pytest.raises(ConfigError, match="rows of 40 values are not a multiple of 32"):
+        external_table("gguf-q4_0", torch.randn(4, 40))
+    with pytest.raises(ConfigError, match="valid: gguf-q8_0"):
+        check_external("gguf-q3_k")
+    with pytest.raises(UnknownMethodError, match="gguf-q3_k"):
+        sweep(str(tiny_bert_dir), ratios="4", methods="gguf-q3_k", progress=False, task_options=opts)

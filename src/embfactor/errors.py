@@ -42,6 +42,10 @@ class CorruptFileError(EmbfactorError, ValueError):
     """A saved file is truncated, corrupt or from an incompatible version."""
 
 
+class VerificationError(EmbfactorError, RuntimeError):
+    """A written model, loaded back as users load it, is far worse than the model that was compressed."""
+
+
 class TokenIndexError(EmbfactorError, IndexError):
     """A token id is outside the vocabulary."""
 

@@ -296,6 +296,18 @@ def read_manifest(folder: str | os.PathLike) -> set[str] | None:
     return {e for e in entries if isinstance(e, str)} if isinstance(entries, list) else set()
 
 
+def add_to_manifest(folder: str | os.PathLike, entries: list[str]) -> None:
+    """List ``entries`` (folders end in ``/``) in an output folder's manifest: files embfactor added to it later.
+
+    A folder from an older embfactor without a manifest gets one listing the legacy files it holds plus ``entries``.
+    """
+    folder = Path(folder)
+    listed = read_manifest(folder)
+    if listed is None:
+        listed = {e for e in LEGACY_OUTPUT_FILES if (folder / e.rstrip("/")).exists()}
+    atomic_write_text(folder / MANIFEST_FILE, _manifest_json([*listed, *entries]))
+
+
 def _manifest_entries(folder: Path) -> list[str]:
     out = []
     for root, dirs, files in os.walk(folder):

@@ -28,9 +28,9 @@ def quantize_rows(t: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
         scale is float32 (n,).
 
     Example:
-        >>> q, s = quantize_rows(torch.tensor([[1.0, -2.0, 0.5]]))
+        >>> q, s = quantize_rows(torch.tensor([[0.9, -2.0, 0.5]]))
         >>> dequantize_rows(q, s, bits=8, cols=3)
-        tensor([[ 0.9921, -2.0000,  0.4961]])
+        tensor([[ 0.8976, -2.0000,  0.5039]])
     """
     qmax = _qmax(bits)
     if t.ndim != 2:

@@ -138,6 +138,36 @@ def add_method_arg(p: argparse.ArgumentParser, *, options: bool = False) -> None
     p.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default 0)")
 
 
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    """``--verify N`` / ``--no-verify``: the check of the written model (``args.verify``: None, N or 0)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--verify", type=int, metavar="N", default=None,
+        help="after saving, load the written folder with from_pretrained and score it against the original on N "
+        "held-out samples: passages for encoders (default 64), 256-token windows for decoders (default 2); the "
+        "command fails, writing nothing, when it is far worse than the model that was compressed",
+    )
+    g.add_argument("--no-verify", dest="verify", action="store_const", const=0, help="skip that check")
+
+
+def verified_figures(v: dict[str, Any]) -> str:
+    """The verified record in words: ``written model, reloaded with BertModel.from_pretrained: fidelity 0.9990 ...``.
+
+    The in-memory model's figure is shown only where it differs at the printed precision.
+    """
+    m, p = v["measured"], v.get("predicted") or {}
+    if v["metric"] == "fidelity":
+        text = f"fidelity {m['fidelity']:.4f} to the original (mean cosine, {v['text']})"
+        mem = f"{p['fidelity']:.4f}" if p else None
+        differs = mem is not None and mem != f"{m['fidelity']:.4f}"
+    else:
+        text = (f"KL {m['kl']:.4f} nats to the original, top-1 agreement {m['top1_agreement']:.3f}, perplexity "
+                f"x{m['perplexity_ratio']:.3f} ({v['text']})")
+        mem = f"KL {p['kl']:.4f}" if p else None
+        differs = mem is not None and mem != f"KL {m['kl']:.4f}"
+    return f"written model, reloaded with {v['loaded_with']}: {text}" + (f"; in memory {mem}" if differs else "")
+
+
 def file_size(path: Path) -> int | None:
     return path.stat().st_size if path.is_file() else None
 

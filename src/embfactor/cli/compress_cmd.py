@@ -9,7 +9,8 @@ import argparse
 from typing import Any
 
 from embfactor.cli.common import (
-    add_method_arg, add_model_arg, add_target_args, check_outputs, mb, parse_method_options, table, write_json,
+    add_method_arg, add_model_arg, add_target_args, add_verify_args, check_outputs, mb, parse_method_options, table,
+    verified_figures, write_json,
 )
 from embfactor.config import REST_CHOICES, FactorizationConfig
 from embfactor.errors import ConfigError
@@ -31,6 +32,22 @@ def _larger_hint(r: dict[str, Any]) -> str:
     if rest.get("linear") is None:
         return "store the other weights as integers with --rest int8 (or --rest int4)"
     return "the source is stored in fewer bits per weight than --rest " + rest["linear"]
+
+
+def summary(r: dict[str, Any]) -> list[str]:
+    """The lines a user wants first: the model's bytes on disk, the embedding's bytes, the written model's quality."""
+    lines = [model_bytes_line(r)]
+    if r.get("embedding_bytes_after"):
+        lines.append(f"embedding: {mb(r['embedding_bytes_before'])} -> {mb(r['embedding_bytes_after'])} "
+                     f"({r['bytes_ratio']:.2f}x fewer bytes than fp32)")
+    v = r.get("verified")
+    if v:
+        lines.append(verified_figures(v))
+    if r.get("size_choice"):
+        from embfactor.decomposition.choice import describe_choice
+
+        lines.append(describe_choice(r["size_choice"]))
+    return lines
 
 
 def render(r: dict[str, Any]) -> str:
@@ -74,13 +91,17 @@ def render(r: dict[str, Any]) -> str:
     if rest:
         what = f"{rest['linear']} Linears + {rest['dtype']}" if rest.get("linear") else rest["dtype"]
         rows.append([f"other weights ({what})", "-", mb(rest["bytes"])])
-    parts = [model_bytes_line(r), head, table(rows, ["", "before", "after"])]
+    parts = [*summary(r), "", head, table(rows, ["", "before", "after"])]
+    if r.get("path") == "table-only":
+        tail += f"\ntable-only path ({r['path_reason']}): {r['check_note']}"
     if plan:
         from embfactor.plan import describe_plan, describe_checks
 
         parts += ["plan (tiers by token frequency):", table(describe_plan(plan), PLAN_COLUMNS),
                   "candidate plans checked on the model (calibration text; higher is better):",
                   table(describe_checks(plan), CHECK_COLUMNS)]
+        if r.get("stage_seconds"):
+            parts.append("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()))
     return "\n".join([*parts, tail])
 
 
@@ -106,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
     r = compress(
         args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text,
-        rest=args.rest,
+        table_only=True if args.table_only else None,
+        verify=args.verify, rest=args.rest,
     ).to_dict()
     print(render(r))
     write_json(args.json, r)
@@ -134,6 +156,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how the weights besides the embedding are stored: auto (default) keeps the source's precision (a bf16 "
         "folder stays bf16; a GGUF source: bf16), bf16/fp16/fp32, or int8 (every other Linear weight-only, one "
         "scale per output channel) / int4 (per group of 32 inputs, fp16 scale + minimum), dequantized on the fly",
+    )
+    add_verify_args(p)
+    p.add_argument(
+        "--table-only", action="store_true",
+        help="read only the embedding of a safetensors folder and copy its other tensors unchanged, shard by shard "
+        "(the planner, plans chosen by its proxy: no model is loaded); chosen by itself when the float32 model "
+        "would not fit in memory",
     )
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

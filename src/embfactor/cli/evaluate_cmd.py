@@ -3,85 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from typing import Any
 
 from embfactor.cli.common import add_model_arg, check_outputs, fmt, table, write_json
 
-# Task options the CLI exposes, with the task they belong to (others are rejected with a clear message).
-_OPTION_TASKS = {
-    "labels_file": ("classification",),
-    "folds": ("classification",),
-    "max_tokens": ("perplexity",),
-    "window": ("perplexity",),
-    "stride": ("perplexity",),
-    "bf16": ("perplexity",),
-    "queries": ("reconstruction",),
-}
-
-# Smallest values of the numeric task options (the tasks' own checks, repeated before the model loads).
-_MINIMUM = {"folds": 2, "max_tokens": 2, "window": 2, "stride": 1, "queries": 1}
-
-
-def evaluate_model(
-    model: str,
-    task: str,
-    *,
-    reference: str | None = None,
-    progress: bool = True,
-    **opts: Any,
-) -> dict[str, Any]:
-    """Load ``model`` (and ``reference``) and run evaluation ``task``; return the result dict.
-
-    A compressed model evaluated on ``reconstruction`` without a reference is compared with the model recorded as
-    its source in embfactor.json.
-
-    Example:
-        >>> evaluate_model("out/minilm-r6", "similarity", reference="minilm")["fidelity"]    # doctest: +SKIP
-    """
-    from embfactor.errors import ConfigError, InvalidInputError
-    from embfactor.eval.tasks import get_task
-    from embfactor.models import load_model
-
-    info = get_task(task)  # unknown task: fail before loading anything
-    for k, v in opts.items():
-        if v is not None and task not in _OPTION_TASKS.get(k, (task,)):
-            flag = "--labels" if k == "labels_file" else "--" + k.replace("_", "-")
-            raise InvalidInputError(f"{flag} applies to the {' / '.join(_OPTION_TASKS[k])} task, not {task!r}")
-    opts = {k: v for k, v in opts.items() if v is not None}
-    for k, low in _MINIMUM.items():  # the ranges a task checks too, here before the (slow) model load
-        if k in opts and opts[k] < low:
-            raise ConfigError(f"--{k.replace('_', '-')} must be at least {low}, got {opts[k]}")
-    if "window" in opts and "stride" in opts and opts["stride"] > opts["window"]:
-        raise ConfigError(f"--stride {opts['stride']} must not exceed --window {opts['window']}")
-    if "labels_file" in opts:  # a bad labels file fails before the model loads
-        from embfactor.data import read_labelled
-
-        read_labelled(opts["labels_file"])
-    t0 = time.perf_counter()
-    lm = load_model(model)
-    if lm.kind not in info.kinds:  # before loading a (slow) reference
-        from embfactor.eval.tasks import evaluate
-
-        evaluate(lm, task)
-    if reference is None and task == "reconstruction":
-        reference = lm.record.get("source_model") if lm.compressed else None
-        if reference is None:
-            raise InvalidInputError("the reconstruction task needs the original model: give --reference ORIGINAL")
-        print(f"comparing with the source model recorded in {lm.source}: {reference}", file=sys.stderr)
-    ref = load_model(reference) if reference is not None else None
-    from embfactor.eval.tasks import evaluate
-
-    r = evaluate(lm, task, reference=ref, progress=progress, **opts)
-    r.update(model=str(model), reference=None if reference is None else str(reference))
-    r["wall_seconds"] = time.perf_counter() - t0
-    return r
-
-
 # rows shown first, in this order; anything else numeric follows
 _ORDER = (
-    "spearman", "pearson", "fidelity", "fidelity_docs", "fidelity_passages", "fidelity_min",
+    "spearman", "pearson", "fidelity", "fidelity_docs", "fidelity_passages", "fidelity_min", "fidelity_other",
+    "fidelity_other_min",
     "perplexity", "reference_perplexity", "kl", "top1_agreement", "nll",
     "accuracy", "accuracy_std", "reference_accuracy", "reference_accuracy_std", "accuracy_delta",
     "relative_error", "overlap_weighted", "overlap_uniform", "weighted_mass",
@@ -111,7 +40,9 @@ def render(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     check_outputs(files=[("--json", args.json)], inputs=[args.model, args.reference])
-    r = evaluate_model(
+    from embfactor.pipeline.evaluate import evaluate
+
+    r = evaluate(
         args.model,
         args.task,
         reference=args.reference,

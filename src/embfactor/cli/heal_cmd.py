@@ -3,51 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from embfactor.cli.common import check_outputs, table, write_json
+from embfactor.cli.common import add_verify_args, check_outputs, table, verified_figures, write_json
 from embfactor.errors import a_or_an
-
-
-def heal_model(
-    compressed: str,
-    reference: str,
-    output: str | Path,
-    *,
-    text_files: list[str] | None = None,
-    minutes: float | None = None,
-    steps: int | None = None,
-    labels: str | None = None,
-    progress: bool = True,
-    **opts: Any,
-) -> dict[str, Any]:
-    """Load both models, check them, heal ``compressed`` against ``reference`` and write the best to ``output``.
-
-    Inputs (text files, labels, output folder) are validated before the models are loaded, and nothing is
-    written when anything is wrong.
-
-    Example:
-        >>> heal_model("out/minilm-r6", "minilm", "out/minilm-r6-healed", minutes=10)   # doctest: +SKIP
-    """
-    from embfactor.data import read_labelled, read_texts
-    from embfactor.errors import ConfigError
-    from embfactor.fileio import check_output_dir
-    from embfactor.models import load_model, source_path
-    from embfactor.train.config import HealConfig
-    from embfactor.train.heal import heal
-
-    texts = read_texts(text_files) if text_files else None
-    if labels is not None:
-        read_labelled(labels)  # fail on a bad labels file before loading anything
-    check_output_dir(output, inputs=(source_path(compressed), source_path(reference)))
-    if minutes is None and steps is None:
-        raise ConfigError("give --minutes M or --steps N")
-    HealConfig.from_options(minutes=minutes, steps=steps, **opts)  # budget and options, before the models load
-    student = load_model(compressed)
-    teacher = load_model(reference)
-    return heal(student, teacher, texts=texts, minutes=minutes, steps=steps, output=output, labels=labels,
-                progress=progress, **opts)
 
 
 def render(r: dict[str, Any]) -> str:
@@ -61,7 +20,8 @@ def render(r: dict[str, Any]) -> str:
         f"healed {a_or_an(r['kind'])} ({r['mode']}): {r['steps']} steps in {r['seconds']:.0f} s, "
         f"{r['trainable_params']:,} trainable parameters, best at step {r['best_step']}"
     )
-    return "\n".join([head, table(rows, ["", "before", "best"]), f"saved to {r['output']}"])
+    lead = [verified_figures(r["verified"]), ""] if r.get("verified") else []
+    return "\n".join([*lead, head, table(rows, ["", "before", "best"]), f"saved to {r['output']}"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,14 +29,16 @@ def run(args: argparse.Namespace) -> int:
     minutes = args.minutes
     if minutes is None and args.steps is None:
         minutes = 10.0
-    r = heal_model(
+    from embfactor.pipeline.heal import heal
+
+    r = heal(
         args.compressed, args.reference, args.output, text_files=args.text, minutes=minutes, steps=args.steps,
         labels=args.labels, progress=not args.quiet, lr=args.lr, relative_lr=args.relative_lr, lr_rest=args.lr_rest,
         batch_size=args.batch_size,
         max_length=args.max_length, train_layernorm=args.train_layernorm, train_all=args.train_all, bf16=args.bf16,
         dropout=args.dropout or None,
         eval_every=args.eval_every, resume=args.resume, seed=args.seed, loss_chunk=args.loss_chunk,
-        checkpoint_layers=args.checkpoint_layers,
+        checkpoint_layers=args.checkpoint_layers, verify=args.verify,
     )
     from accelerate import PartialState
 
@@ -124,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bfloat16 autocast on or off (default: off; faster only on CPUs/GPUs with bf16 units)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --output")
     p.add_argument("--seed", type=int, default=None, help="seed of the data order (default 0)")
+    add_verify_args(p)
     p.add_argument("--json", help="also write the summary as JSON to this file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -104,7 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated byte targets instead of ratios, e.g. 8x,12x,16x,24x,32x (x fewer embedding bytes than "
         "fp32): every method stores the table within each (auto = the byte-budget planner, int = dense int-k)",
     )
-    p.add_argument("--methods", default="svd", help="comma-separated decomposition methods (default svd), e.g. svd,wsvd,block")
+    p.add_argument("--methods", default="svd", help="comma-separated decomposition methods (default svd), e.g. svd,wsvd,block; "
+                   "auto (the planner); other tools' formats as reference points: gguf-q8_0, gguf-q5_0, gguf-q4_0, "
+                   "torchao-int8, torchao-int4")
     p.add_argument("--task", help="similarity (default for encoders), perplexity (default for decoders), classification, reconstruction")
     p.add_argument("--heal-minutes", type=float, default=0.0, help="minutes of distillation healing per point (default 0)")
     p.add_argument("--quantize", default="none", help="factor storage to evaluate: comma-separated none,int8,int4 (default none)")

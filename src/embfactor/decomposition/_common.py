@@ -161,3 +161,32 @@ def canonicalize(U: torch.Tensor, V: torch.Tensor, *, method: str, split: str, m
     Q, R = torch.linalg.qr(U)
     Ur, S, Vh = torch.linalg.svd(R @ V, full_matrices=False)
     return from_svd(Q @ Ur, S, Vh.T, method=method, split=split, meta=meta)
+
+
+HESSIAN_DAMP = 0.01  # of H's mean diagonal, added to its diagonal: GPTQ's default, and what the probes measured
+
+
+def inverse_cholesky(H: torch.Tensor, cols: int, *, damp: float = HESSIAN_DAMP) -> torch.Tensor:
+    """The upper Cholesky factor U of (H + damping)⁻¹, padded to ``cols`` columns: GPTQ's error-feedback matrix.
+
+    Rounding column j with error e changes the head's output least when the columns not yet rounded absorb
+    ``e / U[j, j] · U[j, j+1:]``. Padded columns (beyond H's size) get an identity block: they hold zeros.
+    A column no input reaches (H[j, j] = 0) gets weight 1 so that H stays definite.
+
+    Example:
+        >>> inverse_cholesky(torch.eye(3), 4, damp=0.01).diagonal()
+        tensor([0.9950, 0.9950, 0.9950, 0.9950])
+    """
+    from embfactor.errors import ConfigError
+
+    d = H.shape[0]
+    if H.ndim != 2 or H.shape[1] != d or d > cols:
+        raise InvalidInputError(f"H must be a square matrix of at most {cols} columns, got shape {tuple(H.shape)}")
+    if not 0 < damp < 1:
+        raise ConfigError(f"damp must be in (0, 1) (a share of H's mean diagonal), got {damp!r}")
+    Hp = torch.eye(cols, dtype=torch.float64)
+    Hp[:d, :d] = H.detach().double()
+    diag = Hp.diagonal()
+    diag[diag <= 0] = 1.0
+    Hp += damp * float(diag.mean()) * torch.eye(cols, dtype=torch.float64)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from embfactor.decomposition._common import HESSIAN_DAMP, inverse_cholesky
 from embfactor.decomposition.factors import _BLOCK_ROWS, Factors
 from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
@@ -151,6 +152,11 @@ class CodebookFactors(Factors):
         """Reconstructed rows start..stop−1 (float32)."""
         return decode(self.codes[start:stop], self.books(), self.shape[1], self.rotation,
                       None if self.row_scale is None else self.row_scale[start:stop])
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reconstructed rows at ``ids`` (float32), decoded from their codes alone."""
+        return decode(self.codes[ids], self.books(), self.shape[1], self.rotation,
+                      None if self.row_scale is None else self.row_scale[ids])
 
     def reconstruct(self) -> torch.Tensor:
         """The dense (vocab × d) table (costs vocab × d memory)."""
@@ -291,6 +297,52 @@ def _unpack_faiss_codes(packed: np.ndarray, M: int, nbits: int) -> np.ndarray:
 
 
 # --- the decompositions -------------------------------------------------------------------------------------
+def hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor, *, damp: float = HESSIAN_DAMP,
+                   block_rows: int = 16384) -> torch.Tensor:
+    """PQ codes of X's rows chosen in a tied head's metric, sub-space by sub-space with error feedback (GPTVQ-style).
+
+    As :func:`embfactor.decomposition.intk.hessian_round` for scalars: sub-space m's codeword is the nearest in the
+    metric ``(U_mm⁻¹)ᵀ U_mm⁻¹`` (U the upper Cholesky factor of H⁻¹), and its error is fed forward to the sub-spaces
+    not yet encoded through U. With H = identity this is plain nearest-codeword encoding.
+
+    Args:
+        X: (n × M·sub) rows (zero-padded to the codebooks' width).
+        books: (M × K × sub) float codebooks as stored.
+        H: (d × d) second moment of the head's inputs, d ≤ M·sub.
+
+    Returns:
+        (n × M) int64 codes.
+
+    Example:
+        >>> X, books = torch.randn(20, 8), torch.randn(2, 16, 4)
+        >>> plain = torch.cdist(X.view(20, 2, 4).transpose(0, 1), books).argmin(-1).T
+        >>> torch.equal(hessian_encode(X, books, torch.eye(8)), plain)
+        True
+    """
+    M, _, sub = books.shape
+    U = inverse_cholesky(H, M * sub, damp=damp)
+    books = books.float()
+    block = max(128 // sub, 1) * sub  # columns updated lazily together (as hessian_round), whole sub-spaces
+    T = [torch.linalg.inv(U[m * sub:(m + 1) * sub, m * sub:(m + 1) * sub]) for m in range(M)]
+    out = torch.empty(X.shape[0], M, dtype=torch.long)
+    for r0 in range(0, X.shape[0], block_rows):
+        wT = X[r0:r0 + block_rows].float().T.contiguous()  # columns as rows, as in hessian_round
+        rows = wT.shape[1]
+        for b0 in range(0, M * sub, block):
+            b1 = min(b0 + block, M * sub)
+            errs = torch.empty(b1 - b0, rows)
+            for c0 in range(b0, b1, sub):
+                m, c1 = c0 // sub, c0 + sub
+                x = wT[c0:c1].T  # rows × sub; (x - b) T[m] is the error in the metric of this sub-space
+                code = torch.cdist(x @ T[m], books[m] @ T[m]).argmin(1)
+                out[r0:r0 + rows, m] = code
+                err = ((x - books[m][code]) @ T[m]).T
+                errs[c0 - b0:c1 - b0] = err
+                wT[c1:b1].addmm_(U[c0:c1, c1:b1].T, err, alpha=-1)
+            wT[b1:].addmm_(U[b0:b1, b1:].T, errs, alpha=-1)
+    return out
+
+
 def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
@@ -316,7 +368,7 @@ def _rotation(E: torch.Tensor, kind: str, M: int, seed: int, sample: np.ndarray)
     opq.pq = pq = faiss.ProductQuantizer(d, M, 8)
     pq.cp.min_points_per_centroid = 1  # as in _kmeans: no warning spam for small tables
     # OPQMatrix seeds its random initialization itself (fixed seeds): deterministic without our seed
-    opq.train(np.ascontiguousarray(E.float().numpy()[sample]))
+    opq.train(np.ascontiguousarray(E[torch.from_numpy(np.asarray(sample, dtype=np.int64))].float().numpy()))
     # faiss applies y = A x with A (d_out × d_in) row-major; our convention quantizes E·R, so R = Aᵀ
     A = faiss.vector_to_array(opq.A).reshape(d, d)
     return torch.from_numpy(A.T.copy()).float()
@@ -369,57 +421,22 @@ def quantize_table(
     if E.ndim != 2:
         raise InvalidInputError(f"E must be a 2-D (vocab × d) table, got shape {tuple(E.shape)}")
     n, d = E.shape
-    if sub_dim is not None and M is not None:
-        raise ConfigError(f"give sub_dim or M, not both (got sub_dim={sub_dim!r}, M={M!r})")
-    if M is not None:
-        M = _check_int("M", M, 1, d)
-        sub_dim = -(-d // M)
-    sub_dim = _check_int("sub_dim", 4 if sub_dim is None else sub_dim, 1, d)
-    M = -(-d // sub_dim)
-    K = _check_int("K", K, 2, 65536)
-    stages = _check_int("stages", stages, 1, 16)
-    niter = _check_int("niter", niter, 1, 1000)
-    if rotation not in ROTATIONS:
-        raise ConfigError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
-    if codebook_dtype not in CODEBOOK_DTYPES:
-        raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {codebook_dtype!r}")
+    sub_dim, M, K, stages, niter = _pq_settings(d, sub_dim=sub_dim, M=M, K=K, stages=stages, niter=niter,
+                                                rotation=rotation, codebook_dtype=codebook_dtype)
     K_eff = min(K, n)
     max_train_points = _check_int("max_train_points", max_train_points or K_eff * 64, K_eff)
     cb_dtype = float_dtype(codebook_dtype)
     int8 = codebook_dtype == "int8"
     w = None if token_weights is None else check_token_weights(token_weights, n, method).numpy().astype(np.float32)
     rng = np.random.default_rng(seed)
-    X = E.detach().float().cpu()
+    E = E.detach().cpu()
     train_idx, train_w = _training_sample(n, w, max_train_points, rng)
-    R = _rotation(X, rotation, M, seed, train_idx)
-    if R is not None:
-        R = R.to(cb_dtype).float()  # quantize against the rotation as stored
-        X = X @ R
-    scale = None
-    if row_scale:
-        scale = X.norm(dim=1).to(cb_dtype).float()
-        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
-    resid = torch.nn.functional.pad(X, (0, M * sub_dim - d)).numpy().copy()
-    codes = np.empty((n, stages, M), dtype=np.uint8 if K_eff <= 256 else np.int32)  # see _encode
-    books = np.zeros((stages, M, K_eff, sub_dim), dtype=np.float32)
-    for s in range(stages):
-        train = resid[train_idx]
-
-        def fit(m: int, s: int = s, train: np.ndarray = train) -> np.ndarray:
-            x = np.ascontiguousarray(train[:, m * sub_dim : (m + 1) * sub_dim])
-            return _kmeans(x, train_w, K_eff, niter=niter, seed=seed + 1000 * s + m)
-
-        for m, cent in enumerate(_map_subspaces(fit, list(range(M)), threads)):
-            # round the codebook to its storage dtype before encoding, so codes match the stored codebook
-            c = torch.from_numpy(cent)
-            if int8:
-                q, sc = int8_codebooks(c[None, None])
-                books[s, m] = (q.float() * sc.float())[0, 0].numpy()
-            else:
-                books[s, m] = c.to(cb_dtype).float().numpy()
-        codes[:, s] = _encode(resid, books[s])
-        for m in range(M):
-            resid[:, m * sub_dim : (m + 1) * sub_dim] -= books[s, m][codes[:, s, m]]
+    # No copy of the table: the training rows' residuals are fitted stage by stage, then every row is encoded
+    # through all stages a block at a time (a row's codes depend only on the row and the codebooks). The whole-table
+    # residual this replaces held two padded float32 copies at once (1.3 GB for a 262,144 x 640 table).
+    R, scale = _rotation_and_scales(E, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
+    codes, books = _fit_stages(E, R, scale, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff,
+                               niter=niter, seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8)
     cdt = code_dtype(K_eff)
     codes_t = torch.from_numpy(codes - (32768 if cdt == torch.int16 else 0)).to(cdt)
     meta = {"K": K_eff, "sub_dim": sub_dim, "M": M, "stages": stages, "rotation": rotation, "row_scale": row_scale,
@@ -437,6 +454,104 @@ def quantize_table(
     if w is not None:
         f.meta["weighted_relative_error"] = _weighted_error(E, f, torch.from_numpy(w).double())
     return f
+
+
+# Float32 values of the table encoded at once (64 MB): a 128,256 x 4096 table is read in blocks of 4,096 rows.
+ENCODE_BLOCK_VALUES = 1 << 24
+
+
+def _prepared_rows(rows: torch.Tensor, R: torch.Tensor | None, pad: int, scale: torch.Tensor | None) -> np.ndarray:
+    """Rows as the codes quantize them: float32, rotated by ``R``, divided by their ``scale``, zero-padded by
+    ``pad`` columns (a new array)."""
+    X = rows.float()
+    if R is not None:
+        X = X @ R
+    if scale is not None:
+        X = X / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    return torch.nn.functional.pad(X, (0, pad)).numpy().copy()
+
+
+def _row_scales(E: torch.Tensor, R: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Each row's norm (after the rotation, which keeps norms) rounded to the stored ``dtype``, in blocks."""
+    out = torch.empty(E.shape[0])
+    step = max(1024, ENCODE_BLOCK_VALUES // max(1, E.shape[1]))
+    for a in range(0, E.shape[0], step):
+        X = E[a : a + step].float()
+        out[a : a + step] = (X @ R if R is not None else X).norm(dim=1)
+    return out.to(dtype).float()
+
+
+def _subtract(x: np.ndarray, books: np.ndarray, codes: np.ndarray) -> None:
+    """Residuals in place: each sub-space of ``x`` minus its codebook row (M × K × sub books, n × M codes)."""
+    sub = books.shape[2]
+    for m in range(books.shape[0]):
+        x[:, m * sub : (m + 1) * sub] -= books[m][codes[:, m]]
+
+
+def _rotation_and_scales(E: torch.Tensor, rotation: str, row_scale: bool, *, M: int, seed: int, sample: np.ndarray,
+                         cb_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the rotation R, the row norms), rounded to their storage dtype; the codes quantize (E·R) / norms."""
+    R = _rotation(E, rotation, M, seed, sample)
+    if R is not None:
+        R = R.to(cb_dtype).float()  # quantize against the rotation as stored
+    return R, _row_scales(E, R, cb_dtype) if row_scale else None
+
+
+def _pq_settings(d: int, *, sub_dim: int | None, M: int | None, K: int, stages: int, niter: int, rotation: str,
+                 codebook_dtype: str) -> tuple[int, int, int, int, int]:
+    """(sub_dim, M, K, stages, niter) of :func:`quantize_table`, checked (ConfigError quoting the bad value)."""
+    if sub_dim is not None and M is not None:
+        raise ConfigError(f"give sub_dim or M, not both (got sub_dim={sub_dim!r}, M={M!r})")
+    if M is not None:
+        M = _check_int("M", M, 1, d)
+        sub_dim = -(-d // M)
+    sub_dim = _check_int("sub_dim", 4 if sub_dim is None else sub_dim, 1, d)
+    M = -(-d // sub_dim)
+    K = _check_int("K", K, 2, 65536)
+    stages = _check_int("stages", stages, 1, 16)
+    niter = _check_int("niter", niter, 1, 1000)
+    if rotation not in ROTATIONS:
+        raise ConfigError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+    if codebook_dtype not in CODEBOOK_DTYPES:
+        raise ConfigError(f"codebook_dtype must be one of {tuple(CODEBOOK_DTYPES)}, got {codebook_dtype!r}")
+    return sub_dim, M, K, stages, niter
+
+
+def _fit_stages(E: torch.Tensor, R: torch.Tensor | None, scale: torch.Tensor | None, train_idx: np.ndarray,
+                train_w: np.ndarray | None, *, stages: int, M: int, sub_dim: int, K: int, niter: int, seed: int,
+                threads: int | None, cb_dtype: torch.dtype, int8: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, codebooks) of ``stages`` residual PQ stages of E: trained on the rows ``train_idx``, then every row
+    encoded a block at a time (see :data:`ENCODE_BLOCK_VALUES`)."""
+    n, d = E.shape
+    pad = M * sub_dim - d
+    codes = np.empty((n, stages, M), dtype=np.uint8 if K <= 256 else np.int32)  # see _encode
+    books = np.zeros((stages, M, K, sub_dim), dtype=np.float32)
+    t_idx = torch.from_numpy(np.asarray(train_idx, dtype=np.int64))
+    train = _prepared_rows(E[t_idx], R, pad, None if scale is None else scale[t_idx])
+    for s in range(stages):
+
+        def fit(m: int, s: int = s, train: np.ndarray = train) -> np.ndarray:
+            x = np.ascontiguousarray(train[:, m * sub_dim : (m + 1) * sub_dim])
+            return _kmeans(x, train_w, K, niter=niter, seed=seed + 1000 * s + m)
+
+        for m, cent in enumerate(_map_subspaces(fit, list(range(M)), threads)):
+            # round the codebook to its storage dtype before encoding, so codes match the stored codebook
+            c = torch.from_numpy(cent)
+            if int8:
+                q, sc = int8_codebooks(c[None, None])
+                books[s, m] = (q.float() * sc.float())[0, 0].numpy()
+            else:
+                books[s, m] = c.to(cb_dtype).float().numpy()
+        if s + 1 < stages:  # the next stage trains on what this one leaves of the training rows
+            _subtract(train, books[s], _encode(train, books[s]))
+    step = max(1024, ENCODE_BLOCK_VALUES // max(1, M * sub_dim))
+    for a in range(0, n, step):
+        x = _prepared_rows(E[a : a + step], R, pad, None if scale is None else scale[a : a + step])
+        for s in range(stages):
+            codes[a : a + x.shape[0], s] = c = _encode(x, books[s])
+            if s + 1 < stages:
+                _subtract(x, books[s], c)
+    return codes, books
 
 
 def _weighted_error(E: torch.Tensor, f: CodebookFactors, w: torch.Tensor) -> float:
@@ -499,6 +614,26 @@ def codebook_bytes(vocab: int, d: int, *, sub_dim: int, K: int = 256, stages: in
 _SUB_DIMS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
+def codebook_settings(vocab: int, d: int, *, method: str = "pq", K: int | None = None,
+                      **fixed: Any) -> list[tuple[int, dict[str, Any]]]:
+    """Every (bytes, settings) :func:`plan_codebook` considers, in its order of preference (finest first).
+
+    Example:
+        >>> codebook_settings(30522, 384)[3]
+        (3126720, {'sub_dim': 4, 'K': 256, 'stages': 1})
+    """
+    extra = {k: fixed[k] for k in ("rotation", "row_scale", "codebook_dtype") if k in fixed}
+    if method == "rvq":
+        cands = [(8, s) for s in range(16, 1, -1)] + [(sd, 1) for sd in _SUB_DIMS if sd >= 8]
+    else:
+        cands = [(sd, 1) for sd in _SUB_DIMS if sd <= d]
+    if fixed.get("sub_dim") is not None:
+        cands = [(fixed["sub_dim"], s) for s in range(16 if method == "rvq" else 1, 0, -1)]
+    ks = [K] if K is not None else [256, 128, 64, 32, 16, 8, 4, 2]
+    return [(codebook_bytes(vocab, d, sub_dim=sd, K=k, stages=st, **extra), {"sub_dim": sd, "K": k, "stages": st})
+            for k in ks for sd, st in cands]
+
+
 def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq", K: int | None = None,
                   **fixed: Any) -> dict[str, Any]:
     """The settings (sub_dim, K, stages) with the most bytes that fit ``budget_bytes`` (smaller sub-vectors first).
@@ -511,22 +646,14 @@ def plan_codebook(vocab: int, d: int, budget_bytes: float, *, method: str = "pq"
         >>> plan_codebook(30522, 384, 30522 * 384 * 4 / 16)
         {'sub_dim': 5, 'K': 256, 'stages': 1}
     """
-    extra = {k: fixed[k] for k in ("rotation", "row_scale", "codebook_dtype") if k in fixed}
-    if method == "rvq":
-        cands = [(8, s) for s in range(16, 1, -1)] + [(sd, 1) for sd in _SUB_DIMS if sd >= 8]
-    else:
-        cands = [(sd, 1) for sd in _SUB_DIMS if sd <= d]
-    if fixed.get("sub_dim") is not None:
-        cands = [(fixed["sub_dim"], s) for s in range(16 if method == "rvq" else 1, 0, -1)]
-    ks = [K] if K is not None else [256, 128, 64, 32, 16, 8, 4, 2]
-    for k in ks:
-        for sd, st in cands:
-            if codebook_bytes(vocab, d, sub_dim=sd, K=k, stages=st, **extra) <= budget_bytes:
-                return {"sub_dim": sd, "K": k, "stages": st}
-    smallest = min(codebook_bytes(vocab, d, sub_dim=sd, K=ks[-1], stages=st, **extra) for sd, st in cands)
+    settings = codebook_settings(vocab, d, method=method, K=K, **fixed)
+    for nbytes, setting in settings:
+        if nbytes <= budget_bytes:
+            return setting
+    smallest, setting = min(settings, key=lambda c: c[0])
     raise ConfigError(
         f"no {method} setting fits {budget_bytes:,.0f} bytes for a {vocab} × {d} table; the smallest "
-        f"(K={ks[-1]}) takes {smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
+        f"(K={setting['K']}) takes {smallest:,} bytes ({vocab * d * 4 / smallest:.1f}x fewer than fp32)"
     )
 
 
@@ -618,17 +745,44 @@ def pq(
     E: torch.Tensor, rank: int | None = None, *, seed: int = 0, progress: bool = False, token_weights: Any = None,
     budget_bytes: float | None = None, sub_dim: int | None = None, M: int | None = None, K: int | None = None,
     rotation: str = "none", row_scale: bool = False, niter: int = 10, max_train_points: int | None = None,
-    codebook_dtype: str = "float16", threads: int | None = None,
+    codebook_dtype: str = "float16", threads: int | None = None, hessian: torch.Tensor | None = None,
 ) -> CodebookFactors:
     """Registered ``pq``: explicit ``sub_dim``/``M`` (K default 256), else the setting that fits the budget.
 
     ``rank`` is read as a budget, the fp32 bytes of a rank-r U·V (so ``--ratio 16`` means ~16x fewer bytes than
     fp32, as ``tt`` reads it as a parameter budget); ``budget_bytes`` (``--size``) overrides it. Other options as
-    :func:`quantize_table`.
+    :func:`quantize_table` (``hessian``: encode in a tied head's metric).
     """
     options = dict(sub_dim=sub_dim, M=M, K=K, rotation=rotation, row_scale=row_scale, niter=niter,
                    max_train_points=max_train_points, codebook_dtype=codebook_dtype, threads=threads)
-    return _codebook_method("pq", E, rank, budget_bytes, options, None, token_weights, seed)
+    if hessian is not None and (rotation != "none" or row_scale):
+        raise ConfigError("encoding in the head's metric (hessian=...) takes no rotation and no row scale; got "
+                          f"rotation={rotation!r}, row_scale={row_scale}")
+    f = _codebook_method("pq", E, rank, budget_bytes, options, None, token_weights, seed)
+    return f if hessian is None else encode_in_metric(E, f, hessian, token_weights=token_weights)
+
+
+def encode_in_metric(E: torch.Tensor, f: CodebookFactors, H: torch.Tensor, *, token_weights: Any = None
+                     ) -> CodebookFactors:
+    """``f`` (one PQ stage, no rotation or row scale) with its rows of E encoded anew in a tied head's metric
+    (:func:`hessian_encode`); the codebooks stay as trained. Returns ``f``, changed.
+
+    Example:
+        >>> E = torch.randn(300, 8)
+        >>> f = product_quantize(E, sub_dim=2, K=16)
+        >>> encode_in_metric(E, f, torch.eye(8)).meta["encoding"]
+        'hessian'
+    """
+    from embfactor.decomposition.wsvd import check_token_weights
+
+    X = torch.nn.functional.pad(E.detach().float(), (0, f.M * f.sub_dim - E.shape[1]))
+    codes = hessian_encode(X, f.books()[0], H)
+    f.codes = (codes - (32768 if f.codes.dtype == torch.int16 else 0)).to(f.codes.dtype)[:, None, :]
+    f.meta["encoding"] = "hessian"
+    if token_weights is not None:
+        w = check_token_weights(token_weights, E.shape[0], "pq").double()
+        f.meta["weighted_relative_error"] = _weighted_error(E, f, w)
+    return f
 
 
 @register_method("rvq", description="residual vector quantization: stages of product quantization on the residuals "

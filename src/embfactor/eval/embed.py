@@ -55,11 +55,14 @@ def sentence_embeddings(
 
 
 def encoder_of(lm) -> nn.Module:
-    """The module whose ``last_hidden_state`` is pooled: the model itself for encoders, the base model for decoders.
+    """The module whose ``last_hidden_state`` is pooled: the model itself for encoders, the base model for decoders,
+    the encoder of an encoder-decoder.
 
     A causal LM's ``base_model`` (e.g. ``LlamaModel`` inside ``LlamaForCausalLM``) returns the hidden states the
     head reads, without computing vocab-sized logits.
     """
+    if getattr(getattr(lm.model, "config", None), "is_encoder_decoder", False) and hasattr(lm.model, "get_encoder"):
+        return lm.model.get_encoder()  # T5, BART, ...: the encoder's states (the full model needs decoder inputs)
     if lm.kind == "decoder":
         base = getattr(lm.model, "base_model", None)
         return base if isinstance(base, nn.Module) and base is not lm.model else lm.model.get_decoder()

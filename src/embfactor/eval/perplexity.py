@@ -88,6 +88,34 @@ def _max_positions(model) -> int | None:
     return None
 
 
+def _check_windows(lm, reference, window: int, stride: int, max_tokens: int | None) -> None:
+    """ConfigError for a window/stride/max_tokens the protocol cannot use, or a window longer than a model accepts."""
+    if window < 2 or stride < 1 or stride > window:
+        raise ConfigError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ConfigError(f"max_tokens must be at least 2 (or None for all), got {max_tokens}")
+    for m in (lm, reference):
+        limit = _max_positions(m.model) if m is not None else None
+        if limit is not None and window > limit:
+            raise ConfigError(f"window={window} is longer than {m.name!r} accepts ({limit} positions); lower --window")
+
+
+def _same_length_batches(wins: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive windows of one length, at most ``batch_size`` per batch (all but possibly the last window).
+
+    Example:
+        >>> _same_length_batches([(0, 4, 0), (2, 6, 4), (4, 7, 6)], 4)
+        [[(0, 4, 0), (2, 6, 4)], [(4, 7, 6)]]
+    """
+    groups: list[list[tuple[int, int, int]]] = []
+    for w in wins:
+        if groups and len(groups[-1]) < batch_size and (groups[-1][0][1] - groups[-1][0][0]) == (w[1] - w[0]):
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    return groups
+
+
 @register_task(
     "perplexity",
     kinds=("decoder",),
@@ -129,26 +157,13 @@ def perplexity(
     """
     from tqdm.auto import tqdm
 
-    if window < 2 or stride < 1 or stride > window:
-        raise ConfigError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
-    if max_tokens is not None and max_tokens < 2:
-        raise ConfigError(f"max_tokens must be at least 2 (or None for all), got {max_tokens}")
-    for m in (lm, reference):
-        limit = _max_positions(m.model) if m is not None else None
-        if limit is not None and window > limit:
-            raise ConfigError(f"window={window} is longer than {m.name!r} accepts ({limit} positions); lower --window")
+    _check_windows(lm, reference, window, stride, max_tokens)
     ids = token_ids(lm.tokenizer, heldout_text() if text is None else text, max_tokens)
     wins = windows(len(ids), window, stride)
     t0 = time.perf_counter()
     nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0, 0
     ref_nll_sum = 0.0
-    # windows of one length are batched together (all but possibly the last)
-    groups: list[list[tuple[int, int, int]]] = []
-    for w in wins:
-        if groups and len(groups[-1]) < batch_size and (groups[-1][0][1] - groups[-1][0][0]) == (w[1] - w[0]):
-            groups[-1].append(w)
-        else:
-            groups.append([w])
+    groups = _same_length_batches(wins, batch_size)
     bar = tqdm(total=sum(e - f for _, e, f in wins), desc="perplexity", unit="tok", disable=not progress, leave=False)
     for group in groups:
         batch = torch.stack([ids[b:e] for b, e, _ in group])

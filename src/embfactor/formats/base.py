@@ -8,8 +8,9 @@ A format answers four questions (faiss's Index and llama.cpp's block types are t
   - how to rebuild itself: ``format_config()`` (JSON) + ``empty(vocab, d, padding_idx, **config)`` with the right
     tensor shapes, filled by ``load_state_dict(strict=True)``.
 
-The base class turns that into a drop-in ``nn.Embedding``: ``forward`` (id checks, flatten, gather, reshape),
-``weight`` / ``dense()`` / ``to_dense()``. A format built from a decomposition registers the Factors type it wraps,
+The base class turns that into a drop-in ``nn.Embedding``: ``forward`` (id checks, flatten, gather, reshape, and the
+``embed_scale`` of the module it replaced: Gemma's and BART's scaled embeddings multiply their lookup by √d),
+``weight`` / ``dense()`` / ``to_dense()`` (the stored table, unscaled, as the replaced module's ``weight`` was). A format built from a decomposition registers the Factors type it wraps,
 so :func:`from_factors` finds the module for any ``Factors`` without the decompositions knowing about modules.
 """
 
@@ -58,6 +59,23 @@ def check_format_args(
     return padding_idx % num_embeddings
 
 
+EmbedScale = float | list[float] | None
+
+
+def scale_rows(rows: torch.Tensor, scale: EmbedScale) -> torch.Tensor:
+    """``rows`` times what the replaced module multiplied its lookup by: a scalar or one factor per column.
+
+    The product is taken in the rows' dtype, as the scaled embeddings of transformers do (``* embed_scale.to(dtype)``).
+
+    Example:
+        >>> scale_rows(torch.ones(2, 3), 2.0).tolist()
+        [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    """
+    if scale is None:
+        return rows
+    return rows * torch.tensor(scale, dtype=rows.dtype, device=rows.device)
+
+
 # Healing settings of tables that store quantized values (codebook, int-k): every weight trains, each of the
 # table's float tensors at 3e-3 × its RMS (relative: one absolute lr fits codebooks, RMS ~0.06, but wrecks int8
 # scales, RMS ~0.002, and tables differ between models), the rest of the model at 1e-5. These tables start close to
@@ -79,6 +97,11 @@ class RowFormat(nn.Module):
     """
 
     format_name: ClassVar[str] = ""
+    # what the module this format replaced multiplied its lookup by (None: nothing). Input side only: the tied head
+    # projects with the unscaled table, as the replaced head did. Found by embfactor.surgery.conform, saved in the
+    # model's quantization_config and embfactor.json, and set again on load.
+    embed_scale: EmbedScale = None
+    awaiting_weights: bool = False
     # healing settings found best for this format (embfactor.train.heal uses them where the user gave none)
     heal_settings: ClassVar[dict[str, Any]] = {}
     num_embeddings: int
@@ -147,6 +170,10 @@ class RowFormat(nn.Module):
 
     # --- shared by every format ----------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return scale_rows(self.lookup(input), self.embed_scale)
+
+    def lookup(self, input: torch.Tensor) -> torch.Tensor:
+        """The stored rows of ``input`` (any shape of ids) without ``embed_scale``: the plain table lookup."""
         check_token_ids(input, self.num_embeddings)
         flat = input.reshape(-1)
         if flat.dtype != torch.long:
@@ -164,7 +191,14 @@ class RowFormat(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense table, materialized on each read (read-only)."""
+        """The dense table, materialized on each read (read-only).
+
+        While transformers' ``from_pretrained`` is still filling the format's tensors (``awaiting_weights``, set by
+        embfactor's quantizer), a meta tensor of the table's shape: model-level weight initializers read it then
+        (T5's ``init.normal_(model.shared.weight)``), before derived buffers hold their values.
+        """
+        if self.awaiting_weights:
+            return torch.empty(self.num_embeddings, self.embedding_dim, device="meta")
         return self.dense()
 
     @property

@@ -39,7 +39,7 @@ class BlockFactorizedEmbedding(TieredFormat):
     Example:
         >>> emb = BlockFactorizedEmbedding(100, 16, sizes=[10, 90], ranks=[8, 2])
         >>> emb(torch.tensor([[0, 50]])).shape, emb.num_params
-        (torch.Size([1, 2, 16]), 492)
+        (torch.Size([1, 2, 16]), 420)
     """
 
     def __init__(

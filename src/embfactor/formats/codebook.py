@@ -166,7 +166,8 @@ class CodebookEmbedding(RowFormat):
         n = ids.shape[0]
         out = None
         books = self.books()
-        if not self._trains_books() and self.out_dtype == torch.float32:
+        # the fused C loop is opaque to tracing (ONNX export): the gather below is what a traced graph can hold
+        if not self._trains_books() and self.out_dtype == torch.float32 and not torch.jit.is_tracing():
             from embfactor.formats._lut_kernel import pq_gather
 
             out = pq_gather(self.codes, ids, books)  # fused C loop (inference); None without a compiler

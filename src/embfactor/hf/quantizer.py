@@ -62,7 +62,8 @@ def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch
             f"quantization_config format_config {qconfig.format_config!r} does not fit format {qconfig.format!r} ({e})"
         ) from None
     apply_structure_(model, embedding_module=qconfig.embedding_module, new_embedding=new,
-                     tied_head=qconfig.tied_head, head_module=qconfig.head_module)
+                     tied_head=qconfig.tied_head, head_module=qconfig.head_module, embed_scale=qconfig.embed_scale,
+                     shared_modules=qconfig.shared_modules)
     return new
 
 
@@ -101,6 +102,7 @@ class EmbfactorHfQuantizer(HfQuantizer):
         qc = self.quantization_config
         new = build_structure_(model, qc, dtype=kwargs.get("dtype"))
         build_rest_structure_(model, qc.rest, dtype=kwargs.get("dtype"))
+        new.awaiting_weights = True  # until _process_model_after_weight_loading: see RowFormat.weight
         # Non-persistent buffers are derived from the format's config (e.g. the block format's bucket starts), not
         # saved; transformers re-creates them uninitialized after loading, so compute them here on the CPU from a
         # small real instance and put them back afterwards.
@@ -124,10 +126,12 @@ class EmbfactorHfQuantizer(HfQuantizer):
             sub = layer.get_submodule(owner) if owner else layer
             current = sub._buffers[attr]
             sub._buffers[attr] = value.to(current.device if current.device.type != "meta" else "cpu")
+        layer.awaiting_weights = False
         set_meta(model, CompressionMeta(
             embedding_module=qc.embedding_module, head_module=qc.head_module, tied_head=qc.tied_head,
             rank=qc.meta.get("rank", qc.format_config.get("rank")), method=qc.meta.get("method", qc.format),
-            factorization=qc.meta.get("factorization", {}), rest=dict(qc.rest),
+            factorization=qc.meta.get("factorization", {}), rest=dict(qc.rest), embed_scale=qc.embed_scale,
+            shared_modules=qc.shared_modules,
         ))
         return model
 

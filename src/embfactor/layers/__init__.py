@@ -1,4 +1,4 @@
-"""nn.Modules built on the storage formats: the tied output head and positional encodings.
+"""nn.Modules built on the storage formats: the tied output head, shared input tables and positional encodings.
 
 The embedding formats themselves live in :mod:`embfactor.formats`; they are re-exported here because a
 factorized embedding is the layer users put in their models.
@@ -12,6 +12,7 @@ from embfactor.formats import (
     TTEmbedding,
 )
 from embfactor.layers.head import FactorizedLMHead
+from embfactor.layers.shared import SharedEmbedding
 from embfactor.layers.positional import LearnedPositionalEncoding, SinusoidalPositionalEncoding, TransformerEmbedding
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "FactorizedLMHead",
     "LearnedPositionalEncoding",
     "QuantizedFactorizedEmbedding",
+    "SharedEmbedding",
     "SinusoidalPositionalEncoding",
     "TTEmbedding",
     "TieredFormat",

@@ -15,6 +15,7 @@ from embfactor.config import FactorizationConfig
 from embfactor.decomposition import refuse_spectrum_target
 from embfactor.errors import ConfigError
 from embfactor.surgery.factorize import FactorizationReport
+from embfactor.surgery.rest import check_rest, store_rest_
 
 
 @dataclass
@@ -32,6 +33,9 @@ class CompressReport:
     bytes_after: int | None
     seconds: float
     quantization: dict[str, Any] | None = None
+    stages: dict[str, float] | None = None  # seconds of loading and saving (the planner's own stages are its report's)
+    verified: dict[str, Any] | None = None
+    size_choice: dict[str, Any] | None = None
     rest: dict[str, Any] | None = None
 
     def model_bytes(self) -> dict[str, Any]:
@@ -41,15 +45,22 @@ class CompressReport:
                 "ratio": self.bytes_before / after if after else None}
 
     def to_dict(self) -> dict[str, Any]:
-        # "bytes" first (and first in embfactor's sorted JSON): what a user who asked for a smaller model reads first
+        # "bytes" first (and first in embfactor's sorted JSON): what a user who asked for a smaller model reads first;
+        # then the written model's verified figure
         d: dict[str, Any] = {"bytes": self.model_bytes()}
+        if self.verified is not None:
+            d["verified"] = self.verified
         d.update(self.factorization.to_dict())
         d.update(
             model=self.model, output=self.output, kind=self.kind, bytes_before=self.bytes_before,
             bytes_after=self.bytes_after, decompose_seconds=self.factorization.seconds, seconds=self.seconds,
         )
+        if self.stages:
+            d["stage_seconds"] = {**self.stages, **d.get("stage_seconds", {})}
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.size_choice is not None:
+            d["size_choice"] = self.size_choice
         if self.rest is not None:
             d["rest"] = self.rest
         return d
@@ -92,6 +103,30 @@ def quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> in
     return bits
 
 
+def _checked_settings(
+    config: FactorizationConfig | None, target: dict[str, Any], quantize: str | int | None, rest: str = "auto"
+) -> tuple[FactorizationConfig, int | None]:
+    """(config, --quantize bits) of :func:`compress`, checked without the model (cheap checks before the load)."""
+    if config is None:
+        config = FactorizationConfig(**target)
+    elif target:
+        raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
+    bits = quantize_bits(quantize, config)  # a bad --quantize (or --rest) fails before the model is loaded
+    check_rest(rest)
+    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
+    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
+    return config, bits
+
+
+def _refuse_unreproducible(model: torch.nn.Module) -> None:
+    """What a format cannot reproduce (an embedding that does more than scale its lookup) is refused before any work."""
+    from embfactor.surgery import find_embedding_and_head
+    from embfactor.surgery.conform import table_readers
+
+    site = find_embedding_and_head(model)
+    table_readers(model, site.embedding, site.embedding_module, site.head)
+
+
 def compress(
     model: str | os.PathLike | Any,
     config: FactorizationConfig | None = None,
@@ -100,6 +135,8 @@ def compress(
     progress: bool = True,
     quantize: str | int | None = None,
     text_files: Sequence[str] | None = None,
+    table_only: bool | None = None,
+    verify: int | bool | None = None,
     rest: str = "auto",
     **target: Any,
 ) -> CompressReport:
@@ -114,45 +151,109 @@ def compress(
         output: folder to save to (None: compress in memory only; the LoadedModel passed in holds the result).
         quantize: "int8"/"int4" to store the factors as per-row integers.
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
-        rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` keeps the
-            source's precision (bf16 for a GGUF source), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` for every
-            other nn.Linear's weight as integers.
+        table_only: True: the table-only path (:mod:`.table_only`: the planner's proxy, the other tensors copied);
+            None: taken when the float32 model would not fit in memory; False: always load the model.
+        verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
+            64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
+        rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
+            precision; bf16 for GGUF), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` (the other nn.Linears' weights).
 
     Example:
-        >>> report = compress("minilm", ratio=6, output="out/minilm-r6")      # doctest: +SKIP
-        >>> report.factorization.ratio                                       # doctest: +SKIP
-        6.06...
+        >>> import embfactor as ef
+        >>> report = ef.compress("minilm", size="8x", output="out/minilm-8x")    # doctest: +SKIP
+        >>> report.verified["measured"]["fidelity"], report.to_dict()["bytes_ratio"]   # doctest: +SKIP
+        (0.999..., 8.0...)
     """
     from tqdm.auto import tqdm
 
     from embfactor.data import read_texts
-    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
-    from embfactor.fileio import check_output_dir, release_mapped_pages
+    from embfactor.fileio import check_output_dir
     from embfactor.models import LoadedModel, load_model, source_path
-    from embfactor.plan import plan_compress_, wants_plan
-    from embfactor.surgery import factorize_, get_meta, quantize_, save_compressed
+    from embfactor.plan import wants_plan
+    from embfactor.surgery import quantize_
     from embfactor.surgery.io import WEIGHTS_FILE
-    from embfactor.surgery.rest import check_rest, store_rest_
 
     t0 = time.perf_counter()
-    if config is None:
-        config = FactorizationConfig(**target)
-    elif target:
-        raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
-    bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
-    check_rest(rest)
-    # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
-    refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
+    config, bits = _checked_settings(config, target, quantize, rest)
     loaded = isinstance(model, LoadedModel)
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
-    stages = tqdm(total=3, desc="compress", unit="stage", disable=not progress, leave=False)
+    if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits)):
+        return _compress_table_only(model, config, output, texts, reason, progress, t0)
+    checking = output is not None and verify is not False and verify != 0
+    stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model if not loaded else model.name}")
     lm = model if loaded else load_model(str(model))
+    seconds = {"load": time.perf_counter() - t0}
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
+    _refuse_unreproducible(lm.model)
     stages.update()
+    verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
+    rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages)
+    choice = None if wants_plan(config) else size_choice_of(config, rep.to_dict())
+    stages.update()
+    quant = quantize_(lm.model, bits) if bits is not None else None
+    stored = store_rest_(lm.model, rest, source=lm.source)  # before the prediction: what is written includes it
+    out = _predict(verifier, lm, rep, stored, stages) if verifier is not None else None
+    if output is not None:
+        out, seconds["save"] = _save(lm, output, verifier, stages)
+    stages.update()
+    stages.close()
+    return CompressReport(
+        model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
+        bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
+        seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
+        size_choice=choice, stages={k: round(v, 2) for k, v in seconds.items()}, rest=stored,
+    )
+
+
+def _predict(verifier: Any, lm: Any, rep: Any, stored: dict[str, Any], stages: Any) -> None:
+    """Score the compressed model in memory, its rest stored as written (what the written folder must match).
+
+    The planner's check predicted the model before its rest was stored: an integer rest (``--rest int8/int4``) adds
+    error that prediction lacks, so the plan's check is then not a prediction of the written model and is skipped.
+    """
+    stages.set_postfix_str("scoring the compressed model in memory")
+    verifier.predict(lm, plan_report=None if stored.get("linear_modules") else rep.to_dict())
+    stages.update()
+
+
+def _save(lm: Any, output: Any, verifier: Any, stages: Any) -> tuple[Path, float]:
+    """Write (and verify) the compressed model: (the folder, seconds taken)."""
+    from embfactor.surgery import save_compressed
+
+    t = time.perf_counter()
+    stages.set_postfix_str("saving and verifying the written model" if verifier else "saving")
+    out = save_compressed(lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,),
+                          extra={"source_model": lm.name}, verify=verifier)
+    return out, time.perf_counter() - t
+
+
+def _verifier(lm: Any, verify: int | bool | None, stages: Any, config: FactorizationConfig,
+              texts: list[str] | None) -> Any:
+    """The check of the written model; with the planner, also on the text its check scores plans on."""
+    from embfactor.pipeline.verify import Verifier
+    from embfactor.plan import calibration_split, wants_plan
+
+    check_texts = None
+    if wants_plan(config):  # the split plan_compress_ makes
+        from embfactor.data import wiki_split
+
+        check_texts = calibration_split(texts if texts is not None else wiki_split("train"))[1]
+    stages.set_postfix_str("scoring the original on held-out text")
+    return Verifier(lm, samples=None if verify is True else verify, check_texts=check_texts)
+
+
+def _compress_in_place(lm: Any, config: FactorizationConfig, texts: list[str] | None, progress: bool,
+                       stages: Any) -> tuple[Any, int]:
+    """Replace ``lm``'s table (the planner, or one method): (its report, the model's bytes before)."""
+    from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
+    from embfactor.fileio import release_mapped_pages
+    from embfactor.plan import plan_compress_, wants_plan
+    from embfactor.surgery import factorize_, get_meta
+
     bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)  # a GGUF source: the file
     stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
     weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
@@ -162,28 +263,82 @@ def compress(
         rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
     else:
         rep = factorize_(lm.model, config, progress=progress, token_weights=weights)
-    meta = get_meta(lm.model)
     # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run
-    meta.report["bytes_before"] = bytes_before
+    get_meta(lm.model).report["bytes_before"] = bytes_before
     if lm.model.get_input_embeddings() is not dense:  # replaced: nothing uses the dense table any more
         release_mapped_pages(dense.weight)
-    del dense
-    stages.update()
-    quant = quantize_(lm.model, bits) if bits is not None else None
-    stored_rest = store_rest_(lm.model, rest, source=lm.source)
-    out = None
-    if output is not None:
-        stages.set_postfix_str("saving")
-        out = save_compressed(
-            lm.model, output, tokenizer=lm.tokenizer, inputs=(lm.source,), extra={"source_model": lm.name}
-        )
-    stages.update()
-    stages.close()
+    return rep, bytes_before
+
+
+def size_choice_of(config: FactorizationConfig, report: dict[str, Any]) -> dict[str, Any] | None:
+    """For a byte ``size`` given to one method that picks its settings (pq, rvq, int): the setting it picked and
+    the finer one it narrowly missed (:func:`embfactor.decomposition.choice.size_choice`); else None."""
+    from embfactor.decomposition import budget_bytes, fixes_size
+    from embfactor.decomposition.choice import size_choice
+
+    if config.size is None or fixes_size(config.method, config.method_options) or not report.get("format_config"):
+        return None
+    vocab, d = report["vocab_size"], report["hidden_size"]
+    return size_choice(config.method, vocab, d, budget_bytes(config.size, vocab, d), report["format_config"],
+                       report["embedding_bytes_after"], config.method_options)
+
+
+__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits", "size_choice_of", "table_only_reason"]
+
+
+def table_only_reason(model: Any, config: FactorizationConfig, output: Any, table_only: bool | None, *,
+                      quantize: int | None = None) -> str | None:
+    """Why ``compress`` takes the table-only path (None: it loads the model), decided before anything is loaded.
+
+    Asked for (``table_only=True``): the model must be a safetensors folder, the method the planner, and an output
+    given (ConfigError otherwise). Automatic (None): a planner run on a safetensors folder whose float32 model plus
+    the planner's working set exceeds the memory available (``embfactor.pipeline.table_only.full_load_bytes``).
+    """
+    from embfactor.pipeline.table_only import SHARD_INDEX, SINGLE_FILE
+    from embfactor.plan import wants_plan
+
+    if table_only is False:
+        return None
+    folder = Path(str(model)).expanduser()
+    is_folder = folder.is_dir() and ((folder / SINGLE_FILE).is_file() or (folder / SHARD_INDEX).is_file())
+    if table_only:
+        if not is_folder:
+            raise ConfigError(f"--table-only reads a folder of safetensors weights ({SINGLE_FILE} or {SHARD_INDEX}); "
+                              f"{model!s} is not one")
+        if not wants_plan(config):
+            raise ConfigError("--table-only runs the planner: give --size without --method (or --method auto)")
+        if quantize is not None:
+            raise ConfigError("--quantize does not apply to --table-only (the planner stores int-k and codebooks)")
+        if output is None:
+            raise ConfigError("--table-only writes its result to a folder: give --output")
+        return "asked for (--table-only)"
+    if not is_folder or not wants_plan(config) or output is None or quantize is not None:
+        return None
+    from embfactor.pipeline.table_only import available_memory, full_load_bytes, open_checkpoint, table_numel
+
+    ckpt = open_checkpoint(folder)
+    need, have = full_load_bytes(ckpt, table_numel(folder, ckpt)), available_memory()
+    if need <= have:
+        return None
+    return (f"automatic: loading the model in float32 and planning would take ~{need / 2**30:.1f} GiB, "
+            f"{have / 2**30:.1f} GiB are available")
+
+
+def _compress_table_only(model: Any, config: FactorizationConfig, output: Any, texts: list[str] | None, reason: str,
+                         progress: bool, t0: float) -> CompressReport:
+    from tqdm.auto import tqdm
+
+    from embfactor.pipeline.table_only import compress_table_only, open_checkpoint, output_weight_bytes
+    from embfactor.plan import PlanReport
+
+    bar = tqdm(total=1, desc="compress (table only)", unit="stage", disable=not progress, leave=False)
+    try:
+        rep = compress_table_only(model, config, output, texts=texts, reason=reason, progress=bar.set_postfix_str)
+    finally:
+        bar.close()
+    kind = rep.pop("kind")
     return CompressReport(
-        model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
-        bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
-        seconds=time.perf_counter() - t0, quantization=quant, rest=stored_rest,
+        model=str(model), kind=kind, output=str(output), factorization=PlanReport(rep),
+        bytes_before=open_checkpoint(model).bytes_on_disk(), bytes_after=output_weight_bytes(output),
+        seconds=time.perf_counter() - t0,
     )
-
-
-__all__ = ["CompressReport", "compress", "data_weights", "quantize_bits"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,12 +53,17 @@ class ModelFacts:
 
 
 def describe(lm: Any) -> ModelFacts:
-    """Facts about a loaded model (:class:`embfactor.models.LoadedModel`), compressed or not.
+    """Facts about a model (a name, a folder, or a :class:`embfactor.models.LoadedModel`), compressed or not.
 
     Example:
-        >>> describe(load_model("minilm")).embedding_share        # doctest: +SKIP
-        0.6...
+        >>> import embfactor as ef
+        >>> ef.describe("minilm").embedding_share        # doctest: +SKIP
+        0.516...
     """
+    if isinstance(lm, (str, os.PathLike)):
+        from embfactor.models import load_model
+
+        lm = load_model(lm)
     from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
     from embfactor.formats import is_row_format
     from embfactor.surgery import count_params, find_embedding_and_head, get_meta

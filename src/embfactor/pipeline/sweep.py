@@ -10,6 +10,7 @@ float32 scale per row (:func:`embfactor.quant.quantized_bytes`).
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import time
@@ -29,7 +30,7 @@ QUANTIZE_MODES = {"none": None, "int8": 8, "int4": 4}
 INT_K_CURVE = ((8, None), (6, 32), (4, 32), (3, 32), (2, 32))
 # the numbers besides the headline metric that each task contributes to a sweep row
 _TASK_FIELDS = {
-    "similarity": ("spearman", "pearson", "fidelity", "fidelity_min"),
+    "similarity": ("spearman", "pearson", "fidelity", "fidelity_min", "fidelity_other"),
     "perplexity": ("perplexity", "kl", "top1_agreement", "reference_perplexity"),
     "classification": ("accuracy", "accuracy_std", "reference_accuracy"),
     "reconstruction": ("relative_error", "overlap_weighted", "overlap_uniform"),
@@ -123,9 +124,14 @@ def check_methods(methods: Sequence[str], *, skip_missing: bool) -> list[str]:
     from embfactor.decomposition.registry import get_method
     from embfactor.errors import UnknownMethodError
 
+    from embfactor.pipeline.references import check_external, is_external
+
     out = []
     for m in methods:
-        if m == "auto":  # the byte-budget planner (embfactor.plan), not a registered decomposition
+        # the byte-budget planner (embfactor.plan) and other tools' formats (pipeline.references) are not registered
+        if m == "auto" or is_external(m):
+            if is_external(m):
+                check_external(m)  # its tool is installed: before the model is loaded
             out.append(m)
             continue
         try:
@@ -188,27 +194,64 @@ def sweep(
         InvalidInputError: task not applicable to the model.
 
     Example:
-        >>> r = sweep("minilm", ratios=[4, 8], methods=["svd"])        # doctest: +SKIP
-        >>> [(p["ratio"], p["spearman"]) for p in r["points"]]        # doctest: +SKIP
+        >>> [(p["label"], p["fidelity"]) for p in ef.sweep("minilm", sizes="8x", methods="auto,int")["points"]]  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
-    from embfactor.eval.tasks import evaluate, get_task, input_embedding
-    from embfactor.models import load_model
-
     # --- validate everything before the (long) work ---
-    ratio_list, method_list, quant_list = _check_settings(
-        ratios, methods, quantize, heal_minutes, skip_missing, sizes
-    )
+    ratio_list, method_list, quant_list = _check_settings(ratios, methods, quantize, heal_minutes, skip_missing, sizes)
     from embfactor.train.heal import heal as heal_fn  # at call time: tests replace it with a fake
 
     heal = heal_fn if heal_minutes > 0 else None
-    t_start = time.perf_counter()
+    t_start, lm = time.perf_counter(), _sweepable(model)
+    task, info, opts = _task_and_options(lm, task, task_options)
+    external, method_list = _external_references(lm, method_list)
+    weights = data_weights(lm, [m for m in method_list if m != "auto"])
+
+    run_eval = functools.partial(_evaluate, task=task, opts=opts)
+    if int_k_curve is None:
+        int_k_curve = any(m in ("pq", "rvq", "int", "auto") for m in method_list)
+    n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3 + (len(INT_K_CURVE) if int_k_curve else 0)
+    bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
+    reference_rows = _reference_rows(lm, task, run_eval, bar, external)
+    int_curve = _int_k_curve(lm, task, run_eval, bar) if int_k_curve else []
+    points, skipped = _grid_points(
+        lm, method_list, ratio_list, quant_list, by_size=sizes is not None, bar=bar,
+        weights=weights, seed=seed, heal=heal, heal_minutes=heal_minutes, heal_options=heal_options,
+        run_eval=run_eval, task=task, progress=progress,
+    )
+    bar.close()
+    settings = {
+        "ratios" if sizes is None else "sizes": ratio_list, "methods": method_list + external, "quantize": quant_list,
+        "heal_minutes": heal_minutes, "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},
+    }
+    return _sweep_table(lm, task, info, reference_rows, int_curve, points, skipped, settings,
+                        time.perf_counter() - t_start)
+
+
+def _evaluate(m, ref, *, task: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation of a sweep point (``m``) against ``ref`` (None: the task's own numbers only)."""
+    from embfactor.eval.tasks import evaluate
+
+    return evaluate(m, task, reference=ref, progress=False, **opts)
+
+
+def _sweepable(model: str | Any):
+    """The LoadedModel to sweep (``model`` itself when already loaded); a compressed one is refused."""
+    from embfactor.models import load_model
+
     lm = load_model(model) if isinstance(model, (str, Path)) else model
     if lm.compressed:
         raise InvalidInputError(
             f"{lm.source} is already compressed; sweep the original model (its source: {lm.record.get('source_model')})"
         )
+    return lm
+
+
+def _task_and_options(lm, task: str | None, task_options: dict[str, Any] | None) -> tuple[str, Any, dict[str, Any]]:
+    """(task name, its TaskInfo, evaluate() options); a task that does not apply to the model raises its error."""
+    from embfactor.eval.tasks import evaluate, get_task
+
     task = task or default_task(lm.kind)
     info = get_task(task)
     if lm.kind not in info.kinds:
@@ -216,38 +259,34 @@ def sweep(
     opts = dict(task_options or {})
     if task == "similarity":
         opts.setdefault("cache", {})  # the original's embeddings are computed once for the whole sweep
+    return task, info, opts
 
-    emb = input_embedding(lm.model)
-    vocab, dim = int(emb.num_embeddings), int(emb.embedding_dim)
-    dense_bytes = vocab * dim * 4
-    weights = data_weights(lm, [m for m in method_list if m != "auto"])
 
-    def run_eval(m, ref):
-        return evaluate(m, task, reference=ref, progress=False, **opts)
-
-    if int_k_curve is None:
-        int_k_curve = any(m in ("pq", "rvq", "int", "auto") for m in method_list)
-    n_points = len(method_list) * len(ratio_list) * len(quant_list) + 3 + (len(INT_K_CURVE) if int_k_curve else 0)
-    bar = tqdm(total=n_points, desc=f"sweep {task}", unit="point", disable=not progress)
-
-    reference_rows = _reference_rows(lm, task, run_eval, bar)
-    int_curve = _int_k_curve(lm, task, run_eval, bar) if int_k_curve else []
+def _grid_points(lm, method_list: list[str], ratio_list: list, quant_list: list[str], *, by_size: bool, bar,
+                 **point_options: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(points, skipped) of every (method, ratio or size, storage); ``point_options`` go to _method_points."""
     points: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for method in method_list:
         for ratio in ratio_list:
             try:
-                points += _method_points(
-                    lm, method, ratio, quant_list, weights=weights, seed=seed, heal=heal, heal_minutes=heal_minutes,
-                    heal_options=heal_options, run_eval=run_eval, task=task, bar=bar, progress=progress,
-                )
+                points += _method_points(lm, method, ratio, quant_list, bar=bar, **point_options)
             except ConfigError as e:
-                if sizes is None:  # a ratio every method can reach: a real error
+                if not by_size:  # a ratio every method can reach: a real error
                     raise
                 # a byte size this method cannot reach (int-k stops at ~16x): the other points still count
                 skipped.append({"method": method, "size": ratio, "reason": str(e)})
                 bar.update(len(quant_list))
-    bar.close()
+    return points, skipped
+
+
+def _sweep_table(lm, task: str, info, reference_rows: list, int_curve: list, points: list, skipped: list,
+                 settings: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The dict :func:`sweep` returns (its Returns: section)."""
+    from embfactor.eval.tasks import input_embedding
+
+    emb = input_embedding(lm.model)
+    vocab, dim = int(emb.num_embeddings), int(emb.embedding_dim)
     return {
         "model": lm.name,
         "kind": lm.kind,
@@ -257,16 +296,13 @@ def sweep(
         "agreement_metric": _AGREEMENT[task],
         "vocab_size": vocab,
         "hidden_size": dim,
-        "dense_embedding_bytes": dense_bytes,
+        "dense_embedding_bytes": vocab * dim * 4,
         "reference": reference_rows,
         "int_k_curve": int_curve,
         "points": points,
         "skipped": skipped,
-        "settings": {
-            "ratios" if sizes is None else "sizes": ratio_list, "methods": method_list, "quantize": quant_list, "heal_minutes": heal_minutes,
-            "seed": seed, "task_options": {k: v for k, v in opts.items() if k != "cache"},
-        },
-        "seconds": time.perf_counter() - t_start,
+        "settings": settings,
+        "seconds": seconds,
     }
 
 
@@ -299,8 +335,9 @@ def _check_settings(
     return ratio_list, method_list, quant_list
 
 
-def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, Any]]:
-    """The original model and its dense int8/int4 tables: the points every compressed one is compared with."""
+def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any, external: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The original model and its dense int8/int4 tables: the points every compressed one is compared with; then
+    the ``external`` tools' formats (:func:`_external_row`)."""
     from embfactor.eval.tasks import input_embedding
     from embfactor.quant import fake_quantize_rows, quantized_bytes
 
@@ -332,7 +369,37 @@ def _reference_rows(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[st
         del q
         bar.update()
 
-    return reference_rows
+    bar.total += len(external)
+    return reference_rows + [_external_row(lm, m, task, run_eval, bar) for m in external]
+
+
+def _external_references(lm, method_list: list[str]) -> tuple[list[str], list[str]]:
+    """(other tools' formats, the other methods) of a sweep; each format is checked against the table's width."""
+    from embfactor.eval.tasks import input_embedding
+    from embfactor.pipeline.references import check_external, is_external
+
+    external = [m for m in method_list if is_external(m)]  # one reference point each, whatever the ratios
+    for m in external:
+        check_external(m, int(input_embedding(lm.model).embedding_dim))
+    return external, [m for m in method_list if m not in external]
+
+
+def _external_row(lm: Any, name: str, task: str, run_eval: Any, bar: Any) -> dict[str, Any]:
+    """A reference row: the table stored by another tool (:mod:`embfactor.pipeline.references`), read back as it
+    reads it, in a copy of the model (a tied head reads the same table)."""
+    from embfactor.eval.tasks import input_embedding
+    from embfactor.pipeline.references import external_table
+
+    t0 = time.perf_counter()
+    q = clone_model(lm)
+    w = input_embedding(q.model).weight
+    table, nbytes, info = external_table(name, w.detach())
+    with torch.no_grad():
+        w.copy_(table.to(w.dtype))
+    res = run_eval(q, lm)
+    bar.update()
+    return {"label": name, "kind": "external", **info, "embedding_bytes": nbytes,
+            "bytes_ratio": w.numel() * 4 / nbytes, **_row(res, task), "seconds": time.perf_counter() - t0}
 
 
 def _int_k_curve(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, Any]]:
@@ -340,22 +407,18 @@ def _int_k_curve(lm: Any, task: str, run_eval: Any, bar: Any) -> list[dict[str, 
     from embfactor.decomposition.intk import int_quantize
     from embfactor.eval.tasks import input_embedding
     from embfactor.formats import from_factors
-    from embfactor.layers import FactorizedLMHead
-    from embfactor.surgery import find_embedding_and_head, fqn_of, replace_modules_
+    from embfactor.surgery import install_format_
 
     emb = input_embedding(lm.model)
     dense_bytes = emb.weight.numel() * 4
-    tied = bool(find_embedding_and_head(lm.model).tied)
     rows: list[dict[str, Any]] = []
     for bits, group in INT_K_CURVE:
         t0 = time.perf_counter()
         q = clone_model(lm)
         layer = from_factors(int_quantize(emb.weight.detach(), bits=bits, group=group), emb.padding_idx,
                              zero_padding_row=False)
-        replace_modules_(q.model, {fqn_of(q.model, input_embedding(q.model)): layer})
-        if tied:  # the tied head reads the same int-k table
-            head = q.model.get_output_embeddings()
-            replace_modules_(q.model, {fqn_of(q.model, head): FactorizedLMHead(layer, getattr(head, "bias", None))})
+        # as compress installs a table: a tied head reads it, and the module's scale and shared readers are kept
+        install_format_(q.model, layer, method="int", rank=bits)
         res = run_eval(q, lm)
         rows.append({
             "label": f"int{bits} " + (f"g{group}" if group else "per row"), "kind": "dense-int-k", "bits": bits,

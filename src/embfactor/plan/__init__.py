@@ -41,7 +41,7 @@ from embfactor.plan.apply import (
     wants_plan,
 )
 from embfactor.plan.calibration import CHECK_EVERY, _train_text, calibration_passages, calibration_split, spread
-from embfactor.plan.model import ModelScorer, plan_model
+from embfactor.plan.model import ModelScorer, plan_model, plan_table
 from embfactor.plan.search import (
     ALPHAS,
     CHECK_PLANS,
@@ -71,6 +71,6 @@ __all__ = [
     "ModelScorer", "Plan", "PlanReport", "Tier", "_fill_last_cut", "_formats_from_options", "_rows_of", "_train_text",
     "apply_plan_", "asdict", "assemble", "build_plan", "calibration_passages", "calibration_split", "candidate_plans",
     "default_formats", "describe_checks", "describe_plan", "fit_rows", "mass_boundaries", "plan_compress_",
-    "plan_model", "row_errors", "search_plans", "spread", "table_relative_error", "tier_map_bytes", "token_order",
+    "plan_model", "plan_table", "row_errors", "search_plans", "spread", "table_relative_error", "tier_map_bytes", "token_order",
     "wants_plan", "weights_for",
 ]

@@ -38,8 +38,9 @@ class ModelScorer:
                  passages: int = 48, original: torch.Tensor | None = None) -> None:
         self.lm = lm
         self.weight = lm.model.get_input_embeddings().weight
-        # the table to put back: a copy the caller already holds (the planner's), else a new one
-        self.original = self.weight.detach().clone() if original is None else original
+        # the table to put back: candidates replace the weight's data (a tied head shares the parameter) and the
+        # original tensor is put back, so no copy of the table is needed (``original``: one the caller holds)
+        self.original = self.weight.data if original is None else original
         if lm.kind == "decoder":
             from embfactor.eval.perplexity import token_ids
 
@@ -52,9 +53,13 @@ class ModelScorer:
             self.texts = calibration_passages(passages, articles=texts)
             self.ref = self._pooled()
 
+    # One window at a time: at a 262,144-token vocabulary each vocabulary-sized tensor of the whole batch (logits,
+    # log-probabilities, the KL's terms) is 537 MB, and scoring the batch at once held five of them.
     @torch.inference_mode()
     def _logprobs(self) -> torch.Tensor:
-        return torch.log_softmax(self.lm.model(input_ids=self.batch).logits.float(), -1)
+        from embfactor.train.distill import teacher_logprobs
+
+        return torch.cat([teacher_logprobs(self.lm.model(input_ids=w[None]).logits) for w in self.batch])
 
     def _pooled(self) -> torch.Tensor:
         from embfactor.eval.embed import pooled_embeddings
@@ -63,31 +68,22 @@ class ModelScorer:
 
     @torch.inference_mode()
     def score(self, table: torch.Tensor) -> float:
-        self.weight.copy_(table.to(self.weight.dtype))
+        self.weight.data = table.to(self.weight.dtype)
         if self.lm.kind == "decoder":
-            lp = self._logprobs()
-            return -float((self.ref.exp() * (self.ref - lp)).sum(-1).mean())
+            from embfactor.train.distill import token_kl
+
+            kl = sum(float(token_kl(self.lm.model(input_ids=w[None]).logits, self.ref[i : i + 1]).sum())
+                     for i, w in enumerate(self.batch))
+            return -kl / self.batch.numel()
         return float((self._pooled() * self.ref).sum(-1).mean())
 
     @torch.inference_mode()
     def restore(self) -> None:
-        self.weight.copy_(self.original)
+        self.weight.data = self.original
 
 
-def plan_model(
-    lm,
-    budget_bytes: float,
-    counts: torch.Tensor,
-    *,
-    check: int = CHECK_PLANS,
-    formats: Sequence[FormatChoice] | None = None,
-    alphas: Sequence[float] = ALPHAS,
-    cuts: Sequence[float] = MASS_CUTS,
-    max_tiers: int = MAX_TIERS,
-    seed: int = 0,
-    scorer: ModelScorer | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[Plan, Any]:
+def plan_model(lm, budget_bytes: float, counts: torch.Tensor, *, check: int = CHECK_PLANS,
+               scorer: ModelScorer | None = None, **search: Any) -> tuple[Plan, Any]:
     """Choose and build the storage of ``lm``'s embedding within ``budget_bytes``: (plan, RowFormat module).
 
     The model is left as it was (candidate tables are scored in place and the original is put back); the caller
@@ -98,24 +94,65 @@ def plan_model(
         budget_bytes: the most bytes the stored table may take.
         counts: token counts on calibration text (:func:`embfactor.data.frequency.token_counts`).
         check: how many of the proxy's plans are scored on the model (0: trust the proxy).
-        formats, alphas, cuts, max_tiers: the search space (defaults :func:`default_formats`, ALPHAS, MASS_CUTS).
         scorer: a :class:`ModelScorer` (default: one on the bundled Wikipedia's training part).
+        search: :func:`plan_table`'s options (formats, alphas, cuts, max_tiers, seed, progress, hessian).
+        hessian: the second moment of a tied head's inputs (:func:`embfactor.eval.head.head_second_moment`):
+            int-k tiers round and PQ tiers encode in the head's metric, and the proxy measures errors in it.
 
     Example:
         >>> plan, module = plan_model(load_model("minilm"), 46_881_792 / 16, counts)     # doctest: +SKIP
         >>> plan.bytes <= 46_881_792 / 16                                                # doctest: +SKIP
         True
     """
-    E = lm.model.get_input_embeddings().weight.detach().float().clone()
+    emb = lm.model.get_input_embeddings()
+    E = emb.weight.detach().float()  # the model's own table when it is float32: the check never writes into it
+    if scorer is None and check > 0:
+        scorer = ModelScorer(lm)
+    plan, module, _ = plan_table(E, budget_bytes, counts, check=check, scorer=scorer, padding_idx=emb.padding_idx,
+                                 **search)
+    return plan, module
+
+
+def plan_table(
+    E: torch.Tensor,
+    budget_bytes: float,
+    counts: torch.Tensor,
+    *,
+    check: int = CHECK_PLANS,
+    formats: Sequence[FormatChoice] | None = None,
+    alphas: Sequence[float] = ALPHAS,
+    cuts: Sequence[float] = MASS_CUTS,
+    max_tiers: int = MAX_TIERS,
+    seed: int = 0,
+    scorer: ModelScorer | None = None,
+    padding_idx: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    hessian: torch.Tensor | None = None,
+) -> tuple[Plan, Any, dict[str, float]]:
+    """Choose and build the storage of table ``E``: (plan, RowFormat module, seconds per stage).
+
+    ``check``, ``formats``, ``alphas``, ``cuts``, ``max_tiers``: as :func:`candidate_plans` (the search space);
+    ``scorer`` scores the first ``check`` plans on a model. Without a ``scorer`` (or with ``check=0``) the proxy's
+    best plan is built: what the table-only path does, which
+    has no model to score plans on. ``E`` is read, never written; it may be in any float dtype (bf16 rows are
+    converted a block at a time).
+
+    Example:
+        >>> plan, module, seconds = plan_table(torch.randn(3000, 64), 3000 * 64 * 4 / 8, torch.rand(3000))  # doctest: +SKIP
+        >>> sorted(seconds)                                                                                  # doctest: +SKIP
+        ['build', 'check', 'fits']
+    """
     t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
     plans, fits = candidate_plans(E, counts, budget_bytes, formats=formats, alphas=alphas, cuts=cuts,
-                                  max_tiers=max_tiers, seed=seed, progress=progress)
+                                  max_tiers=max_tiers, seed=seed, progress=progress, hessian=hessian)
     if not plans:
         raise ConfigError(f"no tier plan fits {budget_bytes:,.0f} bytes; ask for a smaller ratio")
+    seconds["fits"] = time.perf_counter() - t0
+    t = time.perf_counter()
     order = token_order(counts)
     best = plans[0]
-    if check > 0 and len(plans) > 1:
-        scorer = scorer or ModelScorer(lm, original=E)  # E is a copy: one table copy for both
+    if check > 0 and len(plans) > 1 and scorer is not None:
         try:
             for p in plans[:check]:
                 if progress:
@@ -124,14 +161,18 @@ def plan_model(
         finally:
             scorer.restore()
         best = max((p for p in plans[:check]), key=lambda p: p.score)
+    del fits  # the whole-table fits are done with: the plan's tiers are fitted anew below
+    seconds["check"] = time.perf_counter() - t
     best.checked = [{"label": p.label, "alpha": p.alpha, "bytes": p.bytes, "proxy_error": p.proxy,
                      "score": p.score} for p in plans[:max(check, 1)]]
     if progress:
         progress(f"building {best.label}")
-    padding_idx = lm.model.get_input_embeddings().padding_idx
-    module = build_plan(E, best, order, counts, padding_idx=padding_idx, seed=seed)
+    t = time.perf_counter()
+    module = build_plan(E, best, order, counts, padding_idx=padding_idx, seed=seed, hessian=hessian)
     best.bytes = int(module.num_bytes())
-    for t, child in zip(best.tiers, getattr(module, "tiers", [module])):
-        t.bytes = int(child.num_bytes())
+    for tier, child in zip(best.tiers, getattr(module, "tiers", [module])):
+        tier.bytes = int(child.num_bytes())
+    seconds["build"] = time.perf_counter() - t
     best.checked.append({"seconds": time.perf_counter() - t0})
-    return best, module
+    best.seconds = seconds
+    return best, module, seconds

@@ -132,10 +132,16 @@ def mass_boundaries(counts: torch.Tensor, order: torch.Tensor, cuts: Sequence[fl
 PROXY_KMEANS = {"niter": 6, "points_per_centroid": 16}
 
 
-def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, seed: int = 0, *, quick: bool = False):
+# formats that round or encode in a tied head's metric when the planner has one (hessian=, same bytes)
+HEAD_METRIC_METHODS = ("int", "pq")
+
+
+def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, seed: int = 0, *, quick: bool = False,
+             hessian: torch.Tensor | None = None):
     """The decomposition of ``E`` in format ``fmt`` (its Factors; ``.rows(a, b)`` reads reconstructed rows).
 
-    ``quick``: cheaper k-means (:data:`PROXY_KMEANS`) for codebook formats.
+    ``quick``: cheaper k-means (:data:`PROXY_KMEANS`) for codebook formats. ``hessian``: the second moment of a
+    tied head's inputs (:mod:`embfactor.eval.head`): int-k rounds and PQ encodes in the head's metric.
     """
     from embfactor.decomposition.registry import get_method
 
@@ -146,15 +152,46 @@ def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, s
         opts.setdefault("max_train_points", min(E.shape[0], PROXY_KMEANS["points_per_centroid"] * opts.get("K", 256)))
     if info.data_aware and weights is not None:
         opts["token_weights"] = weights
+    if hessian is not None and fmt.method in HEAD_METRIC_METHODS:
+        opts["hessian"] = hessian
     return info.fn(E, None, seed=seed, **opts)
 
 
-def row_errors(E: torch.Tensor, factors: Any, block: int = 16384) -> torch.Tensor:
-    """Squared error of each row of ``E`` against the factors' reconstruction (float64, vocab)."""
+class RowwiseFit:
+    """A whole-table fit of a format that quantizes each row on its own (int-k), read by recomputing rows from ``E``.
+
+    The proxy needs each format's row errors and, for the check, the rows of a few plans; a row of int-k depends
+    only on that row, so nothing is kept: holding the packed fits of the five int-k candidates cost 0.8x the fp32
+    table.
+    """
+
+    def __init__(self, E: torch.Tensor, fmt: FormatChoice, hessian: torch.Tensor | None = None) -> None:
+        # hessian: rows are still independent under head-metric rounding (the feedback runs across a row's columns)
+        self.E, self.fmt, self.hessian = E, fmt, hessian
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return fit_rows(self.E[start:stop], self.fmt, None, hessian=self.hessian).rows(0, stop - start)
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        return fit_rows(self.E[ids], self.fmt, None, hessian=self.hessian).rows(0, ids.numel())
+
+
+ROWWISE_METHODS = ("int",)
+
+
+def row_errors(E: torch.Tensor, factors: Any, block: int = 16384, *,
+               metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error of each row of ``E`` against the factors' reconstruction (float64, vocab).
+
+    ``metric``: a (d × d) matrix M; the error of a row is then ``diff M diffᵀ`` (a tied head's H: the mean
+    squared logit error the row causes).
+    """
     out = torch.empty(E.shape[0], dtype=torch.float64)
+    M = None if metric is None else metric.double()
     for s in range(0, E.shape[0], block):
         e = min(s + block, E.shape[0])
-        out[s:e] = ((E[s:e].double() - factors.rows(s, e).double()) ** 2).sum(1)
+        diff = E[s:e].double() - factors.rows(s, e).double()
+        out[s:e] = (diff ** 2).sum(1) if M is None else ((diff @ M) * diff).sum(1)
     return out
 
 
@@ -189,6 +226,7 @@ class Plan:
     proxy: float = 0.0
     score: float | None = None
     checked: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage of choosing and building it
 
     @property
     def label(self) -> str:
@@ -199,7 +237,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"tiers": [t.to_dict() for t in self.tiers], "bytes": self.bytes, "alpha": self.alpha,
-                "proxy_error": self.proxy, "score": self.score, "checked": self.checked}
+                "proxy_error": self.proxy, "score": self.score, "checked": self.checked,
+                "stage_seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
 def tier_map_bytes(vocab: int, tiers: int) -> int:
@@ -306,11 +345,13 @@ def candidate_plans(
     per_alpha: int = 2,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[list[Plan], dict[FormatChoice, Any]]:
     """Distinct plans that fit the budget, best by the proxy under each alpha, and the fitted formats.
 
     Each format is fitted once to the whole table (codebooks with weights at the middle alpha); the same row errors
-    serve every alpha. Returns (plans, fits) where fits maps each format to its Factors.
+    serve every alpha. Returns (plans, fits) where fits maps each format to its Factors. ``hessian`` (a tied head's
+    H): formats round in its metric, and row errors are measured in it.
 
     Raises:
         ConfigError: no plan fits the budget (the message gives the smallest size the formats reach).
@@ -332,8 +373,9 @@ def candidate_plans(
     for f in formats:
         if progress:
             progress(f"fitting {f.label}")
-        fits[f] = fit_rows(E, f, w_fit, seed, quick=True)
-        errors[f] = row_errors(E, fits[f])
+        fits[f] = (RowwiseFit(E, f, hessian) if f.method in ROWWISE_METHODS
+                   else fit_rows(E, f, w_fit, seed, quick=True, hessian=hessian))
+        errors[f] = row_errors(E, fits[f], metric=hessian)
     ranked: list[list[Plan]] = []
     seen: set = set()
     for a in alphas:
@@ -376,7 +418,10 @@ def assemble(E: torch.Tensor, plan: Plan, order: torch.Tensor, fits: dict[Format
 
 
 def _rows_of(factors: Any, ids: torch.Tensor, block: int = 16384) -> torch.Tensor:
-    # the Factors API reads contiguous row ranges; gather the ranges that cover ``ids`` block by block
+    # rows at ``ids`` where the fit can read them directly (no range of the table decoded around them); otherwise
+    # the Factors API reads contiguous row ranges: gather the ranges that cover ``ids`` block by block
+    if hasattr(factors, "take"):
+        return torch.cat([factors.take(c) for c in ids.split(block)]) if ids.numel() else torch.empty(0)
     parts = []
     for s in range(0, ids.numel(), block):
         chunk = ids[s:s + block]
@@ -386,8 +431,9 @@ def _rows_of(factors: Any, ids: torch.Tensor, block: int = 16384) -> torch.Tenso
 
 
 def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.Tensor, *,
-               padding_idx: int | None = None, seed: int = 0):
-    """The ``tiered`` RowFormat of ``plan``: each tier's rows fitted anew in its format (codebooks on its rows)."""
+               padding_idx: int | None = None, seed: int = 0, hessian: torch.Tensor | None = None):
+    """The ``tiered`` RowFormat of ``plan``: each tier's rows fitted anew in its format (codebooks on its rows);
+    ``hessian``: in a tied head's metric (:func:`fit_rows`)."""
     from embfactor.formats.base import from_factors, get_format
 
     children = []
@@ -396,7 +442,7 @@ def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.T
     for t in plan.tiers:
         ids = order[t.start:t.stop].sort().values  # id order inside a tier: the tiered format then stores 1 B/token
         position[ids] = torch.arange(t.start, t.stop)
-        f = fit_rows(E[ids].contiguous(), t.fmt, w[ids], seed)
+        f = fit_rows(E[ids].contiguous(), t.fmt, w[ids], seed, hessian=hessian)
         children.append(from_factors(f))
     if len(children) == 1:
         one = children[0]

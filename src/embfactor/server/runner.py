@@ -81,14 +81,20 @@ class TimedH11Protocol(H11Protocol):
         if self._no_linger or raw.is_closing() or self.conn.their_state in _REQUEST_IN or not raw.can_write_eof():
             raw.close()
             return
+        try:
+            raw.write_eof()  # the response already written goes out, then FIN: the client reads it once it has sent
+        except OSError:  # the client is gone already (ENOTCONN): nothing to linger for
+            raw.close()
+            return
         self._lingering = True
         self._stop_request_clock()
-        raw.write_eof()  # the response already written goes out, then FIN: the client reads it once it has sent
         raw.resume_reading()  # flow control may have paused reading while the unread body piled up
         self._request_timer = self.loop.call_later(self.request_timeout, raw.close)
 
     def shutdown(self) -> None:
-        self._no_linger = True  # the server is stopping: close at once
+        self._no_linger = True  # the server is stopping: close at once, lingering connections too
+        if self._lingering:
+            self._raw.close()
         super().shutdown()
 
     def _start_request_clock(self) -> None:

@@ -16,6 +16,7 @@ from embfactor.decomposition import (
 )
 from embfactor.errors import InvalidTypeError, SurgeryError
 from embfactor.formats import from_factors, is_row_format
+from embfactor.surgery.conform import table_readers
 from embfactor.surgery.integration import attach_quantization_config
 from embfactor.surgery.meta import CompressionMeta, set_meta
 from embfactor.surgery.replace import apply_structure_, fqn_of
@@ -178,11 +179,44 @@ def factorize_(
     elif any(v is not None for v in (rank, ratio, energy, max_error, method)) or method_options:
         raise SurgeryError("give either config= or keyword settings, not both")
     site = find_embedding_and_head(model, module_name)
-    emb_fqn, emb, head_fqn, head = site.embedding_module, site.embedding, site.head_module, site.head
+    emb_fqn, emb, head_fqn = site.embedding_module, site.embedding, site.head_module
     tie = site.tied and config.factorize_head
+    readers = table_readers(model, emb, emb_fqn, site.head)  # refuses what a format cannot reproduce, before any work
     params_before = count_params(model)
     E = emb.weight.detach()
     sv = spectrum(E)
+    r, fixed, data_opts = _rank_and_options(E, config, sv)
+    if config.method is not None and get_method(config.method).data_aware:
+        data_opts["token_weights"] = token_weights  # the method explains how to pass them when None
+    f = decompose(
+        E, None if fixed else r, method=config.method, seed=config.seed, progress=progress, **config.method_options,
+        **data_opts,
+    )
+    pad = emb.padding_idx
+    pad_is_zero = pad is None or not bool(E[pad].any())
+    # --- the model is mutated only below this line ---
+    # copy=False: f is this call's own temporary, so the layer adopts its U (one vocab × r block less at the peak)
+    new = from_factors(f, pad, sparse=emb.sparse, zero_padding_row=pad_is_zero, copy=False).to(emb.weight.device)
+    apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tie, head_module=head_fqn,
+                     embed_scale=readers.embed_scale, shared_modules=readers.shared)
+    del E
+    report = _factorization_report(
+        model, site, new, f, rank=r, tie=tie, params_before=params_before,
+        optimal_error=optimal_relative_error(sv, r), seconds=time.perf_counter() - t0,
+    )
+    set_meta(model, CompressionMeta(
+        embedding_module=emb_fqn, head_module=head_fqn if tie else None, tied_head=tie, rank=r, method=f.method,
+        factorization=config.to_dict(), report=report.to_dict(), embed_scale=readers.embed_scale,
+        shared_modules=readers.shared,
+    ))
+    attach_quantization_config(model)  # so that model.save_pretrained writes a folder from_pretrained rebuilds
+    return report
+
+
+def _rank_and_options(
+    E: torch.Tensor, config: FactorizationConfig, sv: torch.Tensor
+) -> tuple[int, bool, dict[str, Any]]:
+    """(rank to record, whether the method options fix the stored size, extra decompose options) for ``config``."""
     data_opts: dict[str, Any] = {}
     fixed = config.method is not None and get_method(config.method).fixes_size(config.method_options)
     if fixed:
@@ -205,23 +239,17 @@ def factorize_(
             tuple(E.shape), rank=config.rank, ratio=config.ratio, energy=config.energy,
             max_error=config.max_error, singular_values=sv,
         )
-    if config.method is not None and get_method(config.method).data_aware:
-        data_opts["token_weights"] = token_weights  # the method explains how to pass them when None
-    f = decompose(
-        E, None if fixed else r, method=config.method, seed=config.seed, progress=progress, **config.method_options,
-        **data_opts,
-    )
-    pad = emb.padding_idx
-    pad_is_zero = pad is None or not bool(E[pad].any())
-    # --- the model is mutated only below this line ---
-    # copy=False: f is this call's own temporary, so the layer adopts its U (one vocab × r block less at the peak)
-    new = from_factors(f, pad, sparse=emb.sparse, zero_padding_row=pad_is_zero, copy=False).to(emb.weight.device)
-    apply_structure_(model, embedding_module=emb_fqn, new_embedding=new, tied_head=tie, head_module=head_fqn)
-    del E
-    report = FactorizationReport(
+    return r, fixed, data_opts
+
+
+def _factorization_report(model: nn.Module, site: EmbeddingSite, new: nn.Module, f: Any, *, rank: int, tie: bool,
+                          params_before: int, optimal_error: float, seconds: float) -> FactorizationReport:
+    """The report of :func:`factorize_` once ``new`` (built from the factors ``f``) has replaced ``site``."""
+    emb, head = site.embedding, site.head
+    return FactorizationReport(
         model=type(model).__name__,
         method=f.method,
-        rank=r,
+        rank=rank,
         vocab_size=emb.num_embeddings,
         hidden_size=emb.embedding_dim,
         embedding_params_before=emb.weight.numel(),
@@ -230,7 +258,7 @@ def factorize_(
         model_params_after=count_params(model),
         ratio=emb.weight.numel() / new.num_params,
         relative_error=float(f.meta["relative_error"]),
-        optimal_relative_error=optimal_relative_error(sv, r),
+        optimal_relative_error=optimal_error,
         embedding_bytes_before=emb.weight.numel() * emb.weight.element_size(),
         embedding_bytes_after=new.num_bytes(),
         bytes_ratio=emb.weight.numel() * 4 / new.num_bytes(),
@@ -240,16 +268,10 @@ def factorize_(
         format=new.format_name,
         format_config=new.format_config(),
         tied_head=tie,
-        seconds=time.perf_counter() - t0,
-        embedding_module=emb_fqn,
-        head_module=head_fqn if tie else None,
+        seconds=seconds,
+        embedding_module=site.embedding_module,
+        head_module=site.head_module if tie else None,
     )
-    set_meta(model, CompressionMeta(
-        embedding_module=emb_fqn, head_module=head_fqn if tie else None, tied_head=tie, rank=r, method=f.method,
-        factorization=config.to_dict(), report=report.to_dict(),
-    ))
-    attach_quantization_config(model)  # so that model.save_pretrained writes a folder from_pretrained rebuilds
-    return report
 
 
 def install_format_(
@@ -273,14 +295,16 @@ def install_format_(
         raise InvalidTypeError(f"install_format_ needs a storage format (RowFormat), got {type(new_embedding).__name__}")
     site = find_embedding_and_head(model, module_name)
     tie = site.tied and tie_head
+    readers = table_readers(model, site.embedding, site.embedding_module, site.head)
     meta = CompressionMeta(
         embedding_module=site.embedding_module, head_module=site.head_module if tie else None, tied_head=tie,
         rank=rank, method=method or new_embedding.format_name, factorization=FactorizationConfig(rank=rank).to_dict(),
+        embed_scale=readers.embed_scale, shared_modules=readers.shared,
     )
     # --- the model is mutated only below this line ---
     apply_structure_(
         model, embedding_module=site.embedding_module, new_embedding=new_embedding, tied_head=tie,
-        head_module=site.head_module,
+        head_module=site.head_module, embed_scale=readers.embed_scale, shared_modules=readers.shared,
     )
     set_meta(model, meta)
     attach_quantization_config(model)

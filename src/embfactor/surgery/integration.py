@@ -17,7 +17,7 @@ def attach_quantization_config(model: nn.Module) -> Any:
     Does nothing (returns None) for a model without a transformers config or without embfactor metadata.
 
     Example:
-        >>> factorize_(model, rank=8)                        # calls this
+        >>> factorize_(model, rank=8)                        # doctest: +SKIP
         >>> model.save_pretrained("out")                     # doctest: +SKIP
     """
     from embfactor.surgery.meta import get_meta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_m
 from embfactor.surgery.rest import dtype_name, rest_dtype, stored_rest
 
 WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
 # the metadata fields every record has (report and extra are optional)
 _META_KEYS = ("embedding_module", "head_module", "tied_head", "rank", "method", "factorization")
 
@@ -34,6 +36,8 @@ def save_compressed(
     inputs: tuple[str | os.PathLike, ...] = (),
     files: dict[str, bytes] | None = None,
     modules_from: str | os.PathLike | None = None,
+    verify: Callable[[Path], Any] | None = None,
+    weights: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write a factorized model to ``directory``: model.safetensors, config.json, embfactor.json (+ tokenizer).
 
@@ -45,18 +49,19 @@ def save_compressed(
             :func:`embfactor.load_model` returns after :func:`factorize_` (its tokenizer is saved too).
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model that every
             ``embfactor`` command accepts; default: the tokenizer of a ``load_model`` result.
+        verify: called with the complete temporary folder before it is renamed into place (a
+            :class:`embfactor.pipeline.verify.Verifier`); if it raises, nothing is written.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
         files: more files (name -> contents) written into the same temporary folder, so they appear in the one
             swap together with the model (heal's classifier and resume state): never a model without them.
         modules_from: a sentence-transformers folder whose modules (modules.json, pooling, normalization, prompts)
             the output keeps; default: the folder :func:`embfactor.load_model` loaded the model from.
+        weights: writes the weight files into the temporary folder in place of ``model``'s (the table-only path).
 
     Example:
         >>> save_compressed(model, "out/minilm-r6", tokenizer=tok)   # doctest: +SKIP
     """
-    from safetensors.torch import save_model
-
     from embfactor import __version__
     from embfactor.surgery.integration import attach_quantization_config
     from embfactor.surgery.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
@@ -88,25 +93,46 @@ def save_compressed(
     stored = rest_dtype(model)
     with atomic_directory(directory, inputs=inputs) as tmp:
         with stored_rest(model):  # the rest in the precision it is stored in (the source's, or --rest's)
-            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "embfactor_version": __version__})
+            (weights or _model_weights(model))(tmp)
         config.architectures = [architecture]
-        # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
-        # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so. It is
-        # the stored rest's (a bf16 source loads as bf16, as its own folder did); embfactor's loaders load in the
-        # record's torch_dtype (the dtype embfactor computes in).
+        # the model's dtype, stated (else from_pretrained takes the file's first floating tensor, maybe a format's fp16
+        # storage): the stored rest's (a bf16 source loads as bf16); embfactor's loaders use the record's torch_dtype
         config.dtype = dtype_name(stored) if stored is not None else record["torch_dtype"]
         # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf registers its quantizer)
         attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, data in (files or {}).items():
-            if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
-                raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
-            (tmp / name).write_bytes(data)
+        _write_files(tmp, files or {})
         copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        _write_record(tmp, record, verify)
     return Path(directory)
+
+
+def _model_weights(model: nn.Module) -> Callable[[Path], None]:
+    """Writes ``model``'s state as model.safetensors (shared tensors once)."""
+    from safetensors.torch import save_model
+
+    from embfactor import __version__
+
+    return lambda tmp: save_model(model, str(tmp / WEIGHTS_FILE),
+                                  metadata={"format": "pt", "embfactor_version": __version__})
+
+
+def _write_files(tmp: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        if Path(name).name != name or name in (WEIGHTS_FILE, HF_CONFIG_FILE, MARKER_FILE):
+            raise SurgeryError(f"extra file name {name!r} must be a plain file name other than the model's own")
+        (tmp / name).write_bytes(data)
+
+
+def _write_record(tmp: Path, record: dict[str, Any], verify: Callable[[Path], Any] | None) -> None:
+    """embfactor.json, then the check of the complete folder; its figure is recorded too (for inspect and /info)."""
+    (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    verified = verify(tmp) if verify is not None else None
+    if isinstance(verified, dict):
+        record["verified"] = verified
+        (tmp / MARKER_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:
@@ -155,6 +181,8 @@ def load_compressed(directory: str | os.PathLike, *, device: str | torch.device 
     directory = Path(directory)
     record = read_record(directory)
     for name in (WEIGHTS_FILE, HF_CONFIG_FILE):
+        if name == WEIGHTS_FILE and (directory / SHARD_INDEX).is_file():  # a sharded output (the table-only path)
+            continue
         if not (directory / name).is_file():
             raise ModelNotFoundError(f"{directory / name} is missing; the folder is not a complete embfactor output")
     if embfactor_quantization_config(directory) is not None:
@@ -214,6 +242,8 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
             new_embedding=new,
             tied_head=bool(record["tied_head"]),
             head_module=record["head_module"],
+            embed_scale=record.get("embed_scale"),
+            shared_modules=record.get("shared_modules"),
         )
     except (SurgeryError, AttributeError, TypeError, UnknownMethodError) as e:
         raise CorruptFileError(f"{directory / MARKER_FILE}: does not match the model in config.json ({e})") from None

@@ -18,6 +18,8 @@ from embfactor.errors import CorruptFileError
 
 META_ATTR = "embfactor_meta"
 META_VERSION = 1
+# fields a record may lack (written before they existed)
+_OPTIONAL = ("report", "rest", "embed_scale", "shared_modules")
 
 
 @dataclass
@@ -35,6 +37,10 @@ class CompressionMeta:
         extra: more facts to record (e.g. ``source_model``).
         rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`: ``dtype``, ``linear``,
             ``linear_modules``); empty for a model whose rest is stored as it is in memory.
+        embed_scale: what the replaced embedding module multiplied its lookup by (None: nothing; a float, or one
+            per column), applied by the format on the input side only.
+        shared_modules: other input modules that read the same table (name -> their own embed_scale), e.g. T5's
+            ``encoder.embed_tokens`` and ``decoder.embed_tokens`` next to ``shared``.
 
     Example:
         >>> m = CompressionMeta("embed", None, False, 8, "svd", {})
@@ -51,6 +57,8 @@ class CompressionMeta:
     report: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     rest: dict[str, Any] = field(default_factory=dict)
+    embed_scale: float | list[float] | None = None
+    shared_modules: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         """The fields as embfactor.json stores them (``extra`` merged in at the top level)."""
@@ -60,12 +68,13 @@ class CompressionMeta:
     @classmethod
     def from_record(cls, record: dict[str, Any], *, source: str = "embfactor.json") -> CompressionMeta:
         """Read the fields from a record; CorruptFileError names the missing ones."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("report", "extra", "rest")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in (*_OPTIONAL, "extra")]
         missing = [k for k in names if k not in record]
         if missing:
             raise CorruptFileError(f"{source}: missing fields {missing}")
         return cls(**{k: record[k] for k in names}, report=dict(record.get("report") or {}),
-                   rest=dict(record.get("rest") or {}))
+                   rest=dict(record.get("rest") or {}), embed_scale=record.get("embed_scale"),
+                   shared_modules=dict(record.get("shared_modules") or {}))
 
 
 def get_meta(model: nn.Module) -> CompressionMeta | None:

@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 # The quant_method of the record; embfactor.hf.hook registers the config and the quantizer under the same name.
 QUANT_METHOD = "embfactor"
 # Version of the quantization_config layout below; a folder with a newer one was written by a newer embfactor.
-# 2: ``rest`` may name Linears stored as integers (IntKLinear); a folder without them is written as version 1, which
-# every earlier embfactor reads.
+# 2: ``rest`` may name Linears stored as integers (IntKLinear), or the config has embed_scale/shared_modules; a
+# folder that needs none of them is still written as version 1, so that earlier embfactors load it, and one that
+# needs them is refused by those (they would drop the scale or the integer Linears silently).
 HF_FORMAT_VERSION = 2
 _FIELDS = ("format", "format_config", "num_embeddings", "embedding_dim", "padding_idx", "embedding_module",
-           "head_module", "tied_head")
+           "head_module", "tied_head", "embed_scale", "shared_modules")
 
 
 def format_class(name: str) -> type[nn.Module]:
@@ -51,6 +52,8 @@ class EmbfactorConfig(QuantizationConfigMixin):
         embedding_module: fully qualified name of the input embedding in the model.
         head_module: name of the output head tied to it (None when the head is not tied).
         tied_head: whether the head is a FactorizedLMHead sharing the embedding's tensors.
+        embed_scale: what the replaced embedding multiplied its lookup by (None, a float, or one per column).
+        shared_modules: other input modules reading the same table, name -> their embed_scale (T5, BART).
         format_version: layout version of this config (a newer one needs a newer embfactor); default: the oldest
             that holds it.
         embfactor_version: the embfactor version that wrote the folder (for error messages).
@@ -74,6 +77,8 @@ class EmbfactorConfig(QuantizationConfigMixin):
         padding_idx: int | None = None,
         head_module: str | None = None,
         tied_head: bool = False,
+        embed_scale: float | list[float] | None = None,
+        shared_modules: dict[str, Any] | None = None,
         format_version: int | None = None,
         embfactor_version: str | None = None,
         meta: dict[str, Any] | None = None,
@@ -81,8 +86,9 @@ class EmbfactorConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
-        if format_version is None:  # the oldest layout that holds this config
-            format_version = rest_format_version(rest)
+        if format_version is None:  # a new config: the oldest layout that holds it
+            needs_2 = embed_scale is not None or bool(shared_modules)
+            format_version = max(rest_format_version(rest), 2 if needs_2 else 1)
         written_by = f"written by embfactor {embfactor_version}" if embfactor_version else "written by embfactor"
         if not isinstance(format_version, int) or format_version > HF_FORMAT_VERSION:
             from embfactor import __version__
@@ -100,6 +106,13 @@ class EmbfactorConfig(QuantizationConfigMixin):
             raise ConfigError(f"quantization_config embedding_module must be a module name, got {embedding_module!r}")
         if tied_head and not head_module:
             raise ConfigError("quantization_config tied_head=true needs head_module (the output head's name)")
+        if not _is_scale(embed_scale) or not isinstance(shared_modules or {}, dict) or not all(
+            isinstance(k, str) and _is_scale(v) for k, v in (shared_modules or {}).items()
+        ):
+            raise ConfigError(
+                f"quantization_config embed_scale must be null, a number or a list of numbers, and shared_modules an "
+                f"object of module name -> such a scale; got {embed_scale!r} and {shared_modules!r}"
+            )
         self.quant_method = QUANT_METHOD
         self.format = format
         self.format_config = dict(format_config)
@@ -109,6 +122,8 @@ class EmbfactorConfig(QuantizationConfigMixin):
         self.embedding_module = embedding_module
         self.head_module = head_module if tied_head else None
         self.tied_head = bool(tied_head)
+        self.embed_scale = embed_scale
+        self.shared_modules = dict(shared_modules or {})
         self.format_version = format_version
         self.embfactor_version = embfactor_version
         # what embfactor's tools read back (method, rank, factorization settings); not needed to rebuild the model
@@ -135,7 +150,8 @@ class EmbfactorConfig(QuantizationConfigMixin):
         return cls(
             format=name, format_config=config, num_embeddings=layer.num_embeddings, embedding_dim=layer.embedding_dim,
             padding_idx=layer.padding_idx, embedding_module=meta.embedding_module,
-            head_module=meta.head_module, tied_head=meta.tied_head,
+            head_module=meta.head_module, tied_head=meta.tied_head, embed_scale=meta.embed_scale,
+            shared_modules=meta.shared_modules,
             embfactor_version=__version__, meta=keep, rest=meta.rest,
         )
 
@@ -150,7 +166,8 @@ class EmbfactorConfig(QuantizationConfigMixin):
             format=record["layer_type"], format_config=record["layer_config"], num_embeddings=None,
             embedding_dim=None, padding_idx=record.get("padding_idx"),
             embedding_module=record["embedding_module"], head_module=record.get("head_module"),
-            tied_head=bool(record.get("tied_head")), embfactor_version=record.get("embfactor_version"),
+            tied_head=bool(record.get("tied_head")), embed_scale=record.get("embed_scale"),
+            shared_modules=record.get("shared_modules"), embfactor_version=record.get("embfactor_version"),
             meta={k: record[k] for k in ("method", "rank", "factorization") if k in record},
             rest=record.get("rest") or {},
         )
@@ -159,3 +176,11 @@ class EmbfactorConfig(QuantizationConfigMixin):
 def rest_format_version(rest: dict[str, Any] | None) -> int:
     """The quantization_config version a folder needs: 2 with integer Linears, else 1 (which older embfactors read)."""
     return 2 if isinstance(rest, dict) and rest.get("linear_modules") else 1
+
+
+def _is_scale(v: Any) -> bool:
+    """None, a number, or a non-empty list of numbers: what an ``embed_scale`` may be."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return v is None or number(v) or (isinstance(v, list) and bool(v) and all(number(x) for x in v))

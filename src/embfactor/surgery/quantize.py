@@ -13,7 +13,7 @@ from embfactor.layers.head import FactorizedLMHead
 from embfactor.surgery.factorize import as_module
 from embfactor.surgery.integration import attach_quantization_config
 from embfactor.surgery.meta import CompressionMeta, get_meta
-from embfactor.surgery.replace import replace_modules_
+from embfactor.surgery.replace import replace_modules_, shared_views
 
 
 def dense_embedding_bytes(vocab: int, d: int, bits: int | None = None) -> int:
@@ -93,7 +93,9 @@ def quantize_(model: nn.Module | Any, bits: int | str = 8) -> dict[str, Any]:
         )
     replacements: dict[str, nn.Module] = {}
     new = QuantizedFactorizedEmbedding.from_factorized(layer, b)
+    new.embed_scale = layer.embed_scale
     replacements[emb_fqn] = new
+    replacements.update(shared_views(meta.shared_modules, new))  # T5/BART's other readers of the table
     head_fqn = meta.head_module if meta.tied_head else None
     if head_fqn:
         head = model.get_submodule(head_fqn)

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from torch import nn
 
 from embfactor.errors import SurgeryError
+from embfactor.formats.base import EmbedScale
 from embfactor.layers.head import FactorizedLMHead
+from embfactor.layers.shared import SharedEmbedding
 
 
 def find_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool]) -> dict[str, nn.Module]:
@@ -63,8 +65,16 @@ def apply_structure_(
     new_embedding: nn.Module,
     tied_head: bool,
     head_module: str | None,
+    embed_scale: EmbedScale = None,
+    shared_modules: dict[str, EmbedScale] | None = None,
 ) -> nn.Module:
-    """Swap in a factorized embedding layer (and a FactorizedLMHead tied to it) at known module names."""
+    """Swap in a factorized embedding layer (and a FactorizedLMHead tied to it) at known module names.
+
+    Args:
+        embed_scale: what the replaced module multiplied its lookup by (:mod:`embfactor.surgery.conform`).
+        shared_modules: other modules that held the same table (name -> their scale): each becomes a
+            :class:`SharedEmbedding` reading ``new_embedding``.
+    """
     emb = model.get_submodule(embedding_module)
     if not isinstance(emb, nn.Embedding):
         raise SurgeryError(f"{embedding_module!r} is a {type(emb).__name__}, expected nn.Embedding")
@@ -74,11 +84,18 @@ def apply_structure_(
             f"but {embedding_module!r} is {emb.num_embeddings}×{emb.embedding_dim}"
         )
     replacements: dict[str, nn.Module] = {embedding_module: new_embedding}
+    replacements.update(shared_views(shared_modules, new_embedding))
     if tied_head:
         if head_module is None:
             raise SurgeryError("tied_head=True needs the head's module name")
         head = model.get_submodule(head_module)
         replacements[head_module] = FactorizedLMHead(new_embedding, getattr(head, "bias", None))
     replace_modules_(model, replacements)
+    new_embedding.embed_scale = embed_scale
     _disable_hf_retying(model)
     return new_embedding
+
+
+def shared_views(names: dict[str, EmbedScale] | None, table: nn.Module) -> dict[str, nn.Module]:
+    """Replacements that point the :class:`SharedEmbedding` modules at ``names`` to a new ``table`` (same scales)."""
+    return {fqn: SharedEmbedding(table, scale) for fqn, scale in (names or {}).items()}

@@ -85,6 +85,7 @@ def heal(
     labels: str | os.PathLike | tuple[Sequence[str], Sequence[Any]] | None = None,
     progress: bool = True,
     config: HealConfig | None = None,
+    verify: int | bool | None = None,
     **opts: Any,
 ) -> dict[str, Any]:
     """Distill ``teacher`` into the compressed ``student`` (trained in place); keep and save the best state.
@@ -102,6 +103,10 @@ def heal(
             options left unset (or None) take the student table's own settings first
             (:meth:`~embfactor.formats.base.RowFormat.heal_defaults`: codebook and int-k tables train every weight,
             each table tensor at 3e-3 × its RMS and the rest at 1e-5), then HealConfig's defaults.
+        verify: the final save loads the written folder as users do and scores it against ``teacher`` on held-out
+            text (:mod:`embfactor.pipeline.verify`), failing with VerificationError and writing nothing when it is
+            far worse than the healed model in memory. None/True: the default sample; a number: that many
+            passages (encoders) or 256-token windows (decoders); 0/False: skip.
 
     Returns:
         A summary: steps, seconds, eval loss before/best/last, the eval history, fidelity (encoders) or
@@ -131,6 +136,7 @@ def heal(
             raise ConfigError("resume=True needs output= (the folder of the interrupted run)")
         resume = read_state(out_dir)
     run = _HealRun(student, teacher, cfg, texts, labelled, out_dir, progress)
+    run.verify = verify
     run.start(resume)
     run.train()
     return run.finish()
@@ -201,6 +207,8 @@ class _HealRun:
         self.step, self.seconds_before, self.ema = 0, 0.0, None
         self.history: list[dict[str, Any]] = []
         self.cost = {"step": 0.0, "eval": 0.0, "train": 0.0}  # slowest recent step, last evaluation, all steps
+        self.verify: int | bool | None = None  # samples of the final save's check (0/False: none)
+        self.verified: dict[str, Any] | None = None
 
     def _setup_accelerator(self, head: nn.Module | None) -> None:
         from accelerate import Accelerator
@@ -489,18 +497,35 @@ class _HealRun:
             current = {k: p.detach().clone() for k, p in self.params.items()}
             extra = {"source_model": self.student.record.get("source_model", self.student.name),
                      "healing": self.summary(final=final)}
+            verifier = self.verifier() if final else None
             self.load_best()
             cast_parameters(self.params, self.stored_dtypes)
             self.stored_form(True)
+            model = self.acc.unwrap_model(self.model)
             try:
-                save_compressed(self.acc.unwrap_model(self.model), self.out_dir, tokenizer=self.tok, files=files,
-                                inputs=(self.student.source, self.teacher.source), extra=extra)
+                if verifier is not None:  # the model as it is saved, in memory: what the written one must match
+                    round_rest_(model)  # a trained rest (--train-all) as it is written (restored from current after)
+                    training = model.training
+                    model.eval()
+                    verifier.predict(dataclasses.replace(self.student, model=model))
+                    model.train(training)
+                save_compressed(model, self.out_dir, tokenizer=self.tok, files=files,
+                                inputs=(self.student.source, self.teacher.source), extra=extra, verify=verifier)
+                self.verified = verifier.result if verifier is not None else None
             finally:
                 self.stored_form(False)
                 cast_parameters(self.params, {k: current[k].dtype for k in self.stored_dtypes})
                 with torch.no_grad():
                     for k, p in self.params.items():
                         p.copy_(current[k])
+
+    def verifier(self) -> Any:
+        """The check of the final save against the teacher (None when verification is off)."""
+        if self.verify is False or self.verify == 0:
+            return None
+        from embfactor.pipeline.verify import Verifier
+
+        return Verifier(self.teacher, samples=None if self.verify is True else self.verify)
 
     def summary(self, final: bool = True) -> dict[str, Any]:
         cfg = self.cfg
@@ -556,6 +581,7 @@ class _HealRun:
         model.eval()
         r = self.summary(final=True)
         r["output"] = str(self.out_dir) if self.out_dir is not None else None
+        r["verified"] = self.verified
         before, best = self.before["loss"], self.best_eval["loss"]
         gain = before - best
         r["improvement"] = {"loss": gain if math.isfinite(gain) else None,

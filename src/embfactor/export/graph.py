@@ -1,0 +1,125 @@
+"""The compressed lookup as a traceable graph: every storage format's rows from ops ONNX has (opset 18).
+
+Tracing a model (``torch.onnx.export(..., dynamo=False)``) records what its modules compute on example inputs. A
+storage format's ``forward`` checks ids with Python branches, the codebook format runs a fused C loop, a tiered table
+selects each tier's ids with ``nonzero`` (data-dependent shapes): none of these trace into a graph that serves any
+input. :func:`traceable_tables` swaps, for the duration of an export, each format's ``lookup`` (and each tied head's
+``forward``) for :func:`export_rows`, which keeps the stored integers, codebooks and scales as they are (uint8 / int8 / fp16
+initializers) and decodes only the looked-up rows inside the graph:
+
+  - int-k: Gather of packed uint8 rows, the bit unpacking (shifts and masks), times the fp16 scales;
+  - codebook (PQ/RVQ): Gather of the ids' codes, Gather of codebook rows, Sum over stages, Concat of sub-spaces;
+  - low rank (float or quantized U): Gather of U rows, MatMul with V;
+  - tiered (and block): every tier decodes the ids (clamped into its own rows) and Where keeps each id's tier;
+  - zeros: zeros.
+A tied head decodes the whole table inside the graph (``export_rows`` of every id) and multiplies: the file still
+holds the table once and compressed; ONNX Runtime folds the decode into a float table in memory when it loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from embfactor.errors import SurgeryError
+from embfactor.formats.base import RowFormat, is_row_format
+from embfactor.formats.tiered import TieredFormat
+from embfactor.formats.tt import TTEmbedding
+from embfactor.formats.zeros import ZeroRows
+from embfactor.layers.head import FactorizedLMHead
+
+# formats whose gather cannot be traced into a graph that serves every input (data-dependent shapes)
+_NOT_EXPORTABLE = {TTEmbedding: "tensor-train (tt) rows are built from per-batch unique prefixes"}
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise SurgeryError naming the first table whose format has no ONNX lookup (before any export work)."""
+    for name, m in model.named_modules():
+        for cls, why in _NOT_EXPORTABLE.items():
+            if isinstance(m, cls):
+                raise SurgeryError(
+                    f"{name or 'the embedding'}: the {m.format_name!r} storage format cannot be exported to ONNX "
+                    f"({why}); compress with another format (--method int, pq, rvq, svd, or --size with the planner)"
+                )
+
+
+def export_rows(fmt: RowFormat, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of ``fmt`` for 1-D int64 ``ids``, computed from traceable ops (see the module docstring).
+
+    Example:
+        >>> from embfactor.formats import FactorizedEmbedding
+        >>> emb = FactorizedEmbedding(50, 8, rank=4)
+        >>> torch.equal(export_rows(emb, torch.tensor([3, 7])), emb.gather(torch.tensor([3, 7])))
+        True
+    """
+    if isinstance(fmt, TieredFormat):
+        return _tiered_rows(fmt, ids)
+    if isinstance(fmt, ZeroRows):
+        return ids.unsqueeze(-1).expand(-1, fmt.embedding_dim).to(fmt.dtype) * 0
+    # every other built-in format's gather is already a chain of Gather / arithmetic on the ids' rows (the codebook
+    # format skips its fused C loop while tracing)
+    return fmt.gather(ids)
+
+
+def _tiered_rows(fmt: TieredFormat, ids: torch.Tensor) -> torch.Tensor:
+    # the token -> row map from what the format stores (one byte per token with compact_index), computed in the graph
+    positions = fmt._positions_from_tiers() if fmt.compact_index else fmt.position
+    pos = positions.index_select(0, ids)
+    out: torch.Tensor | None = None
+    for t, child in enumerate(fmt.tiers):
+        lo, n = int(fmt.starts[t]), child.num_embeddings
+        if isinstance(child, ZeroRows):
+            continue
+        rows = export_rows(child, (pos - lo).clamp(0, n - 1))
+        inside = ((pos >= lo) & (pos < lo + n)).unsqueeze(-1)
+        out = torch.where(inside, rows, torch.zeros_like(rows) if out is None else out.to(rows.dtype))
+    if out is None:  # every tier is zeros
+        out = export_rows(fmt.tiers[0], ids)
+    return fmt._mask_padding(out, ids)
+
+
+def _table_lookup(self: RowFormat, input: torch.Tensor) -> torch.Tensor:
+    # replaces ``lookup`` (the id checks have Python branches), so ``forward``'s embed_scale and the modules that
+    # share the table (SharedEmbedding reads ``lookup``) stay as they are
+    rows = export_rows(self, input.reshape(-1).long())
+    return rows.reshape(*input.shape, self.embedding_dim)
+
+
+def _head_forward(self: FactorizedLMHead, hidden: torch.Tensor) -> torch.Tensor:
+    emb = self.embedding
+    # every id, derived from a stored tensor's shape rather than a constant: a traced constant arange would be
+    # written into the file as a vocab-long int64 tensor
+    first = next(t for t in (*emb.parameters(), *emb.buffers()) if t.numel() > 0)
+    ids = torch.ones_like(first.reshape(-1)[:1], dtype=torch.long).expand(emb.num_embeddings).cumsum(0) - 1
+    table = export_rows(emb, ids).to(hidden.dtype)
+    logits = hidden @ table.T
+    return logits + self.bias if self.bias is not None else logits
+
+
+@contextlib.contextmanager
+def traceable_tables(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every storage format and tied head of ``model`` computes with :func:`export_rows`.
+
+    Yields :func:`table_scopes`. The model is restored on exit, also on error.
+    """
+    check_exportable(model)
+    patched: list[tuple[nn.Module, str]] = []
+    try:
+        for name in table_scopes(model):
+            m = model.get_submodule(name)
+            verb, fn = ("forward", _head_forward) if isinstance(m, FactorizedLMHead) else ("lookup", _table_lookup)
+            setattr(m, verb, types.MethodType(fn, m))
+            patched.append((m, verb))
+        yield table_scopes(model)
+    finally:
+        for m, verb in patched:
+            m.__dict__.pop(verb, None)
+
+
+def table_scopes(model: nn.Module) -> list[str]:
+    """Module names of the model's storage formats and tied heads (the scopes of their nodes in a traced graph)."""
+    return [name for name, m in model.named_modules() if isinstance(m, FactorizedLMHead) or is_row_format(m)]

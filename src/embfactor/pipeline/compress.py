@@ -179,7 +179,7 @@ def compress(
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
-    if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits)):
+    if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits, rest=rest)):
         return _compress_table_only(model, config, output, texts, reason, progress, t0)
     checking = output is not None and verify is not False and verify != 0
     stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
@@ -287,12 +287,13 @@ __all__ = ["CompressReport", "compress", "data_weights", "quantize_bits", "size_
 
 
 def table_only_reason(model: Any, config: FactorizationConfig, output: Any, table_only: bool | None, *,
-                      quantize: int | None = None) -> str | None:
+                      quantize: int | None = None, rest: str = "auto") -> str | None:
     """Why ``compress`` takes the table-only path (None: it loads the model), decided before anything is loaded.
 
-    Asked for (``table_only=True``): the model must be a safetensors folder, the method the planner, and an output
-    given (ConfigError otherwise). Automatic (None): a planner run on a safetensors folder whose float32 model plus
-    the planner's working set exceeds the memory available (``embfactor.pipeline.table_only.full_load_bytes``).
+    Asked for (``table_only=True``): the model must be a safetensors folder, the method the planner, an output given
+    and ``rest`` auto (ConfigError otherwise). Automatic (None): a planner run on a safetensors folder, ``rest`` auto,
+    whose float32 model plus the planner's working set exceeds the memory available
+    (``embfactor.pipeline.table_only.full_load_bytes``).
     """
     from embfactor.pipeline.table_only import SHARD_INDEX, SINGLE_FILE
     from embfactor.plan import wants_plan
@@ -307,12 +308,14 @@ def table_only_reason(model: Any, config: FactorizationConfig, output: Any, tabl
                               f"{model!s} is not one")
         if not wants_plan(config):
             raise ConfigError("--table-only runs the planner: give --size without --method (or --method auto)")
+        if rest != "auto":
+            raise ConfigError("--rest does not apply to --table-only (the other tensors are copied as they are stored)")
         if quantize is not None:
             raise ConfigError("--quantize does not apply to --table-only (the planner stores int-k and codebooks)")
         if output is None:
             raise ConfigError("--table-only writes its result to a folder: give --output")
         return "asked for (--table-only)"
-    if not is_folder or not wants_plan(config) or output is None or quantize is not None:
+    if not is_folder or not wants_plan(config) or output is None or quantize is not None or rest != "auto":
         return None
     from embfactor.pipeline.table_only import available_memory, full_load_bytes, open_checkpoint, table_numel
 

@@ -102,7 +102,9 @@ def test_table_only_refuses_what_it_cannot_do_before_loading(tmp_path: Path) -> 
                  progress=False)
     with pytest.raises(ConfigError, match="--output"):
         compress(src, size="8x", table_only=True, progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="--rest does not apply"):
+        compress(src, size="8x", output=tmp_path / "c", table_only=True, rest="int8", progress=False)
+    assert not any((tmp_path / n).exists() for n in "abc")
 
 
 # A child process whose address space is capped a little above what the interpreter and libraries take: the

@@ -10,6 +10,9 @@ from typing import Any
 from embfactor.errors import ConfigError, CorruptFileError
 
 CONFIG_FORMAT_VERSION = 1
+# how a compressed model stores the weights besides its embedding (``compress --rest``; embfactor.surgery.rest): here,
+# without torch, so that the CLI's parser lists them
+REST_CHOICES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
 
 
 @dataclass

@@ -12,13 +12,31 @@ from embfactor.cli.common import (
     add_method_arg, add_model_arg, add_target_args, add_verify_args, check_outputs, mb, parse_method_options, table,
     verified_figures, write_json,
 )
-from embfactor.config import FactorizationConfig
+from embfactor.config import REST_CHOICES, FactorizationConfig
 from embfactor.errors import ConfigError
+
+
+def model_bytes_line(r: dict[str, Any]) -> str:
+    """The report's first line: the whole model's weights on disk, input -> output, and plainly when it grew."""
+    b = r["bytes"]
+    line = f"model on disk: {mb(b['input'])} -> {mb(b['output'])}"
+    if b["output"] is None:
+        return line + " (not saved)"
+    if b["larger"]:
+        return line + f": LARGER than the input (+{b['output'] / b['input'] - 1:.0%}); {_larger_hint(r)}"
+    return line + f" ({b['ratio']:.2f}x smaller)"
+
+
+def _larger_hint(r: dict[str, Any]) -> str:
+    rest = r.get("rest") or {}
+    if rest.get("linear") is None:
+        return "store the other weights as integers with --rest int8 (or --rest int4)"
+    return "the source is stored in fewer bits per weight than --rest " + rest["linear"]
 
 
 def summary(r: dict[str, Any]) -> list[str]:
     """The lines a user wants first: the model's bytes on disk, the embedding's bytes, the written model's quality."""
-    lines = [f"model on disk: {mb(r['bytes_before'])} -> {mb(r['bytes_after'])}"]
+    lines = [model_bytes_line(r)]
     if r.get("embedding_bytes_after"):
         lines.append(f"embedding: {mb(r['embedding_bytes_before'])} -> {mb(r['embedding_bytes_after'])} "
                      f"({r['bytes_ratio']:.2f}x fewer bytes than fp32)")
@@ -69,6 +87,10 @@ def render(r: dict[str, Any]) -> str:
              f"{mb(q['embedding_bytes'])} ({q['bytes_ratio']:.1f}x)"]
         )
     tail = f"wall time: {r['seconds']:.1f} s (decomposition {r['decompose_seconds']:.2f} s); saved to {r['output']}"
+    rest = r.get("rest")
+    if rest:
+        what = f"{rest['linear']} Linears + {rest['dtype']}" if rest.get("linear") else rest["dtype"]
+        rows.append([f"other weights ({what})", "-", mb(rest["bytes"])])
     parts = [*summary(r), "", head, table(rows, ["", "before", "after"])]
     if r.get("path") == "table-only":
         tail += f"\ntable-only path ({r['path_reason']}): {r['check_note']}"
@@ -106,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     r = compress(
         args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text,
         table_only=True if args.table_only else None,
-        verify=args.verify,
+        verify=args.verify, rest=args.rest,
     ).to_dict()
     print(render(r))
     write_json(args.json, r)
@@ -128,6 +150,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quantize", choices=["int8", "int4"],
         help="store the factors U and V as per-row int8 or int4 (with float32 scales), dequantized on gather; "
         "with pq/rvq: store the codebooks in fp16",
+    )
+    p.add_argument(
+        "--rest", choices=REST_CHOICES, default="auto",
+        help="how the weights besides the embedding are stored: auto (default) keeps the source's precision (a bf16 "
+        "folder stays bf16; a GGUF source: bf16), bf16/fp16/fp32, or int8 (every other Linear weight-only, one "
+        "scale per output channel) / int4 (per group of 32 inputs, fp16 scale + minimum), dequantized on the fly",
     )
     add_verify_args(p)
     p.add_argument(

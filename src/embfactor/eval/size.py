@@ -21,7 +21,7 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 def weights_bytes_on_disk(folder_or_file: Path) -> int | None:
-    """Size of the safetensors weights of a model folder (None when there are none, e.g. a GGUF source)."""
+    """Size of a model's weights on disk: the safetensors of a folder, or a GGUF file (None when there are none)."""
     p = Path(folder_or_file)
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else ([p] if p.suffix == ".safetensors" else [])
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else ([p] if p.suffix.lower() in (".safetensors", ".gguf") else [])
     return sum(f.stat().st_size for f in files) if files else None

@@ -18,6 +18,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from embfactor.errors import CorruptFileError
 from embfactor.surgery.qconfig import EmbfactorConfig, format_class
+from embfactor.surgery.rest import build_rest_structure_
 
 
 def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -100,6 +101,7 @@ class EmbfactorHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         qc = self.quantization_config
         new = build_structure_(model, qc, dtype=kwargs.get("dtype"))
+        build_rest_structure_(model, qc.rest, dtype=kwargs.get("dtype"))
         new.awaiting_weights = True  # until _process_model_after_weight_loading: see RowFormat.weight
         # Non-persistent buffers are derived from the format's config (e.g. the block format's bucket starts), not
         # saved; transformers re-creates them uninitialized after loading, so compute them here on the CPU from a
@@ -128,7 +130,7 @@ class EmbfactorHfQuantizer(HfQuantizer):
         set_meta(model, CompressionMeta(
             embedding_module=qc.embedding_module, head_module=qc.head_module, tied_head=qc.tied_head,
             rank=qc.meta.get("rank", qc.format_config.get("rank")), method=qc.meta.get("method", qc.format),
-            factorization=qc.meta.get("factorization", {}), embed_scale=qc.embed_scale,
+            factorization=qc.meta.get("factorization", {}), rest=dict(qc.rest), embed_scale=qc.embed_scale,
             shared_modules=qc.shared_modules,
         ))
         return model

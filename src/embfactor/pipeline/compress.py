@@ -15,6 +15,7 @@ from embfactor.config import FactorizationConfig
 from embfactor.decomposition import refuse_spectrum_target
 from embfactor.errors import ConfigError
 from embfactor.surgery.factorize import FactorizationReport
+from embfactor.surgery.rest import check_rest, store_rest_
 
 
 @dataclass
@@ -35,9 +36,20 @@ class CompressReport:
     stages: dict[str, float] | None = None  # seconds of loading and saving (the planner's own stages are its report's)
     verified: dict[str, Any] | None = None
     size_choice: dict[str, Any] | None = None
+    rest: dict[str, Any] | None = None
+
+    def model_bytes(self) -> dict[str, Any]:
+        """The whole model's bytes on disk, input -> output (the report's first lines), and whether it grew."""
+        after = self.bytes_after
+        return {"input": self.bytes_before, "output": after, "larger": after is not None and after > self.bytes_before,
+                "ratio": self.bytes_before / after if after else None}
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"verified": self.verified} if self.verified is not None else {}  # first: the written model's figure
+        # "bytes" first (and first in embfactor's sorted JSON): what a user who asked for a smaller model reads first;
+        # then the written model's verified figure
+        d: dict[str, Any] = {"bytes": self.model_bytes()}
+        if self.verified is not None:
+            d["verified"] = self.verified
         d.update(self.factorization.to_dict())
         d.update(
             model=self.model, output=self.output, kind=self.kind, bytes_before=self.bytes_before,
@@ -49,6 +61,8 @@ class CompressReport:
             d["quantization"] = self.quantization
         if self.size_choice is not None:
             d["size_choice"] = self.size_choice
+        if self.rest is not None:
+            d["rest"] = self.rest
         return d
 
 
@@ -90,14 +104,15 @@ def quantize_bits(quantize: str | int | None, config: FactorizationConfig) -> in
 
 
 def _checked_settings(
-    config: FactorizationConfig | None, target: dict[str, Any], quantize: str | int | None
+    config: FactorizationConfig | None, target: dict[str, Any], quantize: str | int | None, rest: str = "auto"
 ) -> tuple[FactorizationConfig, int | None]:
     """(config, --quantize bits) of :func:`compress`, checked without the model (cheap checks before the load)."""
     if config is None:
         config = FactorizationConfig(**target)
     elif target:
         raise ConfigError(f"give either config= or keyword settings ({', '.join(target)}), not both")
-    bits = quantize_bits(quantize, config)  # a bad --quantize fails before the model is loaded
+    bits = quantize_bits(quantize, config)  # a bad --quantize (or --rest) fails before the model is loaded
+    check_rest(rest)
     # as does energy/max_error with method options that fix the size (factorize_ would refuse it after the load)
     refuse_spectrum_target(config.method, config.method_options, energy=config.energy, max_error=config.max_error)
     return config, bits
@@ -122,6 +137,7 @@ def compress(
     text_files: Sequence[str] | None = None,
     table_only: bool | None = None,
     verify: int | bool | None = None,
+    rest: str = "auto",
     **target: Any,
 ) -> CompressReport:
     """Load ``model`` (a name, a path or a LoadedModel), factorize it, optionally quantize, and save to ``output``.
@@ -139,6 +155,8 @@ def compress(
             None: taken when the float32 model would not fit in memory; False: always load the model.
         verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
             64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
+        rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
+            precision; bf16 for GGUF), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` (the other nn.Linears' weights).
 
     Example:
         >>> import embfactor as ef
@@ -156,12 +174,12 @@ def compress(
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
-    config, bits = _checked_settings(config, target, quantize)
+    config, bits = _checked_settings(config, target, quantize, rest)
     loaded = isinstance(model, LoadedModel)
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
-    if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits)):
+    if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits, rest=rest)):
         return _compress_table_only(model, config, output, texts, reason, progress, t0)
     checking = output is not None and verify is not False and verify != 0
     stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
@@ -177,11 +195,8 @@ def compress(
     choice = None if wants_plan(config) else size_choice_of(config, rep.to_dict())
     stages.update()
     quant = quantize_(lm.model, bits) if bits is not None else None
-    out = None
-    if verifier is not None:
-        stages.set_postfix_str("scoring the compressed model in memory")
-        verifier.predict(lm, plan_report=rep.to_dict())
-        stages.update()
+    stored = store_rest_(lm.model, rest, source=lm.source)  # before the prediction: what is written includes it
+    out = _predict(verifier, lm, rep, stored, stages) if verifier is not None else None
     if output is not None:
         out, seconds["save"] = _save(lm, output, verifier, stages)
     stages.update()
@@ -190,8 +205,19 @@ def compress(
         model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
         bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
         seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
-        size_choice=choice, stages={k: round(v, 2) for k, v in seconds.items()},
+        size_choice=choice, stages={k: round(v, 2) for k, v in seconds.items()}, rest=stored,
     )
+
+
+def _predict(verifier: Any, lm: Any, rep: Any, stored: dict[str, Any], stages: Any) -> None:
+    """Score the compressed model in memory, its rest stored as written (what the written folder must match).
+
+    The planner's check predicted the model before its rest was stored: an integer rest (``--rest int8/int4``) adds
+    error that prediction lacks, so the plan's check is then not a prediction of the written model and is skipped.
+    """
+    stages.set_postfix_str("scoring the compressed model in memory")
+    verifier.predict(lm, plan_report=None if stored.get("linear_modules") else rep.to_dict())
+    stages.update()
 
 
 def _save(lm: Any, output: Any, verifier: Any, stages: Any) -> tuple[Path, float]:
@@ -228,7 +254,7 @@ def _compress_in_place(lm: Any, config: FactorizationConfig, texts: list[str] | 
     from embfactor.plan import plan_compress_, wants_plan
     from embfactor.surgery import factorize_, get_meta
 
-    bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)
+    bytes_before = weights_bytes_on_disk(lm.source) or tensor_bytes(lm.model)  # a GGUF source: the file
     stages.set_postfix_str("counting token frequencies" if config.method else "decomposing")
     weights = None if wants_plan(config) else data_weights(lm, [config.method], texts)
     stages.set_postfix_str("decomposing")
@@ -261,12 +287,13 @@ __all__ = ["CompressReport", "compress", "data_weights", "quantize_bits", "size_
 
 
 def table_only_reason(model: Any, config: FactorizationConfig, output: Any, table_only: bool | None, *,
-                      quantize: int | None = None) -> str | None:
+                      quantize: int | None = None, rest: str = "auto") -> str | None:
     """Why ``compress`` takes the table-only path (None: it loads the model), decided before anything is loaded.
 
-    Asked for (``table_only=True``): the model must be a safetensors folder, the method the planner, and an output
-    given (ConfigError otherwise). Automatic (None): a planner run on a safetensors folder whose float32 model plus
-    the planner's working set exceeds the memory available (``embfactor.pipeline.table_only.full_load_bytes``).
+    Asked for (``table_only=True``): the model must be a safetensors folder, the method the planner, an output given
+    and ``rest`` auto (ConfigError otherwise). Automatic (None): a planner run on a safetensors folder, ``rest`` auto,
+    whose float32 model plus the planner's working set exceeds the memory available
+    (``embfactor.pipeline.table_only.full_load_bytes``).
     """
     from embfactor.pipeline.table_only import SHARD_INDEX, SINGLE_FILE
     from embfactor.plan import wants_plan
@@ -281,12 +308,14 @@ def table_only_reason(model: Any, config: FactorizationConfig, output: Any, tabl
                               f"{model!s} is not one")
         if not wants_plan(config):
             raise ConfigError("--table-only runs the planner: give --size without --method (or --method auto)")
+        if rest != "auto":
+            raise ConfigError("--rest does not apply to --table-only (the other tensors are copied as they are stored)")
         if quantize is not None:
             raise ConfigError("--quantize does not apply to --table-only (the planner stores int-k and codebooks)")
         if output is None:
             raise ConfigError("--table-only writes its result to a folder: give --output")
         return "asked for (--table-only)"
-    if not is_folder or not wants_plan(config) or output is None or quantize is not None:
+    if not is_folder or not wants_plan(config) or output is None or quantize is not None or rest != "auto":
         return None
     from embfactor.pipeline.table_only import available_memory, full_load_bytes, open_checkpoint, table_numel
 

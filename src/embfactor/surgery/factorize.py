@@ -55,8 +55,11 @@ class FactorizationReport:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of a model, each shared tensor counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of a model, each shared tensor counted once; an integer Linear's weight counts as its in × out."""
+    from embfactor.layers.intk_linear import IntKLinear
+
+    ints = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, IntKLinear))
+    return sum(p.numel() for p in model.parameters()) + ints
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from embfactor.surgery.factorize import as_module
 from embfactor.surgery.replace import apply_structure_
 from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, without_absent_pooler
 from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
+from embfactor.surgery.rest import dtype_name, rest_dtype, stored_rest
 
 WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -89,12 +90,14 @@ def save_compressed(
         **meta.to_record(),
         **(extra or {}),
     }
+    stored = rest_dtype(model)
     with atomic_directory(directory, inputs=inputs) as tmp:
-        (weights or _model_weights(model))(tmp)
+        with stored_rest(model):  # the rest in the precision it is stored in (the source's, or --rest's)
+            (weights or _model_weights(model))(tmp)
         config.architectures = [architecture]
-        # the model's own dtype, stated: without it from_pretrained takes the first floating tensor of the file,
-        # which may be a format's narrower storage (fp16 codebooks/scales) and would load the whole model so
-        config.dtype = record["torch_dtype"]
+        # the model's dtype, stated (else from_pretrained takes the file's first floating tensor, maybe a format's fp16
+        # storage): the stored rest's (a bf16 source loads as bf16); embfactor's loaders use the record's torch_dtype
+        config.dtype = dtype_name(stored) if stored is not None else record["torch_dtype"]
         # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf registers its quantizer)
         attach_quantization_config(model)
         config.to_json_file(str(tmp / HF_CONFIG_FILE))

@@ -110,5 +110,5 @@ def record_from_quantization_config(q: dict[str, Any]) -> dict[str, Any]:
         "embedding_module": q.get("embedding_module"), "head_module": q.get("head_module"),
         "tied_head": bool(q.get("tied_head")), "embfactor_version": q.get("embfactor_version"),
         "rank": meta.get("rank", (q.get("format_config") or {}).get("rank")), "method": meta.get("method", fmt),
-        "factorization": meta.get("factorization", {}), "report": {},
+        "factorization": meta.get("factorization", {}), "report": {}, "rest": q.get("rest") or {},
     }

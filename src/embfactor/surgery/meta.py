@@ -19,7 +19,7 @@ from embfactor.errors import CorruptFileError
 META_ATTR = "embfactor_meta"
 META_VERSION = 1
 # fields a record may lack (written before they existed)
-_OPTIONAL = ("report", "embed_scale", "shared_modules")
+_OPTIONAL = ("report", "rest", "embed_scale", "shared_modules")
 
 
 @dataclass
@@ -35,6 +35,8 @@ class CompressionMeta:
         factorization: the FactorizationConfig as a dict (``FactorizationConfig.to_dict()``).
         report: the FactorizationReport as a dict, plus what later steps add (``quantization``, ``bytes_before``).
         extra: more facts to record (e.g. ``source_model``).
+        rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`: ``dtype``, ``linear``,
+            ``linear_modules``); empty for a model whose rest is stored as it is in memory.
         embed_scale: what the replaced embedding module multiplied its lookup by (None: nothing; a float, or one
             per column), applied by the format on the input side only.
         shared_modules: other input modules that read the same table (name -> their own embed_scale), e.g. T5's
@@ -54,6 +56,7 @@ class CompressionMeta:
     factorization: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    rest: dict[str, Any] = field(default_factory=dict)
     embed_scale: float | list[float] | None = None
     shared_modules: dict[str, Any] = field(default_factory=dict)
 
@@ -70,7 +73,8 @@ class CompressionMeta:
         if missing:
             raise CorruptFileError(f"{source}: missing fields {missing}")
         return cls(**{k: record[k] for k in names}, report=dict(record.get("report") or {}),
-                   embed_scale=record.get("embed_scale"), shared_modules=dict(record.get("shared_modules") or {}))
+                   rest=dict(record.get("rest") or {}), embed_scale=record.get("embed_scale"),
+                   shared_modules=dict(record.get("shared_modules") or {}))
 
 
 def get_meta(model: nn.Module) -> CompressionMeta | None:
@@ -88,8 +92,11 @@ def model_dtype(model: nn.Module, layer: nn.Module) -> torch.dtype:
 
     transformers' ``model.dtype`` is the first floating parameter's, which is the embedding's when it comes first.
     """
+    from embfactor.surgery.rest import rest_tensors
+
     own = {id(p) for p in layer.parameters()}
+    rest = {id(t) for t in rest_tensors(model)}  # not an integer Linear's fp16 scales either
     for p in model.parameters():
-        if id(p) not in own and p.is_floating_point():
+        if id(p) not in own and id(p) in rest:
             return p.dtype
     return getattr(layer, "out_dtype", torch.float32)

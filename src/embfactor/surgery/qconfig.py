@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 # The quant_method of the record; embfactor.hf.hook registers the config and the quantizer under the same name.
 QUANT_METHOD = "embfactor"
 # Version of the quantization_config layout below; a folder with a newer one was written by a newer embfactor.
-# Version 2 added embed_scale and shared_modules; a folder that needs neither is still written as version 1, so that
-# earlier embfactors load it, and one that needs them is refused by those (they would drop the scale silently).
+# 2: ``rest`` may name Linears stored as integers (IntKLinear), or the config has embed_scale/shared_modules; a
+# folder that needs none of them is still written as version 1, so that earlier embfactors load it, and one that
+# needs them is refused by those (they would drop the scale or the integer Linears silently).
 HF_FORMAT_VERSION = 2
 _FIELDS = ("format", "format_config", "num_embeddings", "embedding_dim", "padding_idx", "embedding_module",
            "head_module", "tied_head", "embed_scale", "shared_modules")
@@ -53,8 +54,11 @@ class EmbfactorConfig(QuantizationConfigMixin):
         tied_head: whether the head is a FactorizedLMHead sharing the embedding's tensors.
         embed_scale: what the replaced embedding multiplied its lookup by (None, a float, or one per column).
         shared_modules: other input modules reading the same table, name -> their embed_scale (T5, BART).
-        format_version: layout version of this config (a newer one needs a newer embfactor).
+        format_version: layout version of this config (a newer one needs a newer embfactor); default: the oldest
+            that holds it.
         embfactor_version: the embfactor version that wrote the folder (for error messages).
+        rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`); its
+            ``linear_modules`` are rebuilt as integer Linears before the weights load.
 
     Example:
         >>> cfg = EmbfactorConfig(format="factorized", format_config={"rank": 8}, num_embeddings=100,
@@ -78,11 +82,13 @@ class EmbfactorConfig(QuantizationConfigMixin):
         format_version: int | None = None,
         embfactor_version: str | None = None,
         meta: dict[str, Any] | None = None,
+        rest: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
         if format_version is None:  # a new config: the oldest layout that holds it
-            format_version = 2 if embed_scale is not None or shared_modules else 1
+            needs_2 = embed_scale is not None or bool(shared_modules)
+            format_version = max(rest_format_version(rest), 2 if needs_2 else 1)
         written_by = f"written by embfactor {embfactor_version}" if embfactor_version else "written by embfactor"
         if not isinstance(format_version, int) or format_version > HF_FORMAT_VERSION:
             from embfactor import __version__
@@ -122,10 +128,15 @@ class EmbfactorConfig(QuantizationConfigMixin):
         self.embfactor_version = embfactor_version
         # what embfactor's tools read back (method, rank, factorization settings); not needed to rebuild the model
         self.meta = dict(meta or {})
+        if rest is not None and not isinstance(rest, dict):
+            raise ConfigError(f"quantization_config rest must be an object, got {rest!r}")
+        self.rest = dict(rest or {})
         self.extra = kwargs  # unknown keys from a newer writer are kept (and written back), not lost
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("quant_method", *_FIELDS, "format_version", "embfactor_version", "meta")}
+        if self.rest:
+            d["rest"] = self.rest
         return {**self.extra, **d}
 
     @classmethod
@@ -141,7 +152,7 @@ class EmbfactorConfig(QuantizationConfigMixin):
             padding_idx=layer.padding_idx, embedding_module=meta.embedding_module,
             head_module=meta.head_module, tied_head=meta.tied_head, embed_scale=meta.embed_scale,
             shared_modules=meta.shared_modules,
-            embfactor_version=__version__, meta=keep,
+            embfactor_version=__version__, meta=keep, rest=meta.rest,
         )
 
     @classmethod
@@ -158,7 +169,13 @@ class EmbfactorConfig(QuantizationConfigMixin):
             tied_head=bool(record.get("tied_head")), embed_scale=record.get("embed_scale"),
             shared_modules=record.get("shared_modules"), embfactor_version=record.get("embfactor_version"),
             meta={k: record[k] for k in ("method", "rank", "factorization") if k in record},
+            rest=record.get("rest") or {},
         )
+
+
+def rest_format_version(rest: dict[str, Any] | None) -> int:
+    """The quantization_config version a folder needs: 2 with integer Linears, else 1 (which older embfactors read)."""
+    return 2 if isinstance(rest, dict) and rest.get("linear_modules") else 1
 
 
 def _is_scale(v: Any) -> bool:

@@ -44,6 +44,7 @@ from embfactor.train.checkpoint import (
     restore_optimizer,
     state_files,
 )
+from embfactor.surgery.rest import round_rest_
 from embfactor.train.config import HealConfig
 from embfactor.train.distill import (
     bf16_supported,
@@ -503,6 +504,7 @@ class _HealRun:
             model = self.acc.unwrap_model(self.model)
             try:
                 if verifier is not None:  # the model as it is saved, in memory: what the written one must match
+                    round_rest_(model)  # a trained rest (--train-all) as it is written (restored from current after)
                     training = model.training
                     model.eval()
                     verifier.predict(dataclasses.replace(self.student, model=model))
@@ -573,6 +575,7 @@ class _HealRun:
         cast_parameters(self.params, self.stored_dtypes)  # the model in memory is the one saved
         self.stored_form(True)
         model = self.acc.unwrap_model(self.model)
+        round_rest_(model)  # a trained rest (--train-all) in the precision it was saved in
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())  # integer tensors (a format's codes) cannot require gradients
         model.eval()

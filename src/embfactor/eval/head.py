@@ -46,7 +46,7 @@ def head_second_moment(lm, texts: str | Sequence[str], *, tokens: int = HEAD_TOK
 
     Example:
         >>> H = head_second_moment(load_model("smollm2"), wiki_split("train"))            # doctest: +SKIP
-        >>> H.shape
+        >>> H.shape                                                                       # doctest: +SKIP
         torch.Size([576, 576])
     """
     from embfactor.errors import InvalidInputError

@@ -170,8 +170,8 @@ class CodebookEmbedding(RowFormat):
         n = ids.shape[0]
         out = None
         books = self.books()
-        # the fused C loop is opaque to tracing (ONNX export): the gather below is what a traced graph can hold
-        if not self._trains_books() and self.out_dtype == torch.float32 and not torch.jit.is_tracing():
+        # the fused C loop (None while compiling or tracing, e.g. ONNX export: the gather below is what a graph holds)
+        if not self._trains_books() and self.out_dtype == torch.float32:
             from embfactor.formats._lut_kernel import pq_gather
 
             out = pq_gather(self.codes, ids, books)  # fused C loop (inference); None without a compiler

@@ -173,7 +173,7 @@ def test_hessian_encode_matches_the_plain_rule_and_lowers_the_head_error():
 
 def test_planner_fits_and_errors_in_the_head_metric():
     """fit_rows passes H to int and pq (the same rows as the direct calls); row_errors measures diff·H·diffᵀ."""
-    from embfactor.decomposition.codebook import encode_in_metric, pq
+    from embfactor.decomposition.codebook import encode_in_metric, pq, quantize_table
     from embfactor.plan import FormatChoice, fit_rows, row_errors
 
     d = 24
@@ -182,8 +182,9 @@ def test_planner_fits_and_errors_in_the_head_metric():
     f_int = fit_rows(E, FormatChoice("int", {"bits": 4, "group": 16}), None, hessian=H)
     torch.testing.assert_close(f_int.reconstruct(), hessian_round(E, H, bits=4, group=16).reconstruct())
     f_pq = fit_rows(E, FormatChoice("pq", {"sub_dim": 3, "K": 16}), None, hessian=H)
-    assert f_pq.meta["encoding"] == "hessian"
-    assert torch.equal(f_pq.codes, encode_in_metric(E, pq(E, sub_dim=3, K=16), H).codes)
+    assert f_pq.meta["encoding"] == "hessian" and f_pq.meta["training"] == "metric"
+    trained = quantize_table(E, sub_dim=3, K=16, metric=H)  # codebooks trained in the metric, then encoded in it
+    assert torch.equal(f_pq.codes, encode_in_metric(E, trained, H).codes)
     errs = row_errors(E, f_int, metric=H)
     diff = (E - f_int.reconstruct()).double()
     torch.testing.assert_close(errs, ((diff @ H) * diff).sum(1))

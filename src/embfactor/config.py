@@ -13,6 +13,9 @@ CONFIG_FORMAT_VERSION = 1
 # how a compressed model stores the weights besides its embedding (``compress --rest``; embfactor.surgery.rest): here,
 # without torch, so that the CLI's parser lists them
 REST_CHOICES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+# the metric the planner (method "auto") measures a table's error in: "input" (the Fisher of the input embedding
+# vectors), "head" (a tied head's H), both, "plain" squared error, or "auto" (input, plus head for a tied decoder)
+PLAN_METRICS = ("auto", "plain", "input", "head", "input+head")
 
 
 @dataclass
@@ -70,10 +73,13 @@ class FactorizationConfig:
             # the byte-budget planner (embfactor.plan): tiers of formats chosen on the model, for a size target
             if self.size is None:
                 raise ConfigError("method 'auto' plans for a byte target: give size ('16x' or '2.5MB'), not a rank")
-            unknown = sorted(set(self.method_options) - {"formats", "head_metric"})
+            unknown = sorted(set(self.method_options) - {"formats", "head_metric", "metric"})
             if unknown:
                 raise ConfigError(f"unknown option(s) {', '.join(unknown)} for method 'auto'; its options: formats, "
-                                  "head_metric")
+                                  "metric, head_metric")
+            if self.method_options.get("metric", "auto") not in PLAN_METRICS:
+                raise ConfigError(f"metric must be one of {', '.join(PLAN_METRICS)}, got "
+                                  f"{self.method_options['metric']!r}")
             if not isinstance(self.method_options.get("head_metric", True), bool):
                 raise ConfigError(f"head_metric must be true or false, got {self.method_options['head_metric']!r}")
         elif self.method is not None:

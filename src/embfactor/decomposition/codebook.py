@@ -297,6 +297,15 @@ def _unpack_faiss_codes(packed: np.ndarray, M: int, nbits: int) -> np.ndarray:
 
 
 # --- the decompositions -------------------------------------------------------------------------------------
+def subspace_metrics(H: torch.Tensor, M: int, sub: int, *, damp: float = HESSIAN_DAMP
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(U, [T_m]): U the upper Cholesky factor of (H + damping)⁻¹ padded to M·sub columns, and T_m = U_mm⁻¹, so that
+    ``‖(x − c) T_m‖²`` is sub-space m's error in the metric :func:`hessian_encode` chooses its codeword in (the
+    columns after m still free to absorb part of it)."""
+    U = inverse_cholesky(H, M * sub, damp=damp)
+    return U, [torch.linalg.inv(U[m * sub:(m + 1) * sub, m * sub:(m + 1) * sub]) for m in range(M)]
+
+
 def hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor, *, damp: float = HESSIAN_DAMP,
                    block_rows: int = 16384) -> torch.Tensor:
     """PQ codes of X's rows chosen in a tied head's metric, sub-space by sub-space with error feedback (GPTVQ-style).
@@ -320,10 +329,9 @@ def hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor, *, dam
         True
     """
     M, _, sub = books.shape
-    U = inverse_cholesky(H, M * sub, damp=damp)
+    U, T = subspace_metrics(H, M, sub, damp=damp)
     books = books.float()
     block = max(128 // sub, 1) * sub  # columns updated lazily together (as hessian_round), whole sub-spaces
-    T = [torch.linalg.inv(U[m * sub:(m + 1) * sub, m * sub:(m + 1) * sub]) for m in range(M)]
     out = torch.empty(X.shape[0], M, dtype=torch.long)
     for r0 in range(0, X.shape[0], block_rows):
         wT = X[r0:r0 + block_rows].float().T.contiguous()  # columns as rows, as in hessian_round
@@ -390,6 +398,7 @@ def quantize_table(
     codebook_dtype: str = "float16",
     threads: int | None = None,
     method: str = "pq",
+    metric: torch.Tensor | None = None,
 ) -> CodebookFactors:
     """Product quantization of E with ``stages`` residual stages (1: PQ, more: RVQ); see the module docstring.
 
@@ -410,6 +419,11 @@ def quantize_table(
             "int8" (codebooks as int8 with one fp16 scale per codebook column, the rest fp16: half the codebook
             bytes, which are 7-13% of a 16x MiniLM table, for a rounding error ~0.4% of each column's range).
         threads: sub-spaces clustered side by side (None: torch's thread count); faiss itself runs one thread each.
+        metric: a (d × d) second moment (a tied head's H, the input embedding's Fisher): each sub-space's k-means
+            runs on sub-vectors whitened by the metric :func:`hessian_encode` encodes in (x·T_m,
+            :func:`subspace_metrics`) and the centroids are mapped back (one stage, no rotation or row scale). The
+            codes are plain nearest-codeword: :func:`encode_in_metric` encodes in the metric. MiniLM 16x tiers,
+            encoded in the input Fisher: fidelity 0.9897 with plain k-means, 0.9904 trained in it (frontier_notes.md).
 
     Example:
         >>> f = quantize_table(torch.randn(500, 10), sub_dim=4, K=32, stages=2)
@@ -428,6 +442,10 @@ def quantize_table(
     cb_dtype = float_dtype(codebook_dtype)
     int8 = codebook_dtype == "int8"
     w = None if token_weights is None else check_token_weights(token_weights, n, method).numpy().astype(np.float32)
+    if metric is not None and (stages != 1 or rotation != "none" or row_scale):
+        raise ConfigError("codebooks trained in a metric (metric=/hessian=) take one stage, no rotation and no row "
+                          f"scale; got stages={stages}, rotation={rotation!r}, row_scale={row_scale}")
+    whiten = None if metric is None else subspace_metrics(metric, M, sub_dim)[1]
     rng = np.random.default_rng(seed)
     E = E.detach().cpu()
     train_idx, train_w = _training_sample(n, w, max_train_points, rng)
@@ -436,13 +454,15 @@ def quantize_table(
     # residual this replaces held two padded float32 copies at once (1.3 GB for a 262,144 x 640 table).
     R, scale = _rotation_and_scales(E, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
     codes, books = _fit_stages(E, R, scale, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff,
-                               niter=niter, seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8)
+                               niter=niter, seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8, whiten=whiten)
     cdt = code_dtype(K_eff)
     codes_t = torch.from_numpy(codes - (32768 if cdt == torch.int16 else 0)).to(cdt)
     meta = {"K": K_eff, "sub_dim": sub_dim, "M": M, "stages": stages, "rotation": rotation, "row_scale": row_scale,
             "niter": niter, "train_points": int(train_idx.size), "weighted": w is not None}
     if K_eff < K:
         meta["K_requested"] = K
+    if metric is not None:
+        meta["training"] = "metric"
     books_t, books_scale = torch.from_numpy(books), None
     if int8:  # books hold exactly q · scale: re-deriving q and scale from them gives the stored values back
         books_t, books_scale = int8_codebooks(books_t)
@@ -519,9 +539,11 @@ def _pq_settings(d: int, *, sub_dim: int | None, M: int | None, K: int, stages: 
 
 def _fit_stages(E: torch.Tensor, R: torch.Tensor | None, scale: torch.Tensor | None, train_idx: np.ndarray,
                 train_w: np.ndarray | None, *, stages: int, M: int, sub_dim: int, K: int, niter: int, seed: int,
-                threads: int | None, cb_dtype: torch.dtype, int8: bool) -> tuple[np.ndarray, np.ndarray]:
+                threads: int | None, cb_dtype: torch.dtype, int8: bool,
+                whiten: list[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(codes, codebooks) of ``stages`` residual PQ stages of E: trained on the rows ``train_idx``, then every row
-    encoded a block at a time (see :data:`ENCODE_BLOCK_VALUES`)."""
+    encoded a block at a time (see :data:`ENCODE_BLOCK_VALUES`). ``whiten``: per sub-space T_m, k-means on x·T_m
+    (centroids mapped back by T_m⁻¹)."""
     n, d = E.shape
     pad = M * sub_dim - d
     codes = np.empty((n, stages, M), dtype=np.uint8 if K <= 256 else np.int32)  # see _encode
@@ -532,7 +554,12 @@ def _fit_stages(E: torch.Tensor, R: torch.Tensor | None, scale: torch.Tensor | N
 
         def fit(m: int, s: int = s, train: np.ndarray = train) -> np.ndarray:
             x = np.ascontiguousarray(train[:, m * sub_dim : (m + 1) * sub_dim])
-            return _kmeans(x, train_w, K, niter=niter, seed=seed + 1000 * s + m)
+            if whiten is None:
+                return _kmeans(x, train_w, K, niter=niter, seed=seed + 1000 * s + m)
+            T = whiten[m].float()
+            c = _kmeans(np.ascontiguousarray((torch.from_numpy(x) @ T).numpy()), train_w, K, niter=niter,
+                        seed=seed + 1000 * s + m)
+            return torch.linalg.solve(T, torch.from_numpy(c), left=False).numpy()  # c·T⁻¹: back to the table's space
 
         for m, cent in enumerate(_map_subspaces(fit, list(range(M)), threads)):
             # round the codebook to its storage dtype before encoding, so codes match the stored codebook
@@ -751,14 +778,15 @@ def pq(
 
     ``rank`` is read as a budget, the fp32 bytes of a rank-r U·V (so ``--ratio 16`` means ~16x fewer bytes than
     fp32, as ``tt`` reads it as a parameter budget); ``budget_bytes`` (``--size``) overrides it. Other options as
-    :func:`quantize_table` (``hessian``: encode in a tied head's metric).
+    :func:`quantize_table` (``hessian``: a metric, a tied head's H or the input embedding's Fisher: codebooks
+    trained and rows encoded in it).
     """
     options = dict(sub_dim=sub_dim, M=M, K=K, rotation=rotation, row_scale=row_scale, niter=niter,
                    max_train_points=max_train_points, codebook_dtype=codebook_dtype, threads=threads)
     if hessian is not None and (rotation != "none" or row_scale):
         raise ConfigError("encoding in the head's metric (hessian=...) takes no rotation and no row scale; got "
                           f"rotation={rotation!r}, row_scale={row_scale}")
-    f = _codebook_method("pq", E, rank, budget_bytes, options, None, token_weights, seed)
+    f = _codebook_method("pq", E, rank, budget_bytes, {**options, "metric": hessian}, None, token_weights, seed)
     return f if hessian is None else encode_in_metric(E, f, hessian, token_weights=token_weights)
 
 

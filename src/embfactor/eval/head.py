@@ -73,3 +73,133 @@ def head_second_moment(lm, texts: str | Sequence[str], *, tokens: int = HEAD_TOK
     finally:
         handle.remove()
     return torch.stack(acc).sum(0) / max(count[0], 1)
+
+
+# --- the input side: the Fisher of the input embedding vectors ---------------------------------------------------
+# passages (encoders) or windows (decoders) and probes the input metric is estimated on: a few hundred backward passes
+# at most; MiniLM's 64 passages x 4 probes take ~10 s of CPU (frontier_notes.md, issue 22)
+FISHER_PASSAGES = 64
+FISHER_PROBES = 4
+FISHER_TOKENS = 2048
+FISHER_WINDOW = 256
+
+
+def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSAGES, probes: int = FISHER_PROBES,
+                 tokens: int = FISHER_TOKENS, window: int = FISHER_WINDOW, seed: int = 0,
+                 batch_size: int = 16) -> torch.Tensor:
+    """F = E_t[g_t g_tᵀ]: the (d × d) second moment of the output's sensitivity to the input embedding vector.
+
+    An error δ in the embedding vector a position t reads reaches the output through the model's Jacobian; its
+    cost is ≈ ½ δᵀ F_t δ with F_t the Gauss-Newton / Fisher matrix of that vector, so ``F`` (the mean of F_t over
+    positions) is the input side's analogue of the tied head's H: it knows what the embedding LayerNorm removes
+    (the mean and, on average, the radial component), its per-column scaling and what the first layers ignore.
+
+    - Encoders (cosine of mean-pooled sentence embeddings f): 1 − cos(f(e+δ), f(e)) ≈ ½ δᵀ Jᵀ P J δ / |f|² with P
+      the projector orthogonal to f; with v ~ N(0, P / |f|²) one backward of Σ f·v gives g_t = Jᵀ v at every
+      position at once (Hutchinson: E[g gᵀ] = Jᵀ P J / |f|²). Passages: :func:`calibration_passages` of ``texts``.
+    - Decoders (KL of next-token distributions): g_t is the gradient of Σ log p(y) with every y drawn from the model's
+      own distribution (the Fisher of the KL, in the same units as the head's :func:`head_second_moment` term for a
+      tied table). Windows of ``window`` tokens from the first ``tokens`` tokens of ``texts``.
+
+    The gradient is read at the input embedding module's output (a forward hook makes it a leaf), through
+    ``torch.autograd.grad``: no weight is written and no ``.grad`` is left on the model. A module that scales its
+    output (Gemma's √d) is accounted for: F is returned for the table's rows.
+
+    Args:
+        lm: a LoadedModel (encoder or decoder).
+        texts: calibration text (encoders: articles or passages; decoders: text, a list is joined by blank lines).
+        probes: random output directions (encoders) or sampled continuations (decoders) per passage or window.
+        seed: the probes' random generator (the result is deterministic given it).
+
+    Returns:
+        F as float64 (d × d), symmetric positive semi-definite.
+
+    Example:
+        >>> F = input_fisher(load_model("minilm"), wiki_split("train"))                 # doctest: +SKIP
+        >>> F.shape                                                                      # doctest: +SKIP
+        torch.Size([384, 384])
+    """
+    from embfactor.errors import InvalidInputError
+
+    emb = lm.model.get_input_embeddings()
+    weight = getattr(emb, "weight", None)
+    if weight is None:
+        raise InvalidInputError(f"{type(lm.model).__name__} has no input embedding table to estimate a metric for")
+    if int(probes) < 1:
+        raise InvalidInputError(f"probes must be a positive integer, got {probes!r}")
+    d = int(weight.shape[1])
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    count = [0]
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(_module, inputs, output):
+        # the embedding's output as a leaf: the gradient of each position's vector, not the table's summed one
+        leaf = output.detach().requires_grad_(True)
+        ids = inputs[0]
+        rows = weight.detach()[ids].to(leaf.dtype)
+        den = float((rows.float() ** 2).sum())
+        state["scale"] = torch.tensor(float((leaf.detach().float() * rows.float()).sum()) / den if den > 0 else 1.0)
+        state["leaf"] = leaf
+        return leaf
+
+    def add(grad: torch.Tensor, mask: torch.Tensor | None) -> None:
+        g = grad.reshape(-1, d).double() * float(state["scale"])  # d(out)/d(row) = scale: F for the table's rows
+        if mask is not None:
+            g = g[mask.reshape(-1).bool()]
+        acc.add_(g.T @ g)
+        count[0] += g.shape[0]
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            if lm.kind == "decoder":
+                _decoder_fisher(lm, texts, state, add, probes=probes, tokens=tokens, window=window, gen=gen)
+            else:
+                _encoder_fisher(lm, texts, state, add, passages=passages, probes=probes, gen=gen,
+                                batch_size=batch_size)
+    finally:
+        handle.remove()
+    F = acc / max(count[0], 1)
+    return (F + F.T) / 2
+
+
+def _encoder_fisher(lm, texts, state, add, *, passages: int, probes: int, gen: torch.Generator,
+                    batch_size: int) -> None:
+    from embfactor.eval.embed import encoder_of
+    from embfactor.eval.similarity import MAX_LENGTH
+    from embfactor.plan.calibration import calibration_passages
+
+    arts = [texts] if isinstance(texts, str) else list(texts)
+    items = calibration_passages(passages, articles=arts)
+    model = encoder_of(lm)
+    longest = min(MAX_LENGTH, getattr(getattr(lm.model, "config", None), "max_position_embeddings", MAX_LENGTH))
+    for start in range(0, len(items), batch_size):
+        batch = lm.tokenizer(items[start:start + batch_size], padding=True, truncation=True, max_length=longest,
+                             return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        f = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # the mean pooling sentence-transformers applies
+        fd = f.detach().float()
+        unit = fd / fd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        for p in range(probes):
+            z = torch.randn(fd.shape, generator=gen)
+            v = (z - (z * unit).sum(-1, keepdim=True) * unit) / fd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            (grad,) = torch.autograd.grad((f * v.to(f.dtype)).sum(), state["leaf"], retain_graph=p + 1 < probes)
+            add(grad, batch["attention_mask"])
+
+
+def _decoder_fisher(lm, texts, state, add, *, probes: int, tokens: int, window: int, gen: torch.Generator) -> None:
+    from embfactor.eval.perplexity import token_ids
+
+    ids = token_ids(lm.tokenizer, texts, tokens)
+    nwin = max(1, ids.numel() // window)
+    batch = ids[: nwin * window].view(nwin, -1) if ids.numel() >= window else ids[None]
+    for row in batch:  # one window at a time: its vocabulary-sized logits are the peak
+        logits = lm.model(input_ids=row[None]).logits[0]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        probs = logp.detach().exp()
+        for p in range(probes):
+            y = torch.multinomial(probs, 1, generator=gen)  # the model's own continuation: the Fisher of its KL
+            (grad,) = torch.autograd.grad(logp.gather(1, y).sum(), state["leaf"], retain_graph=p + 1 < probes)
+            add(grad, None)

@@ -144,30 +144,48 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     t = time.perf_counter()
     counts = token_counts(lm.tokenizer, count_texts, vocab_size=vocab)
     stages["counting"] = time.perf_counter() - t
+    t = time.perf_counter()
+    metric, metric_name = _table_metric(lm, config.method_options, count_texts, progress)
+    stages["metric"] = time.perf_counter() - t
     plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress, scorer=scorer,
                               formats=_formats_from_options(config.method_options, d),
-                              hessian=_head_metric(lm, config.method_options, count_texts, progress))
+                              hessian=metric)
     stages.update(plan.seconds)
     config = dataclasses.replace(config, method=AUTO)
     t = time.perf_counter()
     report = apply_plan_(lm.model, module, plan, config, seconds=time.perf_counter() - t0)
     stages["error"] = time.perf_counter() - t
-    report.update(path="full", check="model" if check > 0 else "proxy",
+    report.update(path="full", check="model" if check > 0 else "proxy", metric=metric_name,
                   stage_seconds={k: round(v, 2) for k, v in stages.items()})
     return PlanReport(report)
 
 
-def _head_metric(lm, options: dict[str, Any], texts: Sequence[str],
-                 progress: Callable[[str], None] | None) -> torch.Tensor | None:
-    # a decoder whose head is tied: H = E[h hᵀ] of the head's inputs on the counted text (method option
-    # head_metric=false turns it off); SmolLM2 int4 g32 alone: KL 0.150 -> 0.070 at equal bytes (frontier-probes.md)
-    from embfactor.eval.head import head_second_moment, tied_head
+def _table_metric(lm, options: dict[str, Any], texts: Sequence[str],
+                  progress: Callable[[str], None] | None) -> tuple[torch.Tensor | None, str]:
+    # (the d x d metric the planner rounds, encodes, trains codebooks and ranks plans in, its name). "input": the
+    # Fisher of the input embedding vectors (eval.head.input_fisher; MiniLM 16x tiers: fidelity 0.9882 -> 0.9904,
+    # frontier_notes.md); "head": a tied head's H (SmolLM2 int4 g32 alone: KL 0.150 -> 0.070, frontier-probes.md);
+    # "auto": the input metric, plus the head's for a tied decoder. Method option metric=..., or head_metric=false.
+    from embfactor.eval.head import head_second_moment, input_fisher, tied_head
 
-    if not (options or {}).get("head_metric", True) or tied_head(lm) is None:
-        return None
-    if progress:
-        progress("measuring the tied head's inputs (its metric)")
-    return head_second_moment(lm, spread(list(texts), 64))
+    opts = options or {}
+    kind = opts.get("metric", "auto")
+    if kind == "auto":
+        kind = "input+head" if tied_head(lm) is not None and opts.get("head_metric", True) else "input"
+    if kind in ("head", "input+head") and tied_head(lm) is None:
+        raise ConfigError(f"metric={kind!r} needs a decoder whose head is tied to its input table; "
+                          f"{type(lm.model).__name__} has none (use 'input' or 'plain')")
+    M = None
+    if "input" in kind:
+        if progress:
+            progress("measuring the input embedding's Fisher (its metric)")
+        M = input_fisher(lm, list(texts))
+    if "head" in kind:
+        if progress:
+            progress("measuring the tied head's inputs (its metric)")
+        H = head_second_moment(lm, spread(list(texts), 64))
+        M = H if M is None else M + H
+    return M, kind
 
 
 def _formats_from_options(options: dict[str, Any], d: int) -> list[FormatChoice] | None:

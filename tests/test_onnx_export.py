@@ -56,7 +56,7 @@ def _every_format(E: torch.Tensor) -> torch.nn.Module:
         QuantizedFactorizedEmbedding.from_tensors(U[:, :4] * S[:4], Vh[:4], bits=4),
         ZeroRows(len(ids[5]), E.shape[1]),
     ]
-    return TieredFormat(tiers, position, padding_idx=0, compact_index=True)
+    return TieredFormat(tiers, position, padding_idx=0, compact_index=True, index_bits=4)  # 6 tiers: 4 bits a token
 
 
 def _make(case: str):

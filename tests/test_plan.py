@@ -57,7 +57,7 @@ def test_search_fits_budget_and_spends_bytes_on_heavy_rows():
     counts = zipf_counts(n)
     order = token_order(counts)
     weights = counts + 1
-    budget = rich.bytes_for(200, d) + poor.bytes_for(800, d) + 1000
+    budget = rich.bytes_for(200, d) + poor.bytes_for(800, d) + 125  # the 2-tier map: 1 bit per token
     plans = search_plans(errors, weights, order, [50, 100, 200, 400], budget, d, max_tiers=2)
     assert plans and all(p.bytes <= budget for p in plans)
     best = plans[0]
@@ -78,7 +78,7 @@ def test_search_spends_the_budget_when_no_boundary_is_near_it():
               poor: torch.ones(n, dtype=torch.float64)}
     counts = torch.cat([zipf_counts(100), torch.zeros(n - 100)])
     order = token_order(counts)
-    budget = rich.bytes_for(100, d) + mid.bytes_for(1234, d) + poor.bytes_for(n - 1334, d) + n
+    budget = rich.bytes_for(100, d) + mid.bytes_for(1234, d) + poor.bytes_for(n - 1334, d) + n // 4  # 2 bits/token
     plans = search_plans(errors, counts + 1, order, [100], budget, d, max_tiers=3)
     best = plans[0]
     assert [t.fmt for t in best.tiers] == [rich, mid, poor]

@@ -57,3 +57,36 @@ def test_maps_first_built_under_inference_mode_serve_later_calls():
     torch.testing.assert_close(rows, first_rows.clone())
     logits.sum().backward()
     assert fmt.tiers[0].U.grad is not None
+
+
+@pytest.mark.parametrize("bits,tiers", [(1, 2), (2, 3), (4, 5), (8, 3)])
+def test_packed_tier_map_maps_tokens_alike_costs_its_bits_and_reloads(bits, tiers):
+    from embfactor.errors import ConfigError
+    from embfactor.formats.tiered import index_bits, pack_tiers, unpack_tiers
+
+    Tiered = get_format("tiered")
+    vocab = 101  # not a multiple of any packing: the last byte is partly padding
+    tier_of = torch.randint(0, tiers, (vocab,), generator=torch.Generator().manual_seed(bits))
+    tier_of[:tiers] = torch.arange(tiers)  # every tier holds a row
+    assert torch.equal(unpack_tiers(pack_tiers(tier_of, bits), bits, vocab), tier_of)
+    sizes = torch.bincount(tier_of, minlength=tiers).tolist()
+    starts = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    position = torch.empty(vocab, dtype=torch.long)
+    for t in range(tiers):  # each tier's tokens in id order, as the planner builds them
+        ids = (tier_of == t).nonzero().squeeze(1)
+        position[ids] = starts[t] + torch.arange(ids.numel())
+    torch.manual_seed(0)
+    children = [FactorizedEmbedding(n, 8, rank=2) for n in sizes]
+    plain = Tiered(children, position)
+    packed = Tiered(children, position, compact_index=True, index_bits=bits)
+    ids = torch.arange(vocab)
+    assert torch.equal(packed.token_positions(), position) and torch.equal(packed(ids), plain(ids))
+    children_bytes = sum(c.num_bytes() for c in children)
+    assert packed.num_bytes() - children_bytes == -(-vocab * bits // 8)
+    again = Tiered.empty(vocab, 8, None, **packed.format_config())
+    again.load_state_dict(packed.state_dict(), strict=True)
+    assert torch.equal(again.token_positions(), position) and torch.equal(again(ids), packed(ids))
+    assert index_bits(tiers) <= bits
+    if bits > 1:
+        with pytest.raises(ConfigError, match="index_bits must be one of"):
+            Tiered(children, position, compact_index=True, index_bits=bits // 2 if tiers > 2 ** (bits // 2) else 3)

@@ -242,8 +242,15 @@ class Plan:
 
 
 def tier_map_bytes(vocab: int, tiers: int) -> int:
-    """Bytes of the token → tier map the ``tiered`` format stores: one byte per token (none for a single tier)."""
-    return 0 if tiers <= 1 else vocab
+    """Bytes of the token → tier map the ``tiered`` format stores: 1, 2, 4 or 8 bits per token (none for one tier).
+
+    Example:
+        >>> tier_map_bytes(30522, 1), tier_map_bytes(30522, 2), tier_map_bytes(30522, 3)
+        (0, 3816, 7631)
+    """
+    from embfactor.formats.tiered import index_bits
+
+    return 0 if tiers <= 1 else -(-vocab * index_bits(tiers) // 8)
 
 
 def search_plans(
@@ -448,4 +455,7 @@ def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.T
         one = children[0]
         one.padding_idx = padding_idx
         return one
-    return get_format("tiered")(children, position, padding_idx=padding_idx, zero_padding=False, compact_index=True)
+    from embfactor.formats.tiered import index_bits
+
+    return get_format("tiered")(children, position, padding_idx=padding_idx, zero_padding=False, compact_index=True,
+                                index_bits=index_bits(len(children)))

@@ -94,17 +94,18 @@ def test_compress_reports_its_metric_and_option_plain_turns_it_off(tiny_bert_dir
     import json
 
     from embfactor.cli.main import main
+    from embfactor.plan.apply import _table_metric
 
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(["the cat sat on the mat", "a good movie", "the dog is very bad", "a film"] * 5))
-    seen = {}
-    for option in ("auto", "plain"):
-        out, rep = tmp_path / f"m-{option}", tmp_path / f"{option}.json"
-        args = ["compress", str(tiny_bert_dir), "--size", "5x", "--text", str(text), "-o", str(out), "--json",
-                str(rep), "--method-option", f"metric={option}", "-q"]
-        assert main(args) == 0
-        seen[option] = json.loads(rep.read_text())
-    assert seen["auto"]["metric"] == "input" and seen["plain"]["metric"] == "plain"
+    out, rep = tmp_path / "m", tmp_path / "m.json"
+    assert main(["compress", str(tiny_bert_dir), "--size", "5x", "--text", str(text), "-o", str(out), "--json",
+                 str(rep), "-q"]) == 0
+    assert json.loads(rep.read_text())["metric"] == "input"
+    lm = _bert_lm(tiny_bert_dir)
+    assert _table_metric(lm, {"metric": "plain"}, ["a cat sat"], None) == (None, "plain")
+    M, name = _table_metric(lm, {}, ["the cat sat on the mat. a good movie."], None)
+    assert name == "input" and M.shape == (32, 32)
     bad = ["compress", str(tiny_bert_dir), "--size", "5x", "-o", str(tmp_path / "bad"), "--method-option"]
     assert main([*bad, "metric=fisher", "-q"]) == 2
     assert main([*bad, "metric=head", "-q"]) == 2  # an encoder has no tied head

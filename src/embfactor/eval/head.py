@@ -1,9 +1,11 @@
-"""The tied head's metric: the second moment H = E[h hᵀ] of the hidden states a tied LM head reads.
+"""The planner's metrics: the tied head's H = E[h hᵀ], and the input side's Fisher F of the embedding vectors.
 
 A tied head computes logits ``h @ E.T``; a table row's logit error under hidden state h is ``hᵀ(Eᵢ − Êᵢ)``, so the
-mean squared logit error of row i is ``(Eᵢ − Êᵢ) H (Eᵢ − Êᵢ)ᵀ``. The planner rounds int tiers and ranks plans in
-this metric for decoders whose head is tied (:func:`embfactor.decomposition.intk.hessian_round`). The input side has
-no such matrix (its inputs are one-hot), so encoders and untied tables keep the plain squared error.
+mean squared logit error of row i is ``(Eᵢ − Êᵢ) H (Eᵢ − Êᵢ)ᵀ``. The input side has a d × d matrix too, though its
+inputs are one-hot: an error δ in the embedding *vector* a position reads costs ≈ ½ δᵀ F δ, with F the
+Gauss-Newton / Fisher matrix of that vector (:func:`input_fisher`). The planner rounds int tiers, trains and encodes
+PQ tiers and ranks plans in F (plus H for a tied decoder: both in KL units) instead of the plain squared error
+(:func:`embfactor.decomposition.intk.hessian_round`, :func:`embfactor.decomposition.codebook.hessian_encode`).
 """
 
 from __future__ import annotations
@@ -76,15 +78,16 @@ def head_second_moment(lm, texts: str | Sequence[str], *, tokens: int = HEAD_TOK
 
 
 # --- the input side: the Fisher of the input embedding vectors ---------------------------------------------------
-# passages (encoders) or windows (decoders) and probes the input metric is estimated on: a few hundred backward passes
-# at most; MiniLM's 64 passages x 4 probes take ~10 s of CPU (frontier_notes.md, issue 22)
+# passages (encoders) or windows (decoders) and probes the input metric is estimated on: MiniLM's 64 passages x 4
+# probes take ~10 s of CPU. A decoder's one sample per position is already a sum of independent zero-mean terms at
+# every earlier input, so one probe is unbiased; four cost SmolLM2 ~5 CPU-minutes (frontier_notes.md, issue 22)
 FISHER_PASSAGES = 64
-FISHER_PROBES = 4
+FISHER_PROBES = {"encoder": 4, "decoder": 1}
 FISHER_TOKENS = 2048
 FISHER_WINDOW = 256
 
 
-def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSAGES, probes: int = FISHER_PROBES,
+def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSAGES, probes: int | None = None,
                  tokens: int = FISHER_TOKENS, window: int = FISHER_WINDOW, seed: int = 0,
                  batch_size: int = 16) -> torch.Tensor:
     """F = E_t[g_t g_tᵀ]: the (d × d) second moment of the output's sensitivity to the input embedding vector.
@@ -108,7 +111,8 @@ def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSA
     Args:
         lm: a LoadedModel (encoder or decoder).
         texts: calibration text (encoders: articles or passages; decoders: text, a list is joined by blank lines).
-        probes: random output directions (encoders) or sampled continuations (decoders) per passage or window.
+        probes: random output directions (encoders) or sampled continuations (decoders) per passage or window
+            (default :data:`FISHER_PROBES` of the model's kind).
         seed: the probes' random generator (the result is deterministic given it).
 
     Returns:
@@ -125,7 +129,8 @@ def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSA
     weight = getattr(emb, "weight", None)
     if weight is None:
         raise InvalidInputError(f"{type(lm.model).__name__} has no input embedding table to estimate a metric for")
-    if int(probes) < 1:
+    probes = FISHER_PROBES["decoder" if lm.kind == "decoder" else "encoder"] if probes is None else probes
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise InvalidInputError(f"probes must be a positive integer, got {probes!r}")
     d = int(weight.shape[1])
     gen = torch.Generator().manual_seed(seed)

@@ -132,7 +132,8 @@ def mass_boundaries(counts: torch.Tensor, order: torch.Tensor, cuts: Sequence[fl
 PROXY_KMEANS = {"niter": 6, "points_per_centroid": 16}
 
 
-# formats that round or encode in a tied head's metric when the planner has one (hessian=, same bytes)
+# formats that round, train and encode in the planner's metric when it has one (hessian=, same bytes): the input
+# embedding's Fisher and/or a tied head's H (embfactor.eval.head)
 HEAD_METRIC_METHODS = ("int", "pq")
 
 
@@ -140,8 +141,8 @@ def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, s
              hessian: torch.Tensor | None = None):
     """The decomposition of ``E`` in format ``fmt`` (its Factors; ``.rows(a, b)`` reads reconstructed rows).
 
-    ``quick``: cheaper k-means (:data:`PROXY_KMEANS`) for codebook formats. ``hessian``: the second moment of a
-    tied head's inputs (:mod:`embfactor.eval.head`): int-k rounds and PQ encodes in the head's metric.
+    ``quick``: cheaper k-means (:data:`PROXY_KMEANS`) for codebook formats. ``hessian``: the planner's metric
+    (:mod:`embfactor.eval.head`): int-k rounds, and PQ trains its codebooks and encodes, in it.
     """
     from embfactor.decomposition.registry import get_method
 

@@ -85,6 +85,8 @@ def build(E, tiers, alpha, order, counts, variant: str, F: torch.Tensor) -> torc
             torch.arange(E.shape[0])).float()
     if variant == "F":
         return build_plan(E, plan, order, counts, hessian=F).gather(torch.arange(E.shape[0])).float()
+    if variant.startswith("trainR-"):  # trained and encoded in F + λ·tr(F)/d·I
+        return build(E, tiers, alpha, order, counts, "trainF-cond", regularized(F, float(variant[7:])))
     if variant.startswith("trainF-"):  # codebooks trained in the metric (marginal or conditional), encoded in F
         how = variant.split("-", 1)[1]
         out = torch.empty_like(E)

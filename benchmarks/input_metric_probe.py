@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["plain", "F", "F+0.1", "trainF-cond"])
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--passages", type=int, default=64)
-    ap.add_argument("--out", default="/tmp/metric/probe.jsonl")
+    ap.add_argument("--out", default="benchmarks/results/input_metric_probe.jsonl")
     args = ap.parse_args()
     from embfactor import load_model
     from embfactor.data import wiki_split

@@ -397,8 +397,7 @@ def quantize_table(
     max_train_points: int | None = None,
     codebook_dtype: str = "float16",
     threads: int | None = None,
-    method: str = "pq",
-    metric: torch.Tensor | None = None,
+    method: str = "pq", metric: torch.Tensor | None = None,
 ) -> CodebookFactors:
     """Product quantization of E with ``stages`` residual stages (1: PQ, more: RVQ); see the module docstring.
 
@@ -419,11 +418,7 @@ def quantize_table(
             "int8" (codebooks as int8 with one fp16 scale per codebook column, the rest fp16: half the codebook
             bytes, which are 7-13% of a 16x MiniLM table, for a rounding error ~0.4% of each column's range).
         threads: sub-spaces clustered side by side (None: torch's thread count); faiss itself runs one thread each.
-        metric: a (d × d) second moment (a tied head's H, the input embedding's Fisher): each sub-space's k-means
-            runs on sub-vectors whitened by the metric :func:`hessian_encode` encodes in (x·T_m,
-            :func:`subspace_metrics`) and the centroids are mapped back (one stage, no rotation or row scale). The
-            codes are plain nearest-codeword: :func:`encode_in_metric` encodes in the metric. MiniLM 16x tiers,
-            encoded in the input Fisher: fidelity 0.9897 with plain k-means, 0.9904 trained in it (frontier_notes.md).
+        metric: (d × d): k-means in this metric (:func:`_metric_whiteners`); the codes stay nearest-codeword.
 
     Example:
         >>> f = quantize_table(torch.randn(500, 10), sub_dim=4, K=32, stages=2)
@@ -439,13 +434,9 @@ def quantize_table(
                                                 rotation=rotation, codebook_dtype=codebook_dtype)
     K_eff = min(K, n)
     max_train_points = _check_int("max_train_points", max_train_points or K_eff * 64, K_eff)
-    cb_dtype = float_dtype(codebook_dtype)
-    int8 = codebook_dtype == "int8"
+    cb_dtype, int8 = float_dtype(codebook_dtype), codebook_dtype == "int8"
     w = None if token_weights is None else check_token_weights(token_weights, n, method).numpy().astype(np.float32)
-    if metric is not None and (stages != 1 or rotation != "none" or row_scale):
-        raise ConfigError("codebooks trained in a metric (metric=/hessian=) take one stage, no rotation and no row "
-                          f"scale; got stages={stages}, rotation={rotation!r}, row_scale={row_scale}")
-    whiten = None if metric is None else subspace_metrics(metric, M, sub_dim)[1]
+    whiten = _metric_whiteners(metric, M, sub_dim, stages=stages, rotation=rotation, row_scale=row_scale)
     rng = np.random.default_rng(seed)
     E = E.detach().cpu()
     train_idx, train_w = _training_sample(n, w, max_train_points, rng)
@@ -459,10 +450,7 @@ def quantize_table(
     codes_t = torch.from_numpy(codes - (32768 if cdt == torch.int16 else 0)).to(cdt)
     meta = {"K": K_eff, "sub_dim": sub_dim, "M": M, "stages": stages, "rotation": rotation, "row_scale": row_scale,
             "niter": niter, "train_points": int(train_idx.size), "weighted": w is not None}
-    if K_eff < K:
-        meta["K_requested"] = K
-    if metric is not None:
-        meta["training"] = "metric"
+    meta.update({"K_requested": K} if K_eff < K else {}, **({"training": "metric"} if metric is not None else {}))
     books_t, books_scale = torch.from_numpy(books), None
     if int8:  # books hold exactly q · scale: re-deriving q and scale from them gives the stored values back
         books_t, books_scale = int8_codebooks(books_t)
@@ -474,6 +462,19 @@ def quantize_table(
     if w is not None:
         f.meta["weighted_relative_error"] = _weighted_error(E, f, torch.from_numpy(w).double())
     return f
+
+
+def _metric_whiteners(metric: torch.Tensor | None, M: int, sub: int, *, stages: int, rotation: str,
+                      row_scale: bool) -> list[torch.Tensor] | None:
+    """Per sub-space T_m (:func:`subspace_metrics`) for k-means in a metric: the error ‖(x − c)·T_m‖² is what
+    :func:`hessian_encode` minimizes there. MiniLM 16x tiers encoded in the input Fisher: fidelity 0.9897 with plain
+    k-means, 0.9904 trained in it (frontier_notes.md)."""
+    if metric is None:
+        return None
+    if stages != 1 or rotation != "none" or row_scale:
+        raise ConfigError("codebooks trained in a metric (metric=/hessian=) take one stage, no rotation and no row "
+                          f"scale; got stages={stages}, rotation={rotation!r}, row_scale={row_scale}")
+    return subspace_metrics(metric, M, sub)[1]
 
 
 # Float32 values of the table encoded at once (64 MB): a 128,256 x 4096 table is read in blocks of 4,096 rows.

@@ -25,6 +25,9 @@ from embfactor.plan.search import (
 )
 
 
+KL_POSITIONS = 32  # positions whose KL terms are computed at once by the decoder check
+
+
 class ModelScorer:
     """Scores candidate tables on a model against its original table: higher is better.
 
@@ -72,8 +75,13 @@ class ModelScorer:
         if self.lm.kind == "decoder":
             from embfactor.train.distill import token_kl
 
-            kl = sum(float(token_kl(self.lm.model(input_ids=w[None]).logits, self.ref[i : i + 1]).sum())
-                     for i, w in enumerate(self.batch))
+            kl = 0.0
+            for i, w in enumerate(self.batch):
+                logits = self.lm.model(input_ids=w[None]).logits[0]
+                # KL a few positions at a time: its log-softmax and terms for the whole window were four more
+                # vocabulary-sized tensors (1 GB at a 262,144-token vocabulary and 256 positions)
+                kl += sum(float(token_kl(logits[a:a + KL_POSITIONS], self.ref[i, a:a + KL_POSITIONS]).sum())
+                          for a in range(0, logits.shape[0], KL_POSITIONS))
             return -kl / self.batch.numel()
         return float((self._pooled() * self.ref).sum(-1).mean())
 

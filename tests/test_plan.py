@@ -148,8 +148,9 @@ def test_plan_model_encoder(tiny_bert):
             self.ref = self._pooled()
 
         @torch.inference_mode()
-        def _pooled(self):
-            return torch.nn.functional.normalize(self.lm.model(input_ids=self.ids).last_hidden_state.mean(1), dim=-1)
+        def _pooled(self, lm=None):
+            out = (lm or self.lm).model(input_ids=self.ids).last_hidden_state
+            return torch.nn.functional.normalize(out.mean(1), dim=-1)
 
     budget = VOCAB * D * 4 / 6
     plan, module = plan_model(lm, budget, counts, formats=SMALL_FORMATS, scorer=_Enc(lm), check=2)

@@ -519,24 +519,20 @@ def assemble(E: torch.Tensor, plan: Plan, order: torch.Tensor, fits: dict[Format
     """The table a plan stores, read from the whole-table fits (what the check scores)."""
     out = torch.empty_like(E)
     for t in plan.tiers:
-        ids = order[t.start:t.stop]
-        f = fits[t.fmt]
-        rows = _rows_of(f, ids)
-        out[ids] = rows.to(E.dtype)
+        _read_rows(fits[t.fmt], order[t.start:t.stop], out)
     return out
 
 
-def _rows_of(factors: Any, ids: torch.Tensor, block: int = 16384) -> torch.Tensor:
-    # rows at ``ids`` where the fit can read them directly (no range of the table decoded around them); otherwise
-    # the Factors API reads contiguous row ranges: gather the ranges that cover ``ids`` block by block
-    if hasattr(factors, "take"):
-        return torch.cat([factors.take(c) for c in ids.split(block)]) if ids.numel() else torch.empty(0)
-    parts = []
-    for s in range(0, ids.numel(), block):
-        chunk = ids[s:s + block]
-        lo, hi = int(chunk.min()), int(chunk.max()) + 1
-        parts.append(factors.rows(lo, hi)[chunk - lo])
-    return torch.cat(parts) if parts else torch.empty(0)
+def _read_rows(factors: Any, ids: torch.Tensor, out: torch.Tensor, block: int = 16384) -> None:
+    # out[ids] = the fit's rows at ``ids``, a block at a time (never a copy of a whole tier's rows), read directly
+    # where the fit can (``take``: no range of the table decoded around them), else from the contiguous row range
+    # that covers each block (the Factors API)
+    for chunk in ids.split(block):
+        if hasattr(factors, "take"):
+            out[chunk] = factors.take(chunk).to(out.dtype)
+        else:
+            lo, hi = int(chunk.min()), int(chunk.max()) + 1
+            out[chunk] = factors.rows(lo, hi)[chunk - lo].to(out.dtype)
 
 
 def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.Tensor, *,

@@ -191,8 +191,7 @@ def compress(
     _refuse_unreproducible(lm.model)
     stages.update()
     verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
-    rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages,
-                                           scorer=None if verifier is None else verifier.check)
+    rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages, getattr(verifier, "check", None))
     choice = None if wants_plan(config) else size_choice_of(config, rep.to_dict())
     stages.update()
     quant = quantize_(lm.model, bits) if bits is not None else None

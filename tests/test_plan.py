@@ -337,3 +337,11 @@ def test_large_tables_are_planned_on_a_row_sample(monkeypatch):
     rel = float((assemble(E, sampled[0], order, fits) - E).norm() / E.norm())
     rel_full = float((assemble(E, full[0], order, full_fits) - E).norm() / E.norm())
     assert 0 < rel < rel_full * 1.1
+    # rows a checked plan read are encoded once and kept: reading them again encodes nothing
+    seen = int(fits[pq].known.sum())
+    assert 0 < seen < n
+    calls = []
+    monkeypatch.setattr("embfactor.decomposition.codebook.hessian_encode", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("embfactor.decomposition.codebook._encode", lambda *a, **k: calls.append(1))
+    again = fits[pq].take(fits[pq].known.nonzero()[:, 0])
+    assert not calls and again.shape == (seen, d)

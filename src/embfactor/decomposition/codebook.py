@@ -798,13 +798,18 @@ def encode_rows(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor | 
         >>> torch.allclose(encode_rows(f, E[:5]), f.take(torch.arange(5)))
         True
     """
+    codes = encode_codes(f, X, hessian=hessian)
+    return decode_codes(f, codes, X)
+
+
+def encode_codes(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """(n × S × M) int64 codes of rows ``X`` under ``f``'s codebooks (see :func:`encode_rows`)."""
     n, d = X.shape
     books = f.books()
     S, M, _, sub = books.shape
     if hessian is not None:
         padded = torch.nn.functional.pad(X.detach().float(), (0, M * sub - d))
-        codes = hessian_encode(padded, books[0], hessian)[:, None, :]
-        return decode(codes, books, d)
+        return hessian_encode(padded, books[0], hessian)[:, None, :]
     R = None if f.rotation is None else f.rotation.float()
     scale = None if f.row_scale is None else _row_scales(X, R, f.row_scale.dtype)
     x = _prepared_rows(X, R, M * sub - d, scale)
@@ -814,7 +819,14 @@ def encode_rows(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor | 
         codes[:, s] = c = _encode(x, b[s])
         if s + 1 < S:
             _subtract(x, b[s], c)
-    return decode(torch.from_numpy(codes), books, d, R, scale)
+    return torch.from_numpy(codes)
+
+
+def decode_codes(f: CodebookFactors, codes: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Rows of (n × S × M) ``codes`` under ``f``'s codebooks; ``X``: the rows they encode (for row scales)."""
+    R = None if f.rotation is None else f.rotation.float()
+    scale = None if f.row_scale is None else _row_scales(X, R, f.row_scale.dtype)
+    return decode(codes, f.books(), X.shape[1], R, scale)
 
 
 @register_method("rvq", description="residual vector quantization: stages of product quantization on the residuals "

@@ -262,15 +262,26 @@ class RowSample:
 
 
 class EncodedOnDemand:
-    """A codebook fitted on a sample of the table's rows; any other row is encoded with it when read (``take``)."""
+    """A codebook fitted on a sample of the table's rows; any other row is encoded with it when first read
+    (``take``), and its codes kept (n × S × M small integers), so the checked plans encode each row once."""
 
     def __init__(self, E: torch.Tensor, factors: Any, hessian: torch.Tensor | None = None) -> None:
         self.E, self.factors, self.hessian = E, factors, hessian
+        self.codes: torch.Tensor | None = None
+        self.known = torch.zeros(E.shape[0], dtype=torch.bool)
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
-        from embfactor.decomposition.codebook import encode_rows
+        from embfactor.decomposition.codebook import decode_codes, encode_codes
 
-        return encode_rows(self.factors, self.E[ids].float(), hessian=self.hessian)
+        if self.codes is None:
+            small = self.factors.K <= 256
+            self.codes = torch.zeros(self.E.shape[0], *self.factors.codes.shape[1:],
+                                     dtype=torch.uint8 if small else torch.int32)
+        new = ids[~self.known[ids]].unique()
+        if new.numel():
+            self.codes[new] = encode_codes(self.factors, self.E[new].float(), hessian=self.hessian).to(self.codes.dtype)
+            self.known[new] = True
+        return decode_codes(self.factors, self.codes[ids].long(), self.E[ids].float())
 
 
 def row_energy(E: torch.Tensor, block: int = 16384, *, metric: torch.Tensor | None = None) -> torch.Tensor:

@@ -148,8 +148,9 @@ def test_plan_model_encoder(tiny_bert):
             self.ref = self._pooled()
 
         @torch.inference_mode()
-        def _pooled(self):
-            return torch.nn.functional.normalize(self.lm.model(input_ids=self.ids).last_hidden_state.mean(1), dim=-1)
+        def _pooled(self, lm=None):
+            out = (lm or self.lm).model(input_ids=self.ids).last_hidden_state
+            return torch.nn.functional.normalize(out.mean(1), dim=-1)
 
     budget = VOCAB * D * 4 / 6
     plan, module = plan_model(lm, budget, counts, formats=SMALL_FORMATS, scorer=_Enc(lm), check=2)
@@ -281,3 +282,66 @@ def test_table_relative_error_by_blocks_equals_the_whole_table():
     assert whole > 0.01
     assert abs(table_relative_error(module, E, block=10) - whole) < 1e-12
     assert abs(table_relative_error(module, E) - whole) < 1e-12
+
+
+def test_row_sample_keeps_the_head_whole_and_the_weight_totals():
+    from embfactor.plan.search import RowSample
+
+    counts = zipf_counts(10_000)
+    order = token_order(counts)
+    assert RowSample.of(order, rows=10_000) is None  # small tables are measured on every row
+    s = RowSample.of(order, rows=2_000)
+    pos = s.positions
+    assert pos[:1000].tolist() == list(range(1000)) and int(pos.numel()) <= 2_000
+    assert s.stride == 9 and pos[1000:].tolist() == list(range(1000, 10_000, 9))
+    w = counts.double() + 1
+    assert float(s.weights(w).sum()) == pytest.approx(float(w.sum()), rel=0.02)
+
+
+def test_row_sample_spread_follows_each_rows_energy():
+    """Errors proportional to a row's energy (with a ratio that drifts along the order) are spread exactly enough."""
+    from embfactor.plan.search import RowSample
+
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    order = torch.randperm(n, generator=g)
+    energy = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    ratio = torch.empty(n, dtype=torch.float64)
+    ratio[order] = torch.linspace(0.1, 0.2, n, dtype=torch.float64)  # fits get worse down the order
+    truth = ratio * energy
+    s = RowSample.of(order, rows=4_000)
+    est = s.spread(truth[s.ids], energy)
+    assert torch.equal(est[s.ids], truth[s.ids])
+    assert torch.allclose(est, truth, rtol=0.02)
+    assert not torch.allclose(est, energy * float(truth.sum() / energy.sum()), rtol=0.02)  # the drift is followed
+
+
+def test_large_tables_are_planned_on_a_row_sample(monkeypatch):
+    """Past PROXY_ROWS the proxy trains and measures on a sample: plans agree with the full measurement and the
+    checked tables read every row (codebook rows outside the sample are encoded when read)."""
+    from embfactor.plan import assemble, search
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 6_000, 32
+    E = torch.randn(n, d, generator=g) * (torch.rand(n, 1, generator=g) + 0.5)
+    counts = zipf_counts(n)
+    budget = n * d * 4 / 12
+    full, full_fits = candidate_plans(E, counts, budget, formats=SMALL_FORMATS)
+    monkeypatch.setattr(search, "PROXY_ROWS", 2_000)
+    sampled, fits = candidate_plans(E, counts, budget, formats=SMALL_FORMATS)
+    assert sampled[0].proxy == pytest.approx(full[0].proxy, rel=0.15)
+    assert {p.label for p in sampled[:3]} & {p.label for p in full[:3]}
+    pq = next(f for f in fits if f.method == "pq")
+    assert isinstance(fits[pq], search.EncodedOnDemand)
+    order = token_order(counts)
+    rel = float((assemble(E, sampled[0], order, fits) - E).norm() / E.norm())
+    rel_full = float((assemble(E, full[0], order, full_fits) - E).norm() / E.norm())
+    assert 0 < rel < rel_full * 1.1
+    # rows a checked plan read are encoded once and kept: reading them again encodes nothing
+    seen = int(fits[pq].known.sum())
+    assert 0 < seen < n
+    calls = []
+    monkeypatch.setattr("embfactor.decomposition.codebook.hessian_encode", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("embfactor.decomposition.codebook._encode", lambda *a, **k: calls.append(1))
+    again = fits[pq].take(fits[pq].known.nonzero()[:, 0])
+    assert not calls and again.shape == (seen, d)

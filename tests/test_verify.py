@@ -124,3 +124,32 @@ def test_the_planner_s_check_catches_a_model_broken_in_memory_too(tiny_bert_dir,
     monkeypatch.setattr(plan, "plan_compress_", scale_dropped)
     assert main([*argv[:4], "-o", str(tmp_path / "bad"), "-q"]) == 2
     assert "predicted by the plan's check" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_decoder_figures_computed_a_few_positions_at_a_time_equal_the_whole_batch_formula(tiny_gpt2, tmp_path):
+    """Verifier.score reads a window, then 32 positions at a time: the same KL, top-1 and perplexity as computed
+    over the whole batch at once (as the check did before it held no vocabulary-sized tensor of the batch)."""
+    import math
+
+    import torch
+
+    from embfactor.pipeline.verify import Verifier
+    from tests.test_heal import word_tokenizer
+
+    folder = tmp_path / "gpt2"
+    tiny_gpt2.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    lm = ef.load_model(str(folder))
+    v = Verifier(lm, samples=2)
+    assert v.ids.shape[1] > 32  # more than one chunk of positions per window
+    with torch.no_grad():
+        w = lm.model.get_input_embeddings().weight
+        w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+        out = torch.cat([torch.log_softmax(lm.model(input_ids=x[None]).logits.float(), -1) for x in v.ids])
+    ref, tgt = v.reference, v.ids[:, 1:, None]
+    nll, ref_nll = -float(out[:, :-1].gather(-1, tgt).mean()), -float(ref[:, :-1].gather(-1, tgt).mean())
+    got = v.score(lm)
+    assert got["kl"] == pytest.approx(float((ref.exp() * (ref - out)).sum(-1).mean()), rel=1e-4)
+    assert got["kl"] > 1e-4
+    assert got["top1_agreement"] == pytest.approx(float((out.argmax(-1) == ref.argmax(-1)).float().mean()))
+    assert got["perplexity_ratio"] == pytest.approx(math.exp(nll - ref_nll), rel=1e-5)

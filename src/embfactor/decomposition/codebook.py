@@ -814,6 +814,50 @@ def encode_in_metric(E: torch.Tensor, f: CodebookFactors, H: torch.Tensor, *, to
     return f
 
 
+def encode_rows(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``X`` encoded with ``f``'s codebooks (as stored) and decoded again: what ``f`` would hold for them.
+
+    The proxy of a large table trains codebooks on a sample of its rows and encodes other rows only when a plan
+    needs them. ``hessian``: encode in a tied head's metric (one stage, no rotation or row scale, as
+    :func:`encode_in_metric`); otherwise nearest codewords stage by stage, as the fit encodes.
+
+    Example:
+        >>> E = torch.randn(300, 8)
+        >>> f = product_quantize(E, sub_dim=2, K=16)
+        >>> torch.allclose(encode_rows(f, E[:5]), f.take(torch.arange(5)))
+        True
+    """
+    codes = encode_codes(f, X, hessian=hessian)
+    return decode_codes(f, codes, X)
+
+
+def encode_codes(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """(n × S × M) int64 codes of rows ``X`` under ``f``'s codebooks (see :func:`encode_rows`)."""
+    n, d = X.shape
+    books = f.books()
+    S, M, _, sub = books.shape
+    if hessian is not None:
+        padded = torch.nn.functional.pad(X.detach().float(), (0, M * sub - d))
+        return hessian_encode(padded, books[0], hessian)[:, None, :]
+    R = None if f.rotation is None else f.rotation.float()
+    scale = None if f.row_scale is None else _row_scales(X, R, f.row_scale.dtype)
+    x = _prepared_rows(X, R, M * sub - d, scale)
+    codes = np.empty((n, S, M), dtype=np.int64)
+    b = books.numpy()
+    for s in range(S):
+        codes[:, s] = c = _encode(x, b[s])
+        if s + 1 < S:
+            _subtract(x, b[s], c)
+    return torch.from_numpy(codes)
+
+
+def decode_codes(f: CodebookFactors, codes: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Rows of (n × S × M) ``codes`` under ``f``'s codebooks; ``X``: the rows they encode (for row scales)."""
+    R = None if f.rotation is None else f.rotation.float()
+    scale = None if f.row_scale is None else _row_scales(X, R, f.row_scale.dtype)
+    return decode(codes, f.books(), X.shape[1], R, scale)
+
+
 @register_method("rvq", description="residual vector quantization: stages of product quantization on the residuals "
                  "(faiss)", data_aware=True, size_options=("stages", "sub_dim", "M"), stored_bytes=rvq_stored_bytes)
 def rvq(

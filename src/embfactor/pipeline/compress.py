@@ -191,7 +191,7 @@ def compress(
     _refuse_unreproducible(lm.model)
     stages.update()
     verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
-    rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages)
+    rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages, getattr(verifier, "check", None))
     choice = None if wants_plan(config) else size_choice_of(config, rep.to_dict())
     stages.update()
     quant = quantize_(lm.model, bits) if bits is not None else None
@@ -247,8 +247,11 @@ def _verifier(lm: Any, verify: int | bool | None, stages: Any, config: Factoriza
 
 
 def _compress_in_place(lm: Any, config: FactorizationConfig, texts: list[str] | None, progress: bool,
-                       stages: Any) -> tuple[Any, int]:
-    """Replace ``lm``'s table (the planner, or one method): (its report, the model's bytes before)."""
+                       stages: Any, scorer: Any = None) -> tuple[Any, int]:
+    """Replace ``lm``'s table (the planner, or one method): (its report, the model's bytes before).
+
+    ``scorer``: the planner's check scorer when one exists already (the verifier's, on the same held-apart text).
+    """
     from embfactor.eval.size import tensor_bytes, weights_bytes_on_disk
     from embfactor.fileio import release_mapped_pages
     from embfactor.plan import plan_compress_, wants_plan
@@ -260,7 +263,7 @@ def _compress_in_place(lm: Any, config: FactorizationConfig, texts: list[str] | 
     stages.set_postfix_str("decomposing")
     dense = lm.model.get_input_embeddings()
     if wants_plan(config):  # --size without --method, or --method auto: the byte-budget planner
-        rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str)
+        rep = plan_compress_(lm, config, texts=texts, progress=stages.set_postfix_str, scorer=scorer)
     else:
         rep = factorize_(lm.model, config, progress=progress, token_weights=weights)
     # recorded in embfactor.json's report, so /info (and any later reader) states the same "bytes before" as this run

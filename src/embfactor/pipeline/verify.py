@@ -75,10 +75,10 @@ class Verifier:
         self.samples = samples or default_samples(lm.kind)
         self.plan_score: float | None = None
         self.check = None
-        if check_texts is not None:  # the planner's own scorer, on the original (its table is never written to)
+        if check_texts is not None:  # the planner's scorer: candidates are swapped in and the original put back
             from embfactor.plan import ModelScorer
 
-            self.check = ModelScorer(lm, texts=check_texts, original=lm.model.get_input_embeddings().weight)
+            self.check = ModelScorer(lm, texts=check_texts)  # the planner checks its plans with it too
         self.predicted: dict[str, float] | None = None
         self.result: dict[str, Any] | None = None
         if self.kind == "encoder":
@@ -104,18 +104,26 @@ class Verifier:
             return pooled_embeddings(lm, self.texts, batch_size=16)
         return torch.cat([torch.log_softmax(lm.model(input_ids=w[None]).logits.float(), -1) for w in self.ids])
 
+    @torch.inference_mode()
     def score(self, lm: Any) -> dict[str, float]:
         """The figures of ``lm`` against the original's outputs: fidelity (encoders); kl, top1_agreement,
         perplexity_ratio (decoders)."""
-        out = self._outputs(lm)
         if self.kind == "encoder":
-            cos = (out * self.reference).sum(-1).clamp(-1, 1)
+            cos = (self._outputs(lm) * self.reference).sum(-1).clamp(-1, 1)
             return {"fidelity": float(cos.mean()), "fidelity_min": float(cos.min())}
-        ref, tgt = self.reference, self.ids[:, 1:, None]
-        kl = float((ref.exp() * (ref - out)).sum(-1).mean())
-        nll = -float(out[:, :-1].gather(-1, tgt).mean())
-        ref_nll = -float(ref[:, :-1].gather(-1, tgt).mean())
-        return {"kl": max(0.0, kl), "top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
+        kl = nll = ref_nll = agree = 0.0
+        for i, w in enumerate(self.ids):  # a window, then a few positions at a time (vocabulary-sized tensors)
+            logits = lm.model(input_ids=w[None]).logits[0]
+            for a in range(0, logits.shape[0], 32):
+                out, ref = torch.log_softmax(logits[a:a + 32].float(), -1), self.reference[i, a:a + 32]
+                kl += float((ref.exp() * (ref - out)).sum())
+                agree += float((out.argmax(-1) == ref.argmax(-1)).sum())
+                tgt = w[a + 1:a + 33, None]  # next tokens (the window's last position has none)
+                nll -= float(out[:tgt.shape[0]].gather(-1, tgt).sum())
+                ref_nll -= float(ref[:tgt.shape[0]].gather(-1, tgt).sum())
+        positions, targets = self.ids.numel(), self.ids[:, 1:].numel()
+        nll, ref_nll = nll / targets, ref_nll / targets
+        return {"kl": max(0.0, kl / positions), "top1_agreement": agree / positions,
                 "perplexity_ratio": math.exp(nll - ref_nll), "perplexity": math.exp(nll),
                 "reference_perplexity": math.exp(ref_nll)}
 
@@ -154,12 +162,7 @@ class Verifier:
     def check_score(self, written: Any) -> float:
         """``written`` scored as the planner's check scored its candidates: mean cosine (encoders) or minus the KL
         (decoders) to the original, on the check's text."""
-        if self.kind == "encoder":
-            from embfactor.eval.embed import pooled_embeddings
-
-            return float((pooled_embeddings(written, self.check.texts, batch_size=16) * self.check.ref).sum(-1).mean())
-        lp = torch.log_softmax(written.model(input_ids=self.check.batch).logits.float(), -1)
-        return -float((self.check.ref.exp() * (self.check.ref - lp)).sum(-1).mean())
+        return self.check.score_of(written)
 
     def problems(self, measured: dict[str, float], check: dict[str, float] | None = None) -> list[str]:
         """What makes the written model far worse than a prediction on the same text (empty when nothing does)."""

@@ -52,7 +52,7 @@ from embfactor.plan.search import (
     Plan,
     Tier,
     _fill_last_cut,
-    _rows_of,
+    _read_rows,
     assemble,
     build_plan,
     candidate_plans,
@@ -68,7 +68,7 @@ from embfactor.plan.search import (
 
 __all__ = [
     "ALPHAS", "AUTO", "CHECK_EVERY", "CHECK_PLANS", "MASS_CUTS", "MAX_TIERS", "PROXY_KMEANS", "FormatChoice",
-    "ModelScorer", "Plan", "PlanReport", "Tier", "_fill_last_cut", "_formats_from_options", "_rows_of", "_train_text",
+    "ModelScorer", "Plan", "PlanReport", "Tier", "_fill_last_cut", "_formats_from_options", "_read_rows", "_train_text",
     "apply_plan_", "asdict", "assemble", "build_plan", "calibration_passages", "calibration_split", "candidate_plans",
     "default_formats", "describe_checks", "describe_plan", "fit_rows", "mass_boundaries", "plan_compress_",
     "plan_model", "plan_table", "row_errors", "search_plans", "spread", "table_relative_error", "tier_map_bytes", "token_order",

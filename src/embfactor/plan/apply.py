@@ -107,7 +107,7 @@ class PlanReport(dict):
 
 
 def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int = CHECK_PLANS,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, scorer: ModelScorer | None = None) -> dict[str, Any]:
     """Plan, build and install the table of ``lm`` for ``config.size`` (what ``compress --size`` runs).
 
     Args:
@@ -116,6 +116,8 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
         texts: calibration text (default: the bundled Wikipedia extract's training part): tokens are counted on
             four fifths of it, plans are checked on the fifth held apart (:func:`calibration_split`).
         check: plans scored on the model.
+        scorer: a ModelScorer already made on the held-apart fifth of ``texts`` (the verifier's: its reference
+            outputs are then held once, 512 MB at a 262,144-token vocabulary); default: one made here.
 
     Returns:
         The report dict (as :func:`apply_plan_`).
@@ -139,7 +141,10 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
 
         texts = wiki_split("train")
     count_texts, check_texts = calibration_split(texts)
-    scorer = ModelScorer(lm, texts=check_texts) if check > 0 else None
+    if check <= 0:
+        scorer = None
+    elif scorer is None:
+        scorer = ModelScorer(lm, texts=check_texts)
     stages = {"check_reference": time.perf_counter() - t0}
     t = time.perf_counter()
     counts = token_counts(lm.tokenizer, count_texts, vocab_size=vocab)

@@ -25,6 +25,9 @@ from embfactor.plan.search import (
 )
 
 
+KL_POSITIONS = 32  # positions whose KL terms are computed at once by the decoder check
+
+
 class ModelScorer:
     """Scores candidate tables on a model against its original table: higher is better.
 
@@ -61,21 +64,32 @@ class ModelScorer:
 
         return torch.cat([teacher_logprobs(self.lm.model(input_ids=w[None]).logits) for w in self.batch])
 
-    def _pooled(self) -> torch.Tensor:
+    def _pooled(self, lm=None) -> torch.Tensor:
         from embfactor.eval.embed import pooled_embeddings
 
-        return pooled_embeddings(self.lm, self.texts, batch_size=16)
+        return pooled_embeddings(lm or self.lm, self.texts, batch_size=16)
 
     @torch.inference_mode()
     def score(self, table: torch.Tensor) -> float:
         self.weight.data = table.to(self.weight.dtype)
-        if self.lm.kind == "decoder":
-            from embfactor.train.distill import token_kl
+        return self.score_of(self.lm)
 
-            kl = sum(float(token_kl(self.lm.model(input_ids=w[None]).logits, self.ref[i : i + 1]).sum())
-                     for i, w in enumerate(self.batch))
-            return -kl / self.batch.numel()
-        return float((self._pooled() * self.ref).sum(-1).mean())
+    @torch.inference_mode()
+    def score_of(self, lm) -> float:
+        """``lm`` scored as the candidates are, against the original's outputs (e.g. the written model: its own
+        table, nothing swapped)."""
+        if self.lm.kind != "decoder":
+            return float((self._pooled(lm) * self.ref).sum(-1).mean())
+        from embfactor.train.distill import token_kl
+
+        kl = 0.0
+        for i, w in enumerate(self.batch):
+            logits = lm.model(input_ids=w[None]).logits[0]
+            # KL a few positions at a time: its log-softmax and terms for the whole window were four more
+            # vocabulary-sized tensors (1 GB at a 262,144-token vocabulary and 256 positions)
+            kl += sum(float(token_kl(logits[a:a + KL_POSITIONS], self.ref[i, a:a + KL_POSITIONS]).sum())
+                      for a in range(0, logits.shape[0], KL_POSITIONS))
+        return -kl / self.batch.numel()
 
     @torch.inference_mode()
     def restore(self) -> None:
@@ -157,6 +171,7 @@ def plan_table(
             for p in plans[:check]:
                 if progress:
                     progress(f"checking {p.label}")
+                scorer.restore()  # the last candidate is let go before the next is built: one table at a time
                 p.score = scorer.score(assemble(E, p, order, fits))
         finally:
             scorer.restore()

@@ -196,6 +196,132 @@ def row_errors(E: torch.Tensor, factors: Any, block: int = 16384, *,
     return out
 
 
+# Tables with more rows than this have their candidates' errors measured on a sample of rows (:class:`RowSample`):
+# fitting and encoding every row in eleven formats was most of `compress --size 8x` on a 262,144-row table.
+PROXY_ROWS = 65_536
+
+
+@dataclass
+class RowSample:
+    """The rows on which the proxy measures a large table's candidates, and how the other rows' errors follow.
+
+    The first ``head`` rows of the token order (the most frequent, which carry most of the weight) are all sampled;
+    past them every ``stride``-th row stands for the ``stride`` rows from it on. An unsampled row's error is its
+    energy (its squared norm, in the metric if any) times the error-to-energy ratio of the sampled rows around it
+    (``window`` of them): errors grow with a row's size, and how well a format fits changes slowly along the order.
+    """
+
+    order: torch.Tensor
+    head: int
+    stride: int
+    window: int = 64
+
+    @classmethod
+    def of(cls, order: torch.Tensor, rows: int | None = None) -> RowSample | None:
+        """The sample of a table whose token order is ``order``, or None when it has at most ``rows`` rows
+        (default :data:`PROXY_ROWS`)."""
+        n, rows = int(order.numel()), rows or PROXY_ROWS
+        if n <= rows:
+            return None
+        head = rows // 2
+        return cls(order, head, -(-(n - head) // (rows - head)))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Sampled positions in the token order (ascending)."""
+        n = int(self.order.numel())
+        return torch.cat([torch.arange(self.head), torch.arange(self.head, n, self.stride)])
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """Sampled token ids (in the order of :attr:`positions`)."""
+        return self.order[self.positions]
+
+    def weights(self, w: torch.Tensor) -> torch.Tensor:
+        """Token weights of the sampled rows, each strided row standing for ``stride`` rows (the totals stay)."""
+        out = w[self.ids].clone()
+        out[self.head:] *= self.stride
+        return out
+
+    def spread(self, sampled: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """Every row's error (token id order) from the sampled rows' errors and every row's ``energy``."""
+        n = int(self.order.numel())
+        tail_err, tail_en = sampled[self.head:].double(), energy[self.ids[self.head:]].double()
+        pad = self.window // 2
+        ce = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(tail_err, 0)])
+        cn = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(tail_en, 0)])
+        j = torch.arange(tail_err.numel())
+        lo, hi = (j - pad).clamp(min=0), (j + pad + 1).clamp(max=tail_err.numel())
+        ratio = (ce[hi] - ce[lo]) / (cn[hi] - cn[lo]).clamp_min(1e-300)
+        chunk = (torch.arange(self.head, n) - self.head) // self.stride  # the sampled row each tail row follows
+        out = torch.empty(n, dtype=torch.float64)
+        out[self.order[:self.head]] = sampled[:self.head].double()
+        tail = self.order[self.head:]
+        out[tail] = ratio[chunk] * energy[tail].double()
+        out[self.ids[self.head:]] = tail_err  # the sampled rows keep their own errors
+        return out
+
+
+class EncodedOnDemand:
+    """A codebook fitted on a sample of the table's rows; any other row is encoded with it when first read
+    (``take``), and its codes kept (n × S × M small integers), so the checked plans encode each row once."""
+
+    def __init__(self, E: torch.Tensor, factors: Any, hessian: torch.Tensor | None = None) -> None:
+        self.E, self.factors, self.hessian = E, factors, hessian
+        self.codes: torch.Tensor | None = None
+        self.known = torch.zeros(E.shape[0], dtype=torch.bool)
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        from embfactor.decomposition.codebook import decode_codes, encode_codes
+
+        if self.codes is None:
+            small = self.factors.K <= 256
+            self.codes = torch.zeros(self.E.shape[0], *self.factors.codes.shape[1:],
+                                     dtype=torch.uint8 if small else torch.int32)
+        new = ids[~self.known[ids]].unique()
+        if new.numel():
+            self.codes[new] = encode_codes(self.factors, self.E[new].float(), hessian=self.hessian).to(self.codes.dtype)
+            self.known[new] = True
+        return decode_codes(self.factors, self.codes[ids].long(), self.E[ids].float())
+
+
+def row_energy(E: torch.Tensor, block: int = 16384, *, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's squared norm (``x M xᵀ`` with a metric), float64, a block at a time."""
+    out = torch.empty(E.shape[0], dtype=torch.float64)
+    M = None if metric is None else metric.double()
+    for s in range(0, E.shape[0], block):
+        x = E[s:s + block].double()
+        out[s:s + block] = (x ** 2).sum(1) if M is None else ((x @ M) * x).sum(1)
+    return out
+
+
+def _proxy_fits(E: torch.Tensor, formats: Sequence[FormatChoice], w_fit: torch.Tensor, order: torch.Tensor, *,
+                seed: int, hessian: torch.Tensor | None,
+                progress: Callable[[str], None] | None) -> tuple[dict[FormatChoice, Any], dict[FormatChoice, Any]]:
+    """Each format's whole-table fit (what :func:`assemble` reads) and every row's error in it (the proxy's).
+
+    A table of more than :data:`PROXY_ROWS` rows is measured on a :class:`RowSample`: codebooks are trained and
+    errors measured on the sampled rows, and the rows a checked plan needs are encoded when it reads them.
+    """
+    sample = RowSample.of(order)
+    Es = E if sample is None else E[sample.ids]
+    ws = w_fit if sample is None else sample.weights(w_fit)
+    energy = None if sample is None else row_energy(E, metric=hessian)
+    fits, errors = {}, {}
+    for f in formats:
+        if progress:
+            progress(f"fitting {f.label}")
+        rowwise = f.method in ROWWISE_METHODS
+        fit = RowwiseFit(Es, f, hessian) if rowwise else fit_rows(Es, f, ws, seed, quick=True, hessian=hessian)
+        err = row_errors(Es, fit, metric=hessian)
+        if sample is None:
+            fits[f], errors[f] = fit, err
+        else:
+            fits[f] = RowwiseFit(E, f, hessian) if rowwise else EncodedOnDemand(E, fit, hessian)
+            errors[f] = sample.spread(err, energy)
+    return fits, errors
+
+
 @dataclass
 class Tier:
     """One tier of a plan: rows ``[start, stop)`` of the token order in ``fmt``."""
@@ -377,13 +503,7 @@ def candidate_plans(
         )
     # formats that no plan can use are not fitted: a tier in a format needs at least its codebook's bytes
     formats = [f for f in formats if f.bytes_for(1, d) <= budget_bytes]
-    fits, errors = {}, {}
-    for f in formats:
-        if progress:
-            progress(f"fitting {f.label}")
-        fits[f] = (RowwiseFit(E, f, hessian) if f.method in ROWWISE_METHODS
-                   else fit_rows(E, f, w_fit, seed, quick=True, hessian=hessian))
-        errors[f] = row_errors(E, fits[f], metric=hessian)
+    fits, errors = _proxy_fits(E, formats, w_fit, order, seed=seed, hessian=hessian, progress=progress)
     ranked: list[list[Plan]] = []
     seen: set = set()
     for a in alphas:
@@ -418,24 +538,20 @@ def assemble(E: torch.Tensor, plan: Plan, order: torch.Tensor, fits: dict[Format
     """The table a plan stores, read from the whole-table fits (what the check scores)."""
     out = torch.empty_like(E)
     for t in plan.tiers:
-        ids = order[t.start:t.stop]
-        f = fits[t.fmt]
-        rows = _rows_of(f, ids)
-        out[ids] = rows.to(E.dtype)
+        _read_rows(fits[t.fmt], order[t.start:t.stop], out)
     return out
 
 
-def _rows_of(factors: Any, ids: torch.Tensor, block: int = 16384) -> torch.Tensor:
-    # rows at ``ids`` where the fit can read them directly (no range of the table decoded around them); otherwise
-    # the Factors API reads contiguous row ranges: gather the ranges that cover ``ids`` block by block
-    if hasattr(factors, "take"):
-        return torch.cat([factors.take(c) for c in ids.split(block)]) if ids.numel() else torch.empty(0)
-    parts = []
-    for s in range(0, ids.numel(), block):
-        chunk = ids[s:s + block]
-        lo, hi = int(chunk.min()), int(chunk.max()) + 1
-        parts.append(factors.rows(lo, hi)[chunk - lo])
-    return torch.cat(parts) if parts else torch.empty(0)
+def _read_rows(factors: Any, ids: torch.Tensor, out: torch.Tensor, block: int = 16384) -> None:
+    # out[ids] = the fit's rows at ``ids``, a block at a time (never a copy of a whole tier's rows), read directly
+    # where the fit can (``take``: no range of the table decoded around them), else from the contiguous row range
+    # that covers each block (the Factors API)
+    for chunk in ids.split(block):
+        if hasattr(factors, "take"):
+            out[chunk] = factors.take(chunk).to(out.dtype)
+        else:
+            lo, hi = int(chunk.min()), int(chunk.max()) + 1
+            out[chunk] = factors.rows(lo, hi)[chunk - lo].to(out.dtype)
 
 
 def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.Tensor, *,

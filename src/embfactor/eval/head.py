@@ -155,7 +155,10 @@ def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSA
         acc.add_(g.T @ g)
         count[0] += g.shape[0]
 
-    handle = emb.register_forward_hook(hook)
+    # every module that looks rows up in this table (T5 / BART stacks hold their own module over the shared weight)
+    readers = [m for m in lm.model.modules()
+               if m is emb or (isinstance(m, torch.nn.Embedding) and getattr(m, "weight", None) is weight)]
+    handles = [m.register_forward_hook(hook) for m in readers]
     try:
         with torch.enable_grad():
             if lm.kind == "decoder":
@@ -164,21 +167,22 @@ def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSA
                 _encoder_fisher(lm, texts, state, add, passages=passages, probes=probes, gen=gen,
                                 batch_size=batch_size)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     F = acc / max(count[0], 1)
     return (F + F.T) / 2
 
 
 def _encoder_fisher(lm, texts, state, add, *, passages: int, probes: int, gen: torch.Generator,
                     batch_size: int) -> None:
-    from embfactor.eval.embed import encoder_of
+    from embfactor.eval.embed import encoder_of, usable_positions
     from embfactor.eval.similarity import MAX_LENGTH
     from embfactor.plan.calibration import calibration_passages
 
     arts = [texts] if isinstance(texts, str) else list(texts)
     items = calibration_passages(passages, articles=arts)
     model = encoder_of(lm)
-    longest = min(MAX_LENGTH, getattr(getattr(lm.model, "config", None), "max_position_embeddings", MAX_LENGTH))
+    longest = min(MAX_LENGTH, usable_positions(model) or MAX_LENGTH)  # RoBERTa/MPNet number from padding_idx + 1
     for start in range(0, len(items), batch_size):
         batch = lm.tokenizer(items[start:start + batch_size], padding=True, truncation=True, max_length=longest,
                              return_tensors="pt")

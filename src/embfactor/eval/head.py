@@ -129,9 +129,7 @@ def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSA
     weight = getattr(emb, "weight", None)
     if weight is None:
         raise InvalidInputError(f"{type(lm.model).__name__} has no input embedding table to estimate a metric for")
-    probes = FISHER_PROBES["decoder" if lm.kind == "decoder" else "encoder"] if probes is None else probes
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise InvalidInputError(f"probes must be a positive integer, got {probes!r}")
+    probes = _fisher_probes(lm, probes)
     d = int(weight.shape[1])
     gen = torch.Generator().manual_seed(seed)
     acc = torch.zeros(d, d, dtype=torch.float64)
@@ -155,10 +153,7 @@ def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSA
         acc.add_(g.T @ g)
         count[0] += g.shape[0]
 
-    # every module that looks rows up in this table (T5 / BART stacks hold their own module over the shared weight)
-    readers = [m for m in lm.model.modules()
-               if m is emb or (isinstance(m, torch.nn.Embedding) and getattr(m, "weight", None) is weight)]
-    handles = [m.register_forward_hook(hook) for m in readers]
+    handles = _hook_readers(lm.model, emb, hook)
     try:
         with torch.enable_grad():
             if lm.kind == "decoder":
@@ -171,6 +166,25 @@ def input_fisher(lm, texts: str | Sequence[str], *, passages: int = FISHER_PASSA
             h.remove()
     F = acc / max(count[0], 1)
     return (F + F.T) / 2
+
+
+def _fisher_probes(lm, probes: int | None) -> int:
+    """The probes per passage or window: ``probes``, checked, or the default of the model's kind."""
+    from embfactor.errors import InvalidInputError
+
+    probes = FISHER_PROBES["decoder" if lm.kind == "decoder" else "encoder"] if probes is None else probes
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise InvalidInputError(f"probes must be a positive integer, got {probes!r}")
+    return probes
+
+
+def _hook_readers(model: torch.nn.Module, emb: torch.nn.Module, hook) -> list:
+    """``hook`` on every module that looks rows up in ``emb``'s table (T5 / BART stacks hold their own module over
+    the shared weight); their handles."""
+    weight = emb.weight
+    readers = [m for m in model.modules()
+               if m is emb or (isinstance(m, torch.nn.Embedding) and getattr(m, "weight", None) is weight)]
+    return [m.register_forward_hook(hook) for m in readers]
 
 
 def _encoder_fisher(lm, texts, state, add, *, passages: int, probes: int, gen: torch.Generator,

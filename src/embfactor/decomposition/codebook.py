@@ -827,8 +827,7 @@ def encode_rows(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor | 
         >>> torch.allclose(encode_rows(f, E[:5]), f.take(torch.arange(5)))
         True
     """
-    codes = encode_codes(f, X, hessian=hessian)
-    return decode_codes(f, codes, X)
+    return decode_codes(f, encode_codes(f, X, hessian=hessian), X)
 
 
 def encode_codes(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor | None = None) -> torch.Tensor:
@@ -851,11 +850,14 @@ def encode_codes(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor |
     return torch.from_numpy(codes)
 
 
-def decode_codes(f: CodebookFactors, codes: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Rows of (n × S × M) ``codes`` under ``f``'s codebooks; ``X``: the rows they encode (for row scales)."""
+def decode_codes(f: CodebookFactors, codes: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of (n × S × M) ``codes`` under ``f``'s codebooks; ``X``: the rows they encode, read only for a fit with
+    row scales (their norms)."""
     R = None if f.rotation is None else f.rotation.float()
+    if f.row_scale is not None and X is None:
+        raise InvalidInputError("decoding codes of a fit with row scales needs the rows they encode (X)")
     scale = None if f.row_scale is None else _row_scales(X, R, f.row_scale.dtype)
-    return decode(codes, f.books(), X.shape[1], R, scale)
+    return decode(codes, f.books(), f.shape[1], R, scale)
 
 
 @register_method("rvq", description="residual vector quantization: stages of product quantization on the residuals "

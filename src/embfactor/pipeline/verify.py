@@ -111,14 +111,16 @@ class Verifier:
         if self.kind == "encoder":
             cos = (self._outputs(lm) * self.reference).sum(-1).clamp(-1, 1)
             return {"fidelity": float(cos.mean()), "fidelity_min": float(cos.min())}
+        from embfactor.plan.model import KL_POSITIONS as step
+
         kl = nll = ref_nll = agree = 0.0
         for i, w in enumerate(self.ids):  # a window, then a few positions at a time (vocabulary-sized tensors)
             logits = lm.model(input_ids=w[None]).logits[0]
-            for a in range(0, logits.shape[0], 32):
-                out, ref = torch.log_softmax(logits[a:a + 32].float(), -1), self.reference[i, a:a + 32]
+            for a in range(0, logits.shape[0], step):
+                out, ref = torch.log_softmax(logits[a:a + step].float(), -1), self.reference[i, a:a + step]
                 kl += float((ref.exp() * (ref - out)).sum())
                 agree += float((out.argmax(-1) == ref.argmax(-1)).sum())
-                tgt = w[a + 1:a + 33, None]  # next tokens (the window's last position has none)
+                tgt = w[a + 1:a + step + 1, None]  # next tokens (the window's last position has none)
                 nll -= float(out[:tgt.shape[0]].gather(-1, tgt).sum())
                 ref_nll -= float(ref[:tgt.shape[0]].gather(-1, tgt).sum())
         positions, targets = self.ids.numel(), self.ids[:, 1:].numel()

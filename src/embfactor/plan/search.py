@@ -282,7 +282,8 @@ class EncodedOnDemand:
         if new.numel():
             self.codes[new] = encode_codes(self.factors, self.E[new].float(), hessian=self.hessian).to(self.codes.dtype)
             self.known[new] = True
-        return decode_codes(self.factors, self.codes[ids].long(), self.E[ids].float())
+        rows = self.E[ids].float() if self.factors.row_scale is not None else None  # only row scales read them
+        return decode_codes(self.factors, self.codes[ids].long(), rows)
 
 
 def row_energy(E: torch.Tensor, block: int = 16384, *, metric: torch.Tensor | None = None) -> torch.Tensor:

@@ -575,11 +575,17 @@ def _fit_stages(E: torch.Tensor, R: torch.Tensor | None, scale: torch.Tensor | N
     step = max(1024, ENCODE_BLOCK_VALUES // max(1, M * sub_dim))
     for a in range(0, n, step):
         x = _prepared_rows(E[a : a + step], R, pad, None if scale is None else scale[a : a + step])
-        for s in range(stages):
-            codes[a : a + x.shape[0], s] = c = _encode(x, books[s])
-            if s + 1 < stages:
-                _subtract(x, books[s], c)
+        _encode_stages(x, books, codes[a : a + x.shape[0]])
     return codes, books
+
+
+def _encode_stages(x: np.ndarray, books: np.ndarray, out: np.ndarray) -> None:
+    """``out`` (n × S × M) = each stage's nearest codewords of the prepared rows ``x``, which end as the last
+    stage's residuals (S × M × K × sub books)."""
+    for s in range(books.shape[0]):
+        out[:, s] = c = _encode(x, books[s])
+        if s + 1 < books.shape[0]:
+            _subtract(x, books[s], c)
 
 
 def _weighted_error(E: torch.Tensor, f: CodebookFactors, w: torch.Tensor) -> float:
@@ -804,9 +810,8 @@ def encode_in_metric(E: torch.Tensor, f: CodebookFactors, H: torch.Tensor, *, to
     """
     from embfactor.decomposition.wsvd import check_token_weights
 
-    X = torch.nn.functional.pad(E.detach().float(), (0, f.M * f.sub_dim - E.shape[1]))
-    codes = hessian_encode(X, f.books()[0], H)
-    f.codes = (codes - (32768 if f.codes.dtype == torch.int16 else 0)).to(f.codes.dtype)[:, None, :]
+    codes = encode_codes(f, E, hessian=H)
+    f.codes = (codes - (32768 if f.codes.dtype == torch.int16 else 0)).to(f.codes.dtype)
     f.meta["encoding"] = "hessian"
     if token_weights is not None:
         w = check_token_weights(token_weights, E.shape[0], "pq").double()
@@ -840,13 +845,8 @@ def encode_codes(f: CodebookFactors, X: torch.Tensor, *, hessian: torch.Tensor |
         return hessian_encode(padded, books[0], hessian)[:, None, :]
     R = None if f.rotation is None else f.rotation.float()
     scale = None if f.row_scale is None else _row_scales(X, R, f.row_scale.dtype)
-    x = _prepared_rows(X, R, M * sub - d, scale)
     codes = np.empty((n, S, M), dtype=np.int64)
-    b = books.numpy()
-    for s in range(S):
-        codes[:, s] = c = _encode(x, b[s])
-        if s + 1 < S:
-            _subtract(x, b[s], c)
+    _encode_stages(_prepared_rows(X, R, M * sub - d, scale), books.numpy(), codes)
     return torch.from_numpy(codes)
 
 

@@ -182,7 +182,8 @@ ROWWISE_METHODS = ("int",)
 
 def row_errors(E: torch.Tensor, factors: Any, block: int = 16384, *,
                metric: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error of each row of ``E`` against the factors' reconstruction (float64, vocab).
+    """Squared error of each row of ``E`` against the factors' reconstruction (float64, vocab); ``factors`` None:
+    against zero rows (each row's energy).
 
     ``metric``: a (d × d) matrix M; the error of a row is then ``diff M diffᵀ`` (a tied head's H: the mean
     squared logit error the row causes).
@@ -191,7 +192,7 @@ def row_errors(E: torch.Tensor, factors: Any, block: int = 16384, *,
     M = None if metric is None else metric.double()
     for s in range(0, E.shape[0], block):
         e = min(s + block, E.shape[0])
-        diff = E[s:e].double() - factors.rows(s, e).double()
+        diff = E[s:e].double() if factors is None else E[s:e].double() - factors.rows(s, e).double()
         out[s:e] = (diff ** 2).sum(1) if M is None else ((diff @ M) * diff).sum(1)
     return out
 
@@ -286,16 +287,6 @@ class EncodedOnDemand:
         return decode_codes(self.factors, self.codes[ids].long(), rows)
 
 
-def row_energy(E: torch.Tensor, block: int = 16384, *, metric: torch.Tensor | None = None) -> torch.Tensor:
-    """Each row's squared norm (``x M xᵀ`` with a metric), float64, a block at a time."""
-    out = torch.empty(E.shape[0], dtype=torch.float64)
-    M = None if metric is None else metric.double()
-    for s in range(0, E.shape[0], block):
-        x = E[s:s + block].double()
-        out[s:s + block] = (x ** 2).sum(1) if M is None else ((x @ M) * x).sum(1)
-    return out
-
-
 def _proxy_fits(E: torch.Tensor, formats: Sequence[FormatChoice], w_fit: torch.Tensor, order: torch.Tensor, *,
                 seed: int, hessian: torch.Tensor | None,
                 progress: Callable[[str], None] | None) -> tuple[dict[FormatChoice, Any], dict[FormatChoice, Any]]:
@@ -307,7 +298,7 @@ def _proxy_fits(E: torch.Tensor, formats: Sequence[FormatChoice], w_fit: torch.T
     sample = RowSample.of(order)
     Es = E if sample is None else E[sample.ids]
     ws = w_fit if sample is None else sample.weights(w_fit)
-    energy = None if sample is None else row_energy(E, metric=hessian)
+    energy = None if sample is None else row_errors(E, None, metric=hessian)
     fits, errors = {}, {}
     for f in formats:
         if progress:

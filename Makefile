@@ -50,6 +50,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/heal_speed.py --quick
 	$(PY) benchmarks/heal_memory.py --quick --output $(QUICK_OUT)
 	$(PY) -m benchmarks.cli_frontier --quick
+	$(PY) -m benchmarks.frontier_sweep --quick --output $(QUICK_OUT)
 	$(PY) -m benchmarks.whole_model_bytes --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/onnx_export.py --quick
 	$(PY) -m benchmarks.scaling --quick --output $(QUICK_OUT) --work $(QUICK_OUT)/scaling

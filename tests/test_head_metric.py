@@ -9,7 +9,7 @@ import torch
 
 from embfactor.decomposition.intk import hessian_round, int_method, int_quantize
 from embfactor.errors import ConfigError, InvalidInputError
-from embfactor.eval.head import head_second_moment, tied_head
+from embfactor.eval.head import head_second_moment, head_statistics, tied_head
 from embfactor.models import LoadedModel
 
 
@@ -98,6 +98,26 @@ def test_head_second_moment_is_the_heads_inputs(tiny_llama_tied, tiny_llama_unti
     with torch.no_grad():  # Llama's last hidden state is the normed one the head reads
         h = tiny_llama_tied(input_ids=ids, output_hidden_states=True).hidden_states[-1].reshape(-1, H.shape[0])
     torch.testing.assert_close(H, (h.double().T @ h.double()) / h.shape[0])
+
+
+def test_predicted_counts_are_the_models_next_token_probabilities(tiny_llama_tied):
+    """head_statistics: the same H, and Σₜ softmax(logitsₜ): what a tied row's head error is weighted by."""
+    from embfactor.plan.apply import with_predicted
+
+    lm = LoadedModel("tiny-llama", tiny_llama_tied, CharTokenizer(120), "decoder", Path("."))
+    text = "the cat sat on the mat and the dog sat on the log " * 8
+    H, predicted = head_statistics(lm, text, tokens=96, window=32)
+    torch.testing.assert_close(H, head_second_moment(lm, text, tokens=96, window=32))
+    ids = torch.tensor(CharTokenizer(120)(text)["input_ids"][:96]).view(3, 32)
+    with torch.no_grad():
+        p = torch.softmax(tiny_llama_tied(input_ids=ids).logits.double(), -1).reshape(-1, 120).sum(0)
+    torch.testing.assert_close(predicted, p)
+    assert predicted.shape == (120,) and abs(float(predicted.sum()) - 96) < 1e-6
+    # the planner's weight: half the count as an input, half the predicted count scaled to the counted total
+    counts = torch.bincount(ids.flatten(), minlength=120).double()
+    w = with_predicted(counts, predicted)
+    torch.testing.assert_close(w, (counts + predicted * 96 / float(predicted.sum())) / 2)
+    assert float(w.sum()) == pytest.approx(96) and bool((w[counts == 0] > 0).all())
 
 
 def test_external_gguf_table_matches_ggml_block_rounding():

@@ -73,15 +73,16 @@ class FactorizationConfig:
             # the byte-budget planner (embfactor.plan): tiers of formats chosen on the model, for a size target
             if self.size is None:
                 raise ConfigError("method 'auto' plans for a byte target: give size ('16x' or '2.5MB'), not a rank")
-            unknown = sorted(set(self.method_options) - {"formats", "head_metric", "metric"})
+            unknown = sorted(set(self.method_options) - {"formats", "head_metric", "metric", "predicted_counts"})
             if unknown:
                 raise ConfigError(f"unknown option(s) {', '.join(unknown)} for method 'auto'; its options: formats, "
-                                  "metric, head_metric")
+                                  "metric, head_metric, predicted_counts")
             if self.method_options.get("metric", "auto") not in PLAN_METRICS:
                 raise ConfigError(f"metric must be one of {', '.join(PLAN_METRICS)}, got "
                                   f"{self.method_options['metric']!r}")
-            if not isinstance(self.method_options.get("head_metric", True), bool):
-                raise ConfigError(f"head_metric must be true or false, got {self.method_options['head_metric']!r}")
+            for flag in ("head_metric", "predicted_counts"):
+                if not isinstance(self.method_options.get(flag, True), bool):
+                    raise ConfigError(f"{flag} must be true or false, got {self.method_options[flag]!r}")
         elif self.method is not None:
             # UnknownMethodError listing the valid names; ConfigError naming an option the method does not take
             get_method(self.method).check_options(self.method_options)

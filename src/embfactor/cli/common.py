@@ -99,6 +99,13 @@ def write_json(path: str | os.PathLike | None, obj: Any) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def emit(report: Any, render: Any, path: str | os.PathLike | None) -> int:
+    """A command's ending: its report rendered on stdout, written as JSON to ``path`` (``--json``); exit code 0."""
+    print(render(report))
+    write_json(path, report)
+    return 0
+
+
 def add_model_arg(p: argparse.ArgumentParser, *, default: str | None = "minilm") -> None:
     """The MODEL positional argument; optional with ``default``, required with ``default=None`` (the help says which)."""
     kinds = "a local Hugging Face folder, a .gguf file (causal LM), or an embfactor output folder"

@@ -9,8 +9,8 @@ import argparse
 from typing import Any
 
 from embfactor.cli.common import (
-    add_method_arg, add_model_arg, add_target_args, add_verify_args, check_outputs, mb, parse_method_options, table,
-    verified_figures, write_json,
+    add_method_arg, add_model_arg, add_target_args, add_verify_args, check_outputs, emit, mb, parse_method_options,
+    table, verified_figures,
 )
 from embfactor.config import REST_CHOICES, FactorizationConfig
 from embfactor.errors import ConfigError
@@ -95,7 +95,7 @@ def render(r: dict[str, Any]) -> str:
     if r.get("path") == "table-only":
         tail += f"\ntable-only path ({r['path_reason']}): {r['check_note']}"
     if plan:
-        from embfactor.plan import describe_plan, describe_checks
+        from embfactor.plan import describe_checks, describe_plan
 
         parts += ["plan (tiers by token frequency):", table(describe_plan(plan), PLAN_COLUMNS),
                   "candidate plans checked on the model (calibration text; higher is better):",
@@ -130,9 +130,7 @@ def run(args: argparse.Namespace) -> int:
         table_only=True if args.table_only else None,
         verify=args.verify, rest=args.rest,
     ).to_dict()
-    print(render(r))
-    write_json(args.json, r)
-    return 0
+    return emit(r, render, args.json)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

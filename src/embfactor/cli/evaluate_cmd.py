@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from embfactor.cli.common import add_model_arg, check_outputs, fmt, table, write_json
+from embfactor.cli.common import add_model_arg, check_outputs, emit, fmt, table
 
 # rows shown first, in this order; anything else numeric follows
 _ORDER = (
@@ -55,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
         bf16=True if args.bf16 else None,
         queries=args.queries,
     )
-    print(render(r))
-    write_json(args.json, r)
-    return 0
+    return emit(r, render, args.json)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

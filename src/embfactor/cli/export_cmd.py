@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from embfactor.cli.common import check_outputs, mb, table, write_json
+from embfactor.cli.common import check_outputs, emit, mb, table
 
 
 def export_model(folder: str | Path, *, onnx: bool, int8_rest: bool = False) -> dict[str, Any]:
@@ -41,9 +41,7 @@ def render(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     check_outputs(files=[("--json", args.json)])
     r = export_model(args.folder, onnx=args.onnx, int8_rest=args.int8_rest)
-    print(render(r))
-    write_json(args.json, r)
-    return 0
+    return emit(r, render, args.json)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from embfactor.cli.common import add_verify_args, check_outputs, table, verified_figures, write_json
+from embfactor.cli.common import add_verify_args, check_outputs, emit, table, verified_figures
 from embfactor.errors import a_or_an
 
 
@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch` every process returns the same run's summary
-        print(render(r))
-        write_json(args.json, r)
+        return emit(r, render, args.json)
     return 0
 
 

@@ -30,8 +30,8 @@ def run_sweep(
     Example:
         >>> run_sweep("minilm", ratios="2,4,6,8,12", methods="svd", plot="sweep.png")    # doctest: +SKIP
     """
-    from embfactor.pipeline.sweep import plot_sweep, sweep
     from embfactor.fileio import atomic_write_bytes, atomic_write_json
+    from embfactor.pipeline.sweep import plot_sweep, sweep
 
     check_sweep_outputs(plot, json_path, model)
     result = sweep(model, **kwargs)
@@ -46,7 +46,8 @@ def run_sweep(
 
 def render(r: dict[str, Any]) -> str:
     metric, agree = r["metric"], r["agreement_metric"]
-    cols = [metric] + [c for c in (agree, "top1_agreement" if r["task"] == "perplexity" else None) if c and c != metric]
+    extra = {"perplexity": "top1_agreement", "similarity": "fidelity_other"}.get(r["task"])
+    cols = [metric] + [c for c in (agree, extra) if c and c != metric]
     headers = ["point", "rank", "ratio", "emb bytes", *cols, "rel. error", "seconds"]
     rows = []
     for p in r["reference"]:

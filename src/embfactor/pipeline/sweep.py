@@ -545,10 +545,12 @@ def plot_sweep(result: dict[str, Any]) -> bytes:
         orig = result["reference"][0].get(key) if result["reference"] else None
         if orig is not None:  # the original's level, to read the loss of every point against
             ax.axhline(orig, color="black", linewidth=0.8, linestyle=":", alpha=0.6)
+        others = iter(zip("^v<>PXh", ("tab:red", "tab:purple", "tab:pink", "tab:olive", "tab:cyan", "tab:blue",
+                                       "tab:green")))
         for ref in result["reference"]:
+            mk, color, size = markers.get(ref["label"]) or (*next(others, ("^", "tab:red")), 8)
             if ref.get(key) is None:
                 continue
-            mk, color, size = markers.get(ref["label"], ("^", "tab:red", 8))
             ax.plot([ref["embedding_bytes"]], [ref[key]], mk, color=color, markersize=size, label=ref["label"],
                     linestyle="none")
         ax.set_xscale("log")

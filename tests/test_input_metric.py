@@ -90,7 +90,7 @@ def test_metric_moves_error_into_directions_it_ignores():
         assert hidden[1] > hidden[0]  # the error went where the metric does not look
 
 
-def test_compress_reports_its_metric_and_option_plain_turns_it_off(tiny_bert_dir, tmp_path):
+def test_compress_reports_its_metric_and_option_plain_turns_it_off(tiny_bert_dir, tmp_path, capsys):
     import json
 
     from embfactor.cli.main import main
@@ -101,11 +101,16 @@ def test_compress_reports_its_metric_and_option_plain_turns_it_off(tiny_bert_dir
     out, rep = tmp_path / "m", tmp_path / "m.json"
     assert main(["compress", str(tiny_bert_dir), "--size", "5x", "--text", str(text), "-o", str(out), "--json",
                  str(rep), "-q"]) == 0
-    assert json.loads(rep.read_text())["metric"] == "input"
+    report = json.loads(rep.read_text())
+    assert report["metric"] == "input" and report["counts"] == "tokens"
+    # a few words reach a small share of the rows: the report and the printed summary say so, and what to do
+    reach = report["calibration"]
+    assert reach["rows_reached"] < 0.25 * reach["rows"] and "--text" in reach["note"]
+    assert f"note: {reach['note']}" in capsys.readouterr().out
     lm = _bert_lm(tiny_bert_dir)
-    assert _table_metric(lm, {"metric": "plain"}, ["a cat sat"], None) == (None, "plain")
-    M, name = _table_metric(lm, {}, ["the cat sat on the mat. a good movie."], None)
-    assert name == "input" and M.shape == (32, 32)
+    assert _table_metric(lm, {"metric": "plain"}, ["a cat sat"], None) == (None, "plain", None)
+    M, name, predicted = _table_metric(lm, {}, ["the cat sat on the mat. a good movie."], None)
+    assert name == "input" and M.shape == (32, 32) and predicted is None
     bad = ["compress", str(tiny_bert_dir), "--size", "5x", "-o", str(tmp_path / "bad"), "--method-option"]
     assert main([*bad, "metric=fisher", "-q"]) == 2
     assert main([*bad, "metric=head", "-q"]) == 2  # an encoder has no tied head

@@ -92,6 +92,8 @@ def render(r: dict[str, Any]) -> str:
         what = f"{rest['linear']} Linears + {rest['dtype']}" if rest.get("linear") else rest["dtype"]
         rows.append([f"other weights ({what})", "-", mb(rest["bytes"])])
     parts = [*summary(r), "", head, table(rows, ["", "before", "after"])]
+    if (r.get("calibration") or {}).get("note"):
+        tail += f"\nnote: {r['calibration']['note']}"
     if r.get("path") == "table-only":
         tail += f"\ntable-only path ({r['path_reason']}): {r['check_note']}"
     if plan:

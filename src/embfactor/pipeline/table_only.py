@@ -423,7 +423,9 @@ def compress_table_only(
     from embfactor.data.frequency import token_counts
     from embfactor.decomposition import budget_bytes
     from embfactor.models import kind_of
-    from embfactor.plan import AUTO, _formats_from_options, apply_plan_, calibration_split, plan_table
+    from embfactor.plan import (
+        AUTO, _formats_from_options, apply_plan_, calibration_reach, calibration_split, plan_table,
+    )
 
     t0 = time.perf_counter()
     src = open_table(Path(folder))
@@ -451,6 +453,7 @@ def compress_table_only(
     write_output(src, output)
     stages["save"] = time.perf_counter() - t
     report.update(kind=kind_of(src.model), path="table-only", path_reason=reason, check="proxy",
+                  calibration=calibration_reach(counts),
                   check_note="table-only: the plan was chosen by the proxy (row errors weighted by token counts); "
                   "no model was loaded to score plans on or to verify the written folder against",
                   stage_seconds={k: round(v, 2) for k, v in stages.items()}, seconds=time.perf_counter() - t0)

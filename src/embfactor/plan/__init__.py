@@ -40,7 +40,9 @@ from embfactor.plan.apply import (
     table_relative_error,
     wants_plan,
 )
-from embfactor.plan.calibration import CHECK_EVERY, _train_text, calibration_passages, calibration_split, spread
+from embfactor.plan.calibration import (
+    CHECK_EVERY, _train_text, calibration_passages, calibration_reach, calibration_split, spread,
+)
 from embfactor.plan.model import ModelScorer, plan_model, plan_table
 from embfactor.plan.search import (
     ALPHAS,
@@ -69,7 +71,8 @@ from embfactor.plan.search import (
 __all__ = [
     "ALPHAS", "AUTO", "CHECK_EVERY", "CHECK_PLANS", "MASS_CUTS", "MAX_TIERS", "PROXY_KMEANS", "FormatChoice",
     "ModelScorer", "Plan", "PlanReport", "Tier", "_fill_last_cut", "_formats_from_options", "_read_rows", "_train_text",
-    "apply_plan_", "asdict", "assemble", "build_plan", "calibration_passages", "calibration_split", "candidate_plans",
+    "apply_plan_", "asdict", "assemble", "build_plan", "calibration_passages", "calibration_reach", "calibration_split",
+    "candidate_plans",
     "default_formats", "describe_checks", "describe_plan", "fit_rows", "mass_boundaries", "plan_compress_",
     "plan_model", "plan_table", "row_errors", "search_plans", "spread", "table_relative_error", "tier_map_bytes", "token_order",
     "wants_plan", "weights_for",

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from embfactor.errors import ConfigError
-from embfactor.plan.calibration import calibration_split, spread
+from embfactor.plan.calibration import calibration_reach, calibration_split, spread
 from embfactor.plan.model import ModelScorer, plan_model
 from embfactor.plan.search import CHECK_PLANS, FormatChoice, Plan, default_formats
 
@@ -148,6 +148,7 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     stages = {"check_reference": time.perf_counter() - t0}
     t = time.perf_counter()
     counts = token_counts(lm.tokenizer, count_texts, vocab_size=vocab)
+    reach = calibration_reach(counts)
     stages["counting"] = time.perf_counter() - t
     t = time.perf_counter()
     metric, metric_name, predicted = _table_metric(lm, config.method_options, count_texts, progress)
@@ -163,7 +164,7 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     report = apply_plan_(lm.model, module, plan, config, seconds=time.perf_counter() - t0)
     stages["error"] = time.perf_counter() - t
     report.update(path="full", check="model" if check > 0 else "proxy", metric=metric_name,
-                  counts="tokens" if predicted is None else "tokens+predicted",
+                  counts="tokens" if predicted is None else "tokens+predicted", calibration=reach,
                   stage_seconds={k: round(v, 2) for k, v in stages.items()})
     return PlanReport(report)
 

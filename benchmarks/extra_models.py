@@ -277,7 +277,8 @@ def split_zip_entry(name: str):
     return run
 
 
-ENTRIES = {"e5": e5, "e5-calibration": e5_calibration, "e5-multilingual": e5_multilingual, "mpnet": split_zip_entry("mpnet")}
+ENTRIES = {"e5": e5, "e5-calibration": e5_calibration, "e5-multilingual": e5_multilingual,
+           "mpnet": split_zip_entry("mpnet")}
 
 
 def main(argv: list[str] | None = None) -> int:

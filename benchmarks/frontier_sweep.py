@@ -52,7 +52,8 @@ def markdown(result: dict[str, Any], command: str, plot_name: str) -> str:
         "", "Regenerate (table, JSON and plot at once):", "", f"    {command}", "",
         "`auto` = the byte-budget planner (`compress --size`), `int` = dense int-k at the largest setting that fits, "
         "`pq` = one PQ table; `gguf-*` = llama.cpp's block types by the gguf package's quantizers, `torchao-*` = "
-        "torchao's embedding quantization as it stores it; `dense ...` rows are the int-k reference curve. No healing.",
+        "torchao's embedding quantization as it stores it; `dense ...` rows are the int-k reference curve. "
+        "No healing.",
         "", "```", render(result), "```", "", f"Plot: `{plot_name}`.",
     ])
 

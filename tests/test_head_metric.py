@@ -108,6 +108,7 @@ def test_predicted_counts_are_the_models_next_token_probabilities(tiny_llama_tie
     text = "the cat sat on the mat and the dog sat on the log " * 8
     H, predicted = head_statistics(lm, text, tokens=96, window=32)
     torch.testing.assert_close(H, head_second_moment(lm, text, tokens=96, window=32))
+    assert head_statistics(lm, text, tokens=96, window=32, predicted=False)[1] is None
     ids = torch.tensor(CharTokenizer(120)(text)["input_ids"][:96]).view(3, 32)
     with torch.no_grad():
         p = torch.softmax(tiny_llama_tied(input_ids=ids).logits.double(), -1).reshape(-1, 120).sum(0)

@@ -51,14 +51,15 @@ def head_second_moment(lm, texts: str | Sequence[str], *, tokens: int = HEAD_TOK
         >>> H.shape                                                                       # doctest: +SKIP
         torch.Size([576, 576])
     """
-    return head_statistics(lm, texts, tokens=tokens, window=window)[0]
+    return head_statistics(lm, texts, tokens=tokens, window=window, predicted=False)[0]
 
 
 @torch.inference_mode()
-def head_statistics(lm, texts: str | Sequence[str], *, tokens: int = HEAD_TOKENS,
-                    window: int = HEAD_WINDOW) -> tuple[torch.Tensor, torch.Tensor]:
+def head_statistics(lm, texts: str | Sequence[str], *, tokens: int = HEAD_TOKENS, window: int = HEAD_WINDOW,
+                    predicted: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(H, predicted): :func:`head_second_moment`'s H, and each token's predicted count Σₜ p(token | prefix ≤ t)
-    over the same positions (float64, one entry per output logit), from one forward pass per window.
+    over the same positions (float64, one entry per output logit; None with ``predicted=False``), from one forward
+    pass per window.
 
     The predicted count is what a tied row's head error is weighted by in the KL (the second-order term of
     row i is ½ Σₜ pₜ,ᵢ (hₜᵀ(Eᵢ − Êᵢ))²): unlike a count of the text's tokens it is non-zero for every token the model
@@ -79,15 +80,16 @@ def head_statistics(lm, texts: str | Sequence[str], *, tokens: int = HEAD_TOKENS
     nwin = max(1, ids.numel() // window)
     batch = ids[: nwin * window].view(nwin, -1) if ids.numel() >= window else ids[None]
     acc: list[torch.Tensor] = []
-    predicted: list[torch.Tensor] = []
+    sums: list[torch.Tensor] = []
     count = [0]
 
     def hook(_module, inputs, output) -> None:
         h = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
         acc.append(h.T @ h)
         count[0] += h.shape[0]
-        logits = output.reshape(-1, output.shape[-1])
-        predicted.append(sum(torch.softmax(logits[a:a + 64].double(), -1).sum(0) for a in range(0, logits.shape[0], 64)))
+        if predicted:  # 64 positions at a time: a vocabulary-sized float64 softmax per position
+            logits = output.reshape(-1, output.shape[-1])
+            sums.append(sum(torch.softmax(logits[a:a + 64].double(), -1).sum(0) for a in range(0, len(logits), 64)))
 
     handle = head.register_forward_hook(hook)
     try:
@@ -95,7 +97,7 @@ def head_statistics(lm, texts: str | Sequence[str], *, tokens: int = HEAD_TOKENS
             lm.model(input_ids=row[None])
     finally:
         handle.remove()
-    return torch.stack(acc).sum(0) / max(count[0], 1), torch.stack(predicted).sum(0)
+    return torch.stack(acc).sum(0) / max(count[0], 1), torch.stack(sums).sum(0) if sums else None
 
 
 # --- the input side: the Fisher of the input embedding vectors ---------------------------------------------------

@@ -111,7 +111,12 @@ def test_compress_reports_its_metric_and_option_plain_turns_it_off(tiny_bert_dir
     assert _table_metric(lm, {"metric": "plain"}, ["a cat sat"], None) == (None, "plain", None)
     M, name, predicted = _table_metric(lm, {}, ["the cat sat on the mat. a good movie."], None)
     assert name == "input" and M.shape == (32, 32) and predicted is None
+    # ridge: the blend toward plain squared error of the same trace (F + ridge·tr(F)/d·I)
+    F = _table_metric(lm, {"ridge": 0.0}, ["the cat sat on the mat. a good movie."], None)[0]
+    F1 = _table_metric(lm, {"ridge": 1.0}, ["the cat sat on the mat. a good movie."], None)[0]
+    torch.testing.assert_close(F1 - F, float(F.diagonal().mean()) * torch.eye(32, dtype=F.dtype))
     bad = ["compress", str(tiny_bert_dir), "--size", "5x", "-o", str(tmp_path / "bad"), "--method-option"]
     assert main([*bad, "metric=fisher", "-q"]) == 2
+    assert main([*bad, "ridge=-1", "-q"]) == 2 and main([*bad, "ridge=true", "-q"]) == 2
     assert main([*bad, "metric=head", "-q"]) == 2  # an encoder has no tied head
     assert not (tmp_path / "bad").exists()

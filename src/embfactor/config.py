@@ -69,14 +69,19 @@ class FactorizationConfig:
             # energy/max_error with options that fix the size are refused where a table is compressed (before the
             # load in pipeline.compress), not here: folders saved with them by earlier versions must still load
             validate_target(self.rank, self.ratio, self.energy, self.max_error, self.size)
-        if self.method == "auto":
-            # the byte-budget planner (embfactor.plan): tiers of formats chosen on the model, for a size target
+        if self.method == "auto" or (self.method is None and self.size is not None):
+            # the byte-budget planner (embfactor.plan): tiers of formats chosen on the model, for a size target (a
+            # size with no method is the planner too: its options are checked here, before any model loads)
             if self.size is None:
                 raise ConfigError("method 'auto' plans for a byte target: give size ('16x' or '2.5MB'), not a rank")
-            unknown = sorted(set(self.method_options) - {"formats", "head_metric", "metric", "predicted_counts"})
+            unknown = sorted(set(self.method_options) - {"formats", "head_metric", "metric", "predicted_counts", "ridge"})
             if unknown:
                 raise ConfigError(f"unknown option(s) {', '.join(unknown)} for method 'auto'; its options: formats, "
-                                  "metric, head_metric, predicted_counts")
+                                  "metric, head_metric, predicted_counts, ridge")
+            ridge = self.method_options.get("ridge", 0.3)
+            if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
+                raise ConfigError(f"ridge (the input metric's blend toward plain error, F + ridge·tr(F)/d·I) must be a "
+                                  f"number >= 0, got {ridge!r}")
             if self.method_options.get("metric", "auto") not in PLAN_METRICS:
                 raise ConfigError(f"metric must be one of {', '.join(PLAN_METRICS)}, got "
                                   f"{self.method_options['metric']!r}")

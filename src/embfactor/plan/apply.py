@@ -207,7 +207,8 @@ def _table_metric(lm, options: dict[str, Any], texts: Sequence[str], progress: C
         F = input_fisher(lm, list(texts))
         # F from a few thousand positions of one domain, blended toward plain squared error of the same trace: MiniLM
         # (fixed 16x / 32x tiers) 0.9904 / 0.9430 with F alone, 0.9905 / 0.9488 with this (frontier_notes.md)
-        M = F + INPUT_RIDGE * float(F.diagonal().sum()) / F.shape[0] * torch.eye(F.shape[0], dtype=F.dtype)
+        ridge = opts.get("ridge", INPUT_RIDGE)
+        M = F + ridge * float(F.diagonal().sum()) / F.shape[0] * torch.eye(F.shape[0], dtype=F.dtype)
     if "head" in kind:
         if progress:
             progress("measuring the tied head's inputs (its metric)")

@@ -16,6 +16,10 @@ REST_CHOICES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
 # the metric the planner (method "auto") measures a table's error in: "input" (the Fisher of the input embedding
 # vectors), "head" (a tied head's H), both, "plain" squared error, or "auto" (input, plus head for a tied decoder)
 PLAN_METRICS = ("auto", "plain", "input", "head", "input+head")
+# the planner's options (``--method-option`` of method "auto", or of a size with no method)
+PLAN_OPTIONS = ("formats", "metric", "head_metric", "predicted_counts", "ridge")
+# the input metric's default blend toward plain squared error of the same trace: F + 0.3·tr(F)/d·I
+INPUT_RIDGE = 0.3
 
 
 @dataclass
@@ -74,11 +78,11 @@ class FactorizationConfig:
             # size with no method is the planner too: its options are checked here, before any model loads)
             if self.size is None:
                 raise ConfigError("method 'auto' plans for a byte target: give size ('16x' or '2.5MB'), not a rank")
-            unknown = sorted(set(self.method_options) - {"formats", "head_metric", "metric", "predicted_counts", "ridge"})
+            unknown = sorted(set(self.method_options) - set(PLAN_OPTIONS))
             if unknown:
-                raise ConfigError(f"unknown option(s) {', '.join(unknown)} for method 'auto'; its options: formats, "
-                                  "metric, head_metric, predicted_counts, ridge")
-            ridge = self.method_options.get("ridge", 0.3)
+                raise ConfigError(f"unknown option(s) {', '.join(unknown)} for method 'auto'; its options: "
+                                  f"{', '.join(PLAN_OPTIONS)}")
+            ridge = self.method_options.get("ridge", INPUT_RIDGE)
             if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
                 raise ConfigError(f"ridge (the input metric's blend toward plain error, F + ridge·tr(F)/d·I) must be a "
                                   f"number >= 0, got {ridge!r}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from embfactor.config import INPUT_RIDGE
 from embfactor.errors import ConfigError
 from embfactor.plan.calibration import calibration_reach, calibration_split, spread
 from embfactor.plan.model import ModelScorer, plan_model
@@ -167,9 +168,6 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
                   counts="tokens" if predicted is None else "tokens+predicted", calibration=reach,
                   stage_seconds={k: round(v, 2) for k, v in stages.items()})
     return PlanReport(report)
-
-
-INPUT_RIDGE = 0.3  # F + 0.3·tr(F)/d·I: the input metric the planner uses
 
 
 def with_predicted(counts: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:

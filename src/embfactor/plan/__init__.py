@@ -29,13 +29,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from embfactor.surgery.card import describe_plan  # the card shows the same rows
 from embfactor.plan.apply import (
     AUTO,
     PlanReport,
     _formats_from_options,
     apply_plan_,
     describe_checks,
-    describe_plan,
     plan_compress_,
     table_relative_error,
     wants_plan,

@@ -17,15 +17,6 @@ from embfactor.plan.model import ModelScorer, plan_model
 from embfactor.plan.search import CHECK_PLANS, FormatChoice, Plan, default_formats
 
 
-def describe_plan(record: dict[str, Any]) -> list[list[Any]]:
-    """Rows (tier, format, rows, token mass, bytes) of a recorded plan, for ``inspect`` and the compress report."""
-    rows = []
-    for i, t in enumerate(record.get("tiers", [])):
-        rows.append([i, t.get("label", t.get("format")), f"{t['rows']:,}", f"{100 * t.get('token_mass', 0):.1f}%",
-                     f"{t['bytes']:,}"])
-    return rows
-
-
 def describe_checks(record: dict[str, Any]) -> list[list[Any]]:
     """Rows (plan, alpha, bytes, proxy error, score) of the candidates a recorded plan's check scored."""
     return [[c["label"], c["alpha"], f"{c['bytes']:,}", f"{c['proxy_error']:.4g}",

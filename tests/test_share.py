@@ -190,3 +190,20 @@ def test_compress_and_heal_write_a_model_card_that_keeps_the_source_card(tiny_be
     assert f"fidelity **{healed_fidelity:.4f}**" in again.text
     assert again.text.count("ORIGINAL CARD BODY") == 1 and again.text.count("# Tiny BERT") == 1  # not nested
     assert again.data.to_dict()["license"] == "apache-2.0"
+
+
+def test_upgrade_rewrites_an_earlier_folder_with_guards_loader_and_card(tmp_path, tiny_bert_dir, capsys):
+    from safetensors import safe_open
+
+    from embfactor.cli.main import main
+
+    old = Path(__file__).parent / "fixtures" / "v1" / "factorized"  # written by embfactor 0.1.0: no guards
+    with safe_open(str(old / "model.safetensors"), "pt") as fh:
+        assert GUARD_NOTE not in fh.keys()
+    assert main(["upgrade", str(old), "-o", str(tmp_path / "new")]) == 0
+    with safe_open(str(tmp_path / "new" / "model.safetensors"), "pt") as fh:
+        assert GUARD_NOTE in fh.keys()
+    assert {REMOTE_FILE, "README.md", "embfactor.json"} <= {p.name for p in (tmp_path / "new").iterdir()}
+    # not an embfactor output: exit 2 before anything is loaded, nothing written
+    assert main(["upgrade", str(tiny_bert_dir), "-o", str(tmp_path / "x")]) == 2
+    assert "embfactor.json is missing" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -246,7 +246,7 @@ def test_folder_from_previous_version_loads_and_upgrades(tmp_path, name):
     embfactor.load; upgrade_folder rewrites them so that from_pretrained loads them with the same outputs."""
     from transformers import AutoModel
 
-    from embfactor.hf.upgrade import upgrade_folder
+    from embfactor.pipeline.upgrade import upgrade_folder
 
     old = Path(__file__).parent / "fixtures" / "v1" / name
     assert "quantization_config" not in json.loads((old / "config.json").read_text())

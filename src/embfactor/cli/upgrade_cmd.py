@@ -22,7 +22,7 @@ def upgrade(folder: str | Path, output: str | Path) -> dict[str, Any]:
         >>> upgrade("old/minilm-8x", "out/minilm-8x")["output"]   # doctest: +SKIP
         'out/minilm-8x'
     """
-    from embfactor.hf.upgrade import upgrade_folder
+    from embfactor.pipeline.upgrade import upgrade_folder
     from embfactor.surgery.io import read_record
 
     read_record(folder)  # an embfactor output, complete, of a version this embfactor reads: checked before any load

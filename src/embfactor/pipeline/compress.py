@@ -155,7 +155,7 @@ def compress(
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
         table_only: True: the table-only path (:mod:`.table_only`: the planner's proxy, the other tensors copied);
             None: taken when the float32 model would not fit in memory; False: always load the model.
-        verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
+        verify: held-out samples the written folder is scored on against the original (:mod:`embfactor.verify`; None/True:
             64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
         rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
             precision; bf16 for GGUF), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` (the other nn.Linears' weights).
@@ -266,7 +266,7 @@ def _save(lm: Any, output: Any, verifier: Any, stages: Any) -> tuple[Path, float
 def _verifier(lm: Any, verify: int | bool | None, stages: Any, config: FactorizationConfig,
               texts: list[str] | None) -> Any:
     """The check of the written model; with the planner, also on the text its check scores plans on."""
-    from embfactor.pipeline.verify import Verifier
+    from embfactor.verify import Verifier
     from embfactor.plan import calibration_split, wants_plan
 
     check_texts = None

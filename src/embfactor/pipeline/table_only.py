@@ -429,7 +429,7 @@ def compress_table_only(
     from embfactor.decomposition import budget_bytes
     from embfactor.models import kind_of
     from embfactor.plan import (
-        AUTO, _formats_from_options, apply_plan_, calibration_reach, calibration_split, plan_table,
+        AUTO, formats_from_options, apply_plan_, calibration_reach, calibration_split, plan_table,
     )
 
     t0 = time.perf_counter()
@@ -446,7 +446,7 @@ def compress_table_only(
     stages["counting"] = time.perf_counter() - t
     plan, module, plan_stages = plan_table(E, budget_bytes(config.size, vocab, d), counts, check=0,
                                            padding_idx=src.site.embedding.padding_idx, seed=config.seed,
-                                           progress=progress, formats=_formats_from_options(config.method_options, d))
+                                           progress=progress, formats=formats_from_options(config.method_options, d))
     stages.update(plan_stages)
     t = time.perf_counter()
     report = apply_plan_(src.model, module, plan, dataclasses.replace(config, method=AUTO),

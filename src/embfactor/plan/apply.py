@@ -148,7 +148,7 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     if predicted is not None:
         counts = with_predicted(counts, predicted)
     plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress, scorer=scorer,
-                              formats=_formats_from_options(config.method_options, d),
+                              formats=formats_from_options(config.method_options, d),
                               hessian=metric)
     stages.update(plan.seconds)
     config = dataclasses.replace(config, method=AUTO)
@@ -208,7 +208,7 @@ def _table_metric(lm, options: dict[str, Any], texts: Sequence[str], progress: C
     return M, kind, predicted
 
 
-def _formats_from_options(options: dict[str, Any], d: int) -> list[FormatChoice] | None:
+def formats_from_options(options: dict[str, Any], d: int) -> list[FormatChoice] | None:
     # method_options of "auto": {"formats": ["int8 g32", "pq sub4 K256", ...]} restricts the candidates (labels)
     wanted = options.get("formats") if options else None
     if not wanted:

@@ -18,8 +18,8 @@ from embfactor.formats import get_format
 from embfactor.surgery.factorize import as_module
 from embfactor.surgery.replace import apply_structure_
 from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, without_absent_pooler
-from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
-from embfactor.surgery.rest import dtype_name, rest_dtype, stored_rest
+from embfactor.surgery.meta import CompressionMeta, get_meta, set_meta
+from embfactor.surgery.rest import dtype_name, model_dtype, rest_dtype, stored_rest
 from embfactor.surgery.card import write_card
 from embfactor.surgery.share import guard_tensors, write_loader
 
@@ -52,7 +52,7 @@ def save_compressed(
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model that every
             ``embfactor`` command accepts; default: the tokenizer of a ``load_model`` result.
         verify: called with the complete temporary folder before it is renamed into place (a
-            :class:`embfactor.pipeline.verify.Verifier`); if it raises, nothing is written.
+            :class:`embfactor.verify.Verifier`); if it raises, nothing is written.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
         files: more files (name -> contents) written into the same temporary folder, so they appear in the one
@@ -251,7 +251,7 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
     """Rebuild the model from embfactor.json alone and load_state_dict (strict), as embfactor 0.1.0 did.
 
     Kept for folders written before config.json carried a ``quantization_config``: ``load_state_dict`` lets a
-    format map its older tensor names (the block format's ``U.<b>`` keys). ``embfactor.hf.upgrade.upgrade_folder``
+    format map its older tensor names (the block format's ``U.<b>`` keys). ``embfactor.pipeline.upgrade.upgrade_folder``
     rewrites such a folder so that transformers' ``from_pretrained`` loads it too.
     """
     from safetensors import SafetensorError, safe_open

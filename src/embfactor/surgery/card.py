@@ -116,7 +116,7 @@ def render_card(record: dict[str, Any], *, folder_bytes: int, sentence_transform
         "| | before | after |", "|---|---:|---:|",
         f"| embedding table | {_mb(report.get('embedding_bytes_before'))} | {_mb(report.get('embedding_bytes_after'))}"
         + (f" ({ratio:.2f}× fewer bytes than fp32)" if isinstance(ratio, (int, float)) else "") + " |",
-        f"| whole model on disk | {_mb(report.get('bytes_before'))} | {_mb(folder_bytes)} |", "",
+        f"| model weights on disk | {_mb(report.get('bytes_before'))} | {_mb(folder_bytes)} |", "",
     ]
     plan = describe_plan(report.get("plan") or {})
     if plan:
@@ -153,8 +153,8 @@ def _how_to_load(record: dict[str, Any], sentence_transformers: bool) -> list[st
 
 
 def write_card(folder: Path, record: dict[str, Any], *, source: Path | None) -> None:
-    """Write ``folder/README.md`` for ``record`` (the folder's own files counted as the bytes after)."""
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != CARD_FILE)
+    """Write ``folder/README.md`` for ``record`` (its weight files counted as the bytes after, as compress reports)."""
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     card = render_card(record, folder_bytes=size, sentence_transformers=(folder / "modules.json").is_file(),
                        source=source)
     (folder / CARD_FILE).write_text(str(card), encoding="utf-8")

@@ -94,6 +94,11 @@ def render(r: dict[str, Any]) -> str:
     parts = [*summary(r), "", head, table(rows, ["", "before", "after"])]
     if (r.get("calibration") or {}).get("note"):
         tail += f"\nnote: {r['calibration']['note']}"
+    source = r.get("calibration_source") or {}
+    if source.get("calibration") == "self":
+        reach, how = source["rows_reached"], "cached" if source["self_cached"] else f"drawn in {source['self_seconds']} s"
+        tail += (f"\ncalibration: the given text + {source['self_tokens']:,} tokens the model wrote ({how}); rows "
+                 f"reached: given {reach['given']:,}, self {reach['self']:,}, both {reach['both']:,}")
     if r.get("path") == "table-only":
         tail += f"\ntable-only path ({r['path_reason']}): {r['check_note']}"
     if plan:
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     r = compress(
         args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text,
         table_only=True if args.table_only else None,
-        verify=args.verify, rest=args.rest,
+        verify=args.verify, rest=args.rest, calibration=args.calibration,
     ).to_dict()
     return emit(r, render, args.json)
 
@@ -145,6 +150,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--text", nargs="+", metavar="FILE",
         help="text files to count token frequencies on for data-aware methods (wsvd, block); "
         "default: the bundled Wikipedia extract",
+    )
+    p.add_argument(
+        "--calibration", choices=["bundled", "self"], default="bundled",
+        help="the planner's calibration text: bundled (default: --text, or the bundled Wikipedia extract) or self "
+        "(a decoder's own samples added to it, drawn once per model and cached)",
     )
     p.add_argument(
         "--quantize", choices=["int8", "int4"],

@@ -37,6 +37,7 @@ class CompressReport:
     verified: dict[str, Any] | None = None
     size_choice: dict[str, Any] | None = None
     rest: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None  # which calibration text (--calibration), and the samples drawn
 
     def model_bytes(self) -> dict[str, Any]:
         """The whole model's bytes on disk, input -> output (the report's first lines), and whether it grew."""
@@ -57,6 +58,8 @@ class CompressReport:
         )
         if self.stages:
             d["stage_seconds"] = {**self.stages, **d.get("stage_seconds", {})}
+        if self.calibration is not None:
+            d["calibration_source"] = self.calibration
         if self.quantization is not None:
             d["quantization"] = self.quantization
         if self.size_choice is not None:
@@ -140,6 +143,7 @@ def compress(
     table_only: bool | None = None,
     verify: int | bool | None = None,
     rest: str = "auto",
+    calibration: str = "bundled",
     **target: Any,
 ) -> CompressReport:
     """Load ``model`` (a name, a path or a LoadedModel), factorize it, optionally quantize, and save to ``output``.
@@ -159,6 +163,8 @@ def compress(
             64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
         rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
             precision; bf16 for GGUF), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` (the other nn.Linears' weights).
+        calibration: ``bundled`` (the text as given: ``text_files`` or the bundled extract) or ``self`` (a
+            decoder's own samples added to it, :mod:`embfactor.plan.selfcal`; cached per model).
 
     Example:
         >>> import embfactor as ef
@@ -172,16 +178,21 @@ def compress(
     from embfactor.fileio import check_output_dir
     from embfactor.models import LoadedModel, load_model, source_path
     from embfactor.plan import wants_plan
+    from embfactor.plan.selfcal import calibration_texts, check_calibration
     from embfactor.surgery import quantize_
     from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
     config, bits = _checked_settings(config, target, quantize, rest)
+    check_calibration(calibration)
     loaded = isinstance(model, LoadedModel)
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
     if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits, rest=rest)):
+        if calibration != "bundled":
+            raise ConfigError(f"--calibration {calibration} needs the model loaded; the table-only path ({reason}) "
+                              "reads only its table: use --calibration bundled")
         return _compress_table_only(model, config, output, texts, reason, progress, t0)
     checking = output is not None and verify is not False and verify != 0
     stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
@@ -191,6 +202,7 @@ def compress(
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
     _refuse_before_work(lm, texts, verifying=checking)
+    texts, calibration_record = calibration_texts(lm, calibration, texts)  # --calibration self: the model's samples
     stages.update()
     verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
     rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages, getattr(verifier, "check", None))
@@ -208,6 +220,7 @@ def compress(
         bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
         seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
         size_choice=choice, stages={k: round(v, 2) for k, v in seconds.items()}, rest=stored,
+        calibration=calibration_record,
     )
 
 

@@ -26,7 +26,7 @@ from tests.test_hf_loading import CASES, IDS, _bert, _compress
 
 ROOT = Path(__file__).resolve().parents[1]
 # formats the shipped file does not decode: trust_remote_code refuses them with the install hint
-NOT_SHIPPED = {"block", "tt"}
+NOT_SHIPPED = {"tt"}
 
 
 def _decoded(folder: Path) -> torch.Tensor:

@@ -8,7 +8,7 @@ the dense model's memory. With embfactor installed, ``import embfactor`` keeps t
 
 This module must not import embfactor (it runs where embfactor is not installed); it imports only torch,
 safetensors and transformers. Its decoders mirror the storage formats of ``embfactor.formats`` (tests compare them
-for every format). A format it does not know (``block``, ``tt``) is refused with an error that says what to install:
+for every format). A format it does not know (``tt``) is refused with an error that says what to install:
 never a model with a table other than the stored one.
 """
 
@@ -148,7 +148,13 @@ def _tiered(t: _Tensors, rows: int, d: int, cfg: dict[str, Any]) -> torch.Tensor
     return table[position]
 
 
-_DECODERS = {"intk": _intk, "codebook": _codebook, "factorized": _factorized, "quantized": _quantized,
+def _block(t: _Tensors, rows: int, d: int, cfg: dict[str, Any]) -> torch.Tensor:
+    """Per-frequency-bucket low rank: tiers of U·V over a token permutation (a ``tiered`` table of ``factorized``)."""
+    tiers = [{"format": "factorized", "rows": n, "config": {"rank": r}} for n, r in zip(cfg["sizes"], cfg["ranks"])]
+    return _tiered(t, rows, d, {"tiers": tiers})
+
+
+_DECODERS = {"block": _block, "intk": _intk, "codebook": _codebook, "factorized": _factorized, "quantized": _quantized,
              "zeros": _zeros, "tiered": _tiered}
 
 
@@ -163,7 +169,8 @@ def decode_format(t: _Tensors, fmt: str, rows: int, d: int, cfg: dict[str, Any],
     out = _DECODERS[fmt](t, rows, d, cfg)
     if tuple(out.shape) != (rows, d):
         raise EmbfactorRemoteError(f"{t.prefix}: decoded {tuple(out.shape)}, expected ({rows}, {d})")
-    if padding_idx is not None and (cfg.get("zero_padding_row") or (fmt == "tiered" and cfg.get("zero_padding", True))):
+    tiered = fmt in ("tiered", "block")
+    if padding_idx is not None and (cfg.get("zero_padding_row") or (tiered and cfg.get("zero_padding", True))):
         out[padding_idx] = 0.0
     return out
 

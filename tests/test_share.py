@@ -207,3 +207,19 @@ def test_upgrade_rewrites_an_earlier_folder_with_guards_loader_and_card(tmp_path
     # not an embfactor output: exit 2 before anything is loaded, nothing written
     assert main(["upgrade", str(tiny_bert_dir), "-o", str(tmp_path / "x")]) == 2
     assert "embfactor.json is missing" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_save_pretrained_right_after_factorize_keeps_the_guards(tmp_path):
+    """A model compressed in this process (never loaded through from_pretrained) gets the quantizer a loaded one
+    has, so transformers' own save_pretrained writes the guard tensors too."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = _llama(True)
+    ef.factorize_(model, method="int", bits=4, group=16)
+    model.save_pretrained(tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as fh:
+        assert GUARD_NOTE in fh.keys() and tuple(fh.get_slice("model.embed_tokens.weight").get_shape()) == (0,)
+    with torch.inference_mode():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "a")(IDS).logits
+        assert torch.allclose(again, model(IDS).logits, atol=1e-6)

@@ -33,4 +33,20 @@ def attach_quantization_config(model: nn.Module) -> Any:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == qconfig.quant_method:
         quantizer.quantization_config = qconfig
+    elif quantizer is None:
+        _attach_quantizer(model, qconfig)
     return qconfig
+
+
+def _attach_quantizer(model: nn.Module, qconfig: Any) -> None:
+    """Give a model compressed in this process the quantizer a loaded one has, so that transformers'
+    ``save_pretrained`` stores the guard tensors too (:mod:`embfactor.surgery.share`): a folder it writes then
+    fails loudly without embfactor instead of loading a random table. The class comes from transformers' registry,
+    where ``embfactor.hf`` put it (surgery does not import hf)."""
+    try:
+        from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    except ImportError:
+        return
+    cls = AUTO_QUANTIZER_MAPPING.get(qconfig.quant_method)
+    if cls is not None and hasattr(model, "save_pretrained"):
+        model.hf_quantizer = cls(qconfig, pre_quantized=True)

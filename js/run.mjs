@@ -16,7 +16,9 @@ env.allowRemoteModels = false;
 env.allowLocalModels = true;
 env.localModelPath = path.dirname(folder) + path.sep;
 env.useFSCache = false;
-const options = { dtype: request.dtype ?? 'fp32', device: 'cpu' };
+// no dtype unless asked: the folder's config.json (transformers.js_config, written by `embfactor export`) picks it
+const options = { device: 'cpu' };
+if (request.dtype) options.dtype = request.dtype;
 if (request.model_file_name) options.model_file_name = request.model_file_name;
 
 const started = performance.now();

@@ -44,7 +44,8 @@ async function load() {
   const config = await (await fetch(`/models/${MODEL}/config.json`)).json();
   const causal = (config.architectures ?? []).some((a) => a.endsWith('ForCausalLM'));
   const task = causal ? 'text-generation' : 'feature-extraction';
-  const pipe = await pipeline(task, MODEL, { dtype: 'fp32', device: 'wasm' });
+  // no dtype: the folder's config.json (transformers.js_config, written by `embfactor export`) names the file
+  const pipe = await pipeline(task, MODEL, { device: 'wasm' });
   return { task, pipe, model_type: config.model_type };
 }
 

@@ -26,8 +26,12 @@ const pipe = await pipeline(request.task, path.basename(folder), options);
 const loaded = performance.now();
 const result = { task: request.task, load_ms: loaded - started };
 if (request.task === 'feature-extraction') {
-  const out = await pipe(request.texts, { pooling: 'mean', normalize: true });
-  result.embeddings = out.tolist();
+  result.embeddings = [];
+  const batch = request.batch ?? 16;  // one padded batch of hundreds of passages would hold GBs of activations
+  for (let i = 0; i < request.texts.length; i += batch) {
+    const out = await pipe(request.texts.slice(i, i + batch), { pooling: 'mean', normalize: true });
+    result.embeddings.push(...out.tolist());
+  }
   result.input_ids = request.texts.map((t) => Array.from(pipe.tokenizer(t).input_ids.data, Number));
 } else if (request.task === 'text-generation') {
   result.sequences = [];

@@ -51,10 +51,14 @@ async function load() {
 
 const loading = load();
 
-async function embed(texts) {
+async function embed(texts, batch = 16) {
   const { pipe } = await loading;
-  const out = await pipe(texts, { pooling: 'mean', normalize: true });
-  return { embeddings: out.tolist(), input_ids: texts.map((t) => Array.from(pipe.tokenizer(t).input_ids.data, Number)) };
+  const embeddings = [];
+  for (let i = 0; i < texts.length; i += batch) {  // batches: one padded batch of hundreds of texts is GBs in wasm
+    const out = await pipe(texts.slice(i, i + batch), { pooling: 'mean', normalize: true });
+    embeddings.push(...out.tolist());
+  }
+  return { embeddings, input_ids: texts.map((t) => Array.from(pipe.tokenizer(t).input_ids.data, Number)) };
 }
 
 async function generate(texts, newTokens) {

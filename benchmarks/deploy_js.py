@@ -155,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=str(RESULTS_DIR / "deploy_js"), help="results prefix (.md, .json)")
     args = p.parse_args(argv)
 
+    from transformers import AutoTokenizer
+
     from embfactor.cli.main import main as cli
     from embfactor.data import lee_documents
     from embfactor.eval.similarity import wiki_passages
-    from transformers import AutoTokenizer
 
     cases, tmp = [], None
     if args.quick:

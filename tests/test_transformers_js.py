@@ -93,7 +93,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _check_embeddings(result: dict, encoder, name: str = "model") -> None:
-    folder, torch_vecs, ort, ids = encoder
+    _, torch_vecs, ort, ids = encoder
     got = np.array(result["embeddings"])
     mask = ids != 0
     # the same tokens: transformers.js's tokenizer reads the folder's tokenizer.json
@@ -180,3 +180,34 @@ def test_browser_text_generation_gives_pytorch_greedy_tokens(decoder):
     assert result["sequences"] == want
     assert result["remote_requests"] == []
     assert result["ready"]["task"] == "text-generation"
+
+
+# ---- the real model: all-MiniLM-L6-v2 (int4 g32 table + int8 rest: what --size 8x --rest int8 stores, without the
+# planner's minutes; benchmarks/deploy_js.py measures the --size 8x folder itself) ----
+
+@pytest.mark.slow
+def test_minilm_int8_rest_runs_the_same_in_onnx_runtime_node_and_chromium(tmp_path):
+    need(browser=True)
+    from benchmarks.onnx_export import onnx_embeddings
+
+    from embfactor.cli.main import main
+    from embfactor.eval.embed import sentence_embeddings
+
+    out = tmp_path / "minilm"
+    assert main(["compress", "minilm", "--size", "7x", "--method", "int", "--method-option", "bits=4",
+                 "--method-option", "group=32", "--rest", "int8", "--no-verify", "--output", str(out), "-q"]) == 0
+    export_onnx(out)
+    assert (out / "onnx" / "model.onnx").stat().st_size <= 19e6  # 90 MB as fp32 ONNX
+    texts = ["A man is playing a guitar.", "Someone plays an instrument on stage.",
+             "The embedding table is the largest tensor of a small encoder, so it is compressed first."]
+    ref = ef.load_model("minilm")
+    with torch.no_grad():
+        want = sentence_embeddings(ref.model, ref.tokenizer, texts).double().numpy()
+    ort = onnx_embeddings(session(out / "onnx" / "model.onnx"), ref.tokenizer, texts)
+    node = np.array(run_node(out, "feature-extraction", texts)["embeddings"])
+    page = run_browser(out, "feature-extraction", texts)
+    for got in (node, np.array(page["embeddings"])):
+        assert np.abs(got - ort).max() <= 1e-4
+        assert np.abs(_cos(got, want) - _cos(ort, want)).max() <= 1e-4
+    assert _cos(ort, want).min() >= 0.99  # int4 g32 + int8 Linears stay close to the original model
+    assert page["bytes"]["model"]["/models/model/onnx/model.onnx"] == (out / "onnx" / "model.onnx").stat().st_size

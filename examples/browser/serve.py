@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # a checkout without `pip install -e .`
 
-from embfactor.export.serve import main  # noqa: E402
+from embfactor.export.serve import main
 
 if __name__ == "__main__":
     main()

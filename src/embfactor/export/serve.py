@@ -13,10 +13,10 @@ page fetches nothing from a CDN or a model hub. :func:`embfactor.export.transfor
 from __future__ import annotations
 
 import argparse
-import functools
 import http.server
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 REPO = Path(__file__).resolve().parents[3]
 HERE = REPO / "examples" / "browser"
@@ -26,7 +26,7 @@ TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "applicat
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    roots: dict[str, Path] = {}
+    roots: ClassVar[dict[str, Path]] = {}  # set per server by make_server's subclass
 
     def translate_path(self, path: str) -> str:
         path = path.split("?", 1)[0].split("#", 1)[0]
@@ -64,7 +64,7 @@ def make_server(folder: str | Path, *, port: int = 0, node_modules: str | Path =
                          f"{node_modules.parent}")
     roots = {"/": Path(page), "/models/model/": folder, "/node_modules/": node_modules}
     handler = type("Handler", (_Handler,), {"roots": roots})
-    return http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(handler))
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
 
 
 def start(folder: str | Path, **kw: object) -> tuple[http.server.ThreadingHTTPServer, str]:

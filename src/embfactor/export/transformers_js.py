@@ -68,7 +68,7 @@ def _node(script: str, request: dict[str, Any], timeout: float) -> dict[str, Any
     if why:
         raise JsRuntimeError(f"cannot run transformers.js: missing {why}")
     res = subprocess.run(["node", str(js_dir() / script), json.dumps(request)], capture_output=True, text=True,
-                         timeout=timeout, cwd=js_dir())
+                         timeout=timeout, cwd=js_dir(), check=False)
     if res.returncode != 0:
         raise JsRuntimeError(f"node {script} failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

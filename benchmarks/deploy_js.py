@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    command = "python benchmarks/deploy_js.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/deploy_js.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     md = render(results, environment(), command)
     paths = write_result_files(args.output, {"quick": args.quick, "results": [
         {"case": n, **m, "row": encoder_row(n, m)} for n, m in results]}, md)

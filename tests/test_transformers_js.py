@@ -134,6 +134,22 @@ def test_browser_feature_extraction_matches_onnx_runtime_and_pytorch(encoder, tm
     assert (tmp_path / "page.png").stat().st_size > 0
 
 
+def test_a_missing_piece_is_named_with_its_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBFACTOR_JS_DIR", str(tmp_path / "js"))
+    assert "npm ci --ignore-scripts" in missing() and "@huggingface/transformers" in missing()
+    assert "playwright-core" in missing(browser=True)
+    monkeypatch.delenv("EMBFACTOR_JS_DIR")
+    monkeypatch.setenv("EMBFACTOR_CHROMIUM", str(tmp_path / "chromium"))
+    if missing() is None:  # Node packages here: only the browser is missing
+        assert "apt-get install -y chromium" in missing(browser=True)
+    monkeypatch.delenv("EMBFACTOR_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="transformers.js tests need"):
+        need(browser=True)
+    monkeypatch.setenv("EMBFACTOR_REQUIRE_BROWSER", "1")  # CI: a missing piece fails instead of skipping
+    with pytest.raises(pytest.fail.Exception, match="EMBFACTOR_REQUIRE_BROWSER=1 but transformers.js cannot run"):
+        need(browser=True)
+
+
 def test_the_page_refuses_a_folder_without_export(tmp_path, tokenizer):
     from embfactor.export.serve import make_server
 

@@ -1,5 +1,6 @@
 // Open examples/browser's page in headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core), run the
-// served model in it, and print the result as JSON (what tests/test_transformers_js.py compares with PyTorch).
+// served model in it (through window.embfactor, then through the page's own fields and button: `shown`), and print
+// the result as JSON (what tests/test_transformers_js.py compares with PyTorch).
 //
 //   node js/browser.mjs '{"url": "http://127.0.0.1:8000/", "task": "feature-extraction", "texts": ["a", "b"]}'
 //   node js/browser.mjs '{"url": "...", "task": "text-generation", "texts": ["Hi"], "max_new_tokens": 16}'
@@ -29,6 +30,19 @@ try {
     ? await page.evaluate(([t, n]) => window.embfactor.generate(t, n), [request.texts, request.max_new_tokens ?? 16])
     : await page.evaluate((t) => window.embfactor.embed(t), request.texts);
   result.run_ms = Date.now() - started;
+  // the page as a user works it: the first texts in its fields, its button, the text it shows
+  if (request.task === 'text-generation') {
+    await page.fill('#prompt', request.texts[0]);
+    await page.fill('#new-tokens', String(request.max_new_tokens ?? 16));
+    await page.click('#generate');
+    await page.waitForFunction(() => !['', '…'].includes(document.getElementById('result').textContent));
+  } else {
+    await page.fill('#a', request.texts[0]);
+    await page.fill('#b', request.texts[1] ?? request.texts[0]);
+    await page.click('#compare');
+    await page.waitForFunction(() => document.getElementById('result').textContent.startsWith('cosine'));
+  }
+  result.shown = await page.textContent('#result');
   result.ready = ready;
   result.bytes = await page.evaluate(() => window.embfactor.bytes());
   result.browser = browser.version();

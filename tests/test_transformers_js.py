@@ -132,6 +132,8 @@ def test_browser_feature_extraction_matches_onnx_runtime_and_pytorch(encoder, tm
     assert result["bytes"]["model"]["/models/model/onnx/model.onnx"] == onnx_bytes  # the page reports what it fetched
     assert not [m for m in result["console"] if m.startswith(("error", "pageerror"))]
     assert (tmp_path / "page.png").stat().st_size > 0
+    a, b = np.array(result["embeddings"][:2])
+    assert result["shown"] == f"cosine similarity: {a @ b:.4f}"  # the page's button shows the same vectors' cosine
 
 
 def test_a_missing_piece_is_named_with_its_install_command(tmp_path, monkeypatch):
@@ -203,6 +205,7 @@ def test_browser_text_generation_gives_pytorch_greedy_tokens(decoder):
     assert result["sequences"] == want
     assert result["remote_requests"] == []
     assert result["ready"]["task"] == "text-generation"
+    assert result["shown"].strip()  # the page's Generate button printed the decoded text
 
 
 # ---- the real model: all-MiniLM-L6-v2 (int4 g32 table + int8 rest: what --size 8x --rest int8 stores, without the

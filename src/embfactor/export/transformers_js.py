@@ -37,10 +37,12 @@ def js_dir() -> Path:
 
 
 def chromium_path() -> str:
+    """The browser playwright-core drives: ``EMBFACTOR_CHROMIUM`` or Debian's ``/usr/bin/chromium``."""
     return os.environ.get("EMBFACTOR_CHROMIUM") or CHROMIUM
 
 
 def page_dir() -> Path:
+    """The checkout's ``examples/browser`` (index.html, app.js): the page :func:`run_browser` opens."""
     return REPO / "examples" / "browser"
 
 

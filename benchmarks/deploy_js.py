@@ -16,7 +16,8 @@ transformers.js truncates at the tokenizer's 512, sentence-transformers at 256).
 Run: ``python benchmarks/deploy_js.py --case minilm-8x-int8=minilm:out/minilm-8x-int8`` (NAME=REFERENCE:FOLDER;
 ``--compress`` makes ``out/minilm-8x-int8`` first: about 6 minutes); ``--quick``: MiniLM int4 g32 + int8 rest in a
 temporary folder, 20 texts. The functions :func:`measure_encoder` and :func:`encoder_row` are what
-``benchmarks/deploy.py`` (issue 29's table) folds in.
+``benchmarks/deploy.py`` (issue 29's table) folds in; :func:`decoder_js_columns` adds transformers.js Node and
+Chromium to its decoder rows (greedy tokens equal to PyTorch's, tokens/s).
 """
 
 from __future__ import annotations
@@ -102,6 +103,42 @@ def measure_encoder(reference: str, folder: str | Path, texts: list[str], *, bro
     return {"reference": reference, "folder": str(folder), "texts": len(texts), "original_onnx_bytes": original_bytes,
             "onnx_bytes": onnx_bytes, "safetensors_bytes": (folder / "model.safetensors").stat().st_size,
             "runtimes": runtimes}
+
+
+def decoder_js_columns(folder: str | Path, prompt_ids: list[int], want: list[int], *,
+                       browser: bool = True) -> dict[str, Any]:
+    """transformers.js columns for benchmarks/deploy.py's decoder row of ``folder`` (exported with a KV cache).
+
+    ``prompt_ids`` is the prompt as PyTorch ``generate`` got it and ``want`` its greedy output (prompt included);
+    transformers.js generates ``len(want) - len(prompt_ids)`` tokens greedily (EOS suppressed, like
+    ``min_new_tokens``) from the same ids in Node and in the page in Chromium. Returns ``greedy = PyTorch (...)``,
+    ``tokens/s (...)`` (prefill included; indicative) and the page's downloaded MB, or ``missing (...)`` where a runtime
+    cannot run here.
+
+    Example:
+        >>> row.update(decoder_js_columns(folder, prompt, want))   # doctest: +SKIP
+    """
+    from embfactor.export.transformers_js import missing, run_browser, run_node
+
+    new = len(want) - len(prompt_ids)
+    cols: dict[str, Any] = {}
+    runners = {"transformers.js Node": (run_node, False)}
+    if browser:
+        runners["Chromium"] = (run_browser, True)
+    for name, (run, needs_browser) in runners.items():
+        why = missing(browser=needs_browser)
+        if why:
+            if os.environ.get("EMBFACTOR_REQUIRE_BROWSER") == "1":
+                raise SystemExit(f"EMBFACTOR_REQUIRE_BROWSER=1 but {name} cannot run: missing {why}")
+            cols[f"missing ({name})"] = why
+            continue
+        r = run(folder, "text-generation", input_ids=[list(prompt_ids)], max_new_tokens=new, timeout=1200)
+        cols[f"greedy = PyTorch ({name})"] = r["sequences"][0] == list(want)
+        cols[f"tokens/s ({name})"] = new / (r["run_ms"] / 1e3)
+        if r.get("bytes"):
+            cols["Chromium downloaded MB (folder + runtime)"] = (f"{r['bytes']['model_total'] / 1e6:.2f} + "
+                                                                f"{r['bytes']['runtime_total'] / 1e6:.2f}")
+    return cols
 
 
 def encoder_row(name: str, m: dict[str, Any]) -> dict[str, Any]:

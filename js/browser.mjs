@@ -4,6 +4,7 @@
 //
 //   node js/browser.mjs '{"url": "http://127.0.0.1:8000/", "task": "feature-extraction", "texts": ["a", "b"]}'
 //   node js/browser.mjs '{"url": "...", "task": "text-generation", "texts": ["Hi"], "max_new_tokens": 16}'
+//   (or "input_ids": [[1, 2, 3]] instead of texts, as js/run.mjs)
 //   optional: "screenshot": "page.png", "executable": "/usr/bin/chromium", "timeout_ms": 120000
 import { chromium } from 'playwright-core';
 
@@ -27,12 +28,13 @@ try {
   const ready = await page.evaluate(() => window.embfactor.ready);
   const started = Date.now();
   const result = request.task === 'text-generation'
-    ? await page.evaluate(([t, n]) => window.embfactor.generate(t, n), [request.texts, request.max_new_tokens ?? 16])
+    ? await page.evaluate(([t, n]) => window.embfactor.generate(t, n),
+      [request.input_ids ?? request.texts, request.max_new_tokens ?? 16])
     : await page.evaluate((t) => window.embfactor.embed(t), request.texts);
   result.run_ms = Date.now() - started;
   // the page as a user works it: the first texts in its fields, its button, the text it shows
   if (request.task === 'text-generation') {
-    await page.fill('#prompt', request.texts[0]);
+    await page.fill('#prompt', request.texts?.[0] ?? 'Once upon a time');
     await page.fill('#new-tokens', String(request.max_new_tokens ?? 16));
     await page.click('#generate');
     await page.waitForFunction(() => !['', '…'].includes(document.getElementById('result').textContent));

@@ -196,12 +196,17 @@ def test_node_text_generation_gives_pytorch_greedy_tokens(decoder):
     need()
     folder, want = decoder
     assert run_node(folder, "text-generation", PROMPTS, max_new_tokens=NEW_TOKENS)["sequences"] == want
+    # prompts as token ids (what benchmarks give: the caller's tokenization) take the same path
+    prompt_ids = [w[:-NEW_TOKENS] for w in want]
+    assert run_node(folder, "text-generation", input_ids=prompt_ids, max_new_tokens=NEW_TOKENS)["sequences"] == want
 
 
 def test_browser_text_generation_gives_pytorch_greedy_tokens(decoder):
     need(browser=True)
     folder, want = decoder
-    result = run_browser(folder, "text-generation", PROMPTS, max_new_tokens=NEW_TOKENS)
+    # the page's API gets token ids, its Generate button the first text
+    result = run_browser(folder, "text-generation", PROMPTS, input_ids=[w[:-NEW_TOKENS] for w in want],
+                         max_new_tokens=NEW_TOKENS)
     assert result["sequences"] == want
     assert result["remote_requests"] == []
     assert result["ready"]["task"] == "text-generation"

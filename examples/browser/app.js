@@ -4,9 +4,9 @@
 // window.embfactor is what tests drive (tests/test_transformers_js.py through js/browser.mjs):
 //   await embfactor.ready                      -> {task, model}
 //   await embfactor.embed(["a", "b"])           -> {embeddings, input_ids}   (mean pooling + L2 normalization)
-//   await embfactor.generate(["Hi"], 16)        -> {sequences}               (token ids, prompt included)
+//   await embfactor.generate(["Hi"], 16)        -> {sequences}   (token ids, prompt included; prompts may be id arrays)
 //   embfactor.bytes()                           -> {model: {file: bytes}, runtime: {file: bytes}, total}
-import { env, pipeline } from '/node_modules/@huggingface/transformers/dist/transformers.js';
+import { env, pipeline, Tensor } from '/node_modules/@huggingface/transformers/dist/transformers.js';
 
 const MODEL = 'model';  // served at /models/model/ by serve.py
 env.allowRemoteModels = false;
@@ -61,11 +61,18 @@ async function embed(texts, batch = 16) {
   return { embeddings, input_ids: texts.map((t) => Array.from(pipe.tokenizer(t).input_ids.data, Number)) };
 }
 
-async function generate(texts, newTokens) {
+function idsToInputs(ids) {
+  const dims = [1, ids.length];
+  return { input_ids: new Tensor('int64', BigInt64Array.from(ids, BigInt), dims),
+    attention_mask: new Tensor('int64', new BigInt64Array(ids.length).fill(1n), dims) };
+}
+
+// prompts: texts, or arrays of token ids (the caller's tokenization, e.g. without special tokens)
+async function generate(prompts, newTokens) {
   const { pipe } = await loading;
   const sequences = [];
-  for (const text of texts) {
-    const enc = pipe.tokenizer(text);
+  for (const prompt of prompts) {
+    const enc = typeof prompt === 'string' ? pipe.tokenizer(prompt) : idsToInputs(prompt);
     const out = await pipe.model.generate({ ...enc, max_new_tokens: newTokens, min_new_tokens: newTokens,
       do_sample: false });
     sequences.push(Array.from(out.data, Number));

@@ -76,26 +76,31 @@ def _node(script: str, request: dict[str, Any], timeout: float) -> dict[str, Any
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_node(folder: str | Path, task: str, texts: list[str], *, max_new_tokens: int = 16,
-             model_file_name: str | None = None, timeout: float = 300) -> dict[str, Any]:
+def run_node(folder: str | Path, task: str, texts: list[str] | None = None, *, input_ids: list[list[int]] | None = None,
+             max_new_tokens: int = 16, model_file_name: str | None = None, timeout: float = 300) -> dict[str, Any]:
     """transformers.js in Node on ``folder``: ``{"embeddings", "input_ids"}`` or ``{"sequences"}``, and timings.
 
     Args:
         folder: an exported folder (``embfactor export FOLDER --onnx``).
         task: ``feature-extraction`` (mean pooling + normalization) or ``text-generation`` (greedy token ids,
             exactly ``max_new_tokens`` new ones: EOS is suppressed like ``generate(min_new_tokens=...)``).
+        input_ids: for ``text-generation``, prompts as token ids instead of ``texts`` (the caller's tokenization,
+            e.g. without special tokens, exactly what PyTorch ``generate`` was given).
         model_file_name: another file of ``onnx/`` without ``.onnx`` (e.g. ``model_qint8``).
 
     Example:
         >>> run_node("out/minilm-8x", "feature-extraction", ["a cat", "a dog"])["embeddings"][0][:2]   # doctest: +SKIP
     """
     request = {"folder": str(Path(folder).resolve()), "task": task, "texts": texts, "max_new_tokens": max_new_tokens}
+    if input_ids is not None:
+        request["input_ids"] = input_ids
     if model_file_name:
         request["model_file_name"] = model_file_name
     return _node("run.mjs", request, timeout)
 
 
-def run_browser(folder: str | Path, task: str, texts: list[str], *, max_new_tokens: int = 16,
+def run_browser(folder: str | Path, task: str, texts: list[str] | None = None, *,
+                input_ids: list[list[int]] | None = None, max_new_tokens: int = 16,
                 screenshot: str | Path | None = None, timeout: float = 300) -> dict[str, Any]:
     """The page of examples/browser in headless Chromium, serving ``folder`` on loopback: the same results as
     :func:`run_node`, plus ``bytes`` (what the page downloaded: model folder and runtime), ``remote_requests``
@@ -106,6 +111,8 @@ def run_browser(folder: str | Path, task: str, texts: list[str], *, max_new_toke
     try:
         request = {"url": url, "task": task, "texts": texts, "max_new_tokens": max_new_tokens,
                    "executable": chromium_path(), "timeout_ms": int(timeout * 1000)}
+        if input_ids is not None:
+            request["input_ids"] = input_ids
         if screenshot:
             request["screenshot"] = str(Path(screenshot).resolve())
         return _node("browser.mjs", request, timeout + 30)

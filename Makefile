@@ -7,7 +7,7 @@ STAMP := $(VENV)/.embfactor-installed
 DEMO_OUT ?= out/minilm-8x
 QUICK_OUT ?= out/bench-quick
 
-.PHONY: setup js-setup demo browser-demo test bench bench-quick lint lint-errors clean
+.PHONY: setup js-setup demo browser-demo test docs bench bench-quick lint lint-errors clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,6 +48,13 @@ demo: $(STAMP)
 test: $(STAMP) js-setup
 	$(PY) -m pytest -q
 
+# The documentation site (docs/, mkdocs.yml) in strict mode: a broken link or a missing API reference fails.
+# The frontier plots are copied from benchmarks/results/, where the benchmarks write them.
+docs: $(STAMP)
+	mkdir -p docs/img
+	cp benchmarks/results/*.png docs/img/
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.decompose
 	$(PY) -m benchmarks.runtime
@@ -85,4 +92,4 @@ lint-errors: $(STAMP)
 	$(VENV)/bin/ruff check --select F,E9 src tests benchmarks
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out site docs/img

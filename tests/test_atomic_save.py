@@ -42,15 +42,15 @@ CHILD = textwrap.dedent(
 
     if hook == "weights":
         import safetensors.torch as st
-        real = st.save_model
+        real = st.save_file  # what embfactor's save_state writes model.safetensors with
 
-        def slow_save_model(model, filename, metadata=None, **kw):
-            real(model, filename, metadata=metadata, **kw)
+        def slow_save_file(tensors, filename, metadata=None, **kw):
+            real(tensors, filename, metadata=metadata, **kw)
             data = Path(filename).read_bytes()
             Path(filename).write_bytes(data[: len(data) // 2])  # half a file, as a kill mid-write leaves it
             stall(filename)
 
-        st.save_model = slow_save_model
+        st.save_file = slow_save_file
     else:
         from transformers import PreTrainedTokenizerBase
         real_tok = PreTrainedTokenizerBase.save_pretrained

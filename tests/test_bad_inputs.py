@@ -691,3 +691,35 @@ def test_immutable_output_is_refused_before_loading(work, immutable, capsys, no_
     err = capsys.readouterr().err
     assert err.startswith("embfactor compress: error: ") and re.search(message, err), err
     assert list(immutable.iterdir()) == [] and not [p for p in work.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.fixture
+def word_level_bert(tmp_path):
+    """A BERT whose word-level tokenizer has no unknown token: any word outside its 120 raises while encoding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = tmp_path / "wl"
+    BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, pad_token_id=0)).save_pretrained(folder)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "the", "of", "and", "in", *(f"w{i}" for i in range(115))])}
+    tok = Tokenizer(models.WordLevel(vocab))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]").save_pretrained(folder)
+    (tmp_path / "ok.txt").write_text("the of and in w1 w2 w3\n\nw5 w6 the of w7 w8\n")
+    return folder
+
+
+@pytest.mark.parametrize("extra, remedy", [([], "give --text"), (["--text", "ok.txt"], "pass --no-verify")],
+                         ids=["calibration", "verification"])
+def test_a_tokenizer_that_cannot_encode_the_text_is_exit_2_before_any_work(word_level_bert, tmp_path, capsys,
+                                                                            extra, remedy):
+    extra = [str(tmp_path / e) if e.endswith(".txt") else e for e in extra]
+    out = tmp_path / "out"
+    assert main(["compress", str(word_level_bert), "--size", "4x", "-o", str(out), "-q", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Missing [UNK] token" in err and remedy in err and "Traceback" not in err
+    assert not out.exists()
+    # the remedies work: encodable text and no verification write the model
+    assert main(["compress", str(word_level_bert), "--size", "4x", "-o", str(out), "-q", "--no-verify",
+                 "--text", str(tmp_path / "ok.txt")]) == 0

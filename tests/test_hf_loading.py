@@ -246,12 +246,19 @@ def test_folder_from_previous_version_loads_and_upgrades(tmp_path, name):
     embfactor.load; upgrade_folder rewrites them so that from_pretrained loads them with the same outputs."""
     from transformers import AutoModel
 
-    from embfactor.hf.upgrade import upgrade_folder
+    from embfactor.pipeline.upgrade import upgrade_folder
 
     old = Path(__file__).parent / "fixtures" / "v1" / name
     assert "quantization_config" not in json.loads((old / "config.json").read_text())
     expected = torch.load(old / "expected.pt")
     upgrade_folder(old, tmp_path / "new")
+    from safetensors import safe_open
+
+    from embfactor.surgery.share import GUARD_NOTE, REMOTE_FILE
+
+    with safe_open(str(tmp_path / "new" / "model.safetensors"), "pt") as fh:  # now safe to share (tests/test_share.py)
+        assert GUARD_NOTE in fh.keys()
+    assert (tmp_path / "new" / REMOTE_FILE).is_file() and (tmp_path / "new" / "README.md").is_file()
     arch = json.loads((old / "embfactor.json").read_text())["architecture"]
     cls = AutoModel if not arch.endswith("ForCausalLM") else __import__("transformers").AutoModelForCausalLM
     model = cls.from_pretrained(tmp_path / "new")

@@ -1,9 +1,11 @@
-"""Every fenced ``python`` and ``bash`` block of README.md runs as written, so the README cannot rot.
+"""Every fenced ``python`` and ``bash`` block of README.md and of the documentation (docs/*.md) runs as written, so
+neither can rot.
 
-Blocks are found anew on every run: a block added to the README is run by this file without changes here.
+Blocks are found anew on every run: a block added to the README or a page is run by this file without changes here.
 
-How a block runs (working directory: a temporary folder linking the checkout's top-level entries, so relative outputs
-such as ``out/minilm-r6`` land there and ``benchmarks/...`` or ``make`` find the checkout; PATH starts with this
+How a block runs (working directory: a temporary folder linking the checkout's top-level entries and one ``out/``
+shared by the run's blocks, so relative outputs such as ``out/minilm-r6`` land there, a later block reuses them, and
+``benchmarks/...`` or ``make`` find the checkout; PATH starts with this
 venv's ``bin``; PYTHONPATH starts with this checkout's ``src``):
 
 - ``python``: the block in a fresh interpreter; it must exit 0.
@@ -39,6 +41,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+README_MAX_LINES = 200  # the product page; the manual is the documentation site
 VENV = Path(sys.prefix)
 OPT_OUT = "# not run by tests/test_readme.py:"
 SYNOPSIS = "# synopsis"
@@ -50,15 +54,28 @@ class Block:
     lang: str
     line: int  # 1-based line of the opening fence
     text: str
+    doc: str = "README.md"  # the file, relative to the checkout
 
     @property
     def id(self) -> str:
-        return f"{self.lang}-line{self.line}"
+        prefix = "" if self.doc == "README.md" else Path(self.doc).stem + "-"
+        return f"{prefix}{self.lang}-line{self.line}"
+
+
+def documents() -> list[Path]:
+    """README.md and the documentation's pages."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
 
 
 def readme_blocks(text: str | None = None) -> list[Block]:
-    """Every fenced block of the README: (language, line of its fence, content)."""
-    lines = (README.read_text() if text is None else text).splitlines()
+    """Every fenced block of the README and the pages (or of ``text``): (language, line of its fence, content)."""
+    if text is None:
+        return [b for doc in documents() for b in _blocks(doc.read_text(), str(doc.relative_to(ROOT)))]
+    return _blocks(text, "README.md")
+
+
+def _blocks(text: str, doc: str) -> list[Block]:
+    lines = text.splitlines()
     blocks, i = [], 0
     while i < len(lines):
         m = re.match(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)", lines[i])
@@ -69,7 +86,7 @@ def readme_blocks(text: str | None = None) -> list[Block]:
         j = i + 1
         while j < len(lines) and not lines[j].strip().startswith(fence):
             j += 1
-        blocks.append(Block(m.group(3).lower(), start + 1, "\n".join(lines[start + 1:j]) + "\n"))
+        blocks.append(Block(m.group(3).lower(), start + 1, "\n".join(lines[start + 1:j]) + "\n", doc))
         i = j + 1
     return blocks
 
@@ -108,11 +125,19 @@ def _params(lang: str) -> list:
     ]
 
 
+@pytest.fixture(scope="session")
+def shared_out(tmp_path_factory) -> Path:
+    """One ``out/`` for every block of the run: a folder a block writes (``out/minilm-8x``) is reused by the blocks
+    after it that read it, instead of each compressing the model again (blocks run in file order)."""
+    return tmp_path_factory.mktemp("out")
+
+
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path, shared_out: Path) -> Path:
     for entry in ROOT.iterdir():
         if entry.name not in (".git", ".venv", "out") and not entry.name.startswith(".pytest"):
             (tmp_path / entry.name).symlink_to(entry)
+    (tmp_path / "out").symlink_to(shared_out)
     return tmp_path
 
 
@@ -304,3 +329,13 @@ def test_readme_first_screen_is_the_demo() -> None:
     assert re.match(r"written model, reloaded with \w+\.from_pretrained: fidelity 0\.99\d\d to the original", table[2])
     last = "\n".join(README.read_text().splitlines()[:60])
     assert "tiers" in last and "rank 63" not in first, "low rank belongs to its own section, not the first screen"
+
+
+def test_readme_is_the_product_page_and_links_the_documentation() -> None:
+    """The README stays short (the manual lives in docs/), and every relative link in it names a file that exists."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES, f"README.md is over {README_MAX_LINES} lines: move it to docs/"
+    links = re.findall(r"\]\((?!https?:|#)([^)#\s]+)", text)
+    assert links and all((ROOT / link).exists() for link in links), [k for k in links if not (ROOT / k).exists()]
+    pages = {p.name for p in DOCS.glob("*.md")}
+    assert {"getting-started.md", "loading.md", "deploy.md", "api.md"} <= pages

@@ -15,7 +15,9 @@ from embfactor.layers.intk_linear import REST_SETTINGS, IntKLinear
 from embfactor.models import load_model
 from embfactor.pipeline import compress
 from embfactor.surgery import count_params, factorize_, load_compressed, save_compressed
+from embfactor.surgery.meta import get_meta
 from embfactor.surgery.rest import rest_tensors, source_dtype, store_rest_
+from embfactor.surgery.share import guard_keys
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 64, 3, 110]])
 
@@ -26,9 +28,10 @@ def stored_dtypes(folder: Path) -> dict[str, str]:
 
 
 def table_keys(model: nn.Module) -> set[str]:
+    """The stored names of the table: its format's tensors and the zero-size guards under its dense names."""
     emb = model.get_input_embeddings()
     prefix = next(n for n, m in model.named_modules() if m is emb)
-    return {f"{prefix}.{k}" for k in emb.state_dict()}
+    return {f"{prefix}.{k}" for k in emb.state_dict()} | set(guard_keys(get_meta(model)))
 
 
 @pytest.fixture

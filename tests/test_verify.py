@@ -133,7 +133,7 @@ def test_decoder_figures_computed_a_few_positions_at_a_time_equal_the_whole_batc
 
     import torch
 
-    from embfactor.pipeline.verify import Verifier
+    from embfactor.verify import Verifier
     from tests.test_heal import word_tokenizer
 
     folder = tmp_path / "gpt2"

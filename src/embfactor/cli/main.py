@@ -15,7 +15,7 @@ from embfactor import __version__
 from embfactor.errors import EmbfactorError
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func=run``.
-COMMANDS = ("inspect", "compress", "evaluate", "sweep", "heal", "export", "serve", "train")
+COMMANDS = ("inspect", "compress", "evaluate", "sweep", "heal", "export", "upgrade", "serve", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

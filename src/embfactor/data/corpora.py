@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,21 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[str]]:
     if len(set(labels)) < 2:
         raise InvalidInputError(f"{p}: needs at least two different labels, found {sorted(set(labels))}")
     return texts, labels
+
+
+def spread(items: Sequence[str], n: int) -> list[str]:
+    """At most ``n`` items taken evenly across ``items`` (calibration text from the whole corpus, not its start)."""
+    return list(items[:: max(1, len(items) // n)])[:n]
+
+
+def calibration_passages(n: int = 64, sentences: int = 3, articles: Sequence[str] | None = None) -> list[str]:
+    """Passages of up to ``sentences`` sentences from the first line of ``n`` articles spread over ``articles``
+    (default: the *training* part of the bundled Wikipedia extract; the held-out part stays for evaluation)."""
+    split = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+    out: list[str] = []
+    arts = list(articles) if articles is not None else wiki_split("train")
+    for article in spread(arts, n) if len(arts) > n else arts:
+        sents = [s.strip() for s in split.split(article.strip().splitlines()[0]) if s.strip()]
+        if sents:
+            out.append(" ".join(sents[:sentences]))
+    return out

@@ -18,7 +18,7 @@ import numpy as np
 from embfactor.errors import ConfigError, InvalidInputError
 from embfactor.eval.embed import pooled_embeddings
 from embfactor.eval.similarity import check_texts
-from embfactor.eval.tasks import register_task
+from embfactor.eval.registry import register_task
 
 FOLDS = 5
 SEED = 0

@@ -214,7 +214,7 @@ def _encoder_fisher(lm, texts, state, add, *, passages: int, probes: int, gen: t
                     batch_size: int) -> None:
     from embfactor.eval.embed import encoder_of, usable_positions
     from embfactor.eval.similarity import MAX_LENGTH
-    from embfactor.plan.calibration import calibration_passages
+    from embfactor.data.corpora import calibration_passages
 
     arts = [texts] if isinstance(texts, str) else list(texts)
     items = calibration_passages(passages, articles=arts)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from embfactor.errors import ConfigError, InvalidInputError
-from embfactor.eval.tasks import input_embedding, register_task
+from embfactor.eval.registry import input_embedding, register_task
 
 K = 10
 QUERIES = 2048

@@ -22,7 +22,7 @@ import torch
 
 from embfactor.errors import InvalidInputError
 from embfactor.eval.embed import pooled_embeddings
-from embfactor.eval.tasks import register_task
+from embfactor.eval.registry import register_task
 
 FIDELITY_PASSAGES = 200
 PASSAGE_SENTENCES = 3

@@ -7,43 +7,13 @@ reference share one vocabulary before any work is done.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from embfactor.errors import ConfigError, InvalidInputError, InvalidTypeError, UnknownMethodError, a_or_an
+from embfactor.eval.registry import _TASKS, TaskInfo, input_embedding, register_task
 
-
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    fn: Callable[..., dict[str, Any]]
-    kinds: tuple[str, ...]  # model kinds ("encoder", "decoder") the task applies to
-    description: str
-    metric: str  # the headline quality number (higher is better unless lower_is_better)
-    lower_is_better: bool = False
-
-
-_TASKS: dict[str, TaskInfo] = {}
-
-
-def register_task(
-    name: str, *, kinds: tuple[str, ...], description: str, metric: str, lower_is_better: bool = False
-) -> Callable:
-    """Register an evaluation task ``fn(lm, *, reference=None, progress=False, **opts) -> dict`` under ``name``.
-
-    Example:
-        >>> @register_task("mine", kinds=("encoder",), description="...", metric="score")   # doctest: +SKIP
-        ... def mine(lm, *, reference=None, progress=False): ...
-    """
-
-    def wrap(fn: Callable) -> Callable:
-        if name in _TASKS and _TASKS[name].fn is not fn:
-            raise ValueError(f"an evaluation task named {name!r} is already registered")
-        _TASKS[name] = TaskInfo(name, fn, tuple(kinds), description, metric, lower_is_better)
-        return fn
-
-    return wrap
+__all__ = ["TaskInfo", "available_tasks", "check_same_vocabulary", "evaluate", "get_task", "input_embedding",
+           "register_task", "task_infos"]
 
 
 def _ensure_builtin_tasks() -> None:
@@ -72,15 +42,6 @@ def available_tasks() -> list[str]:
 def task_infos() -> list[TaskInfo]:
     _ensure_builtin_tasks()
     return [_TASKS[n] for n in sorted(_TASKS)]
-
-
-def input_embedding(model):
-    """The model's input embedding module (any registered layer type or nn.Embedding)."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if emb is None:
-        raise InvalidInputError(f"{type(model).__name__} has no get_input_embeddings(); cannot evaluate its embedding")
-    return emb
 
 
 def check_same_vocabulary(lm, reference) -> None:

@@ -10,6 +10,7 @@ goes through this one path: nothing here knows a format beyond its registered na
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 from embfactor.errors import CorruptFileError
 from embfactor.surgery.qconfig import EmbfactorConfig, format_class
 from embfactor.surgery.rest import build_rest_structure_
+from embfactor.surgery.share import guard_keys, guard_tensors
 
 
 def build_structure_(model: nn.Module, qconfig: EmbfactorConfig, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -100,6 +102,10 @@ class EmbfactorHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         qc = self.quantization_config
+        # the zero-size guard tensors under the table's dense names (embfactor.surgery.share) are not model tensors
+        model._keys_to_ignore_on_load_unexpected = {
+            *(model._keys_to_ignore_on_load_unexpected or ()), *(rf"^{re.escape(k)}$" for k in guard_keys(qc))
+        }
         new = build_structure_(model, qc, dtype=kwargs.get("dtype"))
         build_rest_structure_(model, qc.rest, dtype=kwargs.get("dtype"))
         new.awaiting_weights = True  # until _process_model_after_weight_loading: see RowFormat.weight
@@ -134,6 +140,13 @@ class EmbfactorHfQuantizer(HfQuantizer):
             shared_modules=qc.shared_modules,
         ))
         return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """``save_pretrained`` stores the guard tensors too: a folder it writes fails loudly without embfactor."""
+        from embfactor.surgery.meta import get_meta
+
+        meta = get_meta(model)
+        return ({**model.state_dict(), **guard_tensors(meta)}, {}) if meta is not None else (None, {})
 
     def is_serializable(self) -> bool:
         return True

@@ -13,7 +13,7 @@ import torch
 
 from embfactor.config import FactorizationConfig
 from embfactor.decomposition import refuse_spectrum_target
-from embfactor.errors import ConfigError
+from embfactor.errors import ConfigError, InvalidInputError
 from embfactor.surgery.factorize import FactorizationReport
 from embfactor.surgery.rest import check_rest, store_rest_
 
@@ -118,13 +118,15 @@ def _checked_settings(
     return config, bits
 
 
-def _refuse_unreproducible(model: torch.nn.Module) -> None:
-    """What a format cannot reproduce (an embedding that does more than scale its lookup) is refused before any work."""
+def _refuse_before_work(lm: Any, texts: list[str] | None, *, verifying: bool) -> None:
+    """Refused before any work on the loaded model: what a format cannot reproduce (an embedding that does more than
+    scale its lookup), and text its tokenizer cannot encode (:func:`check_tokenizer`)."""
     from embfactor.surgery import find_embedding_and_head
     from embfactor.surgery.conform import table_readers
 
-    site = find_embedding_and_head(model)
-    table_readers(model, site.embedding, site.embedding_module, site.head)
+    site = find_embedding_and_head(lm.model)
+    table_readers(lm.model, site.embedding, site.embedding_module, site.head)
+    check_tokenizer(lm, texts, verifying=verifying)
 
 
 def compress(
@@ -153,7 +155,7 @@ def compress(
         text_files: text to count token frequencies on for data-aware methods (wsvd, block).
         table_only: True: the table-only path (:mod:`.table_only`: the planner's proxy, the other tensors copied);
             None: taken when the float32 model would not fit in memory; False: always load the model.
-        verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
+        verify: held-out samples the written folder is scored on against the original (:mod:`embfactor.verify`; None/True:
             64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
         rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
             precision; bf16 for GGUF), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` (the other nn.Linears' weights).
@@ -188,7 +190,7 @@ def compress(
     seconds = {"load": time.perf_counter() - t0}
     if output is not None:
         check_output_dir(output, inputs=(lm.source,))
-    _refuse_unreproducible(lm.model)
+    _refuse_before_work(lm, texts, verifying=checking)
     stages.update()
     verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
     rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages, getattr(verifier, "check", None))
@@ -207,6 +209,36 @@ def compress(
         seconds=time.perf_counter() - t0, quantization=quant, verified=verifier.result if verifier else None,
         size_choice=choice, stages={k: round(v, 2) for k, v in seconds.items()}, rest=stored,
     )
+
+
+def check_tokenizer(lm: Any, texts: list[str] | None, *, verifying: bool) -> None:
+    """Encode every text compress will read with the model's tokenizer, before any work on the model.
+
+    A tokenizer that cannot encode them (a word-level vocabulary without an unknown token raises on the first word
+    it lacks) would otherwise end the run in a traceback from the tokenizers library, after minutes of work. A fast
+    tokenizer encodes the bundled extract in about a second.
+
+    Raises:
+        InvalidInputError: naming the text, the tokenizer's error and the remedy (``--text``, ``--no-verify``).
+    """
+    from embfactor.data import wiki_split
+
+    calibration = ("the calibration text given with --text", texts, "give --text with text this tokenizer encodes")
+    if texts is None:
+        calibration = ("the bundled calibration text (English Wikipedia)", wiki_split("train"),
+                       "give --text with text this tokenizer encodes")
+    sets = [calibration]
+    if verifying:
+        sets.append(("the held-out text the written model is verified on (English Wikipedia)", wiki_split("heldout"),
+                     "pass --no-verify to write the model without that check"))
+    for what, items, remedy in sets:
+        try:
+            for i in range(0, len(items), 256):
+                lm.tokenizer(items[i:i + 256], add_special_tokens=False)
+        except Exception as e:  # noqa: BLE001 - tokenizers raise bare Exceptions (WordLevel: "Missing [UNK] token")
+            raise InvalidInputError(
+                f"the tokenizer of {lm.name} cannot encode {what}: {type(e).__name__}: {e}; {remedy}"
+            ) from None
 
 
 def _predict(verifier: Any, lm: Any, rep: Any, stored: dict[str, Any], stages: Any) -> None:
@@ -234,7 +266,7 @@ def _save(lm: Any, output: Any, verifier: Any, stages: Any) -> tuple[Path, float
 def _verifier(lm: Any, verify: int | bool | None, stages: Any, config: FactorizationConfig,
               texts: list[str] | None) -> Any:
     """The check of the written model; with the planner, also on the text its check scores plans on."""
-    from embfactor.pipeline.verify import Verifier
+    from embfactor.verify import Verifier
     from embfactor.plan import calibration_split, wants_plan
 
     check_texts = None

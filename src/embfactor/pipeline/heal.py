@@ -22,7 +22,7 @@ def heal(
     """Heal the compressed model ``compressed`` against the original ``reference``; write the best to ``output``.
 
     Inputs (text files, labels, output folder) are validated before the models are loaded, and nothing is
-    written when anything is wrong. The final save is verified (:mod:`embfactor.pipeline.verify`).
+    written when anything is wrong. The final save is verified (:mod:`embfactor.verify`).
 
     Args:
         compressed: an embfactor output folder (or a LoadedModel of one, trained in place).

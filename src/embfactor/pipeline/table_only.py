@@ -30,6 +30,7 @@ import torch
 from embfactor.errors import ConfigError, CorruptFileError, ModelNotFoundError
 from embfactor.surgery.io import SHARD_INDEX
 from embfactor.surgery.io import WEIGHTS_FILE as SINGLE_FILE
+from embfactor.surgery.share import is_guard
 
 # safetensors dtype names -> (numpy storage dtype, torch dtype); bf16 and fp8 are read as raw bytes and viewed
 ST_DTYPES: dict[str, tuple[Any, torch.dtype]] = {
@@ -383,8 +384,12 @@ def write_output(src: TableSource, output: str | os.PathLike) -> None:
         drop |= {k for k in src.ckpt.weight_map if k == f"{src.site.head_module}.weight"}
     add = _renamed(own, f"{src.site.embedding_module}.weight", src.key)
 
-    def write_weights(tmp: Path) -> None:
-        copy_checkpoint(src.ckpt, tmp, drop=drop, add=add, add_to=src.ckpt.weight_map[src.key],
+    def write_weights(tmp: Path, guards: dict[str, torch.Tensor]) -> None:
+        # the table's dense name as the checkpoint spells it, and the note (the tied head's name was dropped above)
+        table = f"{src.site.embedding_module}.weight"
+        note = {k: v for k, v in guards.items() if is_guard(k)}
+        add_all = {**add, **_renamed({table: guards[table]}, table, src.key), **note}
+        copy_checkpoint(src.ckpt, tmp, drop=drop, add=add_all, add_to=src.ckpt.weight_map[src.key],
                         metadata={"format": "pt", "embfactor_version": __version__})
 
     get_meta(src.model).report["bytes_before"] = src.ckpt.bytes_on_disk()
@@ -424,7 +429,7 @@ def compress_table_only(
     from embfactor.decomposition import budget_bytes
     from embfactor.models import kind_of
     from embfactor.plan import (
-        AUTO, _formats_from_options, apply_plan_, calibration_reach, calibration_split, plan_table,
+        AUTO, formats_from_options, apply_plan_, calibration_reach, calibration_split, plan_table,
     )
 
     t0 = time.perf_counter()
@@ -441,7 +446,7 @@ def compress_table_only(
     stages["counting"] = time.perf_counter() - t
     plan, module, plan_stages = plan_table(E, budget_bytes(config.size, vocab, d), counts, check=0,
                                            padding_idx=src.site.embedding.padding_idx, seed=config.seed,
-                                           progress=progress, formats=_formats_from_options(config.method_options, d))
+                                           progress=progress, formats=formats_from_options(config.method_options, d))
     stages.update(plan_stages)
     t = time.perf_counter()
     report = apply_plan_(src.model, module, plan, dataclasses.replace(config, method=AUTO),

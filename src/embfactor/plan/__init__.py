@@ -21,27 +21,24 @@ reads a model, writes candidate tables into its embedding to score them and puts
 
 The package follows those steps: :mod:`~embfactor.plan.search` (formats, tiers, the proxy knapsack, building a plan),
 :mod:`~embfactor.plan.calibration` (the text the counts and the check read), :mod:`~embfactor.plan.model` (the check
-on the model and :func:`plan_model`), :mod:`~embfactor.plan.apply` (what ``compress --size`` runs). Every name is
-importable from ``embfactor.plan`` as before the split.
+on the model and :func:`plan_model`), :mod:`~embfactor.plan.apply` (what ``compress --size`` runs). The public names
+are importable from ``embfactor.plan``; private helpers from their module.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from embfactor.plan.apply import (
     AUTO,
     PlanReport,
-    _formats_from_options,
+    formats_from_options,
     apply_plan_,
     describe_checks,
-    describe_plan,
     plan_compress_,
     table_relative_error,
     wants_plan,
 )
 from embfactor.plan.calibration import (
-    CHECK_EVERY, _train_text, calibration_passages, calibration_reach, calibration_split, spread,
+    CHECK_EVERY, calibration_passages, calibration_reach, calibration_split, spread,
 )
 from embfactor.plan.model import ModelScorer, plan_model, plan_table
 from embfactor.plan.search import (
@@ -53,8 +50,6 @@ from embfactor.plan.search import (
     FormatChoice,
     Plan,
     Tier,
-    _fill_last_cut,
-    _read_rows,
     assemble,
     build_plan,
     candidate_plans,
@@ -67,13 +62,12 @@ from embfactor.plan.search import (
     token_order,
     weights_for,
 )
+from embfactor.surgery.card import describe_plan  # the card shows the same rows
 
 __all__ = [
     "ALPHAS", "AUTO", "CHECK_EVERY", "CHECK_PLANS", "MASS_CUTS", "MAX_TIERS", "PROXY_KMEANS", "FormatChoice",
-    "ModelScorer", "Plan", "PlanReport", "Tier", "_fill_last_cut", "_formats_from_options", "_read_rows", "_train_text",
-    "apply_plan_", "asdict", "assemble", "build_plan", "calibration_passages", "calibration_reach", "calibration_split",
-    "candidate_plans",
-    "default_formats", "describe_checks", "describe_plan", "fit_rows", "mass_boundaries", "plan_compress_",
-    "plan_model", "plan_table", "row_errors", "search_plans", "spread", "table_relative_error", "tier_map_bytes", "token_order",
-    "wants_plan", "weights_for",
+    "ModelScorer", "Plan", "PlanReport", "Tier", "apply_plan_", "assemble", "build_plan", "calibration_passages",
+    "calibration_reach", "calibration_split", "candidate_plans", "default_formats", "describe_checks", "describe_plan",
+    "fit_rows", "formats_from_options", "mass_boundaries", "plan_compress_", "plan_model", "plan_table", "row_errors",
+    "search_plans", "spread", "table_relative_error", "tier_map_bytes", "token_order", "wants_plan", "weights_for",
 ]

@@ -17,15 +17,6 @@ from embfactor.plan.model import ModelScorer, plan_model
 from embfactor.plan.search import CHECK_PLANS, FormatChoice, Plan, default_formats
 
 
-def describe_plan(record: dict[str, Any]) -> list[list[Any]]:
-    """Rows (tier, format, rows, token mass, bytes) of a recorded plan, for ``inspect`` and the compress report."""
-    rows = []
-    for i, t in enumerate(record.get("tiers", [])):
-        rows.append([i, t.get("label", t.get("format")), f"{t['rows']:,}", f"{100 * t.get('token_mass', 0):.1f}%",
-                     f"{t['bytes']:,}"])
-    return rows
-
-
 def describe_checks(record: dict[str, Any]) -> list[list[Any]]:
     """Rows (plan, alpha, bytes, proxy error, score) of the candidates a recorded plan's check scored."""
     return [[c["label"], c["alpha"], f"{c['bytes']:,}", f"{c['proxy_error']:.4g}",
@@ -157,7 +148,7 @@ def plan_compress_(lm, config, *, texts: Sequence[str] | None = None, check: int
     if predicted is not None:
         counts = with_predicted(counts, predicted)
     plan, module = plan_model(lm, budget, counts, check=check, seed=config.seed, progress=progress, scorer=scorer,
-                              formats=_formats_from_options(config.method_options, d),
+                              formats=formats_from_options(config.method_options, d),
                               hessian=metric)
     stages.update(plan.seconds)
     config = dataclasses.replace(config, method=AUTO)
@@ -217,7 +208,7 @@ def _table_metric(lm, options: dict[str, Any], texts: Sequence[str], progress: C
     return M, kind, predicted
 
 
-def _formats_from_options(options: dict[str, Any], d: int) -> list[FormatChoice] | None:
+def formats_from_options(options: dict[str, Any], d: int) -> list[FormatChoice] | None:
     # method_options of "auto": {"formats": ["int8 g32", "pq sub4 K256", ...]} restricts the candidates (labels)
     wanted = options.get("formats") if options else None
     if not wanted:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from embfactor.data.corpora import calibration_passages, spread  # noqa: F401 - the plan reads its text through these
+
 CHECK_EVERY = 5  # one calibration text in five is held apart from the token counts for the check
 
 
@@ -26,28 +28,6 @@ def calibration_split(texts: Sequence[str], every: int = CHECK_EVERY) -> tuple[l
         return items, items
     every = min(every, len(items))
     return [t for i, t in enumerate(items) if i % every], items[::every]
-
-
-def spread(items: Sequence[str], n: int) -> list[str]:
-    """At most ``n`` items taken evenly across ``items`` (calibration text from the whole corpus, not its start)."""
-    return list(items[:: max(1, len(items) // n)])[:n]
-
-
-def calibration_passages(n: int = 64, sentences: int = 3, articles: Sequence[str] | None = None) -> list[str]:
-    """Passages of up to ``sentences`` sentences from the first line of ``n`` articles spread over ``articles``
-    (default: the *training* part of the bundled Wikipedia extract; the held-out part stays for evaluation)."""
-    import re
-
-    from embfactor.data import wiki_split
-
-    split = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
-    out: list[str] = []
-    arts = list(articles) if articles is not None else wiki_split("train")
-    for article in spread(arts, n) if len(arts) > n else arts:
-        sents = [s.strip() for s in split.split(article.strip().splitlines()[0]) if s.strip()]
-        if sents:
-            out.append(" ".join(sents[:sentences]))
-    return out
 
 
 def _train_text() -> list[str]:

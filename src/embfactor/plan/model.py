@@ -60,7 +60,7 @@ class ModelScorer:
     # log-probabilities, the KL's terms) is 537 MB, and scoring the batch at once held five of them.
     @torch.inference_mode()
     def _logprobs(self) -> torch.Tensor:
-        from embfactor.train.distill import teacher_logprobs
+        from embfactor.eval.perplexity import teacher_logprobs
 
         return torch.cat([teacher_logprobs(self.lm.model(input_ids=w[None]).logits) for w in self.batch])
 
@@ -80,7 +80,7 @@ class ModelScorer:
         table, nothing swapped)."""
         if self.lm.kind != "decoder":
             return float((self._pooled(lm) * self.ref).sum(-1).mean())
-        from embfactor.train.distill import token_kl
+        from embfactor.eval.perplexity import token_kl
 
         kl = 0.0
         for i, w in enumerate(self.batch):

@@ -18,8 +18,10 @@ from embfactor.formats import get_format
 from embfactor.surgery.factorize import as_module
 from embfactor.surgery.replace import apply_structure_
 from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, without_absent_pooler
-from embfactor.surgery.meta import CompressionMeta, get_meta, model_dtype, set_meta
-from embfactor.surgery.rest import dtype_name, rest_dtype, stored_rest
+from embfactor.surgery.meta import CompressionMeta, get_meta, set_meta
+from embfactor.surgery.rest import dtype_name, model_dtype, rest_dtype, stored_rest
+from embfactor.surgery.card import write_card
+from embfactor.surgery.share import guard_tensors, write_loader
 
 WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -50,20 +52,19 @@ def save_compressed(
         tokenizer: saved alongside (``save_pretrained``) so the folder is a complete model that every
             ``embfactor`` command accepts; default: the tokenizer of a ``load_model`` result.
         verify: called with the complete temporary folder before it is renamed into place (a
-            :class:`embfactor.pipeline.verify.Verifier`); if it raises, nothing is written.
+            :class:`embfactor.verify.Verifier`); if it raises, nothing is written.
         extra: more JSON-serializable facts to record in embfactor.json (e.g. the source model name).
         inputs: paths the output must not overwrite (the source model's folder).
         files: more files (name -> contents) written into the same temporary folder, so they appear in the one
             swap together with the model (heal's classifier and resume state): never a model without them.
         modules_from: a sentence-transformers folder whose modules (modules.json, pooling, normalization, prompts)
             the output keeps; default: the folder :func:`embfactor.load_model` loaded the model from.
-        weights: writes the weight files into the temporary folder in place of ``model``'s (the table-only path).
+        weights: writes the weight files into the temporary folder in place of ``model``'s (the table-only path),
+            called with the folder and the guard tensors to store beside the table (:mod:`embfactor.surgery.share`).
 
     Example:
         >>> save_compressed(model, "out/minilm-r6", tokenizer=tok)   # doctest: +SKIP
     """
-    from embfactor import __version__
-    from embfactor.surgery.integration import attach_quantization_config
     from embfactor.surgery.st_folder import SOURCE_ATTR, copy_sentence_transformers_files
 
     if tokenizer is None:
@@ -76,8 +77,33 @@ def save_compressed(
     if config is None or not hasattr(config, "to_json_file"):
         raise SurgeryError("save_compressed needs a Hugging Face model (with a .config) to rebuild it on load")
     architecture = type(model).__name__
+    record = {**_record(model, meta, architecture), **(extra or {})}
+    stored = rest_dtype(model)
+    with atomic_directory(directory, inputs=inputs) as tmp:
+        with stored_rest(model):  # the rest in the precision it is stored in (the source's, or --rest's)
+            (weights or _model_weights(model))(tmp, guard_tensors(meta))
+        config.architectures = [architecture]
+        # the model's dtype, stated (else from_pretrained takes the file's first floating tensor, maybe a format's fp16
+        # storage): the stored rest's (a bf16 source loads as bf16); embfactor's loaders use the record's torch_dtype
+        config.dtype = dtype_name(stored) if stored is not None else record["torch_dtype"]
+        _write_config(model, config, tmp / HF_CONFIG_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _write_files(tmp, files or {})
+        source = modules_from or getattr(model, SOURCE_ATTR, None)
+        copy_sentence_transformers_files(source, tmp)
+        _write_record(tmp, record, verify)
+        source = source or (inputs[0] if inputs else None)  # the card keeps the source's card
+        write_card(tmp, record, source=Path(source) if source is not None else None)
+    return Path(directory)
+
+
+def _record(model: nn.Module, meta: CompressionMeta, architecture: str) -> dict[str, Any]:
+    """embfactor.json's fields: the table's format and shape, the versions, the compression record."""
+    from embfactor import __version__
+
     layer = model.get_submodule(meta.embedding_module)
-    record = {
+    return {
         "layer_type": layer.layer_type,
         "layer_config": layer.format_config(),
         "vocab_size": layer.num_embeddings,
@@ -88,35 +114,43 @@ def save_compressed(
         "architecture": architecture,
         "torch_dtype": str(model_dtype(model, layer)).removeprefix("torch."),
         **meta.to_record(),
-        **(extra or {}),
     }
-    stored = rest_dtype(model)
-    with atomic_directory(directory, inputs=inputs) as tmp:
-        with stored_rest(model):  # the rest in the precision it is stored in (the source's, or --rest's)
-            (weights or _model_weights(model))(tmp)
-        config.architectures = [architecture]
-        # the model's dtype, stated (else from_pretrained takes the file's first floating tensor, maybe a format's fp16
-        # storage): the stored rest's (a bf16 source loads as bf16); embfactor's loaders use the record's torch_dtype
-        config.dtype = dtype_name(stored) if stored is not None else record["torch_dtype"]
-        # the quantization_config makes transformers' from_pretrained rebuild the format (embfactor.hf registers its quantizer)
-        attach_quantization_config(model)
-        config.to_json_file(str(tmp / HF_CONFIG_FILE))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        _write_files(tmp, files or {})
-        copy_sentence_transformers_files(modules_from or getattr(model, SOURCE_ATTR, None), tmp)
-        _write_record(tmp, record, verify)
-    return Path(directory)
 
 
-def _model_weights(model: nn.Module) -> Callable[[Path], None]:
-    """Writes ``model``'s state as model.safetensors (shared tensors once)."""
-    from safetensors.torch import save_model
+def _write_config(model: nn.Module, config: Any, path: Path) -> None:
+    """config.json with the quantization_config (transformers' from_pretrained rebuilds the format through
+    embfactor.hf's registered quantizer) and the auto_map of the shipped loader (trust_remote_code=True loads the
+    folder without embfactor)."""
+    from embfactor.surgery.integration import attach_quantization_config
 
+    attach_quantization_config(model)
+    config.to_json_file(str(path))
+    write_loader(path.parent, path, config)
+
+
+def _model_weights(model: nn.Module) -> Callable[[Path, dict[str, torch.Tensor]], None]:
+    """Writes ``model``'s state and the guard tensors as model.safetensors (shared tensors once)."""
     from embfactor import __version__
 
-    return lambda tmp: save_model(model, str(tmp / WEIGHTS_FILE),
-                                  metadata={"format": "pt", "embfactor_version": __version__})
+    return lambda tmp, guards: save_state(model.state_dict(), tmp / WEIGHTS_FILE, guards,
+                                          metadata={"format": "pt", "embfactor_version": __version__})
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path, extra: dict[str, torch.Tensor],
+               metadata: dict[str, str]) -> None:
+    """``state`` plus ``extra`` as one safetensors file, each tensor shared by several names stored once (as
+    safetensors' ``save_model`` does; the dropped names are recorded in the metadata)."""
+    from safetensors.torch import _remove_duplicate_names, save_file
+
+    state, metadata = dict(state), dict(metadata)
+    for kept, dropped in _remove_duplicate_names(state).items():
+        for name in dropped:
+            metadata.setdefault(name, kept)
+            del state[name]
+    clash = set(state) & set(extra)
+    if clash:
+        raise SurgeryError(f"the model already has tensors named {sorted(clash)}; they would be overwritten")
+    save_file({k: v.contiguous() for k, v in {**state, **extra}.items()}, str(path), metadata=metadata)
 
 
 def _write_files(tmp: Path, files: dict[str, bytes]) -> None:
@@ -217,7 +251,7 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
     """Rebuild the model from embfactor.json alone and load_state_dict (strict), as embfactor 0.1.0 did.
 
     Kept for folders written before config.json carried a ``quantization_config``: ``load_state_dict`` lets a
-    format map its older tensor names (the block format's ``U.<b>`` keys). ``embfactor.hf.upgrade.upgrade_folder``
+    format map its older tensor names (the block format's ``U.<b>`` keys). ``embfactor.pipeline.upgrade.upgrade_folder``
     rewrites such a folder so that transformers' ``from_pretrained`` loads it too.
     """
     from safetensors import SafetensorError, safe_open

@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from embfactor.errors import CorruptFileError
@@ -85,18 +84,3 @@ def get_meta(model: nn.Module) -> CompressionMeta | None:
 
 def set_meta(model: nn.Module, meta: CompressionMeta) -> None:
     setattr(model, META_ATTR, meta)
-
-
-def model_dtype(model: nn.Module, layer: nn.Module) -> torch.dtype:
-    """The dtype of the model's own weights: the embedding format may store its tensors narrower (fp16 codebooks).
-
-    transformers' ``model.dtype`` is the first floating parameter's, which is the embedding's when it comes first.
-    """
-    from embfactor.surgery.rest import rest_tensors
-
-    own = {id(p) for p in layer.parameters()}
-    rest = {id(t) for t in rest_tensors(model)}  # not an integer Linear's fp16 scales either
-    for p in model.parameters():
-        if id(p) not in own and id(p) in rest:
-            return p.dtype
-    return getattr(layer, "out_dtype", torch.float32)

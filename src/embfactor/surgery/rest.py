@@ -136,6 +136,19 @@ def _persistent_buffers(model: nn.Module) -> Iterator[torch.Tensor]:
                 yield b
 
 
+def model_dtype(model: nn.Module, layer: nn.Module) -> torch.dtype:
+    """The dtype of the model's own weights: the embedding format may store its tensors narrower (fp16 codebooks).
+
+    transformers' ``model.dtype`` is the first floating parameter's, which is the embedding's when it comes first.
+    """
+    own = {id(p) for p in layer.parameters()}
+    rest = {id(t) for t in rest_tensors(model)}  # not an integer Linear's fp16 scales either
+    for p in model.parameters():
+        if id(p) not in own and id(p) in rest:
+            return p.dtype
+    return getattr(layer, "out_dtype", torch.float32)
+
+
 def rest_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype the rest of a compressed model is stored in (None: not recorded, its in-memory dtype)."""
     from embfactor.surgery.meta import get_meta

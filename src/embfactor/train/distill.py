@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embfactor.errors import InvalidInputError, SurgeryError, a_or_an
+from embfactor.eval.perplexity import teacher_logprobs, token_kl  # the KL of distillation is the metric's
 
 # ----------------------------------------------------------------------------------------------- inputs
 
@@ -191,18 +192,6 @@ def decoder_loss(s_logits: torch.Tensor, t_logp: torch.Tensor, mask: torch.Tenso
         return kl.mean()
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp_min(1)
-
-
-def token_kl(s_logits: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) at each position (the last dimension is the vocabulary), from the student's logits and
-    the teacher's log-probabilities."""
-    return F.kl_div(F.log_softmax(s_logits.float(), -1), t_logp, reduction="none", log_target=True).sum(-1)
-
-
-def teacher_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """The teacher's next-token log-probabilities, float32 (one vocab-sized tensor kept per batch, not its logits
-    as well: at SmolLM2's 49,152 tokens each such tensor of a 16 × 128 batch is 400 MB)."""
-    return F.log_softmax(logits.float(), -1)
 
 
 def _kl_sum(s_hidden: torch.Tensor, t_hidden: torch.Tensor, weight: torch.Tensor, s_head: nn.Module,

@@ -104,7 +104,7 @@ def heal(
             (:meth:`~embfactor.formats.base.RowFormat.heal_defaults`: codebook and int-k tables train every weight,
             each table tensor at 3e-3 × its RMS and the rest at 1e-5), then HealConfig's defaults.
         verify: the final save loads the written folder as users do and scores it against ``teacher`` on held-out
-            text (:mod:`embfactor.pipeline.verify`), failing with VerificationError and writing nothing when it is
+            text (:mod:`embfactor.verify`), failing with VerificationError and writing nothing when it is
             far worse than the healed model in memory. None/True: the default sample; a number: that many
             passages (encoders) or 256-token windows (decoders); 0/False: skip.
 
@@ -523,7 +523,7 @@ class _HealRun:
         """The check of the final save against the teacher (None when verification is off)."""
         if self.verify is False or self.verify == 0:
             return None
-        from embfactor.pipeline.verify import Verifier
+        from embfactor.verify import Verifier
 
         return Verifier(self.teacher, samples=None if self.verify is True else self.verify)
 

@@ -1,7 +1,7 @@
-"""upgrade_folder: rewrite an embfactor 0.1.0 output so that transformers' ``from_pretrained`` loads it.
+"""upgrade_folder: rewrite an earlier embfactor output with everything a folder gets today.
 
-Sits above :mod:`embfactor.models` and :mod:`embfactor.surgery.io` (it loads and saves through them), so that the
-loaders below never import it back.
+A pipeline step: it loads through :mod:`embfactor.models` and saves through :mod:`embfactor.surgery.io`, which never
+import it back.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from pathlib import Path
 
 
 def upgrade_folder(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Rewrite a folder written by embfactor 0.1.0 (no ``quantization_config``) so that ``from_pretrained`` loads it.
+    """Rewrite an earlier embfactor output so that ``from_pretrained`` loads it and code without embfactor cannot
+    read it as a random table: 0.1.0 folders (no ``quantization_config``), and folders written before the guard
+    tensors, the shipped loader and the model card (:mod:`embfactor.surgery.share`).
 
-    The model is loaded the way 0.1.0 folders still load (structure from embfactor.json, older tensor names
+    The model is loaded the way such folders still load (structure from embfactor.json, older tensor names
     mapped) and saved again to ``target`` with its tokenizer (if any), sentence-transformers modules and record.
 
     Example:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.embfactor-installed
 DEMO_OUT ?= out/minilm-8x
 QUICK_OUT ?= out/bench-quick
 
-.PHONY: setup demo test docs bench bench-quick lint lint-errors clean
+.PHONY: setup js-setup demo browser-demo test docs bench bench-quick lint lint-errors clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,11 +20,32 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# transformers.js in Node and in Chromium (tests/test_transformers_js.py, examples/browser): js/'s locked packages,
+# installed without their install scripts (onnxruntime-node's fetches GPU binaries from a host these machines cannot
+# reach; its CPU binding ships in the package), and Debian's chromium when it is missing and we are root. A machine
+# without npm skips those tests (CI sets EMBFACTOR_REQUIRE_BROWSER=1, which makes a skip a failure).
+JS_STAMP := js/node_modules/.embfactor-installed
+
+$(JS_STAMP): js/package.json js/package-lock.json
+	cd js && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(JS_STAMP)
+
+js-setup:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(JS_STAMP); \
+	else echo "npm not found: transformers.js tests will skip (install Node 20+ and npm, then make js-setup)"; fi
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; fi
+
+# The demo's folder exported to ONNX and served with examples/browser's page (transformers.js, wasm) on loopback.
+browser-demo: $(STAMP) js-setup
+	test -f $(DEMO_OUT)/onnx/model.onnx || $(VENV)/bin/embfactor export $(DEMO_OUT) --onnx
+	$(PY) -m embfactor.export.serve $(DEMO_OUT)
+
 # The product's main job: the byte-budget planner at a near-lossless size, the written model verified.
 demo: $(STAMP)
 	$(VENV)/bin/embfactor compress minilm --size 8x --output $(DEMO_OUT) --json $(DEMO_OUT).json
 
-test: $(STAMP)
+test: $(STAMP) js-setup
 	$(PY) -m pytest -q
 
 # The documentation site (docs/, mkdocs.yml) in strict mode: a broken link or a missing API reference fails.
@@ -60,6 +81,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.frontier_sweep --quick --output $(QUICK_OUT)
 	$(PY) -m benchmarks.whole_model_bytes --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/onnx_export.py --quick
+	$(PY) benchmarks/deploy_js.py --quick
 	$(PY) -m benchmarks.scaling --quick --output $(QUICK_OUT) --work $(QUICK_OUT)/scaling
 
 lint: $(STAMP)

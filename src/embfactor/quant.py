@@ -61,12 +61,14 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(p: torch.Tensor, cols: int) -> torch.Tensor:
     """Unpack bytes made by :func:`pack_int4` back to int8 values, keeping the first ``cols`` columns."""
-    lo = (p & 0xF).to(torch.int8)
-    hi = (p >> 4).to(torch.int8)
+    # sign extension in int32: an exported graph's Where on int8 has no kernel in onnxruntime-node 1.30 / -web 1.31
+    # (what transformers.js 4.3 runs), while int32 has one everywhere
+    lo = (p & 0xF).to(torch.int32)
+    hi = (p >> 4).to(torch.int32)
     lo = torch.where(lo > 7, lo - 16, lo)
     hi = torch.where(hi > 7, hi - 16, hi)
     out = torch.stack([lo, hi], dim=-1).flatten(-2)
-    return out[..., :cols]
+    return out[..., :cols].to(torch.int8)
 
 
 def quantized_bytes(rows: int, cols: int, bits: int) -> int:

@@ -7,7 +7,8 @@ traced by torch's TorchScript exporter (opset 18) with the tables computing thro
 :func:`embfactor.export.graph.export_rows`: the stored integers, codebooks and scales become the file's initializers,
 so the file is about as large as the compressed safetensors, and a tied head reads the same initializers (the table is
 stored once). ``int8_rest`` adds ``onnx/model_qint8.onnx``: ONNX Runtime's dynamic int8 quantization of the other
-MatMuls (the table's nodes excluded: its Gathers and MatMuls keep their stored values).
+MatMuls (the table's nodes excluded: its Gathers and MatMuls keep their stored values). config.json gets
+``transformers.js_config`` so transformers.js (Node and browser) loads ``onnx/model.onnx`` by default.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ MODEL_FILE = "model.onnx"
 QINT8_FILE = "model_qint8.onnx"
 OPSET = 18
 # texts the written file is checked on against PyTorch (two lengths, so padding is exercised)
+# config.json key transformers.js reads (dtype: which onnx/model*.onnx it loads)
+TRANSFORMERS_JS_KEY = "transformers.js_config"
 CHECK_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Embedding tables compress well."]
 
 
@@ -287,6 +290,24 @@ def compare_with_torch(lm: Any, data: bytes, names: list[str]) -> dict[str, floa
     return {"min_cosine": float(cos.min()), "max_abs_diff": float(diff)}
 
 
+def write_transformers_js_config(folder: Path) -> None:
+    """Add ``"transformers.js_config": {"dtype": "fp32"}`` to the folder's config.json (kept if already there).
+
+    transformers.js picks ``onnx/model{suffix}.onnx`` by a dtype suffix and, without one, defaults to ``q8``
+    (``model_quantized.onnx``) in the browser: the key makes ``pipeline(task, folder)`` load ``onnx/model.onnx``
+    everywhere. ``model_qint8.onnx`` loads with ``{dtype: "fp32", model_file_name: "model_qint8"}``.
+    """
+    import json
+
+    from embfactor.fileio import atomic_write_json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get(TRANSFORMERS_JS_KEY, {}).get("dtype") != "fp32":
+        config[TRANSFORMERS_JS_KEY] = {**config.get(TRANSFORMERS_JS_KEY, {}), "dtype": "fp32"}
+        atomic_write_json(path, config)  # sorted, indented: the layout transformers writes
+
+
 def _check_targets(folder: Path, rels: list[str]) -> None:
     from embfactor.fileio import foreign_entries
 
@@ -360,5 +381,6 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
     for rel, blob in outputs.items():
         atomic_write_bytes(folder / rel, blob)
         report.files[rel] = len(blob)
+    write_transformers_js_config(folder)
     report.seconds = time.perf_counter() - start
     return report

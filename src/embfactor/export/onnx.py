@@ -25,6 +25,7 @@ from embfactor.errors import EmbfactorError, InvalidInputError, ModelNotFoundErr
 ONNX_DIR = "onnx"
 MODEL_FILE = "model.onnx"
 QINT8_FILE = "model_qint8.onnx"
+GENERATION_FILE = "generation_config.json"
 OPSET = 18
 # texts the written file is checked on against PyTorch (two lengths, so padding is exercised)
 CHECK_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Embedding tables compress well."]
@@ -130,7 +131,9 @@ def export_graph(model: Any, names: list[str], kind: str, *, opset: int = OPSET)
     vocab = model.get_input_embeddings().num_embeddings
     buf = io.BytesIO()
     attn = getattr(model.config, "_attn_implementation", None)
-    with traceable_tables(model), torch.no_grad(), warnings.catch_warnings():
+    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits
+
+    with traceable_tables(model), matmul_nbits(model) as nbits, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
         if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
             # eager attention: the SDPA path decides on masks with Python branches a trace would freeze
@@ -140,7 +143,7 @@ def export_graph(model: Any, names: list[str], kind: str, *, opset: int = OPSET)
                 _wrapper(model, names, kind), example_inputs(vocab, names), buf, dynamo=False, opset_version=opset,
                 input_names=names, output_names=[output], dynamic_axes=axes,
                 # no folding: it would decode a tied head's table into a dense float initializer
-                do_constant_folding=False,
+                do_constant_folding=False, custom_opsets={NBITS_DOMAIN: 1} if nbits else None,
             )
         finally:
             if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
@@ -313,6 +316,7 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
         >>> r = export_onnx("out/minilm-16x", int8_rest=True)   # doctest: +SKIP
         >>> SentenceTransformer("out/minilm-16x", backend="onnx")   # doctest: +SKIP
     """
+    from embfactor.export.decoder import compare_decoder_with_torch
     from embfactor.fileio import MARKER_FILE, add_to_manifest, atomic_write_bytes
     from embfactor.models import load_model
 
@@ -329,6 +333,7 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
     lm = load_model(folder)
     model = lm.model.eval()
     names = input_names(model, lm.tokenizer, lm.kind)
+    from embfactor.export.decoder import cache_layout, export_decoder_graph
     from embfactor.export.graph import check_exportable
 
     check_exportable(model)
@@ -337,7 +342,17 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
             f"{folder}: {type(model).__name__} is an encoder-decoder; ONNX export covers encoders (last_hidden_state) "
             "and causal LMs (logits)"
         )
-    proto = export_graph(model, names, lm.kind)
+    if lm.tokenizer is None:
+        raise InvalidInputError(
+            f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json); ONNX runtimes (optimum, "
+            "transformers.js) tokenize with the folder's own tokenizer, so save the folder with it"
+        )
+    if lm.kind == "decoder":  # one file with a KV cache (first pass: empty past)
+        proto = export_decoder_graph(model, cache_layout(model))
+        fold_weight_transposes(proto, graph_scopes(model))
+        names = [i.name for i in proto.graph.input]
+    else:
+        proto = export_graph(model, names, lm.kind)
     data = proto.SerializeToString()
     emb = model.get_input_embeddings()
     dense = dense_tables(proto, emb.num_embeddings, emb.embedding_dim, besides=untied_head(model))
@@ -353,10 +368,14 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
         outputs[rels[1]] = quantize_rest(data, table_nodes(proto, graph_scopes(model)))
     for rel, blob in outputs.items():
         if check:
-            report.check[rel] = compare_with_torch(lm, blob, names)
+            report.check[rel] = (compare_decoder_with_torch(lm, blob, CHECK_TEXTS) if lm.kind == "decoder"
+                                 else compare_with_torch(lm, blob, names))
             if rel == rels[0] and report.check[rel]["min_cosine"] < 0.9999:
                 raise ExportError(f"ONNX Runtime's outputs differ from PyTorch's ({report.check[rel]}); nothing written")
-    add_to_manifest(folder, [f"{ONNX_DIR}/", *rels])  # first: a file we write is never left unlisted
+    if lm.kind == "decoder" and not (folder / GENERATION_FILE).exists():
+        # generate()'s settings where optimum and transformers.js look for them (eos, bos, pad)
+        outputs[GENERATION_FILE] = model.generation_config.to_json_string(use_diff=True).encode()
+    add_to_manifest(folder, [f"{ONNX_DIR}/", *outputs])  # first: a file we write is never left unlisted
     for rel, blob in outputs.items():
         atomic_write_bytes(folder / rel, blob)
         report.files[rel] = len(blob)

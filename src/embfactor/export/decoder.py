@@ -59,7 +59,8 @@ def cache_layout(model: Any) -> CacheLayout:
     arch = type(model).__name__
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True, return_dict=True)
-    layers = getattr(out.past_key_values, "layers", None)
+    cache = getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
     shapes = set()
     for layer in layers or []:
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -69,7 +70,7 @@ def cache_layout(model: Any) -> CacheLayout:
             shapes.add((k.shape[1], k.shape[3]))
     if not layers or len(shapes) != 1 or None in shapes:
         raise InvalidInputError(
-            f"{arch}: its cache ({type(out.past_key_values).__name__}) is not one key/value tensor pair of a single "
+            f"{arch}: its cache ({type(cache).__name__}) is not one key/value tensor pair of a single "
             "shape per layer, which the ONNX decoder layout (past_key_values.N.key/value) carries; this architecture "
             "cannot be exported with a KV cache"
         )
@@ -125,7 +126,7 @@ def export_decoder_graph(model: Any, layout: CacheLayout, *, opset: int = 18) ->
     import torch
 
     from embfactor.export.graph import traceable_tables
-    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits
+    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits, nbits_weight_shapes
 
     names, outs = layout.input_names(), ["logits", *layout.present_names()]
     axes: dict[str, dict[int, str]] = {
@@ -152,7 +153,9 @@ def export_decoder_graph(model: Any, layout: CacheLayout, *, opset: int = 18) ->
         finally:
             if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation(attn)
-    return onnx.load_from_string(buf.getvalue())
+    proto = onnx.load_from_string(buf.getvalue())
+    nbits_weight_shapes(proto)
+    return proto
 
 
 def empty_past(sess: Any, batch: int) -> dict[str, Any]:

@@ -37,14 +37,32 @@ class _MatMulNBits(torch.autograd.Function):
     def symbolic(g: Any, x: Any, packed: Any, scale: Any, lo: Any, bias: Any, module: IntKLinear) -> Any:
         from torch.onnx import TensorProtoDataType as T  # noqa: N817
 
-        flat = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
-        blocks = g.op("Constant", value_t=torch.tensor([module.out_features, -1, module.group // 2], dtype=torch.int64))
-        s = g.op("Reshape", g.op("Cast", scale, to_i=T.FLOAT), flat)
-        zp = g.op("Reshape", g.op("Neg", g.op("Div", g.op("Cast", lo, to_i=T.FLOAT), g.op("Cast", scale, to_i=T.FLOAT))),
-                  flat)
-        y = g.op(f"{NBITS_DOMAIN}::MatMulNBits", x, g.op("Reshape", packed, blocks), s, zp,
+        # B goes in as stored (N × packed bytes): :func:`nbits_weight_shapes` gives the initializer MatMulNBits'
+        # N × blocks × bytes shape afterwards (the same bytes; a Reshape node here would cost nodes per Linear)
+        s = g.op("Cast", scale, to_i=T.FLOAT)
+        zp = g.op("Neg", g.op("Div", g.op("Cast", lo, to_i=T.FLOAT), s))
+        y = g.op(f"{NBITS_DOMAIN}::MatMulNBits", x, packed, s, zp,
                  K_i=module.in_features, N_i=module.out_features, bits_i=4, block_size_i=module.group)
+        with contextlib.suppress(Exception):  # the output's type, for the exporter's shape inference
+            sizes = x.type().varyingSizes()
+            y.setType(x.type().with_sizes([*sizes[:-1], module.out_features]))
         return y if module.bias is None else g.op("Add", y, bias)
+
+
+def nbits_weight_shapes(proto: Any) -> int:
+    """Give each MatMulNBits' packed weight initializer the N × blocks × bytes shape it requires (in place)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    done = 0
+    for n in proto.graph.node:
+        if n.op_type != "MatMulNBits" or n.input[1] not in inits:
+            continue
+        attrs = {a.name: a.i for a in n.attribute}
+        t = inits[n.input[1]]
+        blob = attrs["block_size"] * attrs["bits"] // 8
+        if len(t.dims) == 2:
+            t.dims[:] = [attrs["N"], t.dims[1] // blob, blob]
+            done += 1
+    return done
 
 
 def nbits_ready(m: IntKLinear) -> bool:

@@ -131,7 +131,7 @@ def export_graph(model: Any, names: list[str], kind: str, *, opset: int = OPSET)
     vocab = model.get_input_embeddings().num_embeddings
     buf = io.BytesIO()
     attn = getattr(model.config, "_attn_implementation", None)
-    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits
+    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits, nbits_weight_shapes
 
     with traceable_tables(model), matmul_nbits(model) as nbits, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
@@ -149,6 +149,7 @@ def export_graph(model: Any, names: list[str], kind: str, *, opset: int = OPSET)
             if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation(attn)
     proto = onnx.load_from_string(buf.getvalue())
+    nbits_weight_shapes(proto)
     fold_weight_transposes(proto, graph_scopes(model))
     return proto
 
@@ -190,6 +191,45 @@ def fold_weight_transposes(proto: Any, keep: list[str]) -> int:
     return folded
 
 
+def short_names(proto: Any) -> int:
+    """Merge equal Constant nodes; give nodes and intermediate values short names (in place; returns how many values).
+
+    The tracer names each node and value after its module scope (``/model/model/layers.0/self_attn/q_proj/
+    MatMul_output_0``): about 50 kB per decoder layer, which made a file larger than the safetensors it came from.
+    Graph inputs, outputs and initializers keep their names (runtimes feed and read them by name); done last, after
+    :func:`table_nodes` has read the scopes.
+    """
+    keep = {v.name for v in (*proto.graph.input, *proto.graph.output)} | {t.name for t in proto.graph.initializer}
+    rename: dict[str, str] = {}
+    # one Constant node per distinct value (the trace writes one per use: a third of a decoder's nodes)
+    first: dict[bytes, str] = {}
+    for n in list(proto.graph.node):
+        if n.op_type == "Constant" and len(n.output) == 1 and n.output[0] not in keep:
+            key = b"".join(a.SerializeToString() for a in n.attribute)
+            if key in first:
+                rename[n.output[0]] = first[key]
+                proto.graph.node.remove(n)
+            else:
+                first[key] = n.output[0]
+    for n in proto.graph.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    rename = {}
+    for k, n in enumerate(proto.graph.node):
+        n.name = f"n{k:x}"
+        for i, out in enumerate(n.output):
+            if out and out not in keep:
+                rename[out] = n.output[i] = f"v{len(rename):x}"
+    for n in proto.graph.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    for v in proto.graph.value_info:
+        v.name = rename.get(v.name, v.name)
+    return len(rename)
+
+
 def dense_tables(proto: Any, vocab: int, d: int, *, besides: list[str] = ()) -> list[str]:
     """Float initializers holding a whole vocab × d table (what a compressed export must not contain), except those of
     the ``besides`` module scopes (an untied output head, which embfactor does not compress)."""
@@ -197,10 +237,13 @@ def dense_tables(proto: Any, vocab: int, d: int, *, besides: list[str] = ()) -> 
 
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
     marks = [m for s in besides for m in (f"{s}.", f"/{s.replace('.', '/')}/")]
+    # initializers, and Constant nodes' values (a traced tensor of static shape becomes one)
+    tensors = [(t.name, t) for t in proto.graph.initializer]
+    tensors += [(n.name, a.t) for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     return [
-        f"{t.name} {list(t.dims)}" for t in proto.graph.initializer
+        f"{name} {list(t.dims)}" for name, t in tensors
         if t.data_type in floats and len(t.dims) >= 2 and vocab in t.dims and d * vocab <= _numel(t.dims)
-        and not any(m in t.name for m in marks)
+        and not any(m in name for m in marks)
     ]
 
 
@@ -366,6 +409,8 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
     outputs = {rels[0]: data}
     if int8_rest:
         outputs[rels[1]] = quantize_rest(data, table_nodes(proto, graph_scopes(model)))
+    short_names(proto)
+    outputs[rels[0]] = proto.SerializeToString()
     for rel, blob in outputs.items():
         if check:
             report.check[rel] = (compare_decoder_with_torch(lm, blob, CHECK_TEXTS) if lm.kind == "decoder"

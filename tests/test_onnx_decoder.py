@@ -31,8 +31,8 @@ from embfactor.export.decoder import empty_past, greedy_generate, step_feeds
 from embfactor.export.onnx import dense_tables, session, untied_head
 from tests.conftest import VOCAB
 from tests.test_conformance import ARCHS, V, build
-from tests.test_onnx_export import _every_format
 from tests.test_hf_loading import _install
+from tests.test_onnx_export import _every_format
 
 CAUSAL = [n for n, a in ARCHS.items() if a.model.endswith(("ForCausalLM", "LMHeadModel"))]
 PROMPT = torch.tensor([[5, 17, 33, 2, 9]])

@@ -30,12 +30,12 @@ class _MatMulNBits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
-                bias: torch.Tensor | None, module: IntKLinear) -> torch.Tensor:  # noqa: ARG004
+                bias: torch.Tensor | None, module: IntKLinear) -> torch.Tensor:
         return module._plain_forward(x)
 
     @staticmethod
     def symbolic(g: Any, x: Any, packed: Any, scale: Any, lo: Any, bias: Any, module: IntKLinear) -> Any:
-        from torch.onnx import TensorProtoDataType as T  # noqa: N817
+        from torch.onnx import TensorProtoDataType as T
 
         # B goes in as stored (N × packed bytes): :func:`nbits_weight_shapes` gives the initializer MatMulNBits'
         # N × blocks × bytes shape afterwards (the same bytes; a Reshape node here would cost nodes per Linear)

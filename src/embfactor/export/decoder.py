@@ -181,9 +181,9 @@ def step_feeds(sess: Any, ids: Any, mask: Any, past: dict[str, Any]) -> dict[str
     return feeds
 
 
-def greedy_generate(sess: Any, ids: Any, new_tokens: int, *, suppress: int | None = None) -> Any:
+def greedy_generate(sess: Any, ids: Any, new_tokens: int, *, suppress: int | list[int] | None = None) -> Any:
     """Greedy decoding with the KV cache through an ONNX Runtime session (numpy only): ``ids`` (batch × prompt, no
-    padding) followed by ``new_tokens`` tokens; ``suppress`` (e.g. EOS) is never chosen, as ``generate(
+    padding) followed by ``new_tokens`` tokens; ``suppress`` (EOS ids) are never chosen, as ``generate(
     min_new_tokens=...)`` does.
 
     Example:
@@ -198,8 +198,9 @@ def greedy_generate(sess: Any, ids: Any, new_tokens: int, *, suppress: int | Non
         mask = np.ones((out.shape[0], out.shape[1]), dtype=np.int64)
         res = sess.run(None, step_feeds(sess, cur, mask, past))
         logits = res[0][:, -1]
-        if suppress is not None and 0 <= suppress < logits.shape[-1]:
-            logits[:, suppress] = -np.inf
+        for t in [suppress] if isinstance(suppress, int) else suppress or []:
+            if 0 <= t < logits.shape[-1]:
+                logits[:, t] = -np.inf
         cur = logits.argmax(-1)[:, None].astype(np.int64)
         out = np.concatenate([out, cur], axis=1)
         past = {n.replace("present.", "past_key_values."): v for n, v in zip(present, res[1:])}

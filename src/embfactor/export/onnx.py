@@ -1,8 +1,12 @@
 """``export_onnx``: write a compressed folder's model as ``onnx/model.onnx``, the table still compressed inside.
 
-The layout is the one sentence-transformers (``backend="onnx"``) and optimum's ``ORTModel*`` classes read: inputs
-``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer gives them), output
-``last_hidden_state`` for an encoder or ``logits`` for a causal LM, dynamic batch and sequence axes. The graph is
+The layout is the one sentence-transformers (``backend="onnx"``) and optimum's ``ORTModel*`` classes read: for an
+encoder inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer gives them), output
+``last_hidden_state``, dynamic batch and sequence axes; a causal LM gets a KV cache in the layout optimum and
+transformers.js read (:mod:`embfactor.export.decoder`: ``past_key_values.N.key/value`` in, ``logits`` and
+``present.N.key/value`` out, one file for the first pass and every step), and ``generation_config.json`` beside it.
+``--rest int4`` Linears become ONNX Runtime's ``MatMulNBits`` from the stored integers (:mod:`embfactor.export.nbits`).
+The graph is
 traced by torch's TorchScript exporter (opset 18) with the tables computing through
 :func:`embfactor.export.graph.export_rows`: the stored integers, codebooks and scales become the file's initializers,
 so the file is about as large as the compressed safetensors, and a tied head reads the same initializers (the table is

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, environment, header, markdown_table, write_result_files  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, header, markdown_table, write_result_files
 
 NEW_TOKENS = 64
 PROMPT = "The history of the city begins"

@@ -349,6 +349,31 @@ def _check_targets(folder: Path, rels: list[str]) -> None:
             )
 
 
+def _graph(folder: Path, lm: Any) -> tuple[Any, list[str]]:
+    """The loaded folder's ONNX graph and its input names; refuses what cannot be exported (before any write)."""
+    from embfactor.export.decoder import cache_layout, export_decoder_graph
+    from embfactor.export.graph import check_exportable
+
+    model = lm.model
+    check_exportable(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise InvalidInputError(
+            f"{folder}: {type(model).__name__} is an encoder-decoder; ONNX export covers encoders (last_hidden_state) "
+            "and causal LMs (logits)"
+        )
+    if lm.tokenizer is None:
+        raise InvalidInputError(
+            f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json); ONNX runtimes (optimum, "
+            "transformers.js) tokenize with the folder's own tokenizer, so save the folder with it"
+        )
+    if lm.kind == "decoder":  # one file with a KV cache (first pass: empty past)
+        proto = export_decoder_graph(model, cache_layout(model))
+        fold_weight_transposes(proto, graph_scopes(model))
+        return proto, [i.name for i in proto.graph.input]
+    names = input_names(model, lm.tokenizer, lm.kind)
+    return export_graph(model, names, lm.kind), names
+
+
 def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = True) -> OnnxExportReport:
     """Write ``FOLDER/onnx/model.onnx`` (and ``model_qint8.onnx`` with ``int8_rest``) for a compressed folder.
 
@@ -379,27 +404,7 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
     _check_targets(folder, rels)
     lm = load_model(folder)
     model = lm.model.eval()
-    names = input_names(model, lm.tokenizer, lm.kind)
-    from embfactor.export.decoder import cache_layout, export_decoder_graph
-    from embfactor.export.graph import check_exportable
-
-    check_exportable(model)
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise InvalidInputError(
-            f"{folder}: {type(model).__name__} is an encoder-decoder; ONNX export covers encoders (last_hidden_state) "
-            "and causal LMs (logits)"
-        )
-    if lm.tokenizer is None:
-        raise InvalidInputError(
-            f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json); ONNX runtimes (optimum, "
-            "transformers.js) tokenize with the folder's own tokenizer, so save the folder with it"
-        )
-    if lm.kind == "decoder":  # one file with a KV cache (first pass: empty past)
-        proto = export_decoder_graph(model, cache_layout(model))
-        fold_weight_transposes(proto, graph_scopes(model))
-        names = [i.name for i in proto.graph.input]
-    else:
-        proto = export_graph(model, names, lm.kind)
+    proto, names = _graph(folder, lm)
     data = proto.SerializeToString()
     emb = model.get_input_embeddings()
     dense = dense_tables(proto, emb.num_embeddings, emb.embedding_dim, besides=untied_head(model))

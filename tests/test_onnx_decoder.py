@@ -238,3 +238,12 @@ def test_a_cache_the_layout_cannot_carry_is_refused_before_writing(tmp_path, tok
     err = capsys.readouterr().err
     assert "MambaForCausalLM" in err and "cannot be exported with a KV cache" in err
     assert not (tmp_path / "mamba" / "onnx").exists() and not (tmp_path / "mamba" / "generation_config.json").exists()
+
+
+def test_a_folder_without_a_tokenizer_is_refused_before_writing(tmp_path, capsys):
+    model = build("llama")
+    ef.factorize_(model, method="int", bits=8)
+    ef.save_compressed(model, tmp_path / "notok")  # no tokenizer: optimum and transformers.js could not run it
+    assert main(["export", str(tmp_path / "notok"), "--onnx"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "notok" / "onnx").exists()

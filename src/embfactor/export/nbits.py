@@ -3,11 +3,12 @@ stored integers.
 
 An :class:`~embfactor.layers.intk_linear.IntKLinear` of ``--rest int4`` holds 4-bit integers per group of 32 input
 columns, packed low nibble first, with an fp16 scale and minimum per group: ``w = q·scale + min``. That is
-MatMulNBits' block layout (``B``: N × blocks × 16 bytes, ``bits=4``, ``block_size=32``) with a float zero point
-``zp = −min / scale``, since MatMulNBits computes ``(q − zp)·scale``. The packed integers are used as they are (no
-requantization); scales and minima stay fp16 in the file and are cast (and ``zp`` computed) by small nodes ONNX
-Runtime folds when it loads, so the file holds the safetensors' bytes. A group whose scale is 0 (all its values
-equal) would divide by zero: such a Linear keeps the traced dequantization.
+MatMulNBits' block layout (``B``: N × blocks × 16 bytes, ``bits=4``, ``block_size=32``) with the default zero point 8
+plus a correction, since MatMulNBits computes ``(q − 8)·scale``: ``w = (q − 8)·scale + (min + 8·scale)``, the
+second term the input's per-group sums times a small matrix. The packed integers are used as they are (no
+requantization); scales and minima stay fp16 in the file and are cast (and the correction computed) by small nodes ONNX
+Runtime folds when it loads, so the file holds the safetensors' bytes. A Linear whose width is not a multiple of
+its group keeps the traced dequantization.
 """
 
 from __future__ import annotations
@@ -39,10 +40,20 @@ class _MatMulNBits(torch.autograd.Function):
 
         # B goes in as stored (N × packed bytes): :func:`nbits_weight_shapes` gives the initializer MatMulNBits'
         # N × blocks × bytes shape afterwards (the same bytes; a Reshape node here would cost nodes per Linear)
+        # no zero-point input (MatMulNBits' default, 8): ONNX Runtime's fast prepacked kernel; a float zero point
+        # made it dequantize the weight on every call (0.65 s per SmolLM2 token). The stored minimum is exact as
+        # w = (q − 8)·scale + (min + 8·scale), the second term a product of the input's per-group sums with a
+        # G × N matrix that ONNX Runtime folds at load (the file keeps the fp16 scales and minima)
         s = g.op("Cast", scale, to_i=T.FLOAT)
-        zp = g.op("Neg", g.op("Div", g.op("Cast", lo, to_i=T.FLOAT), s))
-        y = g.op(f"{NBITS_DOMAIN}::MatMulNBits", x, packed, s, zp,
+        m8 = g.op("Add", g.op("Cast", lo, to_i=T.FLOAT), g.op("Mul", s, g.op("Constant", value_t=torch.tensor(8.0))))
+        y = g.op(f"{NBITS_DOMAIN}::MatMulNBits", x, packed, s,
                  K_i=module.in_features, N_i=module.out_features, bits_i=4, block_size_i=module.group)
+        groups = module.in_features // module.group
+        shape = g.op("Concat", g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
+                                    g.op("Constant", value_t=torch.tensor([-1]))),
+                     g.op("Constant", value_t=torch.tensor([groups, module.group])), axis_i=0)
+        sums = g.op("ReduceSum", g.op("Reshape", x, shape), g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=0)
+        y = g.op("Add", y, g.op("MatMul", sums, g.op("Transpose", m8, perm_i=[1, 0])))
         with contextlib.suppress(Exception):  # the output's type, for the exporter's shape inference
             sizes = x.type().varyingSizes()
             y.setType(x.type().with_sizes([*sizes[:-1], module.out_features]))
@@ -70,7 +81,7 @@ def nbits_ready(m: IntKLinear) -> bool:
     of at least 16, no zero scale)."""
     g = m.group or 0
     return (m.bits == 4 and not m.symmetric and g >= 16 and g & (g - 1) == 0 and m.weight_min is not None
-            and bool((m.weight_scale != 0).all()))
+            and m.in_features % g == 0)
 
 
 def _nbits_forward(self: IntKLinear, x: torch.Tensor) -> torch.Tensor:

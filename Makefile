@@ -82,6 +82,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.whole_model_bytes --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/onnx_export.py --quick
 	$(PY) benchmarks/deploy_js.py --quick
+	$(PY) -m benchmarks.deploy --quick --output $(QUICK_OUT)/deploy
 	$(PY) -m benchmarks.scaling --quick --output $(QUICK_OUT) --work $(QUICK_OUT)/scaling
 
 lint: $(STAMP)

@@ -26,6 +26,7 @@ import onnx
 import embfactor as ef
 from embfactor.cli.main import main
 from embfactor.export import export_onnx
+from embfactor.export.decoder import empty_past, greedy_generate, step_feeds
 from embfactor.export.onnx import dense_tables, session
 from tests.conftest import VOCAB, _llama, write_st_modules
 from tests.test_hf_loading import IDS, MASK, _bert, _install, all_formats, recipe
@@ -128,13 +129,13 @@ def test_encoder_exports_every_format_compressed_and_matching(tmp_path, tokenize
 
 
 def _greedy(sess, ids: np.ndarray, steps: int, eos: int | None) -> np.ndarray:
-    """Greedy decoding through ONNX Runtime, EOS suppressed as generate(min_new_tokens=steps) does."""
-    for _ in range(steps):
-        logits = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][:, -1]
-        if eos is not None and eos < logits.shape[-1]:
-            logits[:, eos] = -np.inf
-        ids = np.concatenate([ids, logits.argmax(-1)[:, None]], axis=1)
-    return ids
+    """Greedy decoding through ONNX Runtime with the KV cache, EOS suppressed as generate(min_new_tokens=steps) does."""
+    return greedy_generate(sess, ids, steps, suppress=eos)
+
+
+def _first_pass(sess, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits of a first pass (empty past) of the cached decoder file."""
+    return sess.run(None, step_feeds(sess, ids, mask, empty_past(sess, len(ids))))[0]
 
 
 @pytest.mark.parametrize("case", ["codebook-int8", "every-format"])
@@ -151,7 +152,7 @@ def test_decoder_logits_and_greedy_generation_through_onnx_runtime(tmp_path, tok
     sess = session(path)
     with torch.no_grad():
         want = model(IDS, attention_mask=MASK).logits.numpy()
-    got = sess.run(None, {"input_ids": IDS.numpy(), "attention_mask": MASK.numpy()})[0]
+    got = _first_pass(sess, IDS.numpy(), MASK.numpy())
     assert np.abs(got - want)[MASK.numpy().astype(bool)].max() <= 1e-4
     tokens = model.generate(IDS[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert np.array_equal(_greedy(sess, IDS[:1].numpy(), 6, model.generation_config.eos_token_id), tokens.numpy())
@@ -270,8 +271,7 @@ def test_a_scaled_embedding_keeps_its_scale_in_the_graph(tmp_path, tokenizer, sc
     report = export_onnx(tmp_path / "g")
     assert report.check["onnx/model.onnx"]["min_cosine"] >= 0.99999
     ids = IDS.clamp(max=model.config.vocab_size - 1)
-    got = session(tmp_path / "g" / "onnx" / "model.onnx").run(
-        None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
+    got = _first_pass(session(tmp_path / "g" / "onnx" / "model.onnx"), ids.numpy(), np.ones_like(ids.numpy()))
     with torch.no_grad():
         want = model(ids).logits.numpy()
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())

@@ -33,7 +33,10 @@ def render(r: dict[str, Any]) -> str:
             for rel, n in r["files"].items()]
     rows.append(["model.safetensors (for comparison)", mb(r["safetensors_bytes"]), ""])
     what = "pooled vectors" if r["kind"] == "encoder" else "last-position logits"
-    head = (f"{r['folder']}: {r['kind']} exported to ONNX (inputs {', '.join(r['inputs'])}; output {r['output']}), "
+    inputs = [n for n in r["inputs"] if not n.startswith("past_key_values.")]
+    if len(inputs) < len(r["inputs"]):  # a decoder's cache: one pair per layer
+        inputs.append(f"past_key_values.{{0..{(len(r['inputs']) - len(inputs)) // 2 - 1}}}.key/value")
+    head = (f"{r['folder']}: {r['kind']} exported to ONNX (inputs {', '.join(inputs)}; output {r['output']}), "
             f"the table still compressed")
     return f"{head}\n" + table(rows, ["file", "size", f"cosine to PyTorch ({what})"]) + f"\nwall time: {r['seconds']:.1f} s"
 

@@ -76,7 +76,9 @@ def _tiered_rows(fmt: TieredFormat, ids: torch.Tensor) -> torch.Tensor:
             continue
         rows = export_rows(child, (pos - lo).clamp(0, n - 1))
         inside = ((pos >= lo) & (pos < lo + n)).unsqueeze(-1)
-        out = torch.where(inside, rows, torch.zeros_like(rows) if out is None else out.to(rows.dtype))
+        # a scalar zero, not zeros_like(rows): a tied head's rows have a static vocab × d shape, which the tracer
+        # would write into the file as a dense constant
+        out = torch.where(inside, rows, torch.zeros((), dtype=rows.dtype) if out is None else out.to(rows.dtype))
     if out is None:  # every tier is zeros
         out = export_rows(fmt.tiers[0], ids)
     return fmt._mask_padding(out, ids)

@@ -1,8 +1,12 @@
 """``export_onnx``: write a compressed folder's model as ``onnx/model.onnx``, the table still compressed inside.
 
-The layout is the one sentence-transformers (``backend="onnx"``) and optimum's ``ORTModel*`` classes read: inputs
-``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer gives them), output
-``last_hidden_state`` for an encoder or ``logits`` for a causal LM, dynamic batch and sequence axes. The graph is
+The layout is the one sentence-transformers (``backend="onnx"``) and optimum's ``ORTModel*`` classes read: for an
+encoder inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the tokenizer gives them), output
+``last_hidden_state``, dynamic batch and sequence axes; a causal LM gets a KV cache in the layout optimum and
+transformers.js read (:mod:`embfactor.export.decoder`: ``past_key_values.N.key/value`` in, ``logits`` and
+``present.N.key/value`` out, one file for the first pass and every step), and ``generation_config.json`` beside it.
+``--rest int4`` Linears become ONNX Runtime's ``MatMulNBits`` from the stored integers (:mod:`embfactor.export.nbits`).
+The graph is
 traced by torch's TorchScript exporter (opset 18) with the tables computing through
 :func:`embfactor.export.graph.export_rows`: the stored integers, codebooks and scales become the file's initializers,
 so the file is about as large as the compressed safetensors, and a tied head reads the same initializers (the table is
@@ -26,6 +30,7 @@ from embfactor.errors import EmbfactorError, InvalidInputError, ModelNotFoundErr
 ONNX_DIR = "onnx"
 MODEL_FILE = "model.onnx"
 QINT8_FILE = "model_qint8.onnx"
+GENERATION_FILE = "generation_config.json"
 OPSET = 18
 # texts the written file is checked on against PyTorch (two lengths, so padding is exercised)
 # config.json key transformers.js reads (dtype: which onnx/model*.onnx it loads)
@@ -133,7 +138,9 @@ def export_graph(model: Any, names: list[str], kind: str, *, opset: int = OPSET)
     vocab = model.get_input_embeddings().num_embeddings
     buf = io.BytesIO()
     attn = getattr(model.config, "_attn_implementation", None)
-    with traceable_tables(model), torch.no_grad(), warnings.catch_warnings():
+    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits, nbits_weight_shapes
+
+    with traceable_tables(model), matmul_nbits(model) as nbits, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
         if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
             # eager attention: the SDPA path decides on masks with Python branches a trace would freeze
@@ -143,12 +150,13 @@ def export_graph(model: Any, names: list[str], kind: str, *, opset: int = OPSET)
                 _wrapper(model, names, kind), example_inputs(vocab, names), buf, dynamo=False, opset_version=opset,
                 input_names=names, output_names=[output], dynamic_axes=axes,
                 # no folding: it would decode a tied head's table into a dense float initializer
-                do_constant_folding=False,
+                do_constant_folding=False, custom_opsets={NBITS_DOMAIN: 1} if nbits else None,
             )
         finally:
             if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation(attn)
     proto = onnx.load_from_string(buf.getvalue())
+    nbits_weight_shapes(proto)
     fold_weight_transposes(proto, graph_scopes(model))
     return proto
 
@@ -190,6 +198,45 @@ def fold_weight_transposes(proto: Any, keep: list[str]) -> int:
     return folded
 
 
+def short_names(proto: Any) -> int:
+    """Merge equal Constant nodes; give nodes and intermediate values short names (in place; returns how many values).
+
+    The tracer names each node and value after its module scope (``/model/model/layers.0/self_attn/q_proj/
+    MatMul_output_0``): about 50 kB per decoder layer, which made a file larger than the safetensors it came from.
+    Graph inputs, outputs and initializers keep their names (runtimes feed and read them by name); done last, after
+    :func:`table_nodes` has read the scopes.
+    """
+    keep = {v.name for v in (*proto.graph.input, *proto.graph.output)} | {t.name for t in proto.graph.initializer}
+    rename: dict[str, str] = {}
+    # one Constant node per distinct value (the trace writes one per use: a third of a decoder's nodes)
+    first: dict[bytes, str] = {}
+    for n in list(proto.graph.node):
+        if n.op_type == "Constant" and len(n.output) == 1 and n.output[0] not in keep:
+            key = b"".join(a.SerializeToString() for a in n.attribute)
+            if key in first:
+                rename[n.output[0]] = first[key]
+                proto.graph.node.remove(n)
+            else:
+                first[key] = n.output[0]
+    for n in proto.graph.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    rename = {}
+    for k, n in enumerate(proto.graph.node):
+        n.name = f"n{k:x}"
+        for i, out in enumerate(n.output):
+            if out and out not in keep:
+                rename[out] = n.output[i] = f"v{len(rename):x}"
+    for n in proto.graph.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    for v in proto.graph.value_info:
+        v.name = rename.get(v.name, v.name)
+    return len(rename)
+
+
 def dense_tables(proto: Any, vocab: int, d: int, *, besides: list[str] = ()) -> list[str]:
     """Float initializers holding a whole vocab × d table (what a compressed export must not contain), except those of
     the ``besides`` module scopes (an untied output head, which embfactor does not compress)."""
@@ -197,10 +244,13 @@ def dense_tables(proto: Any, vocab: int, d: int, *, besides: list[str] = ()) -> 
 
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
     marks = [m for s in besides for m in (f"{s}.", f"/{s.replace('.', '/')}/")]
+    # initializers, and Constant nodes' values (a traced tensor of static shape becomes one)
+    tensors = [(t.name, t) for t in proto.graph.initializer]
+    tensors += [(n.name, a.t) for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     return [
-        f"{t.name} {list(t.dims)}" for t in proto.graph.initializer
+        f"{name} {list(t.dims)}" for name, t in tensors
         if t.data_type in floats and len(t.dims) >= 2 and vocab in t.dims and d * vocab <= _numel(t.dims)
-        and not any(m in t.name for m in marks)
+        and not any(m in name for m in marks)
     ]
 
 
@@ -320,6 +370,31 @@ def _check_targets(folder: Path, rels: list[str]) -> None:
             )
 
 
+def _graph(folder: Path, lm: Any) -> tuple[Any, list[str]]:
+    """The loaded folder's ONNX graph and its input names; refuses what cannot be exported (before any write)."""
+    from embfactor.export.decoder import cache_layout, export_decoder_graph
+    from embfactor.export.graph import check_exportable
+
+    model = lm.model
+    check_exportable(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise InvalidInputError(
+            f"{folder}: {type(model).__name__} is an encoder-decoder; ONNX export covers encoders (last_hidden_state) "
+            "and causal LMs (logits)"
+        )
+    if lm.tokenizer is None:
+        raise InvalidInputError(
+            f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json); ONNX runtimes (optimum, "
+            "transformers.js) tokenize with the folder's own tokenizer, so save the folder with it"
+        )
+    if lm.kind == "decoder":  # one file with a KV cache (first pass: empty past)
+        proto = export_decoder_graph(model, cache_layout(model))
+        fold_weight_transposes(proto, graph_scopes(model))
+        return proto, [i.name for i in proto.graph.input]
+    names = input_names(model, lm.tokenizer, lm.kind)
+    return export_graph(model, names, lm.kind), names
+
+
 def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = True) -> OnnxExportReport:
     """Write ``FOLDER/onnx/model.onnx`` (and ``model_qint8.onnx`` with ``int8_rest``) for a compressed folder.
 
@@ -334,6 +409,7 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
         >>> r = export_onnx("out/minilm-16x", int8_rest=True)   # doctest: +SKIP
         >>> SentenceTransformer("out/minilm-16x", backend="onnx")   # doctest: +SKIP
     """
+    from embfactor.export.decoder import compare_decoder_with_torch
     from embfactor.fileio import MARKER_FILE, add_to_manifest, atomic_write_bytes
     from embfactor.models import load_model
 
@@ -349,16 +425,7 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
     _check_targets(folder, rels)
     lm = load_model(folder)
     model = lm.model.eval()
-    names = input_names(model, lm.tokenizer, lm.kind)
-    from embfactor.export.graph import check_exportable
-
-    check_exportable(model)
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise InvalidInputError(
-            f"{folder}: {type(model).__name__} is an encoder-decoder; ONNX export covers encoders (last_hidden_state) "
-            "and causal LMs (logits)"
-        )
-    proto = export_graph(model, names, lm.kind)
+    proto, names = _graph(folder, lm)
     data = proto.SerializeToString()
     emb = model.get_input_embeddings()
     dense = dense_tables(proto, emb.num_embeddings, emb.embedding_dim, besides=untied_head(model))
@@ -372,12 +439,18 @@ def export_onnx(folder: str | Path, *, int8_rest: bool = False, check: bool = Tr
     outputs = {rels[0]: data}
     if int8_rest:
         outputs[rels[1]] = quantize_rest(data, table_nodes(proto, graph_scopes(model)))
+    short_names(proto)
+    outputs[rels[0]] = proto.SerializeToString()
     for rel, blob in outputs.items():
         if check:
-            report.check[rel] = compare_with_torch(lm, blob, names)
+            report.check[rel] = (compare_decoder_with_torch(lm, blob, CHECK_TEXTS) if lm.kind == "decoder"
+                                 else compare_with_torch(lm, blob, names))
             if rel == rels[0] and report.check[rel]["min_cosine"] < 0.9999:
                 raise ExportError(f"ONNX Runtime's outputs differ from PyTorch's ({report.check[rel]}); nothing written")
-    add_to_manifest(folder, [f"{ONNX_DIR}/", *rels])  # first: a file we write is never left unlisted
+    if lm.kind == "decoder" and not (folder / GENERATION_FILE).exists():
+        # generate()'s settings where optimum and transformers.js look for them (eos, bos, pad)
+        outputs[GENERATION_FILE] = model.generation_config.to_json_string(use_diff=True).encode()
+    add_to_manifest(folder, [f"{ONNX_DIR}/", *outputs])  # first: a file we write is never left unlisted
     for rel, blob in outputs.items():
         atomic_write_bytes(folder / rel, blob)
         report.files[rel] = len(blob)

@@ -156,7 +156,7 @@ def compress(
         verify: held-out samples the written folder is scored on against the original (:mod:`.verify`; None/True:
             64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
         rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
-            precision; bf16 for GGUF), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` (the other nn.Linears' weights).
+            precision; a GGUF's quantized Linears as int4/int8, the rest bf16), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` (the other nn.Linears' weights).
 
     Example:
         >>> import embfactor as ef

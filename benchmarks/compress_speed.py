@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
-from benchmarks.common import emit, environment, header, markdown_table, run_isolated, write_results  # noqa: E402
+from benchmarks.common import emit, environment, header, markdown_table, run_isolated, write_results
 
 MODELS = ("minilm", "smollm2")
 

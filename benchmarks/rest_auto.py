@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
-from benchmarks.common import RESULTS_DIR, markdown_table, write_result_files  # noqa: E402
+from benchmarks.common import RESULTS_DIR, markdown_table, write_result_files
 
 
 def run(folder: str, model: str = "smollm2", windows: int = 16) -> dict[str, Any]:

@@ -72,6 +72,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/codebook_frontier.py --quick --model minilm
 	$(PY) benchmarks/codebook_frontier.py --quick --model smollm2
 	$(PY) benchmarks/codebook_speed.py --quick
+	$(PY) -m benchmarks.compress_speed --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/load_test.py --quick --output $(QUICK_OUT)/load_test_quick
 	$(PY) -m benchmarks.hf_load --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/frontier.py --quick

@@ -189,3 +189,20 @@ def test_subset_eigh_path_matches_full_eigh(rank, monkeypatch):
     assert torch.allclose(fast.singular_values, full.singular_values, rtol=1e-5)
     assert torch.allclose(fast.reconstruct(), full.reconstruct(), atol=1e-4)
     assert torch.allclose(fast.U, full.U, atol=1e-3) and torch.allclose(fast.V, full.V, atol=1e-3)
+
+
+@pytest.mark.parametrize("sub", [3, 4, 12])
+def test_pq_encoding_in_the_head_metric_equals_the_cdist_reference(monkeypatch, sub):
+    """hessian_encode's nearest codeword by one GEMM with the norms as bias (issue 30) against cdist + argmin."""
+    import embfactor.decomposition.codebook as cb
+
+    g = torch.Generator().manual_seed(sub)
+    d, K = 48, 64
+    X = _embedding_like(3000, d, seed=sub)
+    A = torch.randn(d, d, generator=g) / d ** 0.5
+    H = A @ A.T + 0.1 * torch.eye(d)
+    books = torch.randn(d // sub, K, sub, generator=g) * 0.3
+    fast = cb.hessian_encode(X, books, H, block_rows=1000)
+    monkeypatch.setattr(cb, "nearest", lambda x, b, norms: torch.cdist(x, b).argmin(1))
+    ref = cb.hessian_encode(X, books, H, block_rows=1000)
+    assert torch.equal(fast, ref)

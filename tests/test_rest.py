@@ -195,3 +195,36 @@ def test_integer_rest_with_the_planner_is_verified_without_false_alarm(tmp_path:
     r = compress(str(tiny_bert_dir), output=tmp_path / "o", size="8x", rest="int8", progress=False)
     assert r.verified["ok"] and r.verified["plan_check"] is None
     assert r.to_dict()["rest"]["linear"] == "int8"
+
+
+def test_a_quantized_gguf_keeps_each_linears_precision_by_default(tmp_path: Path):
+    """--rest auto of a GGUF: Q4_1 Linears stored as int4, Q8_0 ones as int8, float tensors bf16 (issue 30)."""
+    from gguf import GGMLQuantizationType as Q
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_gguf_loader import write_tiny_gguf
+
+    types = {"attn_q.weight": Q.Q4_1, "attn_k.weight": Q.Q4_1, "attn_v.weight": Q.Q4_1, "attn_output.weight": Q.Q4_1,
+             "ffn_gate.weight": Q.Q4_1, "ffn_up.weight": Q.Q4_1, "ffn_down.weight": Q.Q8_0, "token_embd.weight": Q.Q8_0}
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", _bigger_llama(), types, tokenizer=True)
+    out = tmp_path / "out"
+    r = compress(str(gguf_path), output=out, method="int", method_options={"bits": 4}, progress=False)
+    kinds = r.rest["linear_kinds"]
+    assert r.rest["linear"] == "mixed" and sorted(kinds) == r.rest["linear_modules"] and len(kinds) == 14
+    assert {k: v for k, v in kinds.items() if k.endswith("down_proj")} == dict.fromkeys(
+        [f"model.layers.{i}.mlp.down_proj" for i in range(2)], "int8")
+    assert {v for k, v in kinds.items() if not k.endswith("down_proj")} == {"int4"}
+    assert r.bytes_after <= r.bytes_before  # never more bytes than it read
+    small = load_model(out)
+    got = {n: (m.bits, m.group) for n, m in small.model.named_modules() if isinstance(m, IntKLinear)}
+    assert got == {k: (REST_SETTINGS[v]["bits"], REST_SETTINGS[v]["group"]) for k, v in kinds.items()}
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(PROMPT % 100).logits, small.model(PROMPT % 100).logits, rtol=0, atol=1e-5)
+
+
+def test_a_float_gguf_and_an_explicit_rest_are_unchanged(tmp_path: Path):
+    from embfactor.surgery.rest import gguf_kind
+
+    assert [gguf_kind(t) for t in ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q4_K", "Q4_0", "IQ4_XS", "Q2_K")] == [
+        None, None, None, "int8", "int8", "int8", "int4", "int4", "int4", "int4"]

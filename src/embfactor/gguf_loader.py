@@ -325,6 +325,24 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor, gguf_name: str, pa
         module._buffers[leaf] = value
 
 
+def source_tensor_types(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
+    """The ggml type (``"Q4_1"``, ``"Q8_0"``, ``"F32"``, ...) each of ``model``'s parameters had in the GGUF file at
+    ``path``, by the model's parameter name (transformers' GGUF name map, as the load uses); tensors the map does not
+    reach are absent. ``model`` may already be compressed: only the names of its layers are read.
+
+    Example:
+        >>> source_tensor_types(smollm2_path(), model)["model.layers.0.mlp.up_proj.weight"]   # doctest: +SKIP
+        'Q4_1'
+    """
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    reader = open_gguf(path)
+    processor = _processor_class(_field(reader, "general.architecture"))(config={})
+    with _name_maps_built_once():
+        names = get_gguf_hf_weights_map(model, processor)
+    return {names[t.name]: t.tensor_type.name for t in reader.tensors if t.name in names}
+
+
 def _check_complete(model: nn.Module, path: Path, gguf_names: dict[str, str]) -> None:
     """Raise if a parameter or buffer is still on the meta device, naming it as the model and as the file would."""
     params = model.named_parameters(remove_duplicate=False)

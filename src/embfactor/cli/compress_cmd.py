@@ -164,7 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rest", choices=REST_CHOICES, default="auto",
         help="how the weights besides the embedding are stored: auto (default) keeps the source's precision (a bf16 "
-        "folder stays bf16; a GGUF source: bf16), bf16/fp16/fp32, or int8 (every other Linear weight-only, one "
+        "folder stays bf16; a GGUF source: its 4-bit Linears as int4, 5-8-bit ones as int8, the rest bf16), bf16/fp16/fp32, or int8 (every other Linear weight-only, one "
         "scale per output channel) / int4 (per group of 32 inputs, fp16 scale + minimum), dequantized on the fly",
     )
     add_verify_args(p)

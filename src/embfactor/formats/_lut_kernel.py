@@ -83,6 +83,24 @@ HOT void lut_sum_batch_u8(const uint8_t* codes, int64_t V, int64_t C, const floa
         for (int64_t b = 0; b < B; ++b) out[b * ldo + col] = a0[b] + a1[b];
     }
 }
+/* lookup tables of B hidden vectors (B x hd floats, hd = M*sub): out[b, g, k] = sum_j books[g, k, j] * h[b, (g%M)*sub + j]
+   for the G = S*M sub-codebooks (books: G x K x sub floats). In C so that a batch-1 head is two calls with no
+   parallel PyTorch op in between: at 2 threads each small op's OpenMP barrier cost more than the op (issue 30). The
+   sum runs over j in order from 0, as the PyTorch reference (lookup_tables) adds its terms. */
+HOT void lut_build(const float* books, int64_t G, int64_t M, int64_t K, int64_t sub, const float* h, int64_t B,
+                   float* out) {
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t g = 0; g < G; ++g) {
+            const float* hv = h + b * M * sub + (g % M) * sub;
+            const float* bk = books + g * K * sub;
+            float* o = out + (b * G + g) * K;
+            for (int64_t k = 0; k < K; ++k) {
+                float acc = bk[k * sub] * hv[0];
+                for (int64_t j = 1; j < sub; ++j) acc += bk[k * sub + j] * hv[j];
+                o[k] = acc;
+            }
+        }
+}
 /* rows for ids: out[i, :] = sum_s concat_m cb[(s*M + m)*K + codes[ids[i], s, m], :]  (cb: S*M*K x sub floats) */
 void pq_gather_u8(const uint8_t* codes, const int64_t* ids, int64_t n, int64_t S, int64_t M, const float* cb,
                   int64_t K, int64_t sub, float* out) {
@@ -271,6 +289,7 @@ _SIGNATURES = {
     "lut_sum_u8": [_P, _I, _I, _P, _I, _P, _P],
     "lut_sum_batch_u8": [_P, _I, _I, _P, _I, _I, _P, _I, _P],
     "pq_gather_u8": [_P, _P, _I, _I, _I, _P, _I, _I, _P],
+    "lut_build": [_P, _I, _I, _I, _I, _P, _I, _P],
     "intk_project": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _P, _I, _P, _I, _P],
     "intk_dequant": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _P],
 }
@@ -390,6 +409,19 @@ def lut_sum_batch(codes: torch.Tensor, lut: torch.Tensor, out: torch.Tensor, col
 
         _split_rows(V, work)
     return True
+
+
+def lut_build(books: torch.Tensor, h: torch.Tensor, M: int) -> torch.Tensor | None:
+    """(B × G × K) lookup tables LUT[b, g, k] = books[g, k] · h[b, (g mod M)·sub : ...] for float32 contiguous
+    ``books`` (G × K × sub, G = stages·M) and ``h`` (B × M·sub, float32); None when there is no kernel."""
+    lib = lut_kernel()
+    if lib is None or books.dtype != torch.float32 or h.dtype != torch.float32 or books.device.type != "cpu":
+        return None
+    G, K, sub = books.shape
+    books, h = books.contiguous(), h.contiguous()
+    out = torch.empty(h.shape[0], G, K, dtype=torch.float32)
+    lib.lut_build(books.data_ptr(), G, M, K, sub, h.data_ptr(), h.shape[0], out.data_ptr())
+    return out
 
 
 def pq_gather(codes: torch.Tensor, ids: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor | None:

@@ -259,10 +259,39 @@ class CodebookEmbedding(RowFormat):
                     out.index_copy_(1, cols[s:e], logits.to(out.dtype))
             return True
         codes = self.codes.view(self.num_embeddings, -1)
-        lut = self.lookup_tables(h)
+        lut = self._kernel_lookup_tables(h)
         if B == 1:
             return lut_sum(codes, lut.reshape(-1, self.K), out=out[0], cols=cols) is not None
         return lut_sum_batch(codes, lut.reshape(B, -1, self.K).permute(1, 2, 0), out, cols)
+
+    def _kernel_lookup_tables(self, h: torch.Tensor) -> torch.Tensor:
+        """:meth:`lookup_tables` at inference, built by the C kernel from float32 codebooks kept between calls
+        (a batch-1 head is then the LUT build and the LUT sum, no parallel PyTorch op: at 2 threads the OpenMP
+        barriers of the reference's ~6 small ops cost more than the sum over the codes; issue 30)."""
+        from embfactor.formats._lut_kernel import lut_build
+
+        x = h.float()
+        if self.rotation is not None:
+            x = x @ self.rotation.float()
+        pad = self.M * self.sub_dim - self.embedding_dim
+        if pad:
+            x = F.pad(x, (0, pad))
+        lut = lut_build(self._inference_books(), x, self.M)
+        if lut is None:
+            return self.lookup_tables(h)
+        return lut.view(h.shape[0], self.stages, self.M, self.K)
+
+    def _inference_books(self) -> torch.Tensor:
+        """The codebooks as float32 (G × K × sub, contiguous), recomputed only when a stored tensor changed."""
+        # the key holds the stored tensors themselves: their memory cannot be reused by a new tensor while cached
+        tensors = tuple(t.detach() for t in (self.codebooks, self.codebook_scale) if t is not None)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.shape) for t in tensors)
+        cached = getattr(self, "_books_cache", None)
+        if cached is None or cached[1] != key:
+            with torch.no_grad():
+                books = self.books().float().reshape(-1, self.K, self.sub_dim).contiguous()
+            cached = self._books_cache = (tensors, key, books)
+        return cached[2]
 
     def _decoded_rows(self, s: int, e: int) -> torch.Tensor:
         """Rows [s, e) in float32, rotated, without row scales (``_finish`` applies them to the logits)."""

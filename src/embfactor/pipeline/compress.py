@@ -162,7 +162,8 @@ def compress(
         verify: held-out samples the written folder is scored on against the original (:mod:`embfactor.verify`; None/True:
             64 passages or 2 windows; 0/False: skip); VerificationError, writing nothing, when it is far worse.
         rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
-            precision; bf16 for GGUF), ``bf16``/``fp16``/``fp32``, or ``int8``/``int4`` (the other nn.Linears' weights).
+            precision; a GGUF's quantized Linears as int4/int8, the rest bf16), ``bf16``/``fp16``/``fp32``, or
+            ``int8``/``int4`` (the other nn.Linears' weights).
         calibration: ``bundled`` (the text as given: ``text_files`` or the bundled extract) or ``self`` (a
             decoder's own samples added to it, :mod:`embfactor.plan.selfcal`; cached per model).
 

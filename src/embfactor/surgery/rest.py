@@ -2,10 +2,13 @@
 
 embfactor computes in float32, but it writes the rest in the precision the source had: a bf16/fp16 Hugging Face
 folder stays bf16/fp16 and a float32 one float32 (the dtype that holds most of the source's floating bytes, as
-transformers loads a checkpoint in one dtype), and a GGUF source, whose weights are quantized blocks that are not
-a Hugging Face dtype, is written in bf16. ``rest="int8"`` / ``"int4"`` additionally store every ``nn.Linear`` weight
-as integers (:class:`embfactor.layers.intk_linear.IntKLinear`); the embedding and the head tied to it are already a
-storage format and are left alone, as is every tensor of a format.
+transformers loads a checkpoint in one dtype). A GGUF source's weights are quantized blocks that are not a Hugging
+Face dtype: each ``nn.Linear`` keeps the precision its tensor had in the file (4-bit and fewer blocks as int4, 5- to
+8-bit blocks as int8, :func:`gguf_linear_kinds`), and every other weight (norms, float tensors) is written in bf16,
+so the output is never larger than the GGUF for a bf16 rest it did not have (SmolLM2 Q4_1: 226.6 -> 80.7 MB).
+``rest="int8"`` / ``"int4"`` store every ``nn.Linear`` weight as integers
+(:class:`embfactor.layers.intk_linear.IntKLinear`); the embedding and the head tied to it are already a storage
+format and are left alone, as is every tensor of a format.
 
 In memory the rest stays float32, rounded to the stored precision (:func:`store_rest_`), so the model a command
 measures is the one it saves; :func:`stored_rest` casts it for the write only. What was chosen travels in the
@@ -178,7 +181,8 @@ def store_rest_(model: nn.Module, rest: str = "auto", *, source: str | Path | No
 
     Args:
         model: a model factorized by :func:`~embfactor.surgery.factorize_` (float32).
-        rest: ``auto`` (the source's precision; bf16 for a GGUF source), ``bf16``/``fp16``/``fp32``, or
+        rest: ``auto`` (the source's precision: a GGUF's quantized Linears as int4/int8, :func:`gguf_kind`, the
+            rest of it in bf16), ``bf16``/``fp16``/``fp32``, or
             ``int8``/``int4`` (every other ``nn.Linear`` weight-only as integers, the rest in the auto precision).
         source: the source's weights file or folder (:func:`source_dtype` reads it for ``auto``).
 
@@ -198,16 +202,65 @@ def store_rest_(model: nn.Module, rest: str = "auto", *, source: str | Path | No
     if meta is None:
         raise SurgeryError(f"{type(model).__name__} is not factorized; store_rest_ stores the rest of a compressed model")
     dtype = _DTYPES.get(rest) or source_dtype(source)
-    linears = linears_to_store(model) if rest in REST_SETTINGS else {}
-    if rest in REST_SETTINGS and not linears:
-        raise SurgeryError(f"--rest {rest}: {type(model).__name__} has no nn.Linear besides its embedding to store")
+    if rest in REST_SETTINGS:
+        kinds = dict.fromkeys(linears_to_store(model), rest)
+        if not kinds:
+            raise SurgeryError(f"--rest {rest}: {type(model).__name__} has no nn.Linear besides its embedding to store")
+    else:  # auto: a GGUF's quantized Linears keep their precision
+        kinds = gguf_linear_kinds(source, model) if rest == "auto" and is_gguf(source) else {}
+    linears = {k: m for k, m in linears_to_store(model).items() if k in kinds}
     # ---- validated: mutate below
     round_rest_(model, dtype)
     if linears:  # integers of the weights as the precision above stores them (int8 of a GGUF: of its bf16 copy)
-        replace_modules_(model, {k: IntKLinear.from_linear(m, **REST_SETTINGS[rest]) for k, m in linears.items()})
-    meta.rest = {"dtype": dtype_name(dtype), "linear": rest if linears else None, "linear_modules": sorted(linears)}
+        replace_modules_(model, {k: IntKLinear.from_linear(m, **REST_SETTINGS[kinds[k]]) for k, m in linears.items()})
+    meta.rest = {"dtype": dtype_name(dtype), "linear": _one_kind(kinds) if linears else None,
+                 "linear_modules": sorted(linears)}
+    if meta.rest["linear"] == MIXED:
+        meta.rest["linear_kinds"] = {k: kinds[k] for k in sorted(linears)}
     attach_quantization_config(model)
     return {**meta.rest, "bytes": rest_bytes(model)}
+
+
+MIXED = "mixed"  # the record's "linear" when the integer Linears differ in kind ("linear_kinds" names each)
+
+
+def _one_kind(kinds: dict[str, str]) -> str:
+    return next(iter(set(kinds.values()))) if len(set(kinds.values())) == 1 else MIXED
+
+
+def is_gguf(source: str | Path | None) -> bool:
+    return source is not None and Path(source).suffix.lower() == ".gguf"
+
+
+def gguf_kind(ggml_type: str) -> str | None:
+    """How ``--rest auto`` stores a Linear whose GGUF tensor has this ggml type: ``"int4"`` (4 bits per weight or
+    fewer: Q4_0/Q4_1/Q4_K, Q3_K, Q2_K, IQ*, TQ*), ``"int8"`` (5 to 8 bits: Q5_*, Q6_K, Q8_*), None (a float
+    tensor, kept in the rest's float dtype).
+
+    Example:
+        >>> gguf_kind("Q4_1"), gguf_kind("Q6_K"), gguf_kind("F16")
+        ('int4', 'int8', None)
+    """
+    t = ggml_type.upper()
+    if t.startswith(("F", "BF")):
+        return None
+    if t.startswith(("Q5", "Q6", "Q8")):
+        return "int8"
+    return "int4"  # Q4*, Q3_K, Q2_K, IQ1..IQ4, TQ1/TQ2: 4 bits or fewer
+
+
+def gguf_linear_kinds(source: str | Path, model: nn.Module) -> dict[str, str]:
+    """{Linear fqn: "int4" | "int8"} for each of ``model``'s Linears (:func:`linears_to_store`) whose weight was a
+    quantized tensor of the GGUF file ``source`` (:func:`gguf_kind`); float tensors and unmapped Linears absent."""
+    from embfactor.gguf_loader import source_tensor_types
+
+    types = source_tensor_types(source, model)
+    out = {}
+    for fqn in linears_to_store(model):
+        kind = gguf_kind(types[f"{fqn}.weight"]) if f"{fqn}.weight" in types else None
+        if kind is not None:
+            out[fqn] = kind
+    return out
 
 
 def round_rest_(model: nn.Module, dtype: torch.dtype | None = None) -> None:
@@ -253,8 +306,11 @@ def build_rest_structure_(model: nn.Module, rest: dict[str, Any], *, dtype: torc
     kind, names = rest.get("linear"), rest.get("linear_modules") or []
     if not names:
         return
-    if kind not in REST_SETTINGS:
-        raise CorruptFileError(f"rest linear {kind!r} is not one of {', '.join(REST_SETTINGS)}")
+    kinds = rest.get("linear_kinds") if kind == MIXED else dict.fromkeys(names, kind)
+    if not isinstance(kinds, dict) or any(kinds.get(n) not in REST_SETTINGS for n in names):
+        bad = kind if kind != MIXED else (kinds or {})
+        raise CorruptFileError(f"rest linear {bad!r} is not one of {', '.join(REST_SETTINGS)} (or {MIXED!r} with "
+                               "linear_kinds naming one for each of linear_modules)")
     new = {}
     for fqn in names:
         try:
@@ -268,5 +324,5 @@ def build_rest_structure_(model: nn.Module, rest: dict[str, Any], *, dtype: torc
             )
         device = m.weight.device
         new[fqn] = IntKLinear(m.in_features, m.out_features, m.bias is not None, device=device,
-                              dtype=dtype or m.weight.dtype, **REST_SETTINGS[kind])
+                              dtype=dtype or m.weight.dtype, **REST_SETTINGS[kinds[fqn]])
     replace_modules_(model, new)

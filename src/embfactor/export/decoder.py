@@ -216,7 +216,7 @@ def compare_decoder_with_torch(lm: Any, data: bytes, texts: list[str], *, steps:
     import torch
     from transformers import DynamicCache
 
-    from embfactor.export.onnx import check_feeds, session
+    from embfactor.export.feeds import check_feeds, session
 
     side = getattr(lm.tokenizer, "padding_side", None)
     if lm.tokenizer is not None:

@@ -12,9 +12,15 @@ from typing import Any
 import torch
 
 from embfactor.config import FactorizationConfig
+from embfactor.data import read_texts
 from embfactor.decomposition import refuse_spectrum_target
 from embfactor.errors import ConfigError, InvalidInputError
+from embfactor.fileio import check_output_dir
+from embfactor.plan import wants_plan
+from embfactor.plan.selfcal import calibration_texts, check_calibration
+from embfactor.surgery import quantize_
 from embfactor.surgery.factorize import FactorizationReport
+from embfactor.surgery.io import WEIGHTS_FILE
 from embfactor.surgery.rest import check_rest, store_rest_
 
 
@@ -121,12 +127,14 @@ def _checked_settings(
     return config, bits
 
 
-def _refuse_before_work(lm: Any, texts: list[str] | None, *, verifying: bool) -> None:
-    """Refused before any work on the loaded model: what a format cannot reproduce (an embedding that does more than
-    scale its lookup), and text its tokenizer cannot encode (:func:`check_tokenizer`)."""
+def _refuse_before_work(lm: Any, texts: list[str] | None, output: Any, *, verifying: bool) -> None:
+    """Refused before any work on the loaded model: an output inside its folder, what a format cannot reproduce (an
+    embedding that does more than scale its lookup), and text its tokenizer cannot encode (:func:`check_tokenizer`)."""
     from embfactor.surgery import find_embedding_and_head
     from embfactor.surgery.conform import table_readers
 
+    if output is not None:
+        check_output_dir(output, inputs=(lm.source,))
     site = find_embedding_and_head(lm.model)
     table_readers(lm.model, site.embedding, site.embedding_module, site.head)
     check_tokenizer(lm, texts, verifying=verifying)
@@ -164,8 +172,7 @@ def compress(
         rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
             precision; a GGUF's quantized Linears as int4/int8, the rest bf16), ``bf16``/``fp16``/``fp32``, or
             ``int8``/``int4`` (the other nn.Linears' weights).
-        calibration: ``bundled`` (the text as given: ``text_files`` or the bundled extract) or ``self`` (a
-            decoder's own samples added to it, :mod:`embfactor.plan.selfcal`; cached per model).
+        calibration: ``bundled`` (the given text) or ``self`` (with a decoder's own samples: :mod:`~.selfcal`).
 
     Example:
         >>> import embfactor as ef
@@ -175,13 +182,7 @@ def compress(
     """
     from tqdm.auto import tqdm
 
-    from embfactor.data import read_texts
-    from embfactor.fileio import check_output_dir
     from embfactor.models import LoadedModel, load_model, source_path
-    from embfactor.plan import wants_plan
-    from embfactor.plan.selfcal import calibration_texts, check_calibration
-    from embfactor.surgery import quantize_
-    from embfactor.surgery.io import WEIGHTS_FILE
 
     t0 = time.perf_counter()
     config, bits = _checked_settings(config, target, quantize, rest)
@@ -191,18 +192,14 @@ def compress(
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
     if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits, rest=rest)):
-        if calibration != "bundled":
-            raise ConfigError(f"--calibration {calibration} needs the model loaded; the table-only path ({reason}) "
-                              "reads only its table: use --calibration bundled")
-        return _compress_table_only(model, config, output, texts, reason, progress, t0)
+        return _compress_table_only(model, config, output, texts, reason, progress, t0, check_calibration(
+            calibration, table_only=reason))
     checking = output is not None and verify is not False and verify != 0
     stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model if not loaded else model.name}")
     lm = model if loaded else load_model(str(model))
     seconds = {"load": time.perf_counter() - t0}
-    if output is not None:
-        check_output_dir(output, inputs=(lm.source,))
-    _refuse_before_work(lm, texts, verifying=checking)
+    _refuse_before_work(lm, texts, output, verifying=checking)
     texts, calibration_record = calibration_texts(lm, calibration, texts)  # --calibration self: the model's samples
     stages.update()
     verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
@@ -377,7 +374,7 @@ def table_only_reason(model: Any, config: FactorizationConfig, output: Any, tabl
 
 
 def _compress_table_only(model: Any, config: FactorizationConfig, output: Any, texts: list[str] | None, reason: str,
-                         progress: bool, t0: float) -> CompressReport:
+                         progress: bool, t0: float, calibration: str = "bundled") -> CompressReport:
     from tqdm.auto import tqdm
 
     from embfactor.pipeline.table_only import compress_table_only, open_checkpoint, output_weight_bytes

@@ -119,10 +119,14 @@ def _sample(lm: Any, s: SelfTextSettings) -> tuple[list[str], int]:
     return texts, total
 
 
-def check_calibration(calibration: str) -> str:
-    """``calibration`` if it is one of :data:`CHOICES`, else a ConfigError listing them."""
+def check_calibration(calibration: str, *, table_only: str | None = None) -> str:
+    """``calibration`` if it is one of :data:`CHOICES` (and, on the table-only path, whose reason is ``table_only``,
+    needs no model: ``bundled``), else a ConfigError saying what would be right."""
     if calibration not in CHOICES:
         raise ConfigError(f"--calibration must be one of {', '.join(CHOICES)}, got {calibration!r}")
+    if table_only and calibration != "bundled":
+        raise ConfigError(f"--calibration {calibration} needs the model loaded; the table-only path ({table_only}) "
+                          "reads only its table: use --calibration bundled")
     return calibration
 
 

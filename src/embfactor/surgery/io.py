@@ -21,7 +21,7 @@ from embfactor.surgery.hfconfig import HF_CONFIG_FILE, read_model_config, withou
 from embfactor.surgery.meta import CompressionMeta, get_meta, set_meta
 from embfactor.surgery.rest import dtype_name, model_dtype, rest_dtype, stored_rest
 from embfactor.surgery.card import write_card
-from embfactor.surgery.share import guard_tensors, write_loader
+from embfactor.surgery.share import guard_keys, guard_tensors, write_loader
 
 WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -285,9 +285,14 @@ def _load_without_quantization_config(directory: Path, record: dict[str, Any], d
         with safe_open(str(directory / WEIGHTS_FILE), "pt") as fh:
             stored = set(fh.keys())
         without_absent_pooler(model, set(model.state_dict()) - stored)
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+        missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False, device=str(device))
     except (SafetensorError, OSError) as e:
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: corrupt or truncated safetensors file ({e})") from None
     except RuntimeError as e:
         raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure ({e})") from None
+    guards = set(guard_keys(CompressionMeta.from_record(record)))  # a folder written since the guards (share.py)
+    unexpected = sorted(set(unexpected) - guards)
+    if missing or unexpected:
+        raise CorruptFileError(f"{directory / WEIGHTS_FILE}: weights do not match the model structure (missing "
+                               f"{sorted(missing)}, unexpected {unexpected})")
     return model

@@ -16,8 +16,6 @@ in the mask, so ``present`` always grows by the new tokens, as transformers.js a
 from __future__ import annotations
 
 import inspect
-import io
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,11 +120,7 @@ def export_decoder_graph(model: Any, layout: CacheLayout, *, opset: int = 18) ->
     Example:
         >>> proto = export_decoder_graph(lm.model, cache_layout(lm.model))   # doctest: +SKIP
     """
-    import onnx
-    import torch
-
-    from embfactor.export.graph import traceable_tables
-    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits, nbits_weight_shapes
+    from embfactor.export.graph import trace_to_onnx
 
     names, outs = layout.input_names(), ["logits", *layout.present_names()]
     axes: dict[str, dict[int, str]] = {
@@ -138,24 +132,8 @@ def export_decoder_graph(model: Any, layout: CacheLayout, *, opset: int = 18) ->
     axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in layout.past_names()})
     axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in layout.present_names()})
     vocab = model.get_input_embeddings().num_embeddings
-    attn = getattr(model.config, "_attn_implementation", None)
-    buf = io.BytesIO()
-    with traceable_tables(model), matmul_nbits(model) as nbits, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")  # SDPA's mask decisions are Python branches a trace would freeze
-        try:
-            torch.onnx.export(
-                _wrapper(model, layout), trace_inputs(vocab, layout), buf, dynamo=False, opset_version=opset,
-                input_names=names, output_names=outs, dynamic_axes={k: v for k, v in axes.items() if k in names + outs},
-                do_constant_folding=False, custom_opsets={NBITS_DOMAIN: 1} if nbits else None,
-            )
-        finally:
-            if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(attn)
-    proto = onnx.load_from_string(buf.getvalue())
-    nbits_weight_shapes(proto)
-    return proto
+    return trace_to_onnx(model, _wrapper(model, layout), trace_inputs(vocab, layout), opset=opset, input_names=names,
+                         output_names=outs, dynamic_axes={k: v for k, v in axes.items() if k in names + outs})
 
 
 def empty_past(sess: Any, batch: int) -> dict[str, Any]:

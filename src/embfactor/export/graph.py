@@ -125,3 +125,35 @@ def traceable_tables(model: nn.Module) -> Iterator[list[str]]:
 def table_scopes(model: nn.Module) -> list[str]:
     """Module names of the model's storage formats and tied heads (the scopes of their nodes in a traced graph)."""
     return [name for name, m in model.named_modules() if isinstance(m, FactorizedLMHead) or is_row_format(m)]
+
+
+def trace_to_onnx(model: nn.Module, module: nn.Module, args: tuple, *, opset: int, input_names: list[str],
+                  output_names: list[str], dynamic_axes: dict[str, dict[int, str]]) -> object:
+    """The TorchScript export both exports use (an ``onnx.ModelProto``): ``module`` (a wrapper of ``model``) traced
+    on ``args`` with the tables computing from their stored tensors (:func:`traceable_tables`), ``--rest int4``
+    Linears as MatMulNBits, eager attention (SDPA decides on masks with Python branches a trace would freeze) and no
+    constant folding (it would decode a tied head's table into a dense float initializer)."""
+    import io
+    import warnings
+
+    import onnx
+
+    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits, nbits_weight_shapes
+
+    buf = io.BytesIO()
+    attn = getattr(model.config, "_attn_implementation", None)
+    switch = attn not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    with traceable_tables(model), matmul_nbits(model) as nbits, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
+        if switch:
+            model.set_attn_implementation("eager")
+        try:
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=False,
+                              custom_opsets={NBITS_DOMAIN: 1} if nbits else None)
+        finally:
+            if switch:
+                model.set_attn_implementation(attn)
+    proto = onnx.load_from_string(buf.getvalue())
+    nbits_weight_shapes(proto)
+    return proto

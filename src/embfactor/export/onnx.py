@@ -18,7 +18,6 @@ MatMuls (the table's nodes excluded: its Gathers and MatMuls keep their stored v
 from __future__ import annotations
 
 import inspect
-import io
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,37 +112,13 @@ def export_graph(model: Any, names: list[str], kind: str, *, opset: int = OPSET)
     Example:
         >>> data = export_graph(lm.model, ["input_ids", "attention_mask"], "encoder")   # doctest: +SKIP
     """
-    import warnings
-
-    import onnx
-    import torch
-
-    from embfactor.export.graph import traceable_tables
+    from embfactor.export.graph import trace_to_onnx
 
     output = "logits" if kind == "decoder" else "last_hidden_state"
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in [*names, output]}
     vocab = model.get_input_embeddings().num_embeddings
-    buf = io.BytesIO()
-    attn = getattr(model.config, "_attn_implementation", None)
-    from embfactor.export.nbits import NBITS_DOMAIN, matmul_nbits, nbits_weight_shapes
-
-    with traceable_tables(model), matmul_nbits(model) as nbits, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
-        if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
-            # eager attention: the SDPA path decides on masks with Python branches a trace would freeze
-            model.set_attn_implementation("eager")
-        try:
-            torch.onnx.export(
-                _wrapper(model, names, kind), example_inputs(vocab, names), buf, dynamo=False, opset_version=opset,
-                input_names=names, output_names=[output], dynamic_axes=axes,
-                # no folding: it would decode a tied head's table into a dense float initializer
-                do_constant_folding=False, custom_opsets={NBITS_DOMAIN: 1} if nbits else None,
-            )
-        finally:
-            if attn not in (None, "eager") and hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(attn)
-    proto = onnx.load_from_string(buf.getvalue())
-    nbits_weight_shapes(proto)
+    proto = trace_to_onnx(model, _wrapper(model, names, kind), example_inputs(vocab, names), opset=opset,
+                          input_names=names, output_names=[output], dynamic_axes=axes)
     fold_weight_transposes(proto, graph_scopes(model))
     return proto
 

@@ -64,8 +64,10 @@ def _stored_once(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     """Each of the table's stored tensors is in the file exactly once (a tied head adds no copy)."""
     from onnx import numpy_helper
 
+    from embfactor.export.head import export_tensors
+
     inits = [numpy_helper.to_array(t) for t in proto.graph.initializer]
-    for name, t in model.get_input_embeddings().state_dict().items():
+    for name, t in export_tensors(model.get_input_embeddings()).items():
         if t.numel() < 64:  # small tensors (scales of a few groups) may equal another initializer by chance
             continue
         want = t.numpy()
@@ -149,9 +151,12 @@ def test_int4_rest_exports_as_matmulnbits_no_larger_than_safetensors(tmp_path, t
     path = folder / "onnx" / "model.onnx"
     proto = onnx.load(str(path))
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == sum(isinstance(m, IntKLinear) for m in model.modules()) == 14
+    rest = [n for n in nbits if "embed_tokens" not in n.input[1]]
+    assert len(rest) == sum(isinstance(m, IntKLinear) for m in model.modules()) == 14
+    # the tied head: one MatMulNBits over the int4 table's integers as stored (its packing is MatMulNBits' blocks)
+    head = [n for n in nbits if n not in rest]
+    assert [n.input[1] for n in head] == ["model.model.embed_tokens.onnx_low"]
     assert all(n.domain == "com.microsoft" for n in nbits)
-    assert not any("embed_tokens" in i for n in nbits for i in n.input)  # the table keeps its own nodes
     # no larger than the folder it came from (weights, config, tokenizer); the graph's nodes cost ~0.5% of the
     # safetensors on a model this small
     folder_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != "generation_config.json")

@@ -83,7 +83,9 @@ def _compressed(tmp: Path, model: torch.nn.Module, case: str, tokenizer) -> tupl
 
 
 def _table_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in module.state_dict().items() if v.numel() > 0}
+    from embfactor.export.head import export_tensors
+
+    return {k: v for k, v in export_tensors(module).items() if v.numel() > 0}
 
 
 def _initializers(path: Path) -> dict[str, np.ndarray]:

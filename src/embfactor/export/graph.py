@@ -7,13 +7,15 @@ input. :func:`traceable_tables` swaps, for the duration of an export, each forma
 ``forward``) for :func:`export_rows`, which keeps the stored integers, codebooks and scales as they are (uint8 / int8 / fp16
 initializers) and decodes only the looked-up rows inside the graph:
 
-  - int-k: Gather of packed uint8 rows, the bit unpacking (shifts and masks), times the fp16 scales;
+  - int-k: Gather of packed uint8 rows, the bit unpacking (shifts and masks), times the fp16 scales; tables of 4, 5,
+    6 and 8 bits are written in the tied head's 4-bit plane layout (the same bytes, :func:`embfactor.export.head.intk_planes`)
+    and their rows decoded from it;
   - codebook (PQ/RVQ): Gather of the ids' codes, Gather of codebook rows, Sum over stages, Concat of sub-spaces;
   - low rank (float or quantized U): Gather of U rows, MatMul with V;
   - tiered (and block): every tier decodes the ids (clamped into its own rows) and Where keeps each id's tier;
   - zeros: zeros.
-A tied head decodes the whole table inside the graph (``export_rows`` of every id) and multiplies: the file still
-holds the table once and compressed; ONNX Runtime folds the decode into a float table in memory when it loads.
+A tied head reads the same initializers (:mod:`embfactor.export.head`): its int-k and int8-codebook tiers are ONNX
+Runtime's 4-bit block MatMul over the stored integers, so neither the file nor the loaded session holds a float table.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def export_rows(fmt: RowFormat, ids: torch.Tensor) -> torch.Tensor:
         return _tiered_rows(fmt, ids)
     if isinstance(fmt, ZeroRows):
         return ids.unsqueeze(-1).expand(-1, fmt.embedding_dim).to(fmt.dtype) * 0
+    if hasattr(fmt, "onnx_low"):  # an int-k table written as 4-bit planes (see traceable_tables)
+        from embfactor.export.head import intk_rows_from_planes
+
+        return intk_rows_from_planes(fmt, ids)
     # every other built-in format's gather is already a chain of Gather / arithmetic on the ids' rows (the codebook
     # format skips its fused C loop while tracing)
     return fmt.gather(ids)
@@ -92,13 +98,9 @@ def _table_lookup(self: RowFormat, input: torch.Tensor) -> torch.Tensor:
 
 
 def _head_forward(self: FactorizedLMHead, hidden: torch.Tensor) -> torch.Tensor:
-    emb = self.embedding
-    # every id, derived from a stored tensor's shape rather than a constant: a traced constant arange would be
-    # written into the file as a vocab-long int64 tensor
-    first = next(t for t in (*emb.parameters(), *emb.buffers()) if t.numel() > 0)
-    ids = torch.ones_like(first.reshape(-1)[:1], dtype=torch.long).expand(emb.num_embeddings).cumsum(0) - 1
-    table = export_rows(emb, ids).to(hidden.dtype)
-    logits = hidden @ table.T
+    from embfactor.export.head import head_logits
+
+    logits = head_logits(self.embedding, hidden).to(hidden.dtype)
     return logits + self.bias if self.bias is not None else logits
 
 
@@ -108,18 +110,33 @@ def traceable_tables(model: nn.Module) -> Iterator[list[str]]:
 
     Yields :func:`table_scopes`. The model is restored on exit, also on error.
     """
+    from embfactor.export.head import intk_planes, planes_ready
+
     check_exportable(model)
     patched: list[tuple[nn.Module, str]] = []
+    planed: list[nn.Module] = []
     try:
         for name in table_scopes(model):
             m = model.get_submodule(name)
             verb, fn = ("forward", _head_forward) if isinstance(m, FactorizedLMHead) else ("lookup", _table_lookup)
             setattr(m, verb, types.MethodType(fn, m))
             patched.append((m, verb))
+        # int-k tables are written as the 4-bit planes a tied head multiplies (same bytes as their packing); the
+        # packed buffer, unused by the graph, is then not written
+        for m in model.modules():
+            if planes_ready(m):
+                low, high = intk_planes(m)
+                m.register_buffer("onnx_low", low)
+                if high is not None:  # (a None buffer breaks the tracer)
+                    m.register_buffer("onnx_high", high)
+                planed.append(m)
         yield table_scopes(model)
     finally:
         for m, verb in patched:
             m.__dict__.pop(verb, None)
+        for m in planed:
+            m._buffers.pop("onnx_low", None)
+            m._buffers.pop("onnx_high", None)
 
 
 def table_scopes(model: nn.Module) -> list[str]:

@@ -48,16 +48,27 @@ class _MatMulNBits(torch.autograd.Function):
         m8 = g.op("Add", g.op("Cast", lo, to_i=T.FLOAT), g.op("Mul", s, g.op("Constant", value_t=torch.tensor(8.0))))
         y = g.op(f"{NBITS_DOMAIN}::MatMulNBits", x, packed, s,
                  K_i=module.in_features, N_i=module.out_features, bits_i=4, block_size_i=module.group)
-        groups = module.in_features // module.group
-        shape = g.op("Concat", g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
-                                    g.op("Constant", value_t=torch.tensor([-1]))),
-                     g.op("Constant", value_t=torch.tensor([groups, module.group])), axis_i=0)
-        sums = g.op("ReduceSum", g.op("Reshape", x, shape), g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=0)
+        sums = group_sums(g, x, module.in_features // module.group, module.group)
         y = g.op("Add", y, g.op("MatMul", sums, g.op("Transpose", m8, perm_i=[1, 0])))
-        with contextlib.suppress(Exception):  # the output's type, for the exporter's shape inference
-            sizes = x.type().varyingSizes()
-            y.setType(x.type().with_sizes([*sizes[:-1], module.out_features]))
+        y = set_last_dim(y, x, module.out_features)
         return y if module.bias is None else g.op("Add", y, bias)
+
+
+def group_sums(g: Any, x: Any, groups: int, group: int) -> Any:
+    """(..., groups·group) → (..., groups): the sums of each group of ``group`` consecutive columns (ONNX nodes)."""
+    shape = g.op("Concat", g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
+                                g.op("Constant", value_t=torch.tensor([-1]))),
+                 g.op("Constant", value_t=torch.tensor([groups, group])), axis_i=0)
+    return g.op("ReduceSum", g.op("Reshape", x, shape), g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=0)
+
+
+def set_last_dim(y: Any, x: Any, n: int) -> Any:
+    """Give a custom op's output ``y`` the type of ``x`` with last dimension ``n`` (for the exporter's shape
+    inference; best effort)."""
+    with contextlib.suppress(Exception):
+        sizes = x.type().varyingSizes()
+        y.setType(x.type().with_sizes([*sizes[:-1], n]))
+    return y
 
 
 def nbits_weight_shapes(proto: Any) -> int:

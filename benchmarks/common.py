@@ -214,6 +214,14 @@ def write_result_files(prefix: str | os.PathLike, data: Any, markdown: str) -> d
     return {"json": str(jp), "markdown": str(mp)}
 
 
+def publish(prefix: str | os.PathLike, data: Any, markdown: str) -> dict[str, str]:
+    """What a benchmark's ``main`` ends with: :func:`write_result_files`, the table on stdout, the paths on stderr."""
+    paths = write_result_files(prefix, data, markdown)
+    print(markdown)
+    print(f"wrote {paths['markdown']} and {paths['json']}", file=sys.stderr)
+    return paths
+
+
 def results_prefix(name: str, quick: bool, output: str | os.PathLike | None = None) -> Path:
     """Where a suite's results go: ``<output>/bench_<name>`` (``output`` defaults to benchmarks/results).
 

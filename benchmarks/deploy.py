@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, environment, header, markdown_table, write_result_files
+from benchmarks.common import RESULTS_DIR, environment, header, markdown_table, publish
 
 NEW_TOKENS = 64
 PROMPT = "The history of the city begins"
@@ -339,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     command = "python -m benchmarks.deploy " + " ".join(argv if argv is not None else sys.argv[1:])
     md = render(results, environment(), command, args.quick)
-    paths = write_result_files(args.output, {"quick": args.quick, "results": results}, md)
-    print(md)
-    print(f"wrote {paths['markdown']} and {paths['json']}", file=sys.stderr)
+    publish(args.output, {"quick": args.quick, "results": results}, md)
     return 0
 
 

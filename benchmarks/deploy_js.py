@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
-from benchmarks.common import RESULTS_DIR, environment, header, markdown_table, write_result_files
+from benchmarks.common import RESULTS_DIR, environment, header, markdown_table, publish
 
 TARGET_MB = 18.0
 TARGET_FIDELITY = 0.993
@@ -227,10 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     command = "python benchmarks/deploy_js.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     md = render(results, environment(), command)
-    paths = write_result_files(args.output, {"quick": args.quick, "results": [
+    publish(args.output, {"quick": args.quick, "results": [
         {"case": n, **m, "row": encoder_row(n, m)} for n, m in results]}, md)
-    print(md)
-    print(f"wrote {paths['markdown']} and {paths['json']}", file=sys.stderr)
     return 0
 
 

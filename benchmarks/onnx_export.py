@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
 
-from benchmarks.common import RESULTS_DIR, environment, header, markdown_table, write_result_files
+from benchmarks.common import RESULTS_DIR, environment, header, markdown_table, publish
 
 
 def onnx_embeddings(sess: Any, tokenizer: Any, texts: list[str], batch: int = 32, max_length: int = 256) -> Any:
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     command = "python benchmarks/onnx_export.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = render(results, environment(), command, len(texts))
-    paths = write_result_files(args.output, {"quick": args.quick, "results": results}, md)
-    print(md)
-    print(f"wrote {paths['markdown']} and {paths['json']}", file=sys.stderr)
+    publish(args.output, {"quick": args.quick, "results": results}, md)
     return 0
 
 

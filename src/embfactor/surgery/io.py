@@ -124,8 +124,7 @@ def _write_config(model: nn.Module, config: Any, path: Path) -> None:
     from embfactor.surgery.integration import attach_quantization_config
 
     attach_quantization_config(model)
-    config.to_json_file(str(path))
-    write_loader(path.parent, path, config)
+    path.write_text(write_loader(path.parent, config), encoding="utf-8")
 
 
 def _model_weights(model: nn.Module) -> Callable[[Path, dict[str, torch.Tensor]], None]:

@@ -67,9 +67,10 @@ def auto_map(config: Any) -> dict[str, str]:
     return out
 
 
-def write_loader(folder: Path, config_file: Path, config: Any) -> None:
-    """Ship :mod:`embfactor.surgery.remote_code` as ``embfactor_remote.py`` and name it in ``config_file``."""
+def write_loader(folder: Path, config: Any) -> str:
+    """Ship :mod:`embfactor.surgery.remote_code` as ``embfactor_remote.py`` in ``folder`` and return ``config`` as
+    the config.json text that names it (its ``auto_map``), so the config is written once."""
     (folder / REMOTE_FILE).write_text(Path(remote_code.__file__).read_text(encoding="utf-8"), encoding="utf-8")
-    data = json.loads(config_file.read_text(encoding="utf-8"))
+    data = json.loads(config.to_json_string())
     data["auto_map"] = {**(data.get("auto_map") or {}), **auto_map(config)}
-    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -204,7 +204,7 @@ def quick_folder(tmp: Path) -> tuple[Path, Any]:
 
 
 def run(folder: Path, source: Any, *, name: str, tmp: Path, threads: int, max_tokens: int, window: int,
-        stride: int, new: int) -> dict[str, Any]:
+        stride: int, new: int, js: bool = True) -> dict[str, Any]:
     import torch
 
     from embfactor.eval.perplexity import perplexity
@@ -258,6 +258,10 @@ def run(folder: Path, source: Any, *, name: str, tmp: Path, threads: int, max_to
             row[f"session RSS MB{key}"] = p["session_rss_mb"]
             row[f"peak RSS MB{key}"] = p["peak_rss_mb"]
         rows.append(row)
+    if js:  # the same file in transformers.js: Node and the example page in Chromium (greedy tokens, tokens/s)
+        from benchmarks.deploy_js import decoder_js_columns
+
+        rows[1].update(decoder_js_columns(folder, prompt, want))
     ours, dense = rows[1], rows[2]
     targets = {
         "file_mb": ours["bytes"] / 1e6,
@@ -314,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-tokens", type=int, default=None, help="perplexity tokens (default: the protocol's 16,384)")
     p.add_argument("--output", default=str(RESULTS_DIR / "deploy"), help="results prefix (.md, .json)")
+    p.add_argument("--no-js", action="store_true", help="skip transformers.js (Node, Chromium)")
     args = p.parse_args(argv)
 
     from benchmarks.common import CACHE_DIR
@@ -334,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 cli(["compress", args.source, "--size", "8x", "--rest", "int4", "--output", str(folder), "-q"])
         results = [run(folder, source, name=name, tmp=tmp, threads=args.threads, max_tokens=max_tokens,
-                       window=window, stride=window if args.quick else STRIDE, new=new)]
+                       window=window, stride=window if args.quick else STRIDE, new=new, js=not args.no_js)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     command = "python -m benchmarks.deploy " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from embfactor import gguf_loader
+from embfactor import gguf_file, gguf_loader
 from embfactor.errors import CorruptFileError, ModelNotFoundError
 from embfactor.fileio import release_mapped_pages
 from embfactor.gguf_loader import load_gguf_causal_lm
@@ -169,7 +169,7 @@ def test_quantized_untied_equals_transformers(tmp_path, monkeypatch):
              "attn_v.weight": Q.F16, "ffn_up.weight": Q.Q4_1, "ffn_gate.weight": Q.Q4_0, "ffn_down.weight": Q.Q4_1}
     path = write_tiny_gguf(tmp_path / "tiny-q.gguf", source, types)
     # a few rows per chunk, so that the chunked dequantization is what runs on these small tensors
-    monkeypatch.setattr(gguf_loader, "CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 200)
     ours = load_gguf_causal_lm(path)
     assert ours.lm_head.weight is not ours.model.embed_tokens.weight
     assert_same_model(ours, transformers_load(path))
@@ -189,7 +189,7 @@ def test_chunked_dequantization_is_exact(tmp_path, monkeypatch):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    monkeypatch.setattr(gguf_loader, "CHUNK_ELEMENTS", 256 * 5)  # 5 rows a chunk: 37 is not a multiple
+    monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 256 * 5)  # 5 rows a chunk: 37 is not a multiple
     for tensor in gguf_loader.open_gguf(path).tensors:
         whole = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         chunked = gguf_loader.dequantize_tensor(tensor)

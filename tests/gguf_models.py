@@ -226,3 +226,145 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# Qwen3.5 (transformers' newer GGUF path only): model name pattern -> llama.cpp's, in order
+_QWEN35_NAMES = [
+    (r"\.mlp\.gate\.", ".ffn_gate_inp."), (r"\.mlp\.experts\.down_proj$", ".ffn_down_exps.weight"),
+    (r"\.mlp\.shared_expert_gate\.", ".ffn_gate_inp_shexp."),
+    (r"\.mlp\.shared_expert\.gate_proj\.", ".ffn_gate_shexp."), (r"\.mlp\.shared_expert\.up_proj\.", ".ffn_up_shexp."),
+    (r"\.mlp\.shared_expert\.down_proj\.", ".ffn_down_shexp."),
+    (r"^model\.embed_tokens\.", "token_embd."), (r"^lm_head\.", "output."), (r"^model\.norm\.", "output_norm."),
+    (r"^model\.layers\.", "blk."), (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".post_attention_norm."), (r"\.self_attn\.q_proj\.", ".attn_q."),
+    (r"\.self_attn\.k_proj\.", ".attn_k."), (r"\.self_attn\.v_proj\.", ".attn_v."),
+    (r"\.self_attn\.o_proj\.", ".attn_output."), (r"\.self_attn\.q_norm\.", ".attn_q_norm."),
+    (r"\.self_attn\.k_norm\.", ".attn_k_norm."), (r"\.linear_attn\.in_proj_qkv\.", ".attn_qkv."),
+    (r"\.linear_attn\.in_proj_z\.", ".attn_gate."), (r"\.linear_attn\.in_proj_a\.", ".ssm_alpha."),
+    (r"\.linear_attn\.in_proj_b\.", ".ssm_beta."), (r"\.linear_attn\.conv1d\.", ".ssm_conv1d."),
+    (r"\.linear_attn\.norm\.", ".ssm_norm."), (r"\.linear_attn\.out_proj\.", ".ssm_out."),
+    (r"\.linear_attn\.A_log$", ".ssm_a"), (r"\.linear_attn\.dt_bias$", ".ssm_dt.bias"),
+    (r"\.mlp\.gate_proj\.", ".ffn_gate."), (r"\.mlp\.up_proj\.", ".ffn_up."), (r"\.mlp\.down_proj\.", ".ffn_down."),
+]
+QWEN35 = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "linear_num_key_heads": 2,
+          "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+          "linear_conv_kernel_dim": 4, "full_attention_interval": 4, "max_position_embeddings": 64,
+          "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                    "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+                                                    "mrope_interleaved": True}}
+
+
+QWEN35_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+              "shared_expert_intermediate_size": 64}
+
+
+def tiny_qwen35(seed: int = 0, *, moe: bool = False, **overrides: Any) -> torch.nn.Module:
+    """A random Qwen3.5 text model (linear attention on three layers of four, full attention on the fourth), its
+    FFNs experts with ``moe=True``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    torch.manual_seed(seed)
+    if moe:
+        kwargs = {**{k: v for k, v in QWEN35.items() if k != "intermediate_size"}, **QWEN35_MOE, **overrides}
+        config = CONFIG_MAPPING["qwen3_5_moe_text"](**kwargs)
+    else:
+        config = CONFIG_MAPPING["qwen3_5_text"](**{**QWEN35, **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms, A_log, dt_bias: none left at its init constant
+                p.uniform_(-0.5, 0.5) if name.endswith(("A_log", "dt_bias")) else p.uniform_(0.5, 1.5)
+    return model
+
+
+def write_qwen35_gguf(path: Path, model: torch.nn.Module, types: dict[str, Any] | None = None) -> Path:
+    """Write a Qwen3.5 text model as llama.cpp does: names, norms as ``w + 1`` (not ``ssm_norm``), ``ssm_a`` as
+    ``-exp(A_log)``, the squeezed conv kernel, value heads tiled (the inverse of transformers' own reorder ops)."""
+    import re
+
+    import gguf
+    from transformers.core_model_loading import WeightConverter
+    from transformers.integrations.gguf.utils import get_gguf_conversion_mapping
+
+    config = model.config
+    arch = "qwen35moe" if "moe" in config.model_type else "qwen35"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    moe = (("expert_feed_forward_length", config.moe_intermediate_size), ("expert_count", config.num_experts),
+           ("expert_shared_feed_forward_length", config.shared_expert_intermediate_size),
+           ("expert_used_count", config.num_experts_per_tok)) if arch == "qwen35moe" else (
+           ("feed_forward_length", config.intermediate_size),)
+    for key, value in (("context_length", config.max_position_embeddings), ("embedding_length", config.hidden_size),
+                       ("block_count", config.num_hidden_layers), *moe,
+                       ("attention.head_count", config.num_attention_heads),
+                       ("attention.head_count_kv", config.num_key_value_heads),
+                       ("attention.key_length", config.head_dim),
+                       ("full_attention_interval", config.layer_types.index("full_attention") + 1),
+                       ("ssm.conv_kernel", config.linear_conv_kernel_dim),
+                       ("ssm.state_size", config.linear_key_head_dim),
+                       ("ssm.group_count", config.linear_num_key_heads),
+                       ("ssm.time_step_rank", config.linear_num_value_heads),
+                       ("ssm.inner_size", config.linear_num_value_heads * config.linear_value_head_dim),
+                       ("rope.dimension_count", int(config.head_dim * config.rope_parameters["partial_rotary_factor"]))):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
+    w.add_float32(f"{arch}.rope.freq_base", config.rope_parameters["rope_theta"])
+    w.add_array(f"{arch}.rope.dimension_sections", [*config.rope_parameters["mrope_section"], 0, 0][:4])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(config.vocab_size)])
+    converters = [c for c in get_gguf_conversion_mapping(arch, config) if isinstance(c, WeightConverter)]
+    tensors = []
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name.endswith("experts.gate_up_proj"):  # stacked gate, then up: llama.cpp's two tensors
+            stem = hf_name.replace("model.layers.", "blk.").replace(".mlp.experts.gate_up_proj", "")
+            gate, up = tensor.chunk(2, dim=1)
+            tensors += [(f"{stem}.ffn_gate_exps.weight", gate, hf_name), (f"{stem}.ffn_up_exps.weight", up, hf_name)]
+        elif hf_name not in model.all_tied_weights_keys:
+            name = hf_name
+            for pattern, replacement in _QWEN35_NAMES:
+                name = re.sub(pattern, replacement, name)
+            tensors.append((name, tensor.squeeze(0) if name.endswith("ffn_gate_inp_shexp.weight") else tensor,
+                            hf_name))
+    for name, tensor, hf_name in tensors:
+        data = tensor.detach().float()
+        for converter in converters:  # undo the reorders transformers applies on load
+            if name.endswith("_exps.weight") or not any(re.search(p, hf_name) for p in converter.target_patterns):
+                continue
+            for op in reversed(converter.operations):
+                data = _undo(op, data)
+        if name.endswith("norm.weight") and not name.endswith("ssm_norm.weight"):
+            data = data + 1
+        if name.endswith("ssm_a"):
+            data = -torch.exp(data)
+        data = data.numpy()
+        qtype = next((t for suffix, t in (types or {}).items() if name.endswith(suffix)), gguf.GGMLQuantizationType.F32)
+        if data.ndim < 2 or data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = gguf.GGMLQuantizationType.F32
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, np.ascontiguousarray(data))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _undo(op: Any, data: torch.Tensor) -> torch.Tensor:
+    """The inverse of one of transformers' GGUF conversion ops (the reorders and the conv kernel's unsqueeze)."""
+    from transformers.integrations.gguf import gguf_conversion_mapping as c
+
+    if isinstance(op, c.PermuteRows):
+        out = data.clone()
+        out[op.offset :][op.permutation] = data[op.offset :]
+        return out
+    if isinstance(op, c.PermuteInputFeatures):
+        out = data.clone()
+        out[:, op.permutation] = data
+        return out
+    if isinstance(op, c.Unsqueeze):
+        return data if op.expected_ndim is not None else data.squeeze(op.dim)
+    return data  # SubtractOne and LogNegate: undone by name in write_qwen35_gguf

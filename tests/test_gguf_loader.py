@@ -328,3 +328,70 @@ def test_a_gguf_file_without_a_tokenizer_or_another_file_is_a_clear_error(tmp_pa
     other.write_bytes(b"x" * 10)
     with pytest.raises(ModelNotFoundError, match="is a file; give the folder .* or a .gguf file"):
         load_model(other)
+
+
+def _every_kind_of_gguf(path: Path) -> Path:
+    """A file with a value of each metadata type, arrays of each, and tensors of several types and ranks."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("kinds")
+    for i, add in enumerate((w.add_uint8, w.add_int8, w.add_uint16, w.add_int16, w.add_uint32, w.add_int32,
+                             w.add_uint64, w.add_int64)):
+        add(f"kinds.int{i}", 7 + i)
+    w.add_float32("kinds.f32", 0.1)
+    w.add_float64("kinds.f64", 0.1)
+    w.add_bool("kinds.bool", True)
+    w.add_string("kinds.str", "héllo")
+    w.add_array("kinds.ints", [1, -2, 3])
+    w.add_array("kinds.floats", [0.5, 1.5])
+    w.add_array("kinds.bools", [True, False])
+    w.add_array("kinds.strs", ["a", "", "ü"])
+    w.add_array("kinds.empty", [])
+    w.add_token_list([f"t{i}" for i in range(300)])
+    w.add_token_types([1] * 300)
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    w.add_tensor("f32_3d", data)
+    w.add_tensor("f32_1d", data[0, 0])
+    w.add_tensor("f16", data[0].astype(np.float16))
+    for qtype in (Q.Q8_0, Q.Q4_1, Q.BF16):
+        w.add_tensor(qtype.name, gguf.quants.quantize(data.reshape(12, 64), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_file_reads_what_gguf_reader_reads(tmp_path):
+    from embfactor.gguf_file import GGUFFile
+
+    path = _every_kind_of_gguf(tmp_path / "kinds.gguf")
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        mine = ours.fields[key]
+        assert (mine.offset, mine.name, mine.data, mine.types) == (field.offset, field.name, field.data, field.types)
+        assert len(mine.parts) == len(field.parts), key
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), key
+        assert mine.contents() == field.contents(), key
+    assert ours.data_offset == theirs.data_offset
+    assert len(ours.tensors) == len(theirs.tensors)
+    for mine, tensor in zip(ours.tensors, theirs.tensors):
+        assert (mine.name, mine.tensor_type, mine.n_elements, mine.n_bytes, mine.data_offset) == (
+            tensor.name, tensor.tensor_type, tensor.n_elements, tensor.n_bytes, tensor.data_offset)
+        assert np.array_equal(mine.shape, tensor.shape)
+        assert mine.data.dtype == tensor.data.dtype and np.array_equal(mine.data, tensor.data), tensor.name
+        assert np.array_equal(gguf_file.dequantize_tensor(mine), gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+
+
+def test_transformers_reads_the_same_metadata_through_gguf_file(tmp_path):
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from embfactor.gguf_file import gguf_reader_replaced
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_llama(tied=False), {"weight": Q.Q8_0}, tokenizer=True)
+    expected = load_gguf_checkpoint(str(path), return_tensors=False)
+    with gguf_reader_replaced():
+        got = load_gguf_checkpoint(str(path), return_tensors=False)
+    assert got == expected and got["config"]["vocab_size"] == 128 and len(got["tokenizer"]["tokens"]) == 128
+    assert gguf.GGUFReader.__name__ == "GGUFReader"  # put back

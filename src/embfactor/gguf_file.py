@@ -189,6 +189,8 @@ class GGUFFile:
             if count:  # GGUFReader takes the element type from the first element
                 types.append(self._value_type(item_type))
             return pos + values.nbytes, parts, list(range(2, 2 + count)), types
+        if item_type == _STRING:
+            return self._strings(pos, count, parts, types)
         for i in range(count):
             pos, item_parts, item_data, item_types = self._value(pos, item_type)
             if i == 0:
@@ -198,24 +200,53 @@ class GGUFFile:
         return pos, parts, data, types
 
 
+    def _strings(self, pos: int, count: int, parts: list[np.ndarray], types: list[Any]) -> tuple:
+        """An array of strings (a vocabulary, the merges): the lengths walked with struct, then each length and
+        string a numpy view of one copy of the array's bytes (GGUFReader's layout, ~50× faster)."""
+        unpack = struct.Struct(self._order + "Q").unpack_from
+        spans, end = [], pos
+        for _ in range(count):
+            (n,) = unpack(self._buf, end)
+            spans.append((end - pos, n))
+            end += 8 + n
+        if end > len(self._buf):
+            raise ValueError("a metadata string array ends past the end of the file (truncated)")
+        blob = self._buf[pos:end].tobytes()
+        length, byte = np.dtype(self._order + "u8"), np.dtype(np.uint8)
+        first = len(parts)
+        for offset, n in spans:
+            parts += (np.frombuffer(blob, length, 1, offset), np.frombuffer(blob, byte, n, offset + 8))
+        if count:
+            types.append(self._value_type(_STRING))
+        return end, parts, list(range(first + 1, first + 2 * count, 2)), types
+
+
 def _decode(part: np.ndarray, value_type: Any) -> Any:
     return str(part.tobytes(), "utf-8") if value_type == _STRING else part.tolist()[0]
 
 
 @contextlib.contextmanager
-def gguf_reader_replaced() -> Iterator[None]:
+def gguf_reader_replaced(opened: GGUFFile | None = None) -> Iterator[None]:
     """Make ``gguf.GGUFReader`` :class:`GGUFFile` for the duration, for the transformers functions that read a GGUF
     file's metadata through it (``load_gguf_checkpoint`` behind ``AutoConfig`` and ``AutoTokenizer``): the same
     fields, parsed in a fraction of the time. They only read ``fields`` and the tensors' names.
+
+    Args:
+        opened: a file already read, handed back (not read again) when its path is asked for.
     """
     import gguf
 
-    reader = gguf.GGUFReader
-    gguf.GGUFReader = GGUFFile
+    def reader(path: str | os.PathLike, *args: Any, **kwargs: Any) -> GGUFFile:
+        if opened is not None and os.path.samefile(path, opened.data.filename):
+            return opened
+        return GGUFFile(path)
+
+    original = gguf.GGUFReader
+    gguf.GGUFReader = reader
     try:
         yield
     finally:
-        gguf.GGUFReader = reader
+        gguf.GGUFReader = original
 
 
 def dequantize_tensor(tensor: Any, path: str | os.PathLike = "") -> np.ndarray:

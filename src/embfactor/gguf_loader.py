@@ -78,17 +78,18 @@ def load_gguf_causal_lm(path: str | os.PathLike) -> nn.Module:
     reader = open_gguf(path)
     reason = _unsupported(reader)
     architecture = _field(reader, "general.architecture")
+    config = _read_config(path, reader) if reason is None else None
     # The tensors are views of the file's mapping; the reader's metadata objects (one per vocabulary entry and
     # merge) go before the model's weights are materialized. Freed, they stay in the C heap (and would count, under
     # the model, in the peak) until the heap is trimmed.
     tensors = list(reader.tensors)
     del reader
     release_free_heap()
-    if reason is None:
+    if config is not None:
         from embfactor.gguf_packed import NeedsTransformers
 
         try:
-            return _load(path, tensors, architecture)
+            return _load(path, tensors, architecture, *config)
         except NeedsTransformers as e:
             reason = str(e)
     del tensors  # the last views of the file's mapping: it is unmapped here
@@ -97,9 +98,7 @@ def load_gguf_causal_lm(path: str | os.PathLike) -> nn.Module:
     return _load_with_transformers(path)
 
 
-def _load(path: Path, tensors: list[Any], architecture: str) -> nn.Module:
-    config, config_dict = _read_config(path)
-    release_free_heap()
+def _load(path: Path, tensors: list[Any], architecture: str, config: Any, config_dict: dict[str, Any]) -> nn.Module:
     model = _empty_model(config, path)
     if _packed_path(architecture):
         from embfactor.gguf_packed import fill_packed
@@ -215,12 +214,12 @@ def _can_dequantize(qtype: Any) -> bool:
     return True
 
 
-def _read_config(path: Path) -> tuple[Any, dict[str, Any]]:
+def _read_config(path: Path, reader: Any = None) -> tuple[Any, dict[str, Any]]:
     """The model config exactly as ``AutoConfig.from_pretrained(folder, gguf_file=name)`` builds it, and its dict.
 
     The dict (transformers' reading of the GGUF metadata) is what transformers hands the TensorProcessor. The
-    metadata is read with :class:`~embfactor.gguf_file.GGUFFile` standing in for ``gguf.GGUFReader``: the same
-    fields, read in a fraction of the time.
+    metadata is read with :class:`~embfactor.gguf_file.GGUFFile` standing in for ``gguf.GGUFReader`` (``reader``,
+    when the file is already open): the same fields, read in a fraction of the time.
     """
     from transformers import PreTrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -229,7 +228,7 @@ def _read_config(path: Path) -> tuple[Any, dict[str, Any]]:
 
     try:
         folder = str(path.parent)
-        with gguf_reader_replaced():
+        with gguf_reader_replaced(reader):
             config_dict, kwargs = PreTrainedConfig.get_config_dict(
                 folder, gguf_file=path.name, local_files_only=True, _from_auto=True, name_or_path=folder
             )

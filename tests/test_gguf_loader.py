@@ -190,11 +190,38 @@ def test_chunked_dequantization_is_exact(tmp_path, monkeypatch):
     w.write_tensors_to_file()
     w.close()
     monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 256 * 5)  # 5 rows a chunk: 37 is not a multiple
-    for tensor in gguf_loader.open_gguf(path).tensors:
+    for threads in (1, 2):
+        monkeypatch.setattr(gguf_file, "THREADS", threads)
+        for tensor in gguf_loader.open_gguf(path).tensors:
+            whole = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            chunked = gguf_loader.dequantize_tensor(tensor)
+            assert chunked.shape == whole.shape == (37, 256) and chunked.dtype == whole.dtype
+            assert np.array_equal(chunked, whole), tensor.name
+
+
+def test_every_type_gguf_dequantizes_is_read_alike(tmp_path, monkeypatch):
+    """Random blocks of every type gguf-py dequantizes (K-quants, IQ types with their grids, ...): the loader's
+    chunked per-type calls give gguf.quants.dequantize's values."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    names = []
+    for qtype in gguf.quants._type_traits:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(9, 2 * size), dtype=np.uint8) & 0x3B  # scales kept finite
+        w.add_tensor(qtype.name, raw, raw_dtype=qtype)
+        names.append(qtype.name)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 1)  # one row a chunk, on two threads
+    monkeypatch.setattr(gguf_file, "THREADS", 2)
+    tensors = gguf_loader.open_gguf(path).tensors
+    assert [t.name for t in tensors] == names and len(names) > 20
+    for tensor in tensors:
         whole = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        chunked = gguf_loader.dequantize_tensor(tensor)
-        assert chunked.shape == whole.shape == (37, 256) and chunked.dtype == whole.dtype
-        assert np.array_equal(chunked, whole), tensor.name
+        assert np.array_equal(gguf_loader.dequantize_tensor(tensor), whole, equal_nan=True), tensor.name
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on a file mapping is Linux-only here")

@@ -16,11 +16,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,6 +32,8 @@ from embfactor.errors import CorruptFileError
 # Dequantize this many float32 values at a time (16 MB): gguf's numpy dequantization makes a few temporaries of the
 # size of its input, which for a whole 49,152×576 embedding would be several hundred MB.
 CHUNK_ELEMENTS = 1 << 22
+# Threads dequantizing the chunks of one tensor: the cores this process may run on (at most 4)
+THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 # GGUFValueType: the fixed-size scalar types and their numpy dtypes (gguf's GGUFReader.gguf_scalar_to_np)
 _SCALARS = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
@@ -258,16 +262,17 @@ def dequantize_tensor(tensor: Any, path: str | os.PathLike = "") -> np.ndarray:
 
 
 def dequantize_into(tensor: Any, out: np.ndarray, path: str | os.PathLike = "") -> None:
-    """Write the tensor's float32 values into ``out`` (of its shape; any strides, e.g. a slice of a larger array),
-    ``gguf.quants.dequantize`` on a few rows at a time: blocks are independent, so the values are the same, without
-    whole-tensor temporaries.
+    """Write the tensor's float32 values into ``out`` (of its shape; any strides, e.g. a slice of a larger array).
+
+    The values are ``gguf.quants.dequantize``'s: its per-type code (``dequantize_rows``) runs on a few rows at a
+    time (blocks are independent, so the values are the same), straight on the chunk, without the 16-row groups and
+    the copy its array-level function adds (2.7× faster on Q8_0), on up to :data:`THREADS` threads (numpy releases
+    the GIL).
 
     Raises:
         CorruptFileError: the tensor's bytes cannot be dequantized to ``out``'s shape.
     """
-    from gguf.quants import dequantize
-
-    data, qtype = tensor.data, tensor.tensor_type
+    data = tensor.data
     try:
         if out.shape != values_shape(tensor):
             raise ValueError(f"{out.shape} values wanted, the tensor has {values_shape(tensor)}")
@@ -277,11 +282,37 @@ def dequantize_into(tensor: Any, out: np.ndarray, path: str | os.PathLike = "") 
             return
         rows = data.reshape(-1, data.shape[-1]) if data.ndim != 1 else data.reshape(1, -1)
         flat = out if out.ndim == 2 else out.reshape(rows.shape[0], -1)  # a view (contiguous, or a strided matrix)
+        rows_to_values = _rows_dequantizer(tensor.tensor_type)
         step = max(1, CHUNK_ELEMENTS // max(flat.shape[1], 1))
-        for start in range(0, rows.shape[0], step):
-            flat[start : start + step] = dequantize(rows[start : start + step], qtype)
+
+        def chunk(start: int) -> None:
+            flat[start : start + step] = rows_to_values(rows[start : start + step])
+
+        starts = range(0, rows.shape[0], step)
+        if len(starts) > 1 and THREADS > 1:
+            list(_pool().map(chunk, starts))
+        else:
+            for start in starts:
+                chunk(start)
     except (ValueError, IndexError) as e:
         raise CorruptFileError(f"{path}: tensor {tensor.name!r} cannot be dequantized ({e})") from None
+
+
+@functools.cache
+def _rows_dequantizer(qtype: Any) -> Any:
+    """rows of the type (bytes, or values for F32/F16) -> their float32 values, as ``gguf.quants.dequantize``."""
+    from gguf import quants
+
+    traits = getattr(quants, "_type_traits", {}).get(qtype)
+    if traits is None or not hasattr(traits, "dequantize_rows"):  # F32, F16, or another gguf release
+        return functools.partial(quants.dequantize, qtype=qtype)
+    traits.init_grid()  # what quants.dequantize does first (the IQ types' grids)
+    return traits.dequantize_rows
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(THREADS, thread_name_prefix="gguf-dequantize")
 
 
 def values_shape(tensor: Any) -> tuple[int, ...]:

@@ -164,7 +164,12 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> str
                       r.get("fast_path", "-"), f"{r['checksum']:.6g}" if "checksum" in r else "-"])
     return (header("GGUF load: embfactor's loader vs transformers' from_pretrained", env, None, command) + "\n"
             + markdown_table(table, ["file", "loader", "load s", "imports s", "peak RSS MB", "file MB",
-                                     "parameters", "fast path", "checksum"]) + "\n")
+                                     "parameters", "fast path", "checksum"]) + "\n\n"
+            + "load s: the load alone, in a fresh process, after the imports (torch, transformers' modeling code; "
+              "imports s). peak RSS: the process's high-water mark at the end of the load (the imports included). "
+              "fast path: embfactor's own loop (no fallback to transformers). checksum: the sum of the loaded "
+              "weights' absolute values, equal for the two loaders of a file. A busy machine's timings are not "
+              "comparable across runs: see the load average above.\n")
 
 
 def main(argv: list[str] | None = None) -> int:

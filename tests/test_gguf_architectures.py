@@ -133,6 +133,15 @@ def test_a_head_written_equal_to_the_embedding_stays_a_tensor_of_its_own(tmp_pat
     assert_same_model(ours, transformers_load(path))
 
 
+def test_a_gpt_oss_file_is_refused_naming_the_experts_transformers_would_draw_at_random(tmp_path, no_fallback):
+    from embfactor.errors import CorruptFileError
+
+    path = write_gguf(tmp_path / "gpt-oss.gguf", tiny_model("gpt-oss"), "gpt-oss")
+    with pytest.raises(CorruptFileError, match=r"lacks 8 of the model's tensors \(model\.layers\.0\.mlp\.experts\.down_proj "
+                                               r"\(blk\.0\.ffn_down_exps\)"):
+        load_gguf_causal_lm(path)
+
+
 def test_gguf_and_transformers_dequantize_alike():
     """The packed path dequantizes with transformers' torch code, this loader with gguf's numpy code: the same
     values, bit for bit, for every type the torch code knows (random blocks, scales kept finite)."""

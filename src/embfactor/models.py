@@ -224,12 +224,16 @@ def _load_gguf(path: Path, *, fix: str = "replace it with a complete copy") -> t
     """A GGUF causal LM (dequantized to float32) and the tokenizer stored in its metadata."""
     from transformers import AutoTokenizer
 
+    from embfactor.gguf_file import gguf_reader_replaced
     from embfactor.gguf_loader import load_gguf_causal_lm
 
     # The tokenizer first: reading it from the GGUF metadata peaks ~110 MB above where it starts, which must not
     # come on top of the model. The model is filled one tensor at a time (peak: the float32 model + ~one tensor).
+    # transformers reads the tokenizer's config through gguf.GGUFReader (~7 s for SmolLM2's 49,152 tokens): the
+    # same fields from GGUFFile take a fraction of a second.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with gguf_reader_replaced():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a truncated file fails inside gguf/numpy with many exception types
         raise CorruptFileError(
             f"{path}: the tokenizer cannot be read from its metadata ({type(e).__name__}: {e}); the file has no "

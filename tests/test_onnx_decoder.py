@@ -64,7 +64,7 @@ def _stored_once(proto: onnx.ModelProto, model: torch.nn.Module) -> None:
     """Each of the table's stored tensors is in the file exactly once (a tied head adds no copy)."""
     from onnx import numpy_helper
 
-    from embfactor.export.head import export_tensors
+    from embfactor.export.planes import export_tensors
 
     inits = [numpy_helper.to_array(t) for t in proto.graph.initializer]
     for name, t in export_tensors(model.get_input_embeddings()).items():

@@ -83,7 +83,7 @@ def _compressed(tmp: Path, model: torch.nn.Module, case: str, tokenizer) -> tupl
 
 
 def _table_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from embfactor.export.head import export_tensors
+    from embfactor.export.planes import export_tensors
 
     return {k: v for k, v in export_tensors(module).items() if v.numel() > 0}
 

@@ -8,7 +8,7 @@ input. :func:`traceable_tables` swaps, for the duration of an export, each forma
 initializers) and decodes only the looked-up rows inside the graph:
 
   - int-k: Gather of packed uint8 rows, the bit unpacking (shifts and masks), times the fp16 scales; tables of 4, 5,
-    6 and 8 bits are written in the tied head's 4-bit plane layout (the same bytes, :func:`embfactor.export.head.intk_planes`)
+    6 and 8 bits are written in the tied head's 4-bit plane layout (the same bytes, :func:`embfactor.export.planes.intk_planes`)
     and their rows decoded from it;
   - codebook (PQ/RVQ): Gather of the ids' codes, Gather of codebook rows, Sum over stages, Concat of sub-spaces;
   - low rank (float or quantized U): Gather of U rows, MatMul with V;
@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from embfactor.errors import SurgeryError
+from embfactor.export.head import head_logits
+from embfactor.export.planes import intk_planes, planes_ready
+from embfactor.export.rows import export_rows
 from embfactor.formats.base import RowFormat, is_row_format
-from embfactor.formats.tiered import TieredFormat
 from embfactor.formats.tt import TTEmbedding
-from embfactor.formats.zeros import ZeroRows
 from embfactor.layers.head import FactorizedLMHead
 
 # formats whose gather cannot be traced into a graph that serves every input (data-dependent shapes)
@@ -49,47 +50,6 @@ def check_exportable(model: nn.Module) -> None:
                 )
 
 
-def export_rows(fmt: RowFormat, ids: torch.Tensor) -> torch.Tensor:
-    """Rows of ``fmt`` for 1-D int64 ``ids``, computed from traceable ops (see the module docstring).
-
-    Example:
-        >>> from embfactor.formats import FactorizedEmbedding
-        >>> emb = FactorizedEmbedding(50, 8, rank=4)
-        >>> torch.equal(export_rows(emb, torch.tensor([3, 7])), emb.gather(torch.tensor([3, 7])))
-        True
-    """
-    if isinstance(fmt, TieredFormat):
-        return _tiered_rows(fmt, ids)
-    if isinstance(fmt, ZeroRows):
-        return ids.unsqueeze(-1).expand(-1, fmt.embedding_dim).to(fmt.dtype) * 0
-    if hasattr(fmt, "onnx_low"):  # an int-k table written as 4-bit planes (see traceable_tables)
-        from embfactor.export.head import intk_rows_from_planes
-
-        return intk_rows_from_planes(fmt, ids)
-    # every other built-in format's gather is already a chain of Gather / arithmetic on the ids' rows (the codebook
-    # format skips its fused C loop while tracing)
-    return fmt.gather(ids)
-
-
-def _tiered_rows(fmt: TieredFormat, ids: torch.Tensor) -> torch.Tensor:
-    # the token -> row map from what the format stores (one byte per token with compact_index), computed in the graph
-    positions = fmt._positions_from_tiers() if fmt.compact_index else fmt.position
-    pos = positions.index_select(0, ids)
-    out: torch.Tensor | None = None
-    for t, child in enumerate(fmt.tiers):
-        lo, n = int(fmt.starts[t]), child.num_embeddings
-        if isinstance(child, ZeroRows):
-            continue
-        rows = export_rows(child, (pos - lo).clamp(0, n - 1))
-        inside = ((pos >= lo) & (pos < lo + n)).unsqueeze(-1)
-        # a scalar zero, not zeros_like(rows): a tied head's rows have a static vocab × d shape, which the tracer
-        # would write into the file as a dense constant
-        out = torch.where(inside, rows, torch.zeros((), dtype=rows.dtype) if out is None else out.to(rows.dtype))
-    if out is None:  # every tier is zeros
-        out = export_rows(fmt.tiers[0], ids)
-    return fmt._mask_padding(out, ids)
-
-
 def _table_lookup(self: RowFormat, input: torch.Tensor) -> torch.Tensor:
     # replaces ``lookup`` (the id checks have Python branches), so ``forward``'s embed_scale and the modules that
     # share the table (SharedEmbedding reads ``lookup``) stay as they are
@@ -98,8 +58,6 @@ def _table_lookup(self: RowFormat, input: torch.Tensor) -> torch.Tensor:
 
 
 def _head_forward(self: FactorizedLMHead, hidden: torch.Tensor) -> torch.Tensor:
-    from embfactor.export.head import head_logits
-
     logits = head_logits(self.embedding, hidden).to(hidden.dtype)
     return logits + self.bias if self.bias is not None else logits
 
@@ -110,8 +68,6 @@ def traceable_tables(model: nn.Module) -> Iterator[list[str]]:
 
     Yields :func:`table_scopes`. The model is restored on exit, also on error.
     """
-    from embfactor.export.head import intk_planes, planes_ready
-
     check_exportable(model)
     patched: list[tuple[nn.Module, str]] = []
     planed: list[nn.Module] = []

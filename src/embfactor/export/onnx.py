@@ -8,7 +8,7 @@ transformers.js read (:mod:`embfactor.export.decoder`: ``past_key_values.N.key/v
 ``--rest int4`` Linears become ONNX Runtime's ``MatMulNBits`` from the stored integers (:mod:`embfactor.export.nbits`).
 The graph is
 traced by torch's TorchScript exporter (opset 18) with the tables computing through
-:func:`embfactor.export.graph.export_rows`: the stored integers, codebooks and scales become the file's initializers,
+:func:`embfactor.export.rows.export_rows`: the stored integers, codebooks and scales become the file's initializers,
 so the file is about as large as the compressed safetensors, and a tied head reads the same initializers (the table is
 stored once). ``int8_rest`` adds ``onnx/model_qint8.onnx``: ONNX Runtime's dynamic int8 quantization of the other
 MatMuls (the table's nodes excluded: its Gathers and MatMuls keep their stored values). config.json gets

@@ -145,3 +145,26 @@ def test_pq_in_a_metric_skips_the_plain_encoding(monkeypatch):
     monkeypatch.setattr("embfactor.decomposition.codebook._encode", lambda *a, **k: calls.append(1))
     pq(E, sub_dim=3, K=16, hessian=H)
     assert not calls
+
+
+def test_inverse_cholesky_is_factored_once_per_live_metric(monkeypatch):
+    from embfactor.decomposition import _common
+
+    _, H = _table(10, 16)
+    first = _common.inverse_cholesky(H, 18)
+    calls = []
+    real = torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = _common.inverse_cholesky(H, 18)
+    assert not calls and torch.equal(first, again)
+    again.zero_()  # a caller's copy: the kept factor is not changed
+    assert torch.equal(_common.inverse_cholesky(H, 18), first) and not calls
+    H.mul_(2.0)  # changed in place: factored anew
+    assert not torch.equal(_common.inverse_cholesky(H, 18), first) and calls
+    key = (id(H), 18, _common.HESSIAN_DAMP)
+    assert key in _common._FACTORS
+    del H
+    import gc
+
+    gc.collect()
+    assert key not in _common._FACTORS  # dropped with its metric

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from embfactor.decomposition._common import HESSIAN_DAMP, inverse_cholesky
+from embfactor.decomposition._common import HESSIAN_DAMP, in_row_blocks, inverse_cholesky
 from embfactor.decomposition.factors import _BLOCK_ROWS, Factors
 from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
@@ -321,7 +321,7 @@ def nearest(x: torch.Tensor, books: torch.Tensor, norms: torch.Tensor) -> torch.
 
 
 def hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor, *, damp: float = HESSIAN_DAMP,
-                   block_rows: int = 16384) -> torch.Tensor:
+                   block_rows: int = 4096) -> torch.Tensor:
     """PQ codes of X's rows chosen in a tied head's metric, sub-space by sub-space with error feedback (GPTVQ-style).
 
     As :func:`embfactor.decomposition.intk.hessian_round` for scalars: sub-space m's codeword is the nearest in the
@@ -350,8 +350,9 @@ def hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor, *, dam
     norms = [(b * b).sum(1) for b in booksT]
     block = max(128 // sub, 1) * sub  # columns updated lazily together (as hessian_round), whole sub-spaces
     out = torch.empty(X.shape[0], M, dtype=torch.long)
-    for r0 in range(0, X.shape[0], block_rows):
-        wT = X[r0:r0 + block_rows].float().T.contiguous()  # columns as rows, as in hessian_round
+
+    def rows_from(r0: int, r1: int) -> None:  # rows r0..r1-1 into out (rows are independent)
+        wT = X[r0:r1].float().T.contiguous()  # columns as rows, as in hessian_round
         rows = wT.shape[1]
         for b0 in range(0, M * sub, block):
             b1 = min(b0 + block, M * sub)
@@ -365,6 +366,9 @@ def hessian_encode(X: torch.Tensor, books: torch.Tensor, H: torch.Tensor, *, dam
                 errs[c0 - b0:c1 - b0] = err
                 wT[c1:b1].addmm_(U[c0:c1, c1:b1].T, err, alpha=-1)
             wT[b1:].addmm_(U[b0:b1, b1:].T, errs, alpha=-1)
+
+    # blocks side by side, one torch thread each; 4,096 rows: the n × K scores stay in cache (16,384: 1.3x slower)
+    in_row_blocks(rows_from, X.shape[0], block_rows)
     return out
 
 

@@ -217,8 +217,9 @@ def _map_subspaces(fn, items: list, threads: int | None) -> list:
     from concurrent.futures import ThreadPoolExecutor
 
     workers = threads or max(1, torch.get_num_threads())
-    before = faiss.omp_get_max_threads()
+    before, torch_before = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)  # the metric's small torch ops of each sub-space too (see in_row_blocks)
     try:
         if workers == 1:
             return [fn(x) for x in items]
@@ -226,6 +227,7 @@ def _map_subspaces(fn, items: list, threads: int | None) -> list:
             return list(pool.map(fn, items))
     finally:
         faiss.omp_set_num_threads(before)
+        torch.set_num_threads(torch_before)
 
 
 def _training_sample(n: int, w: np.ndarray | None, max_points: int, rng: np.random.Generator):
@@ -440,9 +442,7 @@ def quantize_table(
             bytes, which are 7-13% of a 16x MiniLM table, for a rounding error ~0.4% of each column's range).
         threads: sub-spaces clustered side by side (None: torch's thread count); faiss itself runs one thread each.
         metric: (d × d): k-means in this metric (:func:`_metric_whiteners`); the codes stay nearest-codeword.
-        encode: False: codebooks only, the codes left zero (and no weighted error) for a caller that encodes the
-            rows itself (``pq`` with a metric: :func:`encode_in_metric` replaced every code, and the plain encoding
-            before it was 13% of ``compress minilm --size 8x``'s planner).
+        encode: False: codebooks only, codes left zero, for a caller that encodes the rows itself (``pq`` in a metric).
 
     Example:
         >>> f = quantize_table(torch.randn(500, 10), sub_dim=4, K=32, stages=2)
@@ -461,12 +461,10 @@ def quantize_table(
     cb_dtype, int8 = float_dtype(codebook_dtype), codebook_dtype == "int8"
     w = None if token_weights is None else check_token_weights(token_weights, n, method).numpy().astype(np.float32)
     whiten = _metric_whiteners(metric, M, sub_dim, stages=stages, rotation=rotation, row_scale=row_scale)
-    rng = np.random.default_rng(seed)
     E = E.detach().cpu()
-    train_idx, train_w = _training_sample(n, w, max_train_points, rng)
-    # No copy of the table: the training rows' residuals are fitted stage by stage, then every row is encoded
-    # through all stages a block at a time (a row's codes depend only on the row and the codebooks). The whole-table
-    # residual this replaces held two padded float32 copies at once (1.3 GB for a 262,144 x 640 table).
+    train_idx, train_w = _training_sample(n, w, max_train_points, np.random.default_rng(seed))
+    # No copy of the table: the training rows' residuals are fitted stage by stage, then every row encoded through all
+    # stages a block at a time. A whole-table residual held two padded float32 copies (1.3 GB at 262,144 x 640).
     R, scale = _rotation_and_scales(E, rotation, row_scale, M=M, seed=seed, sample=train_idx, cb_dtype=cb_dtype)
     codes, books = _fit_stages(E, R, scale, train_idx, train_w, stages=stages, M=M, sub_dim=sub_dim, K=K_eff,
                                niter=niter, seed=seed, threads=threads, cb_dtype=cb_dtype, int8=int8, whiten=whiten,
@@ -818,7 +816,8 @@ def pq(
     if hessian is not None and (rotation != "none" or row_scale):
         raise ConfigError("encoding in the head's metric (hessian=...) takes no rotation and no row scale; got "
                           f"rotation={rotation!r}, row_scale={row_scale}")
-    # in a metric the rows are encoded once, there (a plain encoding first would be replaced code for code)
+    # in a metric the rows are encoded once, there: the plain encoding first (replaced code for code) was 13% of
+    # `compress minilm --size 8x`'s planner
     options.update(metric=hessian, encode=hessian is None)
     f = _codebook_method("pq", E, rank, budget_bytes, options, None, token_weights, seed)
     return f if hessian is None else encode_in_metric(E, f, hessian, token_weights=token_weights)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -184,9 +186,58 @@ def inverse_cholesky(H: torch.Tensor, cols: int, *, damp: float = HESSIAN_DAMP) 
         raise InvalidInputError(f"H must be a square matrix of at most {cols} columns, got shape {tuple(H.shape)}")
     if not 0 < damp < 1:
         raise ConfigError(f"damp must be in (0, 1) (a share of H's mean diagonal), got {damp!r}")
+    key = (id(H), cols, damp)
+    kept = _FACTORS.get(key)
+    if kept is not None and kept[0] == H._version:
+        return kept[1].clone()
     Hp = torch.eye(cols, dtype=torch.float64)
     Hp[:d, :d] = H.detach().double()
     diag = Hp.diagonal()
     diag[diag <= 0] = 1.0
     Hp += damp * float(diag.mean()) * torch.eye(cols, dtype=torch.float64)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
+    if not any(k[0] == id(H) for k in _FACTORS):
+        weakref.finalize(H, _forget, id(H))  # kept while H lives, never for a later tensor at its address
+    _FACTORS[key] = (H._version, U)
+    return U.clone()
+
+
+# inverse_cholesky's factors of live metrics, by (id(H), cols, damp): the planner rounds and encodes eleven formats
+# in one metric, each block of rows calling it (23 factorizations of one H in `compress minilm --size 8x`, 8% of
+# its planner on the shared machine); an entry goes when its H does, or when H is changed in place (its version).
+_FACTORS: dict[tuple[int, int, float], tuple[int, torch.Tensor]] = {}
+
+
+def _forget(h_id: int) -> None:
+    for k in [k for k in _FACTORS if k[0] == h_id]:
+        _FACTORS.pop(k, None)
+
+
+def in_row_blocks(fn: Callable[[int, int], Any], n: int, block: int, *, workers: int | None = None) -> list[Any]:
+    """``[fn(a, b) for each block [a, b) of n rows]``, the blocks run side by side on ``workers`` Python threads
+    (default torch's thread count), each op on one torch thread.
+
+    For row-independent loops of small ops (the column loops of :func:`~embfactor.decomposition.intk.hessian_round`
+    and :func:`~embfactor.decomposition.codebook.hessian_encode`): one op on two OpenMP threads synchronizes both at
+    its end, and these loops run thousands of ops on 4-16k-row vectors. Side by side in one process, on the shared
+    2-core machine: hessian_round of 16,384 MiniLM rows took 14.5 s on two torch threads and 0.53 s on one;
+    hessian_encode 13.8 s and 4.6 s (benchmarks/results/compress_profile.md). Blocks are at most ``block`` rows,
+    as many as a multiple of ``workers``, so the threads get equal work; ``fn`` writes disjoint rows. Results do
+    not depend on ``workers`` (each row is computed alone).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, workers or torch.get_num_threads())
+    count = -(-n // max(1, block))
+    count = -(-count // workers) * workers  # a multiple of the threads: equal work each
+    size = max(1, -(-n // max(1, count)))
+    spans = [(a, min(a + size, n)) for a in range(0, n, size)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # process-wide while the blocks run: each thread's ops stay on one core
+    try:
+        if workers == 1 or len(spans) <= 1:
+            return [fn(a, b) for a, b in spans]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda s: fn(*s), spans))
+    finally:
+        torch.set_num_threads(before)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from embfactor.decomposition._common import HESSIAN_DAMP, inverse_cholesky
+from embfactor.decomposition._common import HESSIAN_DAMP, in_row_blocks, inverse_cholesky
 from embfactor.decomposition.factors import _BLOCK_ROWS, Factors
 from embfactor.decomposition.registry import register_method
 from embfactor.errors import ConfigError, InvalidInputError
@@ -162,9 +162,10 @@ def hessian_round(E: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group: int
     block = max(128 // g, 1) * g  # columns updated lazily together; a group never straddles two blocks
     codes = torch.empty(n, dp, dtype=torch.uint8)
     scales = torch.empty(n, dp // g, dtype=torch.float16)
-    for r0 in range(0, n, _HESSIAN_ROWS):
+
+    def rows_from(r0: int, r1: int) -> None:  # rows r0..r1-1 into codes and scales (rows are independent)
         # columns as rows (d × rows, contiguous): each step reads and updates whole columns
-        wT = torch.nn.functional.pad(E[r0:r0 + _HESSIAN_ROWS].detach().float(), (0, dp - d)).T.contiguous()
+        wT = torch.nn.functional.pad(E[r0:r1].detach().float(), (0, dp - d)).T.contiguous()
         rows = wT.shape[1]
         codesT = torch.empty(dp, rows, dtype=torch.uint8)
         for b0 in range(0, dp, block):
@@ -183,6 +184,8 @@ def hessian_round(E: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group: int
                 wb[i + 1:].addr_(ub[i, i + 1:], errs[i], alpha=-1)
             wT[b1:].addmm_(U[b0:b1, b1:].T, errs, alpha=-1)
         codes[r0:r0 + rows] = codesT.T
+
+    in_row_blocks(rows_from, n, _HESSIAN_ROWS)  # blocks side by side, one torch thread each
     packed = torch.cat([pack_bits(codes[s:s + QUANT_BLOCK_ROWS], bits) for s in range(0, n, QUANT_BLOCK_ROWS)])
     meta = {"bits": bits, "group": group, "symmetric": True, "rounding": "hessian"}
     return IntFactors(torch.empty(n, 0, dtype=E.dtype), torch.empty(0, d, dtype=E.dtype), "int", None, meta,

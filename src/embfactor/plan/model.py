@@ -166,7 +166,9 @@ def plan_table(
     t = time.perf_counter()
     order = token_order(counts)
     best = plans[0]
-    if check > 0 and len(plans) > 1 and scorer is not None:
+    checking = check > 0 and len(plans) > 1 and scorer is not None
+    _keep_fits(fits, plans[:check] if checking else [best])  # what the check reads and the build may reuse
+    if checking:
         try:
             for p in plans[:check]:
                 if progress:
@@ -176,14 +178,15 @@ def plan_table(
         finally:
             scorer.restore()
         best = max((p for p in plans[:check]), key=lambda p: p.score)
-    del fits  # the whole-table fits are done with: the plan's tiers are fitted anew below
+    _keep_fits(fits, [best])
     seconds["check"] = time.perf_counter() - t
     best.checked = [{"label": p.label, "alpha": p.alpha, "bytes": p.bytes, "proxy_error": p.proxy,
                      "score": p.score} for p in plans[:max(check, 1)]]
     if progress:
         progress(f"building {best.label}")
     t = time.perf_counter()
-    module = build_plan(E, best, order, counts, padding_idx=padding_idx, seed=seed, hessian=hessian)
+    module = build_plan(E, best, order, counts, padding_idx=padding_idx, seed=seed, hessian=hessian, fits=fits)
+    del fits
     best.bytes = int(module.num_bytes())
     for tier, child in zip(best.tiers, getattr(module, "tiers", [module])):
         tier.bytes = int(child.num_bytes())
@@ -191,3 +194,10 @@ def plan_table(
     best.checked.append({"seconds": time.perf_counter() - t0})
     best.seconds = seconds
     return best, module, seconds
+
+
+def _keep_fits(fits: dict[FormatChoice, Any], plans: Sequence[Plan]) -> None:
+    # drop the proxy's fits of formats none of ``plans`` uses: what they hold (codes, kept roundings) is let go
+    used = {t.fmt for p in plans for t in p.tiers}
+    for f in [f for f in fits if f not in used]:
+        del fits[f]

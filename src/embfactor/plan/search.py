@@ -4,6 +4,7 @@ build of the chosen plan into a ``tiered`` format (pure functions of tensors).""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,42 +160,127 @@ def fit_rows(E: torch.Tensor, fmt: FormatChoice, weights: torch.Tensor | None, s
 
 
 class RowwiseFit:
-    """A whole-table fit of a format that quantizes each row on its own (int-k), read by recomputing rows from ``E``.
+    """A whole-table fit of a format that quantizes each row on its own (int-k): a row is rounded when first read
+    and kept packed, so the proxy, every checked plan and the build read the same rounding of a row without
+    rounding it again.
 
-    The proxy needs each format's row errors and, for the check, the rows of a few plans; a row of int-k depends
-    only on that row, so nothing is kept: holding the packed fits of the five int-k candidates cost 0.8x the fp32
-    table.
+    A row of int-k depends only on that row (the head metric's feedback runs across a row's columns), so rows
+    rounded in any batch are bit for bit the rows of a whole-table fit, or of the build's fit of a tier
+    (tests/test_plan_cache.py). Rounding each row up to three times (proxy, check, build) was 17% of
+    ``compress smollm2 --size 8x`` (benchmarks/results/compress_profile.md). Kept: the packed codes and scales of the
+    rows read so far (4-8 bits per value, 0.13-0.27x their fp32 bytes); the planner drops the fits no plan needs.
     """
 
     def __init__(self, E: torch.Tensor, fmt: FormatChoice, hessian: torch.Tensor | None = None) -> None:
-        # hessian: rows are still independent under head-metric rounding (the feedback runs across a row's columns)
         self.E, self.fmt, self.hessian = E, fmt, hessian
+        self.slot = torch.full((E.shape[0],), -1, dtype=torch.long)  # where each row's rounding is kept, -1: not yet
+        self.kept = 0  # rows rounded, each once (the buffers below grow by doubling)
+        self.packed = self.scale = self.lo = None
+        self.meta: dict[str, Any] = {}
+        self.bits, self.group = 0, None
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return fit_rows(self.E[start:stop], self.fmt, None, hessian=self.hessian).rows(0, stop - start)
+    def _round(self, ids: torch.Tensor) -> None:
+        new = ids[self.slot[ids] < 0].unique()
+        for chunk in new.split(_ROUND_ROWS) if new.numel() else ():  # E[chunk] is a copy: a block at a time
+            f = fit_rows(self.E[chunk], self.fmt, None, hessian=self.hessian)
+            if self.packed is None:
+                self.meta, self.bits, self.group = dict(f.meta), f.bits, f.group
+            need = self.kept + chunk.numel()
+            if self.packed is None or need > self.packed.shape[0]:
+                cap = max(need, 2 * (0 if self.packed is None else self.packed.shape[0]))
+                self.packed, self.scale = _grown(self.packed, f.packed, cap), _grown(self.scale, f.scale, cap)
+                self.lo = None if f.lo is None else _grown(self.lo, f.lo, cap)
+            rows = slice(self.kept, need)
+            self.packed[rows], self.scale[rows] = f.packed, f.scale
+            if f.lo is not None:
+                self.lo[rows] = f.lo
+            self.slot[chunk] = torch.arange(self.kept, need)
+            self.kept = need
+
+    def factors(self, ids: torch.Tensor):
+        """The IntFactors of rows ``ids`` (in that order), as a fit of ``E[ids]`` would return them."""
+        from embfactor.decomposition.intk import IntFactors
+
+        self._round(ids)
+        at = self.slot[ids]
+        n, d = int(ids.numel()), int(self.E.shape[1])
+        return IntFactors(torch.empty(n, 0, dtype=self.E.dtype), torch.empty(0, d, dtype=self.E.dtype), "int", None,
+                          dict(self.meta), packed=self.packed[at], scale=self.scale[at],
+                          lo=None if self.lo is None else self.lo[at], bits=self.bits, group=self.group)
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
-        return fit_rows(self.E[ids], self.fmt, None, hessian=self.hessian).rows(0, ids.numel())
+        return self.factors(ids).rows(0, int(ids.numel()))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.take(torch.arange(start, stop))
+
+
+_ROUND_ROWS = 16384  # rows rounded at once by RowwiseFit (hessian_round's own block)
+
+
+def _grown(buf: torch.Tensor | None, like: torch.Tensor, rows: int) -> torch.Tensor:
+    # a buffer of ``rows`` rows shaped and typed as ``like``, holding ``buf``'s rows first
+    out = torch.empty(rows, *like.shape[1:], dtype=like.dtype)
+    if buf is not None:
+        out[:buf.shape[0]] = buf
+    return out
 
 
 ROWWISE_METHODS = ("int",)
 
 
 def row_errors(E: torch.Tensor, factors: Any, block: int = 16384, *,
-               metric: torch.Tensor | None = None) -> torch.Tensor:
+               metric: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error of each row of ``E`` against the factors' reconstruction (float64, vocab); ``factors`` None:
     against zero rows (each row's energy).
 
     ``metric``: a (d × d) matrix M; the error of a row is then ``diff M diffᵀ`` (a tied head's H: the mean
-    squared logit error the row causes).
+    squared logit error the row causes). ``ids``: only these rows (errors in their order; read by ``take``).
     """
-    out = torch.empty(E.shape[0], dtype=torch.float64)
+    n = E.shape[0] if ids is None else int(ids.numel())
+    out = torch.empty(n, dtype=torch.float64)
     M = None if metric is None else metric.double()
-    for s in range(0, E.shape[0], block):
-        e = min(s + block, E.shape[0])
-        diff = E[s:e].double() if factors is None else E[s:e].double() - factors.rows(s, e).double()
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        rows = E[s:e] if ids is None else E[ids[s:e]]
+        if factors is None:
+            diff = rows.double()
+        else:
+            fit = factors.rows(s, e) if ids is None else factors.take(ids[s:e])
+            diff = rows.double() - fit.double()
         out[s:e] = (diff ** 2).sum(1) if M is None else ((diff @ M) * diff).sum(1)
     return out
+
+
+def reachable_rows(fmt: FormatChoice, formats: Sequence[FormatChoice], n: int, d: int, budget_bytes: float) -> int:
+    """How many rows, from the top of the token order, any plan within ``budget_bytes`` can store in ``fmt``: the
+    proxy fits a format only on them (the row errors past them are never read).
+
+    A row at position r in ``fmt`` has the r rows above it in ``fmt`` or richer formats (tiers get fewer bytes per
+    row down the order) and the rows below in formats after it, which store at least their codes. Only bounded for
+    a row-wise format (int-k) all of whose richer formats are row-wise too (bytes linear in rows); else ``n``. At
+    8x on MiniLM int8 g32 reaches 43% of the rows, int4 g32 87%: the proxy rounds 3.6 tables' worth, not 5.
+
+    Example:
+        >>> fmts = default_formats(384)
+        >>> reachable_rows(fmts[0], fmts, 30522, 384, 30522 * 384 * 4 / 8)    # int8 g32 at 8x
+        12988
+    """
+    fmts = sorted(formats, key=lambda f: -f.bytes_per_row(d))  # as search_plans orders them
+    i = fmts.index(fmt)
+    if any(f.method not in ROWWISE_METHODS for f in fmts[:i + 1]):
+        return n
+    big = 1 << 20  # past every codebook's K: the bytes one more row adds (its codes)
+    below = min((f.bytes_for(big + 1, d) - f.bytes_for(big, d) for f in fmts[i + 1:]), default=0)
+
+    def fits(r: int) -> bool:
+        return fmt.bytes_for(r, d) + below * (n - r) <= budget_bytes
+
+    lo, hi = 0, n
+    while lo < hi:  # bytes grow with r (fmt stores more per row than any format after it)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 # Tables with more rows than this have their candidates' errors measured on a sample of rows (:class:`RowSample`):
@@ -288,28 +374,43 @@ class EncodedOnDemand:
 
 
 def _proxy_fits(E: torch.Tensor, formats: Sequence[FormatChoice], w_fit: torch.Tensor, order: torch.Tensor, *,
-                seed: int, hessian: torch.Tensor | None,
+                seed: int, hessian: torch.Tensor | None, budget_bytes: float = float("inf"),
                 progress: Callable[[str], None] | None) -> tuple[dict[FormatChoice, Any], dict[FormatChoice, Any]]:
     """Each format's whole-table fit (what :func:`assemble` reads) and every row's error in it (the proxy's).
 
     A table of more than :data:`PROXY_ROWS` rows is measured on a :class:`RowSample`: codebooks are trained and
-    errors measured on the sampled rows, and the rows a checked plan needs are encoded when it reads them.
+    errors measured on the sampled rows, and the rows a checked plan needs are encoded when it reads them. A
+    row-wise format is rounded only on the rows a plan within ``budget_bytes`` can give it (:func:`reachable_rows`);
+    the others' errors are infinite (no plan reads them).
     """
     sample = RowSample.of(order)
     Es = E if sample is None else E[sample.ids]
     ws = w_fit if sample is None else sample.weights(w_fit)
     energy = None if sample is None else row_errors(E, None, metric=hessian)
+    n, d = E.shape
     fits, errors = {}, {}
     for f in formats:
         if progress:
             progress(f"fitting {f.label}")
-        rowwise = f.method in ROWWISE_METHODS
-        fit = RowwiseFit(Es, f, hessian) if rowwise else fit_rows(Es, f, ws, seed, quick=True, hessian=hessian)
+        if f.method in ROWWISE_METHODS:
+            fits[f] = fit = RowwiseFit(E, f, hessian)
+            if sample is None:
+                reach = reachable_rows(f, formats, n, d, budget_bytes)
+                if reach >= n:
+                    errors[f] = row_errors(E, fit, metric=hessian)
+                else:
+                    errors[f] = torch.full((n,), float("inf"), dtype=torch.float64)
+                    ids = order[:reach].sort().values  # id order: the blocks of rows a whole-table pass rounds
+                    errors[f][ids] = row_errors(E, fit, metric=hessian, ids=ids)
+            else:  # the sample's rounding is not kept (at 128,256 x 4,096 it would be 0.9 GB over five formats)
+                errors[f] = sample.spread(row_errors(Es, RowwiseFit(Es, f, hessian), metric=hessian), energy)
+            continue
+        fit = fit_rows(Es, f, ws, seed, quick=True, hessian=hessian)
         err = row_errors(Es, fit, metric=hessian)
         if sample is None:
             fits[f], errors[f] = fit, err
         else:
-            fits[f] = RowwiseFit(E, f, hessian) if rowwise else EncodedOnDemand(E, fit, hessian)
+            fits[f] = EncodedOnDemand(E, fit, hessian)
             errors[f] = sample.spread(err, energy)
     return fits, errors
 
@@ -387,7 +488,8 @@ def search_plans(
     """The ``top`` plans of least proxy error (Σ weight·row error) whose bytes fit ``budget_bytes``.
 
     Args:
-        errors: per-format squared error of every row (token id order), from one fit of the format to all rows.
+        errors: per-format squared error of every row (token id order), from one fit of the format to all rows;
+            infinite where the format was not fitted (no plan gives it those rows).
         weights: token weights (token id order).
         order: tokens by frequency (:func:`token_order`).
         boundaries: candidate tier cuts as row counts in ``order`` (:func:`mass_boundaries`) for every cut but the
@@ -422,6 +524,8 @@ def search_plans(
                 sizes = [fmts[k].bytes_for(edges[i + 1] - edges[i], d) for i, k in enumerate(combo)]
                 errs = [float(prefix[fmts[k]][edges[i + 1]] - prefix[fmts[k]][edges[i]]) / total_w
                         for i, k in enumerate(combo)]
+                if not all(math.isfinite(e) for e in errs):  # rows a format was not fitted on (reachable_rows)
+                    continue
                 tiers = [Tier(edges[i], edges[i + 1], fmts[k], sizes[i], proxy_error=errs[i])
                          for i, k in enumerate(combo)]
                 found.append(Plan(tiers, extra(t) + sum(sizes), proxy=sum(errs)))
@@ -495,7 +599,8 @@ def candidate_plans(
         )
     # formats that no plan can use are not fitted: a tier in a format needs at least its codebook's bytes
     formats = [f for f in formats if f.bytes_for(1, d) <= budget_bytes]
-    fits, errors = _proxy_fits(E, formats, w_fit, order, seed=seed, hessian=hessian, progress=progress)
+    fits, errors = _proxy_fits(E, formats, w_fit, order, seed=seed, hessian=hessian, budget_bytes=budget_bytes,
+                               progress=progress)
     ranked: list[list[Plan]] = []
     seen: set = set()
     for a in alphas:
@@ -547,9 +652,16 @@ def _read_rows(factors: Any, ids: torch.Tensor, out: torch.Tensor, block: int = 
 
 
 def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.Tensor, *,
-               padding_idx: int | None = None, seed: int = 0, hessian: torch.Tensor | None = None):
-    """The ``tiered`` RowFormat of ``plan``: each tier's rows fitted anew in its format (codebooks on its rows);
-    ``hessian``: in a tied head's metric (:func:`fit_rows`)."""
+               padding_idx: int | None = None, seed: int = 0, hessian: torch.Tensor | None = None,
+               fits: dict[FormatChoice, Any] | None = None):
+    """The ``tiered`` RowFormat of ``plan``: each tier's rows fitted in its format (codebooks on its rows);
+    ``hessian``: in a tied head's metric (:func:`fit_rows`).
+
+    ``fits``: the proxy's fits of ``E`` in the same metric (:func:`candidate_plans`): a row-wise tier (int-k) takes
+    the rounding they already hold, bit for bit what fitting its rows again gives. Codebook tiers are trained anew
+    on their own rows at the plan's alpha and with the full k-means (the proxy's were trained on the whole table
+    with a quarter of it), so their codes cannot be reused.
+    """
     from embfactor.formats.base import from_factors, get_format
 
     children = []
@@ -558,7 +670,11 @@ def build_plan(E: torch.Tensor, plan: Plan, order: torch.Tensor, counts: torch.T
     for t in plan.tiers:
         ids = order[t.start:t.stop].sort().values  # id order inside a tier: the tiered format then stores 1 B/token
         position[ids] = torch.arange(t.start, t.stop)
-        f = fit_rows(E[ids].contiguous(), t.fmt, w[ids], seed, hessian=hessian)
+        kept = (fits or {}).get(t.fmt)
+        if isinstance(kept, RowwiseFit) and kept.E is E and kept.hessian is hessian:
+            f = kept.factors(ids)
+        else:
+            f = fit_rows(E[ids].contiguous(), t.fmt, w[ids], seed, hessian=hessian)
         children.append(from_factors(f))
     if len(children) == 1:
         one = children[0]

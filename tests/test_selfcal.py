@@ -36,6 +36,31 @@ def test_samples_are_drawn_once_then_read_from_the_cache(tiny_decoder, tmp_path)
     assert len(list((tmp_path / "cache").glob("selftext-*.json"))) == 1
 
 
+def test_a_larger_draw_serves_a_smaller_budget_as_its_prefix(tiny_decoder, tmp_path):
+    lm = load_model(str(tiny_decoder))
+    big = self_text(lm, SelfTextSettings(tokens=160, new_tokens=16, batch=4))
+    assert not big["cached"] and big["tokens"] >= 160
+    small = self_text(lm, SMALL)
+    assert small["cached"] and SMALL.tokens <= small["tokens"] < big["tokens"]
+    assert small["texts"] == big["texts"][:len(small["texts"])]
+    assert small["texts"] == self_text(lm, SMALL, cache=False)["texts"]  # what a draw of that budget alone gives
+    assert small["seconds"] <= big["seconds"]
+    # a larger budget than the cache holds draws again, and the new draw replaces the smaller one
+    assert not self_text(lm, SelfTextSettings(tokens=200, new_tokens=16, batch=4))["cached"]
+    assert len(list((tmp_path / "cache").glob("selftext-*.json"))) == 1
+
+
+def test_calibration_tokens_need_self_calibration():
+    from embfactor.plan.selfcal import check_calibration
+
+    assert check_calibration("self", tokens=2048).tokens == 2048
+    assert check_calibration("bundled") is None
+    with pytest.raises(ConfigError, match="needs --calibration self"):
+        check_calibration("bundled", tokens=2048)
+    with pytest.raises(ConfigError, match="tokens must be a positive integer"):
+        check_calibration("self", tokens=0)
+
+
 def test_calibration_texts_mix_the_samples_into_the_given_text(tiny_decoder):
     lm = load_model(str(tiny_decoder))
     base = [f"paragraph {i} of the user's text." for i in range(40)]
@@ -67,6 +92,12 @@ def test_compress_with_self_calibration_records_it(tiny_decoder, tmp_path, monke
                  "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["calibration_source"]["calibration"] == "self" and r["calibration_source"]["self_tokens"] >= 64
+    assert main(["compress", str(tiny_decoder), "--size", "4x", "--calibration", "self", "--calibration-tokens", "32",
+                 "-o", str(tmp_path / "out32"), "-q", "--json", str(tmp_path / "r32.json")]) == 0
+    r32 = json.loads((tmp_path / "r32.json").read_text())["calibration_source"]
+    assert r32["self_cached"] and 32 <= r32["self_tokens"] <= r["calibration_source"]["self_tokens"]
+    assert main(["compress", str(tiny_decoder), "--size", "4x", "--calibration-tokens", "32", "-o",
+                 str(tmp_path / "o2")]) == 2
     with pytest.raises(SystemExit) as e:
         main(["compress", str(tiny_decoder), "--size", "4x", "--calibration", "mine", "-o", str(out)])
     assert e.value.code == 2

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     r = compress(
         args.model, config, args.output, progress=not args.quiet, quantize=args.quantize, text_files=args.text,
         table_only=True if args.table_only else None,
-        verify=args.verify, rest=args.rest, calibration=args.calibration,
+        verify=args.verify, rest=args.rest, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
     ).to_dict()
     return emit(r, render, args.json)
 
@@ -155,6 +155,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--calibration", choices=["bundled", "self"], default="bundled",
         help="the planner's calibration text: bundled (default: --text, or the bundled Wikipedia extract) or self "
         "(a decoder's own samples added to it, drawn once per model and cached)",
+    )
+    p.add_argument(
+        "--calibration-tokens", type=int, metavar="N",
+        help="with --calibration self: the tokens the model writes (default 8192); a cached larger draw serves a "
+        "smaller N as its first samples",
     )
     p.add_argument(
         "--quantize", choices=["int8", "int4"],

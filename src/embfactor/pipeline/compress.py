@@ -152,6 +152,7 @@ def compress(
     verify: int | bool | None = None,
     rest: str = "auto",
     calibration: str = "bundled",
+    calibration_tokens: int | None = None,
     **target: Any,
 ) -> CompressReport:
     """Load ``model`` (a name, a path or a LoadedModel), factorize it, optionally quantize, and save to ``output``.
@@ -173,6 +174,7 @@ def compress(
             precision; a GGUF's quantized Linears as int4/int8, the rest bf16), ``bf16``/``fp16``/``fp32``, or
             ``int8``/``int4`` (the other nn.Linears' weights).
         calibration: ``bundled`` (the given text) or ``self`` (with a decoder's own samples: :mod:`~.selfcal`).
+        calibration_tokens: with ``self``, the tokens the model writes (None: ``selfcal.DEFAULT_TOKENS``).
 
     Example:
         >>> import embfactor as ef
@@ -186,21 +188,22 @@ def compress(
 
     t0 = time.perf_counter()
     config, bits = _checked_settings(config, target, quantize, rest)
-    check_calibration(calibration)
+    self_settings = check_calibration(calibration, tokens=calibration_tokens)
     loaded = isinstance(model, LoadedModel)
     if output is not None and not loaded:
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
     if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits, rest=rest)):
-        return _compress_table_only(model, config, output, texts, reason, progress, t0, check_calibration(
-            calibration, table_only=reason))
+        check_calibration(calibration, table_only=reason)  # no model: bundled only
+        return _compress_table_only(model, config, output, texts, reason, progress, t0)
     checking = output is not None and verify is not False and verify != 0
     stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
     stages.set_postfix_str(f"loading {model if not loaded else model.name}")
     lm = model if loaded else load_model(str(model))
     seconds = {"load": time.perf_counter() - t0}
     _refuse_before_work(lm, texts, output, verifying=checking)
-    texts, calibration_record = calibration_texts(lm, calibration, texts)  # --calibration self: the model's samples
+    # --calibration self: the model's own samples join the text
+    texts, calibration_record = calibration_texts(lm, calibration, texts, self_settings)
     stages.update()
     verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
     rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages, getattr(verifier, "check", None))
@@ -374,7 +377,7 @@ def table_only_reason(model: Any, config: FactorizationConfig, output: Any, tabl
 
 
 def _compress_table_only(model: Any, config: FactorizationConfig, output: Any, texts: list[str] | None, reason: str,
-                         progress: bool, t0: float, calibration: str = "bundled") -> CompressReport:
+                         progress: bool, t0: float) -> CompressReport:
     from tqdm.auto import tqdm
 
     from embfactor.pipeline.table_only import compress_table_only, open_checkpoint, output_weight_bytes

@@ -4,8 +4,10 @@ English Wikipedia reaches about half of a 49k vocabulary and a tenth of a 262k o
 coarsest tiers, and the tokens the model itself predicts there carry much of a compressed decoder's KL. Sampling the
 original model at temperature 1 from a few generic prompts shows the planner the tokens the model will read and
 write, with nothing the user has to supply. The samples are cached under :func:`embfactor.data.frequency.cache_dir`
-keyed by the model (its config and the bytes of its table) and the sampling settings, so a second ``compress`` or a
-``sweep`` of the same model pays nothing.
+keyed by the model (its config and the bytes of its table) and the sampling settings but not the token budget: a
+draw is a sequence of whole batches, and a budget of N tokens takes its first samples up to N, so a larger draw
+serves every smaller budget as its prefix (the same samples a draw of N alone would give) and a second ``compress``
+or a ``sweep`` of the same model pays nothing.
 """
 
 from __future__ import annotations
@@ -50,22 +52,23 @@ class SelfTextSettings:
 
 
 def model_key(model: torch.nn.Module, settings: SelfTextSettings) -> str:
-    """A key of the model and the settings: its config and its input table's bytes (unique to a model and cheap:
-    one tensor, not every weight)."""
+    """A key of the model and the settings but the token budget: its config and its input table's bytes (unique to a
+    model and cheap: one tensor, not every weight)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     h.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str).encode())
     table = model.get_input_embeddings().weight.detach()
     h.update(table.float().contiguous().numpy().tobytes() if table.numel() < 2**22 else
              table[:: max(1, table.shape[0] // 4096)].float().contiguous().numpy().tobytes())
-    h.update(json.dumps(settings.__dict__, sort_keys=True).encode())
+    h.update(json.dumps({k: v for k, v in settings.__dict__.items() if k != "tokens"}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
 @torch.inference_mode()
 def self_text(lm: Any, settings: SelfTextSettings | None = None, *, cache: bool = True) -> dict[str, Any]:
     """Sample ``settings.tokens`` tokens of text from ``lm`` (a decoder, unchanged): ``{"texts", "tokens",
-    "seconds", "cached"}``. Deterministic for a seed; read from the cache when it was drawn before.
+    "seconds", "cached"}``. Deterministic for a seed; read from the cache when a draw at least as large was made
+    before (its first samples up to the budget; ``seconds``: what drawing them took then).
 
     Example:
         >>> out = self_text(load_model("smollm2"))            # doctest: +SKIP
@@ -80,24 +83,39 @@ def self_text(lm: Any, settings: SelfTextSettings | None = None, *, cache: bool 
     path = cache_dir() / f"selftext-{model_key(lm.model, settings)}.json"
     if cache and path.is_file():
         data = json.loads(path.read_text(encoding="utf-8"))
-        return {**data, "cached": True}
-    t0 = time.perf_counter()
-    texts, total = _sample(lm, settings)
-    data = {"texts": texts, "tokens": total, "seconds": round(time.perf_counter() - t0, 1), "settings": settings.__dict__}
+        if data.get("tokens", 0) >= settings.tokens and "counts" in data:
+            return {**_prefix(data, settings.tokens), "cached": True}
+    data = _sample(lm, settings)
     if cache:
         from embfactor.fileio import atomic_write_text
 
         os.makedirs(path.parent, exist_ok=True)
         atomic_write_text(path, json.dumps(data))
-    return {**data, "cached": False}
+    return {**_prefix(data, settings.tokens), "cached": False}
 
 
-def _sample(lm: Any, s: SelfTextSettings) -> tuple[list[str], int]:
+def _prefix(data: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """The first samples of a draw that hold ``tokens`` tokens (the last one whole)."""
+    total, n = 0, 0
+    for n, c in enumerate(data["counts"], 1):
+        total += c
+        if total >= tokens:
+            break
+    return {"texts": data["texts"][:n], "tokens": total, "seconds": data["elapsed"][n - 1] if n else 0.0,
+            "settings": {**data["settings"], "tokens": tokens}}
+
+
+def _sample(lm: Any, s: SelfTextSettings) -> dict[str, Any]:
+    """Whole batches of ``s.new_tokens`` new tokens until ``s.tokens``: the texts, each one's new tokens, and the
+    seconds elapsed when its batch ended (so a prefix of the draw knows what it cost)."""
     tok, model = lm.tokenizer, lm.model
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(s.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    texts, total, i = [], 0, 0
+    texts: list[str] = []
+    counts: list[int] = []
+    elapsed: list[float] = []
+    total, i, t0 = 0, 0, time.perf_counter()
     try:
         while total < s.tokens:
             prompts = [PROMPTS[(i + k) % len(PROMPTS)] for k in range(s.batch)]
@@ -106,39 +124,49 @@ def _sample(lm: Any, s: SelfTextSettings) -> tuple[list[str], int]:
             width = max(map(len, enc))
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])  # left padding: continuations align
             mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+            # always whole batches of new_tokens: a draw for a larger budget then starts with this one's samples
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=s.temperature,
-                                 top_k=0, top_p=1.0, max_new_tokens=min(s.new_tokens, s.tokens - total + 1),
-                                 pad_token_id=pad)
-            new = out[:, width:]
-            for p, row in zip(prompts, new):
+                                 top_k=0, top_p=1.0, max_new_tokens=s.new_tokens, pad_token_id=pad)
+            for p, row in zip(prompts, out[:, width:]):
                 kept = row[row != pad] if pad is not None else row
                 total += int(kept.numel())
+                counts.append(int(kept.numel()))
                 texts.append(p + tok.decode(kept, skip_special_tokens=True))
+            elapsed += [round(time.perf_counter() - t0, 1)] * len(prompts)
     finally:
         torch.random.set_rng_state(generator_state)
-    return texts, total
+    return {"texts": texts, "counts": counts, "elapsed": elapsed, "tokens": total, "settings": s.__dict__}
 
 
-def check_calibration(calibration: str, *, table_only: str | None = None) -> str:
-    """``calibration`` if it is one of :data:`CHOICES` (and, on the table-only path, whose reason is ``table_only``,
-    needs no model: ``bundled``), else a ConfigError saying what would be right."""
+def check_calibration(calibration: str, *, table_only: str | None = None,
+                      tokens: int | None = None) -> SelfTextSettings | None:
+    """The sampling settings of ``calibration`` (None for ``bundled``), checked before the model loads: a ConfigError
+    saying what would be right for a name not in :data:`CHOICES`, ``tokens`` (``--calibration-tokens``) without
+    ``self`` or not positive, and anything but ``bundled`` on the table-only path (whose reason is ``table_only``),
+    which loads no model."""
     if calibration not in CHOICES:
         raise ConfigError(f"--calibration must be one of {', '.join(CHOICES)}, got {calibration!r}")
+    if tokens is not None and calibration != "self":
+        raise ConfigError(f"--calibration-tokens {tokens} sets how much text the model writes: it needs "
+                          f"--calibration self (got --calibration {calibration})")
     if table_only and calibration != "bundled":
         raise ConfigError(f"--calibration {calibration} needs the model loaded; the table-only path ({table_only}) "
                           "reads only its table: use --calibration bundled")
-    return calibration
+    if calibration == "bundled":
+        return None
+    return SelfTextSettings(tokens=DEFAULT_TOKENS if tokens is None else tokens)
 
 
 def calibration_texts(lm: Any, calibration: str, texts: list[str] | None,
                       settings: SelfTextSettings | None = None) -> tuple[list[str] | None, dict[str, Any]]:
     """The calibration texts for ``calibration`` (``bundled``: ``texts`` as given; ``self``: those, or the bundled
     extract, plus the model's own samples) and what the report records of them."""
-    if check_calibration(calibration) == "bundled":
+    checked = check_calibration(calibration)
+    if checked is None:
         return texts, {"calibration": "bundled" if texts is None else "text"}
     from embfactor.data import wiki_split
 
-    drawn = self_text(lm, settings or SelfTextSettings(tokens=DEFAULT_TOKENS))
+    drawn = self_text(lm, settings or checked)
     base = list(texts) if texts is not None else wiki_split("train")
     # interleaved, so calibration_split's held-apart fifth (the check's text) holds samples too
     mixed = _interleave(base, drawn["texts"])

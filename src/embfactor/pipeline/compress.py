@@ -173,8 +173,8 @@ def compress(
         rest: how the other weights are stored (:func:`embfactor.surgery.rest.store_rest_`): ``auto`` (the source's
             precision; a GGUF's quantized Linears as int4/int8, the rest bf16), ``bf16``/``fp16``/``fp32``, or
             ``int8``/``int4`` (the other nn.Linears' weights).
-        calibration: ``bundled`` (the given text) or ``self`` (with a decoder's own samples: :mod:`~.selfcal`).
-        calibration_tokens: with ``self``, the tokens the model writes (None: ``selfcal.DEFAULT_TOKENS``).
+        calibration: ``bundled`` (the given text) or ``self`` (with a decoder's own samples, ``calibration_tokens``
+            of them, None: ``selfcal.DEFAULT_TOKENS``; :mod:`~.selfcal`).
 
     Example:
         >>> import embfactor as ef
@@ -194,16 +194,14 @@ def compress(
         check_output_dir(output, inputs=(source_path(str(model)),))  # cheap checks first: before load and decompose
     texts = read_texts(list(text_files)) if text_files else None
     if (reason := None if loaded else table_only_reason(model, config, output, table_only, quantize=bits, rest=rest)):
-        check_calibration(calibration, table_only=reason)  # no model: bundled only
-        return _compress_table_only(model, config, output, texts, reason, progress, t0)
+        return _compress_table_only(model, config, output, texts, reason, progress, t0, calibration)
     checking = output is not None and verify is not False and verify != 0
-    stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False)
-    stages.set_postfix_str(f"loading {model if not loaded else model.name}")
+    stages = tqdm(total=3 + checking, desc="compress", unit="stage", disable=not progress, leave=False,
+                  postfix=f"loading {model if not loaded else model.name}")
     lm = model if loaded else load_model(str(model))
     seconds = {"load": time.perf_counter() - t0}
     _refuse_before_work(lm, texts, output, verifying=checking)
-    # --calibration self: the model's own samples join the text
-    texts, calibration_record = calibration_texts(lm, calibration, texts, self_settings)
+    texts, calibration_record = calibration_texts(lm, calibration, texts, self_settings)  # self: samples join
     stages.update()
     verifier = _verifier(lm, verify, stages, config, texts) if checking else None  # the original's outputs first
     rep, bytes_before = _compress_in_place(lm, config, texts, progress, stages, getattr(verifier, "check", None))
@@ -214,8 +212,7 @@ def compress(
     out = _predict(verifier, lm, rep, stored, stages) if verifier is not None else None
     if output is not None:
         out, seconds["save"] = _save(lm, output, verifier, stages)
-    stages.update()
-    stages.close()
+    stages.update(), stages.close()
     return CompressReport(
         model=lm.name, kind=lm.kind, output=str(out) if out is not None else None, factorization=rep,
         bytes_before=bytes_before, bytes_after=(Path(out) / WEIGHTS_FILE).stat().st_size if out else None,
@@ -377,8 +374,10 @@ def table_only_reason(model: Any, config: FactorizationConfig, output: Any, tabl
 
 
 def _compress_table_only(model: Any, config: FactorizationConfig, output: Any, texts: list[str] | None, reason: str,
-                         progress: bool, t0: float) -> CompressReport:
+                         progress: bool, t0: float, calibration: str = "bundled") -> CompressReport:
     from tqdm.auto import tqdm
+
+    check_calibration(calibration, table_only=reason)  # no model: bundled text only
 
     from embfactor.pipeline.table_only import compress_table_only, open_checkpoint, output_weight_bytes
     from embfactor.plan import PlanReport

@@ -111,7 +111,8 @@ def test_int_fits_only_on_reachable_rows_choose_the_same_plans(monkeypatch):
         full, _ = candidate_plans(E, counts, budget, formats=formats, hessian=H)
         monkeypatch.undo()
         assert [p.label for p in got] == [p.label for p in full]
-        assert [p.proxy for p in got] == pytest.approx([p.proxy for p in full], rel=1e-12)
+        # float32 GEMMs over fewer rows block differently (and the row blocks run on threads): equal to float noise
+        assert [p.proxy for p in got] == pytest.approx([p.proxy for p in full], rel=1e-6)
         for p in full:  # every plan's int tiers end within the rows their format was fitted on
             assert all(t.stop <= reach[t.fmt] for t in p.tiers)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script from anywhere
-from benchmarks.common import emit, environment, header, markdown_table, run_isolated, write_results
+from benchmarks.common import emit, environment, header, markdown_table, publish, results_prefix, run_isolated
 
 MODELS = ("minilm", "smollm2")
 
@@ -102,10 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(models, a.size, a.timeout)
     env = environment()
     command = "python -m benchmarks.compress_speed" + (" --quick" if a.quick else "")
-    paths = write_results("compress_speed", {"quick": a.quick, "environment": env, "rows": rows},
-                          render(rows, env, command), a.output)
-    print(render(rows, env, command))
-    print(paths)
+    publish(results_prefix("compress_speed", a.quick, a.output), {"quick": a.quick, "environment": env, "rows": rows},
+            render(rows, env, command))
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 
 

@@ -36,8 +36,9 @@ from benchmarks.common import (
     header,
     markdown_table,
     peak_rss_mb,
+    publish,
+    results_prefix,
     run_isolated,
-    write_results,
 )
 
 FILES = ("smollm2", "gemma3", "qwen2moe")
@@ -183,10 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     rows = run(files, a.timeout)
     command = "python -m benchmarks.gguf_load" + (" --quick" if a.quick else "")
-    paths = write_results("gguf_load", {"quick": a.quick, "environment": env, "rows": rows},
-                          render(rows, env, command), a.output)
-    print(render(rows, env, command))
-    print(paths)
+    publish(results_prefix("gguf_load", a.quick, a.output), {"quick": a.quick, "environment": env, "rows": rows},
+            render(rows, env, command))
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 
 

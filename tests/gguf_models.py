@@ -374,3 +374,17 @@ def _undo(op: Any, data: torch.Tensor) -> torch.Tensor:
     if isinstance(op, c.Unsqueeze):
         return data if op.expected_ndim is not None else data.squeeze(op.dim)
     return data  # SubtractOne and LogNegate: undone by name in write_qwen35_gguf
+
+
+def assert_same_weights(ours, ref) -> None:
+    """Parameters and buffers bit for bit (dtype included), none left on the meta device."""
+    import torch
+
+    a, b = ours.state_dict(), ref.state_dict()
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, f"differ from transformers' load: {different}"
+    buffers, ref_buffers = dict(ours.named_buffers()), dict(ref.named_buffers())
+    assert sorted(buffers) == sorted(ref_buffers)
+    assert all(not t.is_meta and torch.equal(t, ref_buffers[k]) for k, t in buffers.items())  # rotary inv_freq
+    assert not any(p.is_meta for p in ours.parameters())

@@ -16,7 +16,14 @@ import torch
 
 from embfactor import gguf_file, gguf_loader
 from embfactor.gguf_loader import load_gguf_causal_lm
-from tests.gguf_models import ARCHITECTURES, tiny_model, tiny_qwen35, write_gguf, write_qwen35_gguf
+from tests.gguf_models import (
+    ARCHITECTURES,
+    assert_same_weights,
+    tiny_model,
+    tiny_qwen35,
+    write_gguf,
+    write_qwen35_gguf,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -50,14 +57,7 @@ def _tied(model) -> bool:
 def assert_same_model(ours, ref) -> None:
     """Same class, config, parameters and buffers bit for bit, same tying, same logits."""
     assert type(ours) is type(ref)
-    a, b = ours.state_dict(), ref.state_dict()
-    assert sorted(a) == sorted(b)
-    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
-    assert not different, f"differ from transformers' load: {different}"
-    buffers, ref_buffers = dict(ours.named_buffers()), dict(ref.named_buffers())
-    assert sorted(buffers) == sorted(ref_buffers)
-    assert all(not t.is_meta and torch.equal(t, ref_buffers[k]) for k, t in buffers.items())
-    assert not any(p.is_meta for p in ours.parameters())
+    assert_same_weights(ours, ref)
     assert _tied(ours) == _tied(ref)
     assert all(p.is_contiguous() for p in ours.parameters())
     with torch.no_grad():

@@ -18,6 +18,7 @@ from embfactor import gguf_file, gguf_loader
 from embfactor.errors import CorruptFileError, ModelNotFoundError
 from embfactor.fileio import release_mapped_pages
 from embfactor.gguf_loader import load_gguf_causal_lm
+from tests.gguf_models import assert_same_weights
 
 gguf = pytest.importorskip("gguf")
 
@@ -136,14 +137,7 @@ def transformers_load(path: Path):
 
 
 def assert_same_model(ours, ref) -> None:
-    a, b = ours.state_dict(), ref.state_dict()
-    assert sorted(a) == sorted(b)
-    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
-    assert not different, f"differ from transformers' load: {different}"
-    buffers, ref_buffers = dict(ours.named_buffers()), dict(ref.named_buffers())
-    assert sorted(buffers) == sorted(ref_buffers)
-    assert all(not t.is_meta and torch.equal(t, ref_buffers[k]) for k, t in buffers.items())  # rotary inv_freq
-    assert not any(p.is_meta for p in ours.parameters())
+    assert_same_weights(ours, ref)
     tied = ours.lm_head.weight is ours.model.embed_tokens.weight
     assert tied == (ref.lm_head.weight is ref.model.embed_tokens.weight)
     with torch.no_grad():
